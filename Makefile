@@ -1,0 +1,37 @@
+# The two commands: `make run` (the whole protocol on digits, SQLite, CPU) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test setup system lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch/torchvision first, pinned to the builds this machine serves from local files.
+	$(BIN)/pip install -q "torch==2.14.1" "torchvision==0.29.1"
+	$(BIN)/pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Debian packages and services the tests use: Chromium for the dashboard test,
+# docker-compose to validate the compose file, a running PostgreSQL.
+system:
+	bash scripts/system-setup.sh
+
+run: setup
+	$(BIN)/babysit run
+
+test: setup system
+	$(BIN)/python -m pytest -q tests
+
+lint: setup
+	$(BIN)/ruff check babysit tests benchmarks
+
+bench: setup
+	$(BIN)/python benchmarks/protocol_budget.py
+
+clean:
+	rm -rf $(VENV) babysit.db babysit.db.artifacts

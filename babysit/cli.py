@@ -1,0 +1,229 @@
+"""The command line: verbs that parse flags and call the library; no logic of their own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from babysit.errors import BabysitError
+from babysit.errors import UsageError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line and exit 2, like every other input error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def _storage_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--storage", help="Optuna storage URL (default: $BABYSIT_STORAGE, else "
+                   "sqlite:///babysit.db)")
+    p.add_argument("--artifact-dir", help="artifact store folder (default: next to an SQLite "
+                   "file, else ./babysit-artifacts)")
+    p.add_argument("--heartbeat", type=int, help="seconds between a worker's heartbeats")
+    p.add_argument("--grace", type=int, help="seconds without a heartbeat before a trial is "
+                   "presumed dead")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="a TOML spec, e.g. studies/digits.toml")
+    p.add_argument("--name", help="run name; studies are <name>/<stage> (default: the dataset)")
+    p.add_argument("--dataset", help="digits, faces, cifar10, fddb, imagefolder, or "
+                   "module:callable")
+    p.add_argument("--data-dir", help="where dataset files live (default: $BABYSIT_DATA, else "
+                   "~/.cache/babysit)")
+    p.add_argument("--download", action="store_true", help="download the dataset if missing "
+                   "(needs internet)")
+    p.add_argument("--model", help="alexnet or module:callable")
+    p.add_argument("--optimizer", help="sgd (momentum 0.9) or adam")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set coarse.trials=20 (repeatable)")
+    p.add_argument("--summary-json", type=Path, help="write the run's summary here")
+    p.add_argument("--force", action="store_true", help="go on after a failed sanity or "
+                   "overfit check")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _storage_flags(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="babysit", description="Babysit the training of an image "
+                     "classifier: sanity, overfit, coarse, fine, final.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    p = sub.add_parser("run", help="run the whole protocol (resumes a run of the same name)")
+    _run_flags(p)
+
+    p = sub.add_parser("worker", help="join a run's searches from another process or machine")
+    p.add_argument("--name", required=True)
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--data-dir")
+    p.add_argument("--quiet", action="store_true")
+    _storage_flags(p)
+
+    p = sub.add_parser("status", help="where each stage of a run stands")
+    p.add_argument("--name")
+    p.add_argument("--json", action="store_true", help="machine output on stdout")
+    _storage_flags(p)
+
+    p = sub.add_parser("datasets", help="list the datasets and whether their files are here")
+    p.add_argument("--data-dir")
+    p.add_argument("--json", action="store_true")
+    return parser
+
+
+def _open(args: argparse.Namespace, create: bool = True):  # noqa: ANN202
+    from babysit.storage import open_storage
+
+    return open_storage(args.storage, args.artifact_dir, heartbeat=args.heartbeat,
+                        grace=args.grace, create=create)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from babysit.protocol import prepare
+    from babysit.protocol import run_protocol
+    from babysit.spec import build_spec
+
+    flags: dict[str, Any] = {"name": args.name, "dataset": args.dataset, "model": args.model,
+                             "optimizer": args.optimizer, "seed": args.seed}
+    spec = build_spec(args.config, args.sets, flags)
+    storage = _open(args)
+    ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
+                  download=args.download, force=args.force, quiet=args.quiet)
+    summary = None
+    code = 0
+    try:
+        summary = run_protocol(ctx)
+    except BabysitError as err:
+        code = err.exit_code
+        print(f"babysit: {err}", file=sys.stderr)
+    finally:
+        if args.summary_json is not None:
+            from babysit.protocol import summarize
+
+            if summary is None:
+                summary = summarize(storage, spec.name)
+            args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+            args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    if code == 0 and summary is not None:
+        _closing_lines(summary, storage)
+    return code
+
+
+def _closing_lines(summary: dict[str, Any], storage: Any) -> None:
+    final = summary["stages"]["final"]
+    out = sys.stderr
+    if final["status"] == "passed":
+        params = ", ".join(f"{k}={v:.3g}" for k, v in final["params"].items())
+        print(f"chosen: {params}", file=out)
+        print(f"test accuracy {final['test_accuracy']:.4f}, test loss {final['test_loss']:.4f} "
+              f"after {final['epochs']} epochs; {summary['epochs_spent']:.1f} epochs spent in "
+              "all stages", file=out)
+    url = storage.shown
+    flag = "" if url == "sqlite:///babysit.db" else f" --storage '{url}'"
+    print(f"storage: {url}; studies {summary['name']}/<stage>; dashboard: babysit "
+          f"dashboard{flag}", file=out)
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from babysit.protocol import prepare
+    from babysit.protocol import run_protocol
+    from babysit.protocol import stored_spec
+
+    storage = _open(args, create=False)
+    spec = stored_spec(storage, args.name)
+    ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir, quiet=args.quiet,
+                  owner=False)
+    try:
+        run_protocol(ctx)
+    except BabysitError as err:
+        print(f"babysit: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    from babysit.protocol import summarize
+    from babysit.storage import run_names
+
+    storage = _open(args, create=False)
+    names = [args.name] if args.name else run_names(storage)
+    summaries = [summarize(storage, n) for n in names]
+    if args.json:
+        print(json.dumps(summaries[0] if args.name else summaries, indent=2))
+        return 0
+    if not summaries:
+        print(f"no runs in {storage.shown}; start one with `babysit run`")
+        return 0
+    for s in summaries:
+        print(f"run {s['name']}  ({s['dataset']}, {s['optimizer']}; "
+              f"{s['epochs_spent']:.1f} epochs spent)")
+        for stage, v in s["stages"].items():
+            line = f"  {stage:<8} {v['status']:<8}"
+            if stage in ("coarse", "fine"):
+                line += (f" {v['trials']}/{v['target']} finished: {v['complete']} complete, "
+                         f"{v['pruned']} pruned ({v['diverged']} diverged), {v['failed']} failed")
+                if v["best"]:
+                    line += f"; best {v['best']['value']:.4f}"
+            elif stage == "sanity" and v["initial_loss"] is not None:
+                line += f" initial loss {v['initial_loss']:.3f} (expected {v['expected_loss']:.3f})"
+            elif stage == "overfit" and v["train_accuracy"] is not None:
+                line += f" train accuracy {v['train_accuracy']:.3f}"
+            elif stage == "final" and v.get("test_accuracy") is not None:
+                line += f" test accuracy {v['test_accuracy']:.4f}, val {v['val_accuracy']:.4f}"
+            print(line)
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from babysit.data import default_data_dir
+    from babysit.data import registered
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    rows = []
+    for name, entry in sorted(registered().items()):
+        info = entry.describe(data_dir)
+        rows.append({"name": name, "summary": entry.summary, **info})
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        present = "present" if r.get("present") else "missing"
+        sizes = r.get("sizes") or {}
+        split = "/".join(str(sizes.get(k, "?")) for k in ("train", "val", "test"))
+        print(f"{r['name']:<12} {present:<8} {r.get('image', '?'):<9} train/val/test {split}")
+        print(f"{'':<12} {r['summary']}; looks in {r.get('where')}")
+    return 0
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "worker": _cmd_worker,
+    "status": _cmd_status,
+    "datasets": _cmd_datasets,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (docker stop, a scheduler) stops like Ctrl-C: the running trial is marked.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args)
+    except BabysitError as err:
+        print(f"babysit: {err}", file=sys.stderr)
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("babysit: interrupted; the running trial is marked FAIL and the study is intact. "
+              "Rerun the same command to carry on.", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Datasets that ship inside installed packages, so a run works offline out of the box."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from babysit.data import DataRequest
+from babysit.data import DatasetEntry
+from babysit.data import Splits
+from babysit.data import register
+from babysit.data import seeded_split
+
+
+def _to_uint8(images: np.ndarray, scale: float) -> torch.Tensor:
+    arr = np.clip(np.rint(images * scale), 0, 255).astype(np.uint8)
+    return torch.from_numpy(arr).unsqueeze(1).contiguous()
+
+
+def _split(x: torch.Tensor, y: torch.Tensor, classes: list[str], request: DataRequest) -> Splits:
+    opts = request.options
+    (trx, try_), (vx, vy), (tex, tey) = seeded_split(
+        x, y, opts.val_fraction, opts.test_fraction, request.seed
+    )
+    return Splits(classes, trx, try_, vx, vy, tex, tey)
+
+
+def load_digits(request: DataRequest) -> Splits:
+    from sklearn.datasets import load_digits as sk_load_digits
+
+    bunch = sk_load_digits()
+    # Pixel values are 0..16 in scikit-learn's copy.
+    x = _to_uint8(bunch.images, 255.0 / 16.0)
+    y = torch.from_numpy(bunch.target.astype(np.int64))
+    return _split(x, y, [str(d) for d in range(10)], request)
+
+
+def load_faces(request: DataRequest) -> Splits:
+    from skimage.data import lfw_subset
+
+    images = lfw_subset()  # 200 x 25 x 25 in [0, 1]: 100 faces, then 100 non-faces
+    x = _to_uint8(images, 255.0)
+    y = torch.cat([torch.ones(100, dtype=torch.int64), torch.zeros(100, dtype=torch.int64)])
+    return _split(x, y, ["non-face", "face"], request)
+
+
+def _describe_bundled(package: str, sizes: dict[str, int], shape: str) -> Any:
+    def describe(_data_dir: Path) -> dict[str, Any]:
+        return {"present": True, "where": f"bundled with {package}", "sizes": sizes, "image": shape}
+
+    return describe
+
+
+register(
+    DatasetEntry(
+        name="digits",
+        summary="scikit-learn's 8x8 handwritten digits, 10 classes (bundled, offline)",
+        load=load_digits,
+        describe=_describe_bundled(
+            "scikit-learn", {"train": 1257, "val": 270, "test": 270}, "1x8x8"
+        ),
+    )
+)
+register(
+    DatasetEntry(
+        name="faces",
+        summary="scikit-image's LFW subset: 100 faces vs 100 non-faces, 2 classes (bundled)",
+        load=load_faces,
+        describe=_describe_bundled("scikit-image", {"train": 140, "val": 30, "test": 30}, "1x25x25"),
+    )
+)

@@ -1,0 +1,19 @@
+"""The two ways a run ends badly, each with its exit code (DESIGN.md section 2)."""
+
+from __future__ import annotations
+
+
+class BabysitError(Exception):
+    exit_code = 1
+
+
+class UsageError(BabysitError):
+    """The input was wrong: unknown dataset, missing data, bad storage URL, bad flag."""
+
+    exit_code = 2
+
+
+class ProtocolError(BabysitError):
+    """A protocol check failed (sanity or overfit); the message is the diagnosis."""
+
+    exit_code = 1

@@ -1,0 +1,277 @@
+"""The five stages in order, and the run's summary derived from storage alone."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from babysit.data import DataRequest
+from babysit.data import default_data_dir
+from babysit.data import load_dataset
+from babysit.data.augment import build_preprocess
+from babysit.errors import ProtocolError
+from babysit.errors import UsageError
+from babysit.models import input_size
+from babysit.spec import Spec
+from babysit.stages import FINISHED
+from babysit.stages import Context
+from babysit.stages import StageResult
+from babysit.stages import check_spec
+from babysit.stages import final
+from babysit.stages import narrow_stage
+from babysit.stages import open_stage
+from babysit.stages import overfit
+from babysit.stages import sanity
+from babysit.stages import search
+from babysit.storage import STAGES
+from babysit.storage import Storage
+from babysit.storage import find_study
+from babysit.train import DeviceData
+from babysit.train import configure_device
+from babysit.train import device_for
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def _log(message: str) -> None:
+    # Verdicts are for people: stderr, so --json and --summary-json output stays clean.
+    print(message, file=sys.stderr, flush=True)
+
+
+def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str | None = None,
+            download: bool = False, force: bool = False, quiet: bool = False,
+            owner: bool = True) -> Context:
+    """Check the spec against storage, load the data onto the device: everything before
+    the first trial. Raises UsageError (exit 2) before anything is written."""
+    if not spec.name:
+        spec.name = spec.dataset.replace(":", "-").replace("/", "-")
+    check_spec(storage, spec)
+    dev = device_for(device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda was asked for but no CUDA device is visible; "
+                         "use --device auto or cpu")
+    configure_device(dev)
+    request = DataRequest(
+        data_dir=Path(data_dir) if data_dir else default_data_dir(),
+        seed=spec.seed,
+        download=download,
+        options=spec.data,
+    )
+    splits = load_dataset(spec.dataset, request)
+    pre = build_preprocess(splits.train_x, spec.data)
+    pre.resize = input_size(spec.model, spec.arch, splits.image_size, spec.data.resize)
+    if pre.resize == splits.image_size:
+        pre.resize = 0
+    data = DeviceData.from_splits(splits, pre, dev)
+    return Context(
+        spec=spec,
+        storage=storage,
+        data=data,
+        force=force,
+        quiet=quiet,
+        owner=owner,
+        # Each .item() is a sync; on a GPU read the loss every 8 steps.
+        check_every=1 if dev.type == "cpu" else 8,
+        log=_log,
+    )
+
+
+class _Bar:
+    """A tqdm bar per stage on stderr, silent under --quiet."""
+
+    def __init__(self, desc: str, total: int, quiet: bool, unit: str) -> None:
+        self.bar = None
+        if not quiet:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
+                            dynamic_ncols=True)
+
+    def to(self, n: int, total: int, *_: Any) -> None:
+        if self.bar is not None:
+            self.bar.total = total
+            self.bar.n = min(n, total)
+            self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _gate(ctx: Context, result: StageResult) -> None:
+    ctx.log(f"{result.stage} {result.status}: {result.verdict}")
+    if result.status == "failed":
+        if ctx.force:
+            ctx.log(f"{result.stage} failed, continuing because of --force")
+        else:
+            raise ProtocolError(f"{result.stage} failed: {result.verdict}")
+
+
+def run_protocol(ctx: Context) -> dict[str, Any]:
+    """Sanity, overfit, coarse, narrow, fine, final; each skipped when already done."""
+    spec = ctx.spec
+    t0 = time.perf_counter()
+    ctx.log(f"run {spec.name}: dataset {spec.dataset} ({ctx.data.num_classes} classes, "
+            f"{ctx.data.train_size} train images), model {spec.model}, optimizer "
+            f"{spec.optimizer}, device {ctx.device.type}, storage {ctx.storage.shown}")
+    record_data_facts(ctx)
+
+    _gate(ctx, sanity(ctx))
+    _gate(ctx, overfit(ctx))
+
+    bar = _Bar("coarse", spec.coarse.trials, ctx.quiet, "trial")
+    coarse = search(ctx, "coarse", spec.coarse,
+                    {"lr": spec.coarse.lr, "weight_decay": spec.coarse.weight_decay},
+                    progress=bar.to)
+    bar.close()
+    _gate(ctx, coarse)
+
+    narrowed = narrow_stage(ctx)
+    shown = ", ".join(f"{k} [{v[0]:.3g}, {v[1]:.3g}]" for k, v in narrowed["ranges"].items())
+    ctx.log(f"narrowed: {shown} ({narrowed['rule']})")
+    for warning in narrowed["warnings"]:
+        ctx.log(f"warning: {warning}")
+
+    bar = _Bar("fine", spec.fine.trials, ctx.quiet, "trial")
+    fine = search(ctx, "fine", spec.fine, narrowed["ranges"], progress=bar.to)
+    bar.close()
+    _gate(ctx, fine)
+
+    bar = _Bar("final", spec.final.epochs, ctx.quiet, "epoch")
+    result = final(ctx, progress=bar.to)
+    bar.close()
+    if result.status == "skipped":
+        ctx.log(f"final: {result.verdict}; this process stops here")
+    else:
+        _gate(ctx, result)
+    summary = summarize(ctx.storage, spec.name)
+    summary["wall_seconds"] = time.perf_counter() - t0
+    return summary
+
+
+def _trials(storage: Storage, run: str, stage: str) -> tuple[optuna.Study | None, list]:
+    study = find_study(storage, run, stage)
+    if study is None:
+        return None, []
+    return study, study.get_trials(deepcopy=False)
+
+
+def stored_spec(storage: Storage, run: str) -> Spec:
+    """The run's spec as its studies carry it, so a worker needs no flags."""
+    for stage in STAGES:
+        study = find_study(storage, run, stage)
+        if study is not None and "spec" in study.user_attrs:
+            return Spec.from_dict(study.user_attrs["spec"])
+    raise UsageError(f"no run named '{run}' in storage {storage.shown}; "
+                     "start it with `babysit run --name RUN` first")
+
+
+def summarize(storage: Storage, run: str) -> dict[str, Any]:
+    """The summary JSON (DESIGN.md section 2), read from storage alone."""
+    from babysit.stages import _stage_counts
+    from babysit.stages import _best
+
+    spec = stored_spec(storage, run)
+    stages: dict[str, Any] = {}
+    examples_total = 0
+    examples_by_stage: dict[str, float] = {}
+    num_classes = None
+    train_size = None
+
+    study, trials = _trials(storage, run, "sanity")
+    done = [t for t in trials if t.state in FINISHED]
+    if done:
+        a = done[0].user_attrs
+        stages["sanity"] = {"status": a["status"], "initial_loss": a["initial_loss"],
+                            "expected_loss": a["expected_loss"],
+                            "loss_with_reg": a["loss_with_reg"], "verdict": a["verdict"]}
+    else:
+        stages["sanity"] = {"status": "skipped", "initial_loss": None, "expected_loss": None}
+    if study is not None:
+        train_size = study.user_attrs.get("train_size")
+        num_classes = study.user_attrs.get("num_classes")
+
+    study, trials = _trials(storage, run, "overfit")
+    done = [t for t in trials if t.state in FINISHED]
+    if done:
+        best = max(done, key=lambda t: t.value or 0.0)
+        status = "passed" if (best.value or 0.0) >= 1.0 else (
+            "failed" if study and "verdict" in study.user_attrs else "running")
+        stages["overfit"] = {"status": status, "train_accuracy": best.value,
+                             "lr": best.params.get("lr"),
+                             "verdict": study.user_attrs.get("verdict") if study else None}
+    else:
+        stages["overfit"] = {"status": "skipped", "train_accuracy": None}
+    examples_by_stage["overfit"] = sum(int(t.user_attrs.get("examples", 0)) for t in trials)
+
+    for stage in ("coarse", "fine"):
+        study, trials = _trials(storage, run, stage)
+        counts = _stage_counts(trials)
+        target = getattr(spec, stage).trials
+        best = _best(trials)
+        if not trials:
+            status = "skipped"
+        elif counts["trials"] >= target:
+            status = "passed" if best is not None else "failed"
+        else:
+            status = "running"
+        entry: dict[str, Any] = {"status": status, "trials": counts["trials"],
+                                 "complete": counts["complete"], "pruned": counts["pruned"],
+                                 "failed": counts["failed"], "diverged": counts["diverged"],
+                                 "target": target, "best": best}
+        if stage == "fine":
+            narrowed = study.user_attrs.get("narrowed") if study else None
+            entry["range"] = narrowed["ranges"] if narrowed else None
+            entry["narrowing"] = narrowed
+        else:
+            entry["range"] = {"lr": spec.coarse.lr, "weight_decay": spec.coarse.weight_decay}
+        stages[stage] = entry
+        examples_by_stage[stage] = sum(int(t.user_attrs.get("examples", 0)) for t in trials)
+
+    study, trials = _trials(storage, run, "final")
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    if complete:
+        t = complete[0]
+        a = t.user_attrs
+        stages["final"] = {"status": "passed", "params": dict(t.params),
+                           "epochs": a.get("epochs_run"), "val_accuracy": a.get("val_accuracy"),
+                           "test_accuracy": a.get("test_accuracy"),
+                           "test_loss": a.get("test_loss"),
+                           "model_artifact": a.get("model_artifact")}
+    else:
+        stages["final"] = {"status": "running" if trials else "skipped", "params": None,
+                           "epochs": None, "val_accuracy": None, "test_accuracy": None,
+                           "test_loss": None}
+    examples_by_stage["final"] = sum(int(t.user_attrs.get("examples", 0)) for t in trials)
+    examples_by_stage["sanity"] = 0
+    examples_total = sum(examples_by_stage.values())
+    train_size = train_size or 1
+    return {
+        "name": run,
+        "dataset": spec.dataset,
+        "num_classes": num_classes,
+        "model": spec.model,
+        "optimizer": spec.optimizer,
+        "storage": storage.shown,
+        "wall_seconds": None,
+        "epochs_spent": examples_total / train_size,
+        "epochs_by_stage": {k: examples_by_stage[k] / train_size for k in STAGES},
+        "stages": stages,
+    }
+
+
+def record_data_facts(ctx: Context) -> None:
+    """What the summary needs to know of the data, stored once on the sanity study."""
+    study = open_stage(ctx, "sanity", direction="minimize")
+    if "train_size" not in study.user_attrs:
+        study.set_user_attr("train_size", ctx.data.train_size)
+        study.set_user_attr("num_classes", ctx.data.num_classes)
+        study.set_user_attr("sizes", {"train": ctx.data.train_size,
+                                      "val": int(ctx.data.val_x.shape[0]),
+                                      "test": int(ctx.data.test_x.shape[0])})

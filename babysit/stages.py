@@ -1,0 +1,735 @@
+"""The protocol, one function per stage: sanity, overfit, coarse, narrow, fine, final.
+
+Every stage reads and writes its own Optuna study ``<run>/<stage>`` and nothing else holds
+state, so any process that can reach the storage can resume a run or join it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+import socket
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+from babysit.errors import ProtocolError
+from babysit.errors import UsageError
+from babysit.models import build_model
+from babysit.spec import CoarseSpec
+from babysit.spec import SearchSpec
+from babysit.spec import Spec
+from babysit.storage import STAGES
+from babysit.storage import Storage
+from babysit.storage import study_name
+from babysit.train import DeviceData
+from babysit.train import EpochStats
+from babysit.train import evaluate
+from babysit.train import expected_initial_loss
+from babysit.train import fit
+from babysit.train import loss_fn
+from babysit.train import make_optimizer
+from babysit.train import memorise
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
+_POLL_SECONDS = 1.0
+
+warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+class _Surplus(Exception):
+    """This trial was asked for after its stage had filled up; it is closed untrained."""
+
+
+@dataclass
+class Context:
+    spec: Spec
+    storage: Storage
+    data: DeviceData
+    force: bool = False
+    quiet: bool = False
+    # False for `babysit worker`: it joins the searches and waits for the rest.
+    owner: bool = True
+    # Read the loss (a device sync) every this many steps; 1 on the CPU, where it is free.
+    check_every: int = 1
+    log: Callable[[str], None] = print
+    initial_loss: float | None = None
+    # Set by `babysit run`/`worker` for the final line of a worker that did not run final.
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+
+@dataclass
+class StageResult:
+    stage: str
+    status: str  # passed, failed, skipped
+    verdict: str
+    values: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------- storage side
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+def open_stage(ctx: Context, stage: str, sampler: optuna.samplers.BaseSampler | None = None,
+               pruner: optuna.pruners.BasePruner | None = None,
+               direction: str = "maximize") -> optuna.Study:
+    study = optuna.create_study(
+        study_name=study_name(ctx.spec.name, stage),
+        storage=ctx.storage.rdb,
+        sampler=sampler,
+        pruner=pruner,
+        direction=direction,
+        load_if_exists=True,
+    )
+    if "spec" not in study.user_attrs:
+        study.set_user_attr("spec", ctx.spec.to_dict())
+        study.set_user_attr("run", ctx.spec.name)
+        study.set_user_attr("stage", stage)
+    return study
+
+
+def check_spec(storage: Storage, spec: Spec) -> None:
+    """A run name reused with a different spec is an input error; nothing is written."""
+    for stage in STAGES:
+        try:
+            study = optuna.load_study(study_name=study_name(spec.name, stage),
+                                      storage=storage.rdb)
+        except KeyError:
+            continue
+        stored = study.user_attrs.get("spec")
+        if stored is None:
+            continue
+        mine = spec.identity()
+        theirs = Spec.from_dict(stored).identity()
+        if mine != theirs:
+            diff = _diff_keys(theirs, mine)
+            raise UsageError(
+                f"run '{spec.name}' already exists in this storage with a different spec "
+                f"(differs in: {', '.join(diff[:6])}); use another --name, or the same settings"
+            )
+
+
+def _diff_keys(a: dict, b: dict, prefix: str = "") -> list[str]:
+    out = []
+    for key in sorted(set(a) | set(b)):
+        va, vb = a.get(key), b.get(key)
+        if isinstance(va, dict) and isinstance(vb, dict) and key not in ("lrs",):
+            out.extend(_diff_keys(va, vb, f"{prefix}{key}."))
+        elif va != vb:
+            out.append(f"{prefix}{'model' if key == 'arch' else key}")
+    return out
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def reclaim(study: optuna.Study) -> None:
+    """Mark FAIL the RUNNING trials whose worker is gone.
+
+    Optuna's heartbeat covers every host once the grace period passes; a dead process on
+    this very host is recognised at once by its pid, so a rerun after a kill goes on
+    without waiting out the grace period.
+    """
+    optuna.storages.fail_stale_trials(study)
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get("worker", "")
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host == host and pid.isdigit() and int(pid) != os.getpid():
+            if not _pid_alive(int(pid)):
+                try:
+                    study._storage.set_trial_user_attr(t._trial_id, "reason", "worker died")
+                    study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+                except RuntimeError:
+                    pass  # finished meanwhile
+
+
+def _start_trial(trial: optuna.Trial, stage: str) -> None:
+    trial.set_user_attr("stage", stage)
+    trial.set_user_attr("worker", worker_id())
+
+
+def _surplus(trial: optuna.Trial, reason: str) -> None:
+    trial.set_user_attr("reason", "surplus")
+    trial.set_user_attr("note", reason)
+    raise _Surplus(reason)
+
+
+def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> None:
+    study.optimize(objective, n_trials=1, catch=(_Surplus,))
+
+
+def _examples(t: FrozenTrial) -> int:
+    return int(t.user_attrs.get("examples", 0))
+
+
+def _seed_for(spec: Spec, stage: str, number: int) -> int:
+    return (spec.seed * 1_000_003 + STAGES.index(stage) * 10_007 + number) % (2**31)
+
+
+def _fresh_model(ctx: Context, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    data = ctx.data
+    model = build_model(
+        ctx.spec.model, ctx.spec.arch, data.num_classes, int(data.train_x.shape[1]),
+        int(data.train_x.shape[-1]),
+    )
+    model = model.to(ctx.device)
+    if ctx.device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    return model
+
+
+def _generator(ctx: Context, seed: int) -> torch.Generator:
+    return torch.Generator(device=ctx.device).manual_seed(seed)
+
+
+# ---------------------------------------------------------------------------- fixed trials
+
+
+def _fixed_trial(ctx: Context, study: optuna.Study, key: str, params: dict[str, Any],
+                 objective: Callable[[optuna.Trial], float]) -> FrozenTrial | None:
+    """Run the single trial named ``key`` in ``study`` unless it is done or held elsewhere.
+
+    The trial is created WAITING with its key, so two processes racing for it hold two
+    numbered trials and the later number closes itself as surplus. Returns the finished
+    trial, or None when a live worker elsewhere holds it and this process is not to wait.
+    """
+
+    def guarded(trial: optuna.Trial) -> float:
+        if trial.user_attrs.get("key") != key:
+            _surplus(trial, "a stray waiting trial")
+        for t in study.get_trials(deepcopy=False):
+            if (t.number < trial.number and t.user_attrs.get("key") == key
+                    and t.state != TrialState.FAIL):
+                _surplus(trial, f"trial {t.number} already holds {key}")
+        _start_trial(trial, study.user_attrs.get("stage", ""))
+        return objective(trial)
+
+    while True:
+        reclaim(study)
+        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("key") == key]
+        done = [t for t in mine if t.state in FINISHED]
+        if done:
+            return done[0]
+        if any(t.state == TrialState.RUNNING for t in mine):
+            if not ctx.owner and study.user_attrs.get("stage") == "final":
+                return None
+            time.sleep(_POLL_SECONDS)
+            continue
+        if not any(t.state == TrialState.WAITING for t in mine):
+            study.enqueue_trial(params, user_attrs={"key": key}, skip_if_exists=False)
+        _run_one(study, guarded)
+
+
+# ---------------------------------------------------------------------------- sanity
+
+
+def _l2(model: torch.nn.Module) -> torch.Tensor:
+    return sum((p.float() ** 2).sum() for n, p in model.named_parameters() if p.dim() > 1)
+
+
+def sanity(ctx: Context) -> StageResult:
+    """Untrained model: the loss should be ~ln C, and adding the L2 penalty should raise it."""
+    spec = ctx.spec
+    study = open_stage(ctx, "sanity", direction="minimize")
+    expected = expected_initial_loss(spec.loss, ctx.data.num_classes)
+
+    def objective(trial: optuna.Trial) -> float:
+        model = _fresh_model(ctx, _seed_for(spec, "sanity", 0))
+        model.eval()
+        data = ctx.data
+        n = min(data.train_size, spec.batch_size * spec.sanity.batches)
+        with torch.no_grad():
+            losses = []
+            for start in range(0, n, spec.batch_size):
+                xb = data.pre(data.train_x[start:start + spec.batch_size], train=False)
+                yb = data.train_y[start:start + spec.batch_size]
+                losses.append(float(loss_fn(spec.loss, model(xb).float(), yb)))
+            initial = sum(losses) / len(losses)
+            with_reg = initial + 0.5 * spec.sanity.reg * float(_l2(model))
+        ok_loss = math.isfinite(initial) and abs(initial - expected) <= (
+            spec.sanity.tolerance * expected
+        )
+        ok_reg = math.isfinite(with_reg) and with_reg > initial
+        verdict = _sanity_verdict(initial, expected, with_reg, spec.sanity.tolerance, ok_loss,
+                                  ok_reg, spec.loss, ctx.data.num_classes)
+        for k, v in {
+            "initial_loss": initial,
+            "expected_loss": expected,
+            "loss_with_reg": with_reg,
+            "reg": spec.sanity.reg,
+            "tolerance": spec.sanity.tolerance,
+            "status": "passed" if ok_loss and ok_reg else "failed",
+            "verdict": verdict,
+        }.items():
+            trial.set_user_attr(k, v)
+        return initial if math.isfinite(initial) else float("inf")
+
+    trial = _fixed_trial(ctx, study, "sanity", {}, objective)
+    attrs = trial.user_attrs
+    ctx.initial_loss = attrs["initial_loss"] if math.isfinite(attrs["initial_loss"]) else expected
+    return StageResult("sanity", attrs["status"], attrs["verdict"], {
+        "initial_loss": attrs["initial_loss"],
+        "expected_loss": attrs["expected_loss"],
+        "loss_with_reg": attrs["loss_with_reg"],
+    })
+
+
+def _sanity_verdict(initial: float, expected: float, with_reg: float, tol: float, ok_loss: bool,
+                    ok_reg: bool, loss: str, classes: int) -> str:
+    what = "ln 2 (one-hot BCE)" if loss == "bce" else f"ln {classes}"
+    if not math.isfinite(initial):
+        return ("initial loss is not finite: the untrained network already outputs NaN/inf; "
+                "check the input normalisation and the weight init")
+    if not ok_loss:
+        direction = "higher" if initial > expected else "lower"
+        hint = ("check the last layer's init (logits too large) or the label encoding"
+                if initial > expected else
+                "the network is confident before training; check for labels leaking into "
+                "the input or a loss that sees fewer classes")
+        return (f"initial loss {initial:.2f}, expected {expected:.2f} = {what} "
+                f"(tolerance {tol:.0%}): {direction} than chance; {hint}")
+    if not ok_reg:
+        return (f"initial loss {initial:.3f} is right, but adding the L2 penalty did not raise "
+                f"it ({with_reg:.3f}): the regularisation term is not wired into the loss")
+    return (f"initial loss {initial:.3f} vs expected {expected:.3f} = {what} (within "
+            f"{tol:.0%}); the L2 penalty raises it to {with_reg:.3f}")
+
+
+# ---------------------------------------------------------------------------- overfit
+
+
+def overfit(ctx: Context) -> StageResult:
+    """Memorise a small subset with reg 0 and no augmentation; try a few LRs before failing."""
+    spec = ctx.spec
+    study = open_stage(ctx, "overfit")
+    data = ctx.data
+    n = min(spec.overfit.samples, data.train_size)
+    x = data.train_x[:n]
+    y = data.train_y[:n]
+    lrs = spec.overfit.lrs[spec.optimizer]
+    tried: list[FrozenTrial] = []
+    for i, lr in enumerate(lrs):
+
+        def objective(trial: optuna.Trial, lr: float = lr, i: int = i) -> float:
+            trial.suggest_float("lr", lr, lr, log=True)
+            model = _fresh_model(ctx, _seed_for(spec, "overfit", i))
+            opt = make_optimizer(spec.optimizer, model.parameters(), lr, 0.0, spec.momentum)
+            t0 = time.perf_counter()
+            acc, curve, steps = memorise(model, opt, x, y, data.pre, steps=spec.overfit.steps,
+                                         loss=spec.loss)
+            trial.set_user_attr("curve", curve)
+            trial.set_user_attr("steps", steps)
+            trial.set_user_attr("samples", n)
+            trial.set_user_attr("train_accuracy", acc)
+            trial.set_user_attr("examples", steps * n)
+            trial.set_user_attr("seconds", time.perf_counter() - t0)
+            return acc
+
+        trial = _fixed_trial(ctx, study, f"lr={lr:g}", {"lr": lr}, objective)
+        tried.append(trial)
+        if trial.value is not None and trial.value >= 1.0:
+            verdict = (f"{n} examples memorised (100 % train accuracy) in "
+                       f"{trial.user_attrs['steps']} steps at lr {lr:g}")
+            study.set_user_attr("verdict", verdict)
+            return StageResult("overfit", "passed", verdict,
+                               {"train_accuracy": 1.0, "lr": lr,
+                                "steps": trial.user_attrs["steps"]})
+    verdict = _overfit_verdict(tried, n)
+    study.set_user_attr("verdict", verdict)
+    best = max((t.value or 0.0) for t in tried)
+    return StageResult("overfit", "failed", verdict, {"train_accuracy": best})
+
+
+def _overfit_verdict(trials: list[FrozenTrial], n: int) -> str:
+    parts = []
+    for t in trials:
+        curve = t.user_attrs.get("curve", [])
+        lr = t.params.get("lr")
+        acc = t.value or 0.0
+        losses = [c["loss"] for c in curve]
+        if any(not math.isfinite(v) for v in losses):
+            parts.append(f"lr {lr:g}: loss NaN, LR far too high")
+        elif losses and abs(losses[-1] - losses[0]) < 0.01 * abs(losses[0]):
+            parts.append(f"lr {lr:g}: loss flat at {losses[-1]:.3f}, LR too low")
+        else:
+            parts.append(f"lr {lr:g}: reached {acc:.0%}")
+    return (f"could not memorise {n} examples (reg 0, no augmentation): " + "; ".join(parts)
+            + ". Check that the labels match the images and that the network has the capacity;"
+            " or try other LRs with --set overfit.lrs")
+
+
+# ---------------------------------------------------------------------------- searches
+
+
+def _pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
+    if search.pruner == "median":
+        # Five trials before anything is pruned: the median of fewer is noise.
+        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
+    return optuna.pruners.NopPruner()
+
+
+def _sampler(search: SearchSpec, seed: int) -> optuna.samplers.BaseSampler:
+    if search.sampler == "tpe":
+        # Random start for a third of the budget, then TPE inside the narrowed box.
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, search.trials // 3))
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def _stage_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    real = [t for t in trials if t.user_attrs.get("reason") != "surplus"]
+    return {
+        "trials": sum(t.state in FINISHED for t in real),
+        "complete": sum(t.state == TrialState.COMPLETE for t in real),
+        "pruned": sum(t.state == TrialState.PRUNED for t in real),
+        "diverged": sum(t.user_attrs.get("reason") == "diverged" for t in real),
+        "failed": sum(t.state == TrialState.FAIL for t in real),
+    }
+
+
+def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, list[float]],
+           progress: Callable[[int, int, FrozenTrial | None], None] | None = None) -> StageResult:
+    """Log-uniform search over lr and weight_decay until ``trials`` trials have finished.
+
+    Several processes may run this on one study at once: each asks Optuna for a trial,
+    and a trial whose number comes after the target count of live trials closes itself
+    untrained, so the stage ends with exactly its target of finished trials.
+    """
+    spec = ctx.spec
+    target = search_spec.trials
+    probe = open_stage(ctx, stage)
+    study = open_stage(ctx, stage, sampler=_sampler(search_spec, _seed_for(
+        spec, stage, len(probe.get_trials(deepcopy=False)))), pruner=_pruner(search_spec))
+    if "ranges" not in study.user_attrs:
+        study.set_user_attr("ranges", ranges)
+        study.set_user_attr("pruner", search_spec.pruner)
+        study.set_user_attr("sampler", search_spec.sampler)
+    initial = ctx.initial_loss or expected_initial_loss(spec.loss, ctx.data.num_classes)
+    diverge_above = search_spec.diverge_factor * initial
+
+    def objective(trial: optuna.Trial) -> float:
+        earlier = [t for t in study.get_trials(deepcopy=False)
+                   if t.number < trial.number and t.state != TrialState.FAIL]
+        if len(earlier) >= target:
+            _surplus(trial, f"{stage} already had {target} trials")
+        _start_trial(trial, stage)
+        lr = trial.suggest_float("lr", *ranges["lr"], log=True)
+        wd = trial.suggest_float("weight_decay", *ranges["weight_decay"], log=True)
+        seed = _seed_for(spec, stage, trial.number)
+        model = _fresh_model(ctx, seed)
+        opt = make_optimizer(spec.optimizer, model.parameters(), lr, wd, spec.momentum)
+        curves: dict[str, list[float]] = {k: [] for k in
+                                          ("train_loss", "train_acc", "val_loss", "val_acc")}
+        t0 = time.perf_counter()
+        examples_per_epoch = ctx.data.train_size
+
+        def on_epoch(stats: EpochStats) -> None:
+            for k in curves:
+                curves[k].append(getattr(stats, k))
+            trial.set_user_attr("curves", curves)
+            trial.set_user_attr("epochs_run", stats.epoch)
+            trial.set_user_attr("examples", stats.epoch * examples_per_epoch)
+            trial.report(stats.val_acc, stats.epoch)
+            if trial.should_prune():
+                trial.set_user_attr("reason", "pruned")
+                trial.set_user_attr("verdict", (
+                    f"pruned after epoch {stats.epoch}: val accuracy {stats.val_acc:.3f} below "
+                    "the median of earlier trials at that epoch"))
+                trial.set_user_attr("seconds", time.perf_counter() - t0)
+                raise optuna.TrialPruned()
+
+        history = fit(model, opt, ctx.data, epochs=search_spec.epochs,
+                      batch_size=spec.batch_size, loss=spec.loss,
+                      generator=_generator(ctx, seed), diverge_above=diverge_above,
+                      check_every=ctx.check_every, on_epoch=on_epoch)
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+        trial.set_user_attr("examples", history.examples)
+        trial.set_user_attr("steps", history.steps)
+        if history.stopped == "diverged":
+            trial.set_user_attr("reason", "diverged")
+            trial.set_user_attr("diverged_at_step", history.stopped_at_step)
+            trial.set_user_attr("verdict", (
+                f"diverged at step {history.stopped_at_step}: loss {history.last_loss:.3g} "
+                f"(NaN/inf or above {search_spec.diverge_factor:g}x the initial "
+                f"{initial:.2f}); LR too high"))
+            raise optuna.TrialPruned("diverged")
+        first, last = history.first_loss, history.last_loss
+        if first and last is not None and abs(first - last) < search_spec.flat_tolerance * first:
+            trial.set_user_attr("reason", "lr too low")
+            trial.set_user_attr("verdict", (
+                f"lr too low: the train loss moved {abs(first - last) / first:.1%} "
+                f"({first:.3f} -> {last:.3f}) in {history.steps} steps"))
+        else:
+            trial.set_user_attr("verdict", (
+                f"val accuracy {history.epochs[-1].val_acc:.3f} after {len(history.epochs)} "
+                f"epochs (train {history.epochs[-1].train_acc:.3f})"))
+        return history.epochs[-1].val_acc
+
+    while True:
+        reclaim(study)
+        trials = study.get_trials(deepcopy=False)
+        live = [t for t in trials if t.user_attrs.get("reason") != "surplus"]
+        finished = sum(t.state in FINISHED for t in live)
+        active = sum(t.state in ACTIVE for t in live)
+        if progress is not None:
+            progress(finished, target, None)
+        if finished >= target:
+            break
+        if finished + active >= target:
+            time.sleep(_POLL_SECONDS)  # the last trials run elsewhere; wait for them
+            continue
+        _run_one(study, objective)
+    trials = study.get_trials(deepcopy=False)
+    counts = _stage_counts(trials)
+    best = _best(trials)
+    values: dict[str, Any] = {**counts, "best": best, "range": ranges}
+    values["examples"] = sum(_examples(t) for t in trials)
+    if best is None:
+        verdict = (f"{stage}: none of {counts['trials']} trials completed "
+                   f"({counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
+                   "pruned): lower the upper end of the lr range")
+        return StageResult(stage, "failed", verdict, values)
+    verdict = (f"{stage}: {counts['trials']} trials ({counts['complete']} complete, "
+               f"{counts['diverged']} diverged and stopped early, "
+               f"{counts['pruned'] - counts['diverged']} pruned); best val accuracy "
+               f"{best['value']:.3f} at lr {best['params']['lr']:.3g}, "
+               f"weight_decay {best['params']['weight_decay']:.3g}")
+    return StageResult(stage, "passed", verdict, values)
+
+
+def _best(trials: list[FrozenTrial]) -> dict[str, Any] | None:
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if not complete:
+        return None
+    t = max(complete, key=lambda t: (t.value, -t.number))
+    return {"number": t.number, "value": t.value, "params": dict(t.params)}
+
+
+# ---------------------------------------------------------------------------- narrowing
+
+
+def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float,
+           edge: float) -> dict[str, Any]:
+    """Fine ranges from the best coarse trials, by a rule stated in full.
+
+    Take the top-k COMPLETE trials by validation accuracy; for each parameter take the
+    log10 span of their values, pad it by ``pad`` decades on both sides and clip it to the
+    coarse range. Warn when the best value lies within ``edge`` decades of a coarse bound:
+    the optimum may lie outside the range searched.
+    """
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    if not complete:
+        raise ProtocolError("no coarse trial completed, so there is nothing to narrow from: "
+                            "every trial diverged or failed; lower the upper end of coarse.lr")
+    top = sorted(complete, key=lambda t: (-t.value, t.number))[:top_k]
+    best = top[0]
+    ranges: dict[str, list[float]] = {}
+    warnings_: list[str] = []
+    for name in ("lr", "weight_decay"):
+        lo_c, hi_c = (math.log10(v) for v in getattr(coarse, name))
+        logs = [math.log10(t.params[name]) for t in top]
+        lo = max(lo_c, min(logs) - pad)
+        hi = min(hi_c, max(logs) + pad)
+        ranges[name] = [10**lo, 10**hi]
+        b = math.log10(best.params[name])
+        if b - lo_c <= edge or hi_c - b <= edge:
+            side = "lower" if b - lo_c <= edge else "upper"
+            warnings_.append(
+                f"best {name} {best.params[name]:.3g} sits at the {side} edge of the coarse "
+                f"range [{10**lo_c:.3g}, {10**hi_c:.3g}]: widen coarse.{name} and rerun")
+    rule = (f"top {len(top)} of {len(complete)} complete coarse trials by val accuracy; "
+            f"log10 span of each parameter padded by {pad:g} decades, clipped to the coarse "
+            "range")
+    return {"ranges": ranges, "rule": rule, "top": [t.number for t in top],
+            "warnings": warnings_}
+
+
+def narrow_stage(ctx: Context) -> dict[str, Any]:
+    fine = open_stage(ctx, "fine")
+    stored = fine.user_attrs.get("narrowed")
+    if stored is not None:
+        return stored
+    coarse = open_stage(ctx, "coarse")
+    spec = ctx.spec
+    result = narrow(coarse.get_trials(deepcopy=False), spec.coarse, spec.narrow.top_k,
+                    spec.narrow.pad, spec.narrow.edge)
+    fine.set_user_attr("narrowed", result)
+    return result
+
+
+# ---------------------------------------------------------------------------- final
+
+
+def best_params(ctx: Context) -> dict[str, float]:
+    for stage in ("fine", "coarse"):
+        study = open_stage(ctx, stage)
+        best = _best(study.get_trials(deepcopy=False))
+        if best is not None:
+            return best["params"]
+    raise ProtocolError("no completed search trial to take parameters from")
+
+
+_CKPT_ATTR = "checkpoint"
+
+
+def _save_checkpoint(ctx: Context, study: optuna.Study, trial: optuna.Trial,
+                     state: dict[str, Any], epoch: int) -> None:
+    """Write the newest checkpoint to the artifact store and drop the one before it.
+
+    One checkpoint is kept, not one per epoch: an AlexNet checkpoint with optimiser state
+    is ~200 MB.
+    """
+    store = ctx.storage.artifacts
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    buf.seek(0)
+    artifact_id = f"{ctx.spec.name.replace('/', '_')}-final-epoch{epoch}-{trial.number}"
+    store.write(artifact_id, buf)
+    previous = study.user_attrs.get(_CKPT_ATTR)
+    study.set_user_attr(_CKPT_ATTR, {"artifact_id": artifact_id, "epoch": epoch,
+                                     "trial": trial.number})
+    if previous and previous.get("artifact_id") != artifact_id:
+        try:
+            store.remove(previous["artifact_id"])
+        except Exception:  # noqa: BLE001 - an already missing file is fine
+            pass
+
+
+def _load_checkpoint(ctx: Context, study: optuna.Study) -> dict[str, Any] | None:
+    meta = study.user_attrs.get(_CKPT_ATTR)
+    if not meta:
+        return None
+    try:
+        with ctx.storage.artifacts.open_reader(meta["artifact_id"]) as fh:
+            payload = fh.read()
+    except Exception:  # noqa: BLE001 - a missing store is reported, then training restarts
+        ctx.log(f"warning: checkpoint {meta['artifact_id']} not found in "
+                f"{ctx.storage.artifact_dir}; the final training starts over")
+        return None
+    return torch.load(io.BytesIO(payload), map_location=ctx.device, weights_only=True)
+
+
+def final(ctx: Context, progress: Callable[[int, int], None] | None = None) -> StageResult:
+    """Train with the best parameters for the long budget, then evaluate on the test split."""
+    spec = ctx.spec
+    study = open_stage(ctx, "final")
+    params = best_params(ctx)
+
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", params["lr"], params["lr"], log=True)
+        wd = trial.suggest_float("weight_decay", params["weight_decay"],
+                                 params["weight_decay"], log=True)
+        seed = _seed_for(spec, "final", 0)
+        model = _fresh_model(ctx, seed)
+        opt = make_optimizer(spec.optimizer, model.parameters(), lr, wd, spec.momentum)
+        gen = _generator(ctx, seed)
+        curves: dict[str, list[float]] = {k: [] for k in
+                                          ("train_loss", "train_acc", "val_loss", "val_acc")}
+        start = 0
+        ckpt = _load_checkpoint(ctx, study)
+        if ckpt is not None:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+            gen.set_state(ckpt["generator"].to(gen.device) if gen.device.type == "cpu"
+                          else ckpt["generator"].cpu())
+            torch.set_rng_state(ckpt["torch_rng"].cpu())
+            start = int(ckpt["epoch"])
+            curves = {k: list(map(float, v)) for k, v in ckpt["curves"].items()}
+            trial.set_user_attr("resumed_from_epoch", start)
+            ctx.log(f"final: resuming from the checkpoint of epoch {start}")
+        t0 = time.perf_counter()
+
+        def on_epoch(stats: EpochStats) -> None:
+            for k in curves:
+                curves[k].append(getattr(stats, k))
+            trial.set_user_attr("curves", curves)
+            trial.set_user_attr("epochs_run", stats.epoch)
+            trial.set_user_attr("examples", (stats.epoch - start) * ctx.data.train_size)
+            trial.report(stats.val_acc, stats.epoch)
+            _save_checkpoint(ctx, study, trial, {
+                "model": model.state_dict(),
+                "optimizer": opt.state_dict(),
+                "generator": gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "epoch": stats.epoch,
+                "curves": curves,
+            }, stats.epoch)
+            if progress is not None:
+                progress(stats.epoch, spec.final.epochs)
+
+        history = fit(model, opt, ctx.data, epochs=spec.final.epochs,
+                      batch_size=spec.batch_size, loss=spec.loss, generator=gen,
+                      start_epoch=start, diverge_above=None, check_every=ctx.check_every,
+                      on_epoch=on_epoch)
+        trial.set_user_attr("seconds", time.perf_counter() - t0)
+        trial.set_user_attr("examples", history.examples)
+        if history.stopped == "diverged":
+            trial.set_user_attr("verdict", "the final training diverged (loss NaN/inf)")
+            raise ProtocolError("the final training diverged: loss NaN/inf with the chosen "
+                                f"lr {lr:.3g}; rerun the fine search or lower fine's range")
+        test_loss, test_acc = evaluate(model, ctx.data.test_x, ctx.data.test_y, ctx.data.pre,
+                                       spec.loss)
+        val_acc = curves["val_acc"][-1]
+        trial.set_user_attr("test_accuracy", test_acc)
+        trial.set_user_attr("test_loss", test_loss)
+        trial.set_user_attr("val_accuracy", val_acc)
+        trial.set_user_attr("verdict", (
+            f"{spec.final.epochs} epochs at lr {lr:.3g}, weight_decay {wd:.3g}: val accuracy "
+            f"{val_acc:.3f}, test accuracy {test_acc:.3f} (loss {test_loss:.3f})"))
+        _save_model(ctx, trial, model)
+        return val_acc
+
+    trial = _fixed_trial(ctx, study, "final", {}, objective)
+    if trial is None:
+        holder = [t.user_attrs.get("worker", "?") for t in
+                  study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        return StageResult("final", "skipped",
+                           f"final training is held by {', '.join(holder) or 'another worker'}",
+                           {"held_by": holder})
+    if trial.state != TrialState.COMPLETE:
+        return StageResult("final", "failed", trial.user_attrs.get("verdict", "final failed"),
+                           {})
+    a = trial.user_attrs
+    return StageResult("final", "passed", a["verdict"], {
+        "params": params,
+        "epochs": a.get("epochs_run"),
+        "val_accuracy": a.get("val_accuracy"),
+        "test_accuracy": a.get("test_accuracy"),
+        "test_loss": a.get("test_loss"),
+    })
+
+
+def _save_model(ctx: Context, trial: optuna.Trial, model: torch.nn.Module) -> None:
+    """The trained weights as an Optuna artifact of the final trial (load with weights_only)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "model.pt")
+        torch.save(model.state_dict(), path)
+        artifact_id = optuna.artifacts.upload_artifact(
+            artifact_store=ctx.storage.artifacts, file_path=path, study_or_trial=trial)
+    trial.set_user_attr("model_artifact", artifact_id)

@@ -1,0 +1,254 @@
+"""One plain training loop, read top to bottom: zero grads, forward, loss, backward, step.
+
+The splits live on the training device as uint8 tensors; a batch is an index slice of a
+permutation drawn on that device; augmentation and normalisation run batched there too.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from dataclasses import field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from babysit.data import Splits
+from babysit.data.augment import Preprocess
+
+
+@dataclass
+class DeviceData:
+    """The three splits on the training device, plus the batched preprocessing."""
+
+    train_x: torch.Tensor
+    train_y: torch.Tensor
+    val_x: torch.Tensor
+    val_y: torch.Tensor
+    test_x: torch.Tensor
+    test_y: torch.Tensor
+    pre: Preprocess
+    num_classes: int
+
+    @classmethod
+    def from_splits(cls, splits: Splits, pre: Preprocess, device: torch.device) -> DeviceData:
+        return cls(
+            splits.train_x.to(device),
+            splits.train_y.to(device),
+            splits.val_x.to(device),
+            splits.val_y.to(device),
+            splits.test_x.to(device),
+            splits.test_y.to(device),
+            pre.to(device),
+            splits.num_classes,
+        )
+
+    @property
+    def device(self) -> torch.device:
+        return self.train_x.device
+
+    @property
+    def train_size(self) -> int:
+        return int(self.train_x.shape[0])
+
+
+@dataclass
+class EpochStats:
+    epoch: int
+    train_loss: float
+    train_acc: float
+    val_loss: float
+    val_acc: float
+    seconds: float
+
+
+@dataclass
+class History:
+    epochs: list[EpochStats] = field(default_factory=list)
+    # Set when training stopped early: "diverged" (loss NaN/inf or above the bound).
+    stopped: str | None = None
+    stopped_at_step: int | None = None
+    steps: int = 0
+    examples: int = 0
+    first_loss: float | None = None
+    last_loss: float | None = None
+
+
+def device_for(choice: str) -> torch.device:
+    if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def configure_device(device: torch.device) -> None:
+    if device.type == "cuda":
+        # Fixed input shapes: let cuDNN pick the fastest kernels once.
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def autocast(device: torch.device):  # noqa: ANN201
+    """bf16 autocast on CUDA; nothing on the CPU, where it would only slow things down."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def make_optimizer(
+    name: str, params, lr: float, weight_decay: float, momentum: float = 0.9  # noqa: ANN001
+) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def loss_fn(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    if kind == "bce":
+        target = F.one_hot(y, logits.shape[1]).to(logits.dtype)
+        return F.binary_cross_entropy_with_logits(logits, target)
+    return F.cross_entropy(logits, y)
+
+
+def expected_initial_loss(kind: str, num_classes: int) -> float:
+    """A fresh classifier predicts uniformly: ln C for softmax CE, ln 2 for one-hot BCE."""
+    return math.log(2.0) if kind == "bce" else math.log(num_classes)
+
+
+@torch.inference_mode()
+def evaluate(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pre: Preprocess,
+    loss: str,
+    batch_size: int = 1024,
+) -> tuple[float, float]:
+    """Mean loss and accuracy over a whole split, in large batches."""
+    was_training = model.training
+    model.eval()
+    total_loss = torch.zeros((), device=x.device)
+    correct = torch.zeros((), device=x.device, dtype=torch.long)
+    for start in range(0, x.shape[0], batch_size):
+        xb = pre(x[start : start + batch_size], train=False)
+        yb = y[start : start + batch_size]
+        with autocast(x.device):
+            logits = model(xb)
+        total_loss += loss_fn(loss, logits.float(), yb) * yb.shape[0]
+        correct += (logits.argmax(dim=1) == yb).sum()
+    model.train(was_training)
+    n = max(1, x.shape[0])
+    return float(total_loss) / n, float(correct) / n
+
+
+def fit(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: DeviceData,
+    *,
+    epochs: int,
+    batch_size: int,
+    loss: str,
+    generator: torch.Generator,
+    start_epoch: int = 0,
+    diverge_above: float | None = None,
+    check_every: int = 1,
+    on_epoch: Callable[[EpochStats], None] | None = None,
+) -> History:
+    """Train for ``epochs`` epochs; stop on the step the loss diverges.
+
+    ``diverge_above``: a loss above it (or NaN/inf) stops training with
+    ``history.stopped == "diverged"``. ``on_epoch`` sees each epoch's stats after
+    validation and may raise (Optuna's TrialPruned) to stop.
+    """
+    history = History()
+    n = data.train_size
+    dev = data.device
+    model.train()
+    for epoch in range(start_epoch, epochs):
+        t0 = time.perf_counter()
+        perm = torch.randperm(n, device=generator.device, generator=generator).to(dev)
+        run_loss = torch.zeros((), device=dev)
+        run_correct = torch.zeros((), device=dev, dtype=torch.long)
+        seen = 0
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            xb = data.pre(data.train_x[idx], train=True, generator=generator)
+            yb = data.train_y[idx]
+            optimizer.zero_grad(set_to_none=True)
+            with autocast(dev):
+                logits = model(xb)
+            batch_loss = loss_fn(loss, logits.float(), yb)
+            batch_loss.backward()
+            optimizer.step()
+            history.steps += 1
+            history.examples += yb.shape[0]
+            seen += yb.shape[0]
+            run_loss += batch_loss.detach() * yb.shape[0]
+            run_correct += (logits.detach().argmax(dim=1) == yb).sum()
+            # Reading the loss forces a device sync, so on a GPU it is read every few steps.
+            if history.steps % check_every == 0 or history.first_loss is None:
+                value = float(batch_loss.detach())
+                if history.first_loss is None:
+                    history.first_loss = value
+                history.last_loss = value
+                if not math.isfinite(value) or (
+                    diverge_above is not None and value > diverge_above
+                ):
+                    history.stopped = "diverged"
+                    history.stopped_at_step = history.steps
+                    return history
+        train_loss = float(run_loss) / max(1, seen)
+        train_acc = float(run_correct) / max(1, seen)
+        history.last_loss = train_loss
+        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, data.pre, loss)
+        stats = EpochStats(epoch + 1, train_loss, train_acc, val_loss, val_acc,
+                           time.perf_counter() - t0)
+        history.epochs.append(stats)
+        if not math.isfinite(val_loss):
+            history.stopped = "diverged"
+            history.stopped_at_step = history.steps
+            return history
+        if on_epoch is not None:
+            on_epoch(stats)
+    return history
+
+
+def memorise(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    pre: Preprocess,
+    *,
+    steps: int,
+    loss: str,
+    eval_every: int = 5,
+) -> tuple[float, list[dict[str, float]], int]:
+    """Full-batch steps on a small subset until train accuracy is 100 %.
+
+    Returns (best train accuracy, curve, steps taken). Accuracy is measured in eval mode
+    (no dropout) on the same examples: memorised means the network gets every one right.
+    """
+    xb = pre(x, train=False)
+    curve: list[dict[str, float]] = []
+    acc = 0.0
+    model.train()
+    for step in range(1, steps + 1):
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(x.device):
+            logits = model(xb)
+        batch_loss = loss_fn(loss, logits.float(), y)
+        batch_loss.backward()
+        optimizer.step()
+        if step % eval_every == 0 or step == steps:
+            value = float(batch_loss.detach())
+            _, acc = evaluate(model, x, y, pre, loss)
+            curve.append({"step": step, "loss": value, "train_acc": acc})
+            if not math.isfinite(value) or acc >= 1.0:
+                return acc, curve, step
+    return acc, curve, steps
