@@ -17,11 +17,13 @@ from babysit.data import load_dataset
 from babysit.data.augment import build_preprocess
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
+from babysit.models import build_model
 from babysit.models import input_size
 from babysit.spec import Spec
 from babysit.stages import FINISHED
 from babysit.stages import Context
 from babysit.stages import StageResult
+from babysit.stages import best_of
 from babysit.stages import check_spec
 from babysit.stages import final
 from babysit.stages import narrow_stage
@@ -29,6 +31,7 @@ from babysit.stages import open_stage
 from babysit.stages import overfit
 from babysit.stages import sanity
 from babysit.stages import search
+from babysit.stages import stage_counts
 from babysit.storage import STAGES
 from babysit.storage import Storage
 from babysit.storage import find_study
@@ -68,6 +71,10 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
     pre.resize = input_size(spec.model, spec.arch, splits.image_size, spec.data.resize)
     if pre.resize == splits.image_size:
         pre.resize = 0
+    # Build the network once now: a user's model that cannot be imported or gives the wrong
+    # output shape is an input error before any trial is written.
+    build_model(spec.model, spec.arch, splits.num_classes, splits.in_channels,
+                pre.resize or splits.image_size)
     data = DeviceData.from_splits(splits, pre, dev)
     return Context(
         spec=spec,
@@ -174,9 +181,6 @@ def stored_spec(storage: Storage, run: str) -> Spec:
 
 def summarize(storage: Storage, run: str) -> dict[str, Any]:
     """The summary JSON (DESIGN.md section 2), read from storage alone."""
-    from babysit.stages import _stage_counts
-    from babysit.stages import _best
-
     spec = stored_spec(storage, run)
     stages: dict[str, Any] = {}
     examples_total = 0
@@ -212,9 +216,9 @@ def summarize(storage: Storage, run: str) -> dict[str, Any]:
 
     for stage in ("coarse", "fine"):
         study, trials = _trials(storage, run, stage)
-        counts = _stage_counts(trials)
+        counts = stage_counts(trials)
         target = getattr(spec, stage).trials
-        best = _best(trials)
+        best = best_of(trials)
         if not trials:
             status = "skipped"
         elif counts["trials"] >= target:

@@ -215,6 +215,16 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
 
 def _apply_mapping(obj: Any, data: dict[str, Any], prefix: str) -> None:
     fields = _field_types(obj)
+    if isinstance(obj, Spec) and isinstance(data.get("model"), dict) and "name" in data["model"]:
+        # TOML cannot hold both `model = "x"` and a [model] table, so the table takes the
+        # network's name as `name`.
+        data = dict(data)
+        table = dict(data["model"])
+        name = table.pop("name")
+        if not isinstance(name, str):
+            raise UsageError(f"config key 'model.name' expects str, got {name!r}")
+        obj.model = name
+        data["model"] = table
     for raw_key, value in data.items():
         key = raw_key
         if dataclasses.is_dataclass(obj) and isinstance(obj, Spec) and isinstance(value, dict):
@@ -251,6 +261,8 @@ def all_keys(spec: Spec | None = None) -> list[str]:
         if dataclasses.is_dataclass(value):
             table = "model" if f.name == "arch" else f.name
             keys.extend(f"{table}.{g.name}" for g in dataclasses.fields(value))
+            if table == "model":
+                keys.append("model.name")
         else:
             keys.append(f.name)
     return keys

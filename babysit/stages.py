@@ -6,7 +6,6 @@ state, so any process that can reach the storage can resume a run or join it.
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import socket
@@ -326,7 +325,8 @@ def _sanity_verdict(initial: float, expected: float, with_reg: float, tol: float
 
 
 def overfit(ctx: Context) -> StageResult:
-    """Memorise a small subset with reg 0 and no augmentation; try a few LRs before failing."""
+    """Memorise a small subset with no regularisation (weight decay 0, dropout off) and no
+    augmentation; try a few LRs before failing."""
     spec = ctx.spec
     study = open_stage(ctx, "overfit")
     data = ctx.data
@@ -340,6 +340,10 @@ def overfit(ctx: Context) -> StageResult:
         def objective(trial: optuna.Trial, lr: float = lr, i: int = i) -> float:
             trial.suggest_float("lr", lr, lr, log=True)
             model = _fresh_model(ctx, _seed_for(spec, "overfit", i))
+            # Dropout is regularisation too: switched off, like weight decay, for this check.
+            for module in model.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
             opt = make_optimizer(spec.optimizer, model.parameters(), lr, 0.0, spec.momentum)
             t0 = time.perf_counter()
             acc, curve, steps = memorise(model, opt, x, y, data.pre, steps=spec.overfit.steps,
@@ -380,7 +384,7 @@ def _overfit_verdict(trials: list[FrozenTrial], n: int) -> str:
             parts.append(f"lr {lr:g}: loss flat at {losses[-1]:.3f}, LR too low")
         else:
             parts.append(f"lr {lr:g}: reached {acc:.0%}")
-    return (f"could not memorise {n} examples (reg 0, no augmentation): " + "; ".join(parts)
+    return (f"could not memorise {n} examples (reg 0, no dropout, no augmentation): " + "; ".join(parts)
             + ". Check that the labels match the images and that the network has the capacity;"
             " or try other LRs with --set overfit.lrs")
 
@@ -402,7 +406,7 @@ def _sampler(search: SearchSpec, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def _stage_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+def stage_counts(trials: list[FrozenTrial]) -> dict[str, int]:
     real = [t for t in trials if t.user_attrs.get("reason") != "surplus"]
     return {
         "trials": sum(t.state in FINISHED for t in real),
@@ -506,8 +510,8 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
             continue
         _run_one(study, objective)
     trials = study.get_trials(deepcopy=False)
-    counts = _stage_counts(trials)
-    best = _best(trials)
+    counts = stage_counts(trials)
+    best = best_of(trials)
     values: dict[str, Any] = {**counts, "best": best, "range": ranges}
     values["examples"] = sum(_examples(t) for t in trials)
     if best is None:
@@ -523,7 +527,7 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
     return StageResult(stage, "passed", verdict, values)
 
 
-def _best(trials: list[FrozenTrial]) -> dict[str, Any] | None:
+def best_of(trials: list[FrozenTrial]) -> dict[str, Any] | None:
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     if not complete:
         return None
@@ -589,7 +593,7 @@ def narrow_stage(ctx: Context) -> dict[str, Any]:
 def best_params(ctx: Context) -> dict[str, float]:
     for stage in ("fine", "coarse"):
         study = open_stage(ctx, stage)
-        best = _best(study.get_trials(deepcopy=False))
+        best = best_of(study.get_trials(deepcopy=False))
         if best is not None:
             return best["params"]
     raise ProtocolError("no completed search trial to take parameters from")
@@ -606,11 +610,13 @@ def _save_checkpoint(ctx: Context, study: optuna.Study, trial: optuna.Trial,
     is ~200 MB.
     """
     store = ctx.storage.artifacts
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    buf.seek(0)
     artifact_id = f"{ctx.spec.name.replace('/', '_')}-final-epoch{epoch}-{trial.number}"
-    store.write(artifact_id, buf)
+    # Through a temporary file, not a BytesIO: one copy of the state in memory, not two.
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "checkpoint.pt")
+        torch.save(state, path)
+        with open(path, "rb") as fh:
+            store.write(artifact_id, fh)
     previous = study.user_attrs.get(_CKPT_ATTR)
     study.set_user_attr(_CKPT_ATTR, {"artifact_id": artifact_id, "epoch": epoch,
                                      "trial": trial.number})
@@ -627,12 +633,11 @@ def _load_checkpoint(ctx: Context, study: optuna.Study) -> dict[str, Any] | None
         return None
     try:
         with ctx.storage.artifacts.open_reader(meta["artifact_id"]) as fh:
-            payload = fh.read()
+            return torch.load(fh, map_location=ctx.device, weights_only=True)
     except Exception:  # noqa: BLE001 - a missing store is reported, then training restarts
         ctx.log(f"warning: checkpoint {meta['artifact_id']} not found in "
                 f"{ctx.storage.artifact_dir}; the final training starts over")
         return None
-    return torch.load(io.BytesIO(payload), map_location=ctx.device, weights_only=True)
 
 
 def final(ctx: Context, progress: Callable[[int, int], None] | None = None) -> StageResult:

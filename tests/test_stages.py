@@ -36,6 +36,8 @@ def test_narrow_rule_on_known_inputs() -> None:
         _trial(1e-5, 1e-6, 0.10),  # not in the top 3
         _trial(1.0, 1e-2, None, TrialState.PRUNED),  # pruned trials never count
     ]
+    for number, t in enumerate(trials):
+        t.number = number
     out = narrow(trials, CoarseSpec(), top_k=3, pad=0.5, edge=0.25)
     lo, hi = out["ranges"]["lr"]
     assert math.log10(lo) == pytest.approx(-3.5)
@@ -48,7 +50,7 @@ def test_narrow_rule_on_known_inputs() -> None:
 
 
 def test_narrow_clips_to_coarse_range_and_warns_at_the_edge() -> None:
-    trials = [_trial(0.9, 2e-6, 0.95), _trial(0.5, 1e-5, 0.90)]
+    trials = [_trial(0.9, 1.5e-6, 0.95), _trial(0.5, 1e-5, 0.90)]
     out = narrow(trials, CoarseSpec(), top_k=5, pad=0.5, edge=0.25)
     assert out["ranges"]["lr"][1] == pytest.approx(1.0)  # clipped at the coarse bound
     assert out["ranges"]["weight_decay"][0] == pytest.approx(1e-6)

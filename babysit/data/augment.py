@@ -113,8 +113,10 @@ def build_preprocess(train_x: torch.Tensor, data_spec) -> Preprocess:  # noqa: A
     if data_spec.normalize == "dataset":
         mean, std = channel_stats(train_x)
     elif data_spec.normalize == "imagenet":
-        mean = torch.tensor(IMAGENET_MEAN[:c] if c == 3 else [sum(IMAGENET_MEAN) / 3]).view(1, c, 1, 1)
-        std = torch.tensor(IMAGENET_STD[:c] if c == 3 else [sum(IMAGENET_STD) / 3]).view(1, c, 1, 1)
+        # Grey (or any non-RGB) images get the mean of ImageNet's three channels.
+        mean = torch.tensor(IMAGENET_MEAN if c == 3 else [sum(IMAGENET_MEAN) / 3] * c)
+        std = torch.tensor(IMAGENET_STD if c == 3 else [sum(IMAGENET_STD) / 3] * c)
+        mean, std = mean.view(1, c, 1, 1), std.view(1, c, 1, 1)
     else:
         mean = torch.zeros(1, c, 1, 1)
         std = torch.ones(1, c, 1, 1)
