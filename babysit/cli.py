@@ -75,6 +75,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("datasets", help="list the datasets and whether their files are here")
     p.add_argument("--data-dir")
     p.add_argument("--json", action="store_true")
+
+    p = sub.add_parser("dashboard", help="optuna-dashboard on the storage, with artifacts")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: the "
+                   "dashboard has no login and can delete studies)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--quiet", action="store_true")
+    _storage_flags(p)
+
+    p = sub.add_parser("report", help="a self-contained HTML report and its Markdown twin")
+    p.add_argument("--name", required=True)
+    p.add_argument("--out", type=Path, help="folder to write into (default: report-<name>)")
+    _storage_flags(p)
+
+    p = sub.add_parser("export", help="every trial of every stage as one table")
+    p.add_argument("--name", required=True)
+    p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.add_argument("--out", type=Path, help="file to write (default: <name>-trials.<format>)")
+    _storage_flags(p)
+
+    p = sub.add_parser("copy", help="move a run (studies, attrs, artifacts) between storages")
+    p.add_argument("--name", required=True)
+    p.add_argument("--from", dest="src", required=True, metavar="URL")
+    p.add_argument("--to", dest="dst", required=True, metavar="URL")
+    p.add_argument("--from-artifact-dir", help="artifact store of the source storage")
+    p.add_argument("--to-artifact-dir", help="artifact store of the target storage")
+
+    p = sub.add_parser("ablate", help="one run per variant of a base spec, and their table")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--data-dir")
+    p.add_argument("--out", type=Path, help="folder for the table (default: ablation-<name>)")
+    p.add_argument("--quiet", action="store_true")
+    _storage_flags(p)
     return parser
 
 
@@ -202,11 +236,59 @@ def _cmd_datasets(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from babysit.dashboard import serve
+
+    return serve(_open(args, create=False), host=args.host, port=args.port, quiet=args.quiet)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from babysit.report import write_report
+
+    out = args.out or Path(f"report-{args.name.replace('/', '-')}")
+    html, md = write_report(_open(args, create=False), args.name, out)
+    print(f"report: {html} (and {md.name})", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from babysit.report import export_trials
+
+    out = args.out or Path(f"{args.name.replace('/', '-')}-trials.{args.format}")
+    path, rows = export_trials(_open(args, create=False), args.name, args.format, out)
+    print(f"exported {rows} trials to {path}", file=sys.stderr)
+    return 0
+
+
+def _cmd_copy(args: argparse.Namespace) -> int:
+    from babysit.storage import open_storage
+    from babysit.transfer import copy_run
+
+    src = open_storage(args.src, args.from_artifact_dir, create=False)
+    dst = open_storage(args.dst, args.to_artifact_dir)
+    copied = copy_run(src, dst, args.name)
+    print(f"copied run {args.name}: {copied['studies']} studies, {copied['trials']} trials, "
+          f"{copied['artifacts']} artifacts from {src.shown} to {dst.shown}", file=sys.stderr)
+    return 0
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from babysit.ablate import run_ablation
+
+    return run_ablation(args.config, _open(args), sets=args.sets, device=args.device,
+                        data_dir=args.data_dir, out=args.out, quiet=args.quiet)
+
+
 COMMANDS = {
     "run": _cmd_run,
     "worker": _cmd_worker,
     "status": _cmd_status,
     "datasets": _cmd_datasets,
+    "dashboard": _cmd_dashboard,
+    "report": _cmd_report,
+    "export": _cmd_export,
+    "copy": _cmd_copy,
+    "ablate": _cmd_ablate,
 }
 
 

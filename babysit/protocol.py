@@ -18,6 +18,7 @@ from babysit.data.augment import build_preprocess
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
 from babysit.models import build_model
+from babysit.report import publish_stage
 from babysit.models import input_size
 from babysit.spec import Spec
 from babysit.stages import FINISHED
@@ -113,6 +114,7 @@ class _Bar:
 
 def _gate(ctx: Context, result: StageResult) -> None:
     ctx.log(f"{result.stage} {result.status}: {result.verdict}")
+    publish_stage(ctx, result)
     if result.status == "failed":
         if ctx.force:
             ctx.log(f"{result.stage} failed, continuing because of --force")
@@ -277,5 +279,5 @@ def record_data_facts(ctx: Context) -> None:
         study.set_user_attr("train_size", ctx.data.train_size)
         study.set_user_attr("num_classes", ctx.data.num_classes)
         study.set_user_attr("sizes", {"train": ctx.data.train_size,
-                                      "val": int(ctx.data.val_x.shape[0]),
-                                      "test": int(ctx.data.test_x.shape[0])})
+                                      "val": ctx.data.size("val"),
+                                      "test": ctx.data.size("test")})

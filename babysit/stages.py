@@ -195,8 +195,8 @@ def _fresh_model(ctx: Context, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     data = ctx.data
     model = build_model(
-        ctx.spec.model, ctx.spec.arch, data.num_classes, int(data.train_x.shape[1]),
-        int(data.train_x.shape[-1]),
+        ctx.spec.model, ctx.spec.arch, data.num_classes, data.in_channels,
+        data.pre.resize or data.image_size,
     )
     model = model.to(ctx.device)
     if ctx.device.type == "cuda":
@@ -264,11 +264,12 @@ def sanity(ctx: Context) -> StageResult:
         model.eval()
         data = ctx.data
         n = min(data.train_size, spec.batch_size * spec.sanity.batches)
+        xs, ys = data.head(n)
         with torch.no_grad():
             losses = []
             for start in range(0, n, spec.batch_size):
-                xb = data.pre(data.train_x[start:start + spec.batch_size], train=False)
-                yb = data.train_y[start:start + spec.batch_size]
+                xb = data.pre(xs[start:start + spec.batch_size], train=False)
+                yb = ys[start:start + spec.batch_size]
                 losses.append(float(loss_fn(spec.loss, model(xb).float(), yb)))
             initial = sum(losses) / len(losses)
             with_reg = initial + 0.5 * spec.sanity.reg * float(_l2(model))
@@ -331,8 +332,7 @@ def overfit(ctx: Context) -> StageResult:
     study = open_stage(ctx, "overfit")
     data = ctx.data
     n = min(spec.overfit.samples, data.train_size)
-    x = data.train_x[:n]
-    y = data.train_y[:n]
+    x, y = data.head(n)
     lrs = spec.overfit.lrs[spec.optimizer]
     tried: list[FrozenTrial] = []
     for i, lr in enumerate(lrs):
@@ -698,8 +698,7 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None) -> S
             trial.set_user_attr("verdict", "the final training diverged (loss NaN/inf)")
             raise ProtocolError("the final training diverged: loss NaN/inf with the chosen "
                                 f"lr {lr:.3g}; rerun the fine search or lower fine's range")
-        test_loss, test_acc = evaluate(model, ctx.data.test_x, ctx.data.test_y, ctx.data.pre,
-                                       spec.loss)
+        test_loss, test_acc = evaluate(model, ctx.data, "test", spec.loss)
         val_acc = curves["val_acc"][-1]
         trial.set_user_attr("test_accuracy", test_acc)
         trial.set_user_attr("test_loss", test_loss)

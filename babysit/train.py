@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from dataclasses import field
@@ -54,6 +55,39 @@ class DeviceData:
     @property
     def train_size(self) -> int:
         return int(self.train_x.shape[0])
+
+    @property
+    def in_channels(self) -> int:
+        return int(self.train_x.shape[1])
+
+    @property
+    def image_size(self) -> int:
+        return int(self.train_x.shape[-1])
+
+    def size(self, split: str) -> int:
+        return int(getattr(self, f"{split}_x").shape[0])
+
+    def head(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The first ``n`` training examples (already shuffled by the split), on the device."""
+        return self.train_x[:n], self.train_y[:n]
+
+    def train_batches(
+        self, batch_size: int, generator: torch.Generator
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """One epoch: index slices of a permutation drawn on the device (airbench's loader)."""
+        n = self.train_size
+        perm = torch.randperm(n, device=generator.device, generator=generator).to(self.device)
+        for start in range(0, n, batch_size):
+            idx = perm[start : start + batch_size]
+            yield self.train_x[idx], self.train_y[idx]
+
+    def batches(
+        self, split: str, batch_size: int
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        x = getattr(self, f"{split}_x")
+        y = getattr(self, f"{split}_y")
+        for start in range(0, x.shape[0], batch_size):
+            yield x[start : start + batch_size], y[start : start + batch_size]
 
 
 @dataclass
@@ -122,27 +156,26 @@ def expected_initial_loss(kind: str, num_classes: int) -> float:
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    pre: Preprocess,
+    data: DeviceData,
+    split: str,
     loss: str,
     batch_size: int = 1024,
 ) -> tuple[float, float]:
     """Mean loss and accuracy over a whole split, in large batches."""
     was_training = model.training
     model.eval()
-    total_loss = torch.zeros((), device=x.device)
-    correct = torch.zeros((), device=x.device, dtype=torch.long)
-    for start in range(0, x.shape[0], batch_size):
-        xb = pre(x[start : start + batch_size], train=False)
-        yb = y[start : start + batch_size]
-        with autocast(x.device):
+    total_loss = torch.zeros((), device=data.device)
+    correct = torch.zeros((), device=data.device, dtype=torch.long)
+    n = 0
+    for xraw, yb in data.batches(split, batch_size):
+        xb = data.pre(xraw, train=False)
+        with autocast(data.device):
             logits = model(xb)
         total_loss += loss_fn(loss, logits.float(), yb) * yb.shape[0]
         correct += (logits.argmax(dim=1) == yb).sum()
+        n += yb.shape[0]
     model.train(was_training)
-    n = max(1, x.shape[0])
-    return float(total_loss) / n, float(correct) / n
+    return float(total_loss) / max(1, n), float(correct) / max(1, n)
 
 
 def fit(
@@ -166,19 +199,15 @@ def fit(
     validation and may raise (Optuna's TrialPruned) to stop.
     """
     history = History()
-    n = data.train_size
     dev = data.device
     model.train()
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
-        perm = torch.randperm(n, device=generator.device, generator=generator).to(dev)
         run_loss = torch.zeros((), device=dev)
         run_correct = torch.zeros((), device=dev, dtype=torch.long)
         seen = 0
-        for start in range(0, n, batch_size):
-            idx = perm[start : start + batch_size]
-            xb = data.pre(data.train_x[idx], train=True, generator=generator)
-            yb = data.train_y[idx]
+        for xraw, yb in data.train_batches(batch_size, generator):
+            xb = data.pre(xraw, train=True, generator=generator)
             optimizer.zero_grad(set_to_none=True)
             with autocast(dev):
                 logits = model(xb)
@@ -205,7 +234,7 @@ def fit(
         train_loss = float(run_loss) / max(1, seen)
         train_acc = float(run_correct) / max(1, seen)
         history.last_loss = train_loss
-        val_loss, val_acc = evaluate(model, data.val_x, data.val_y, data.pre, loss)
+        val_loss, val_acc = evaluate(model, data, "val", loss)
         stats = EpochStats(epoch + 1, train_loss, train_acc, val_loss, val_acc,
                            time.perf_counter() - t0)
         history.epochs.append(stats)
@@ -216,6 +245,16 @@ def fit(
         if on_epoch is not None:
             on_epoch(stats)
     return history
+
+
+@torch.inference_mode()
+def _accuracy(model: nn.Module, xb: torch.Tensor, y: torch.Tensor) -> float:
+    was_training = model.training
+    model.eval()
+    with autocast(xb.device):
+        correct = (model(xb).argmax(dim=1) == y).float().mean()
+    model.train(was_training)
+    return float(correct)
 
 
 def memorise(
@@ -247,7 +286,7 @@ def memorise(
         optimizer.step()
         if step % eval_every == 0 or step == steps:
             value = float(batch_loss.detach())
-            _, acc = evaluate(model, x, y, pre, loss)
+            acc = _accuracy(model, xb, y)
             curve.append({"step": step, "loss": value, "train_acc": acc})
             if not math.isfinite(value) or acc >= 1.0:
                 return acc, curve, step
