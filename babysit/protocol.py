@@ -18,8 +18,8 @@ from babysit.data.augment import build_preprocess
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
 from babysit.models import build_model
-from babysit.report import publish_stage
 from babysit.models import input_size
+from babysit.report import publish_stage
 from babysit.spec import Spec
 from babysit.stages import FINISHED
 from babysit.stages import Context
