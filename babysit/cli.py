@@ -49,6 +49,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--force", action="store_true", help="go on after a failed sanity or "
                    "overfit check")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--jobs", type=int, default=1, help="trial processes sharing the device "
+                   "(this one plus N-1 workers), for models too small to fill it alone")
     _storage_flags(p)
 
 
@@ -133,7 +135,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     summary = None
     code = 0
     try:
-        summary = run_protocol(ctx)
+        summary = run_protocol(ctx, jobs=args.jobs)
     except BabysitError as err:
         code = err.exit_code
         print(f"babysit: {err}", file=sys.stderr)

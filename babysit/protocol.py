@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -78,6 +81,7 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
                 pre.resize or splits.image_size)
     data = DeviceData.from_splits(splits, pre, dev)
     return Context(
+        data_dir=request.data_dir if data_dir else None,
         spec=spec,
         storage=storage,
         data=data,
@@ -122,7 +126,7 @@ def _gate(ctx: Context, result: StageResult) -> None:
             raise ProtocolError(f"{result.stage} failed: {result.verdict}")
 
 
-def run_protocol(ctx: Context) -> dict[str, Any]:
+def run_protocol(ctx: Context, jobs: int = 1) -> dict[str, Any]:
     """Sanity, overfit, coarse, narrow, fine, final; each skipped when already done."""
     spec = ctx.spec
     t0 = time.perf_counter()
@@ -134,6 +138,61 @@ def run_protocol(ctx: Context) -> dict[str, Any]:
     _gate(ctx, sanity(ctx))
     _gate(ctx, overfit(ctx))
 
+    helpers = _spawn_workers(ctx, jobs)
+    try:
+        summary = _searches_and_final(ctx, t0)
+    except BaseException:
+        _stop(helpers)
+        raise
+    _reap(helpers)
+    return summary
+
+
+def _spawn_workers(ctx: Context, jobs: int) -> list[subprocess.Popen]:
+    """``--jobs N``: N-1 `babysit worker` processes join the searches on the same device.
+
+    For networks too small to fill a GPU alone. The storage URL travels in the environment,
+    not on the command line, where `ps` would show a password.
+    """
+    if jobs <= 1:
+        return []
+    env = dict(os.environ)
+    env["BABYSIT_STORAGE"] = ctx.storage.url
+    if ctx.device.type == "cpu":
+        # Share the cores instead of every process spinning up one thread per core.
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    cmd = [sys.executable, "-m", "babysit", "worker", "--name", ctx.spec.name,
+           "--artifact-dir", str(ctx.storage.artifact_dir), "--device", ctx.device.type,
+           "--quiet"]
+    if ctx.data_dir:
+        cmd += ["--data-dir", str(ctx.data_dir)]
+    ctx.log(f"--jobs {jobs}: starting {jobs - 1} worker processes beside this one")
+    return [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for _ in range(jobs - 1)]
+
+
+def _reap(helpers: list[subprocess.Popen]) -> None:
+    """Workers exit by themselves once final is taken; give them a moment to do so."""
+    for proc in helpers:
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            _stop([proc])
+
+
+def _stop(helpers: list[subprocess.Popen]) -> None:
+    """SIGINT first, so each worker marks its running trial FAIL before it goes."""
+    for proc in helpers:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    for proc in helpers:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def _searches_and_final(ctx: Context, t0: float) -> dict[str, Any]:
+    spec = ctx.spec
     bar = _Bar("coarse", spec.coarse.trials, ctx.quiet, "trial")
     coarse = search(ctx, "coarse", spec.coarse,
                     {"lr": spec.coarse.lr, "weight_decay": spec.coarse.weight_decay},

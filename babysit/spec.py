@@ -104,6 +104,7 @@ class SearchSpec:
     # the same epoch; "none" runs every trial in full.
     pruner: str = "median"
     # Divergence: loss NaN/inf or above this multiple of the initial loss (cs231n's 3x).
+    # 0 turns stopping off: every trial runs all its epochs, NaN or not, as the seeds did.
     diverge_factor: float = 3.0
     # Train loss moved less than this fraction over the trial: labelled "lr too low".
     flat_tolerance: float = 0.01

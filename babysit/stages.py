@@ -64,8 +64,8 @@ class Context:
     check_every: int = 1
     log: Callable[[str], None] = print
     initial_loss: float | None = None
-    # Set by `babysit run`/`worker` for the final line of a worker that did not run final.
-    notes: list[str] = field(default_factory=list)
+    # Where the data came from, so `--jobs` workers load the same files.
+    data_dir: Any = None
 
     @property
     def device(self) -> torch.device:
@@ -471,6 +471,7 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
         history = fit(model, opt, ctx.data, epochs=search_spec.epochs,
                       batch_size=spec.batch_size, loss=spec.loss,
                       generator=_generator(ctx, seed), diverge_above=diverge_above,
+                      stop_on_divergence=search_spec.diverge_factor > 0,
                       check_every=ctx.check_every, on_epoch=on_epoch)
         trial.set_user_attr("seconds", time.perf_counter() - t0)
         trial.set_user_attr("examples", history.examples)

@@ -189,14 +189,16 @@ def fit(
     generator: torch.Generator,
     start_epoch: int = 0,
     diverge_above: float | None = None,
+    stop_on_divergence: bool = True,
     check_every: int = 1,
     on_epoch: Callable[[EpochStats], None] | None = None,
 ) -> History:
     """Train for ``epochs`` epochs; stop on the step the loss diverges.
 
     ``diverge_above``: a loss above it (or NaN/inf) stops training with
-    ``history.stopped == "diverged"``. ``on_epoch`` sees each epoch's stats after
-    validation and may raise (Optuna's TrialPruned) to stop.
+    ``history.stopped == "diverged"``. ``stop_on_divergence=False`` trains on regardless,
+    the way the seed reports did (for measuring what stopping saves). ``on_epoch`` sees
+    each epoch's stats after validation and may raise (Optuna's TrialPruned) to stop.
     """
     history = History()
     dev = data.device
@@ -225,9 +227,9 @@ def fit(
                 if history.first_loss is None:
                     history.first_loss = value
                 history.last_loss = value
-                if not math.isfinite(value) or (
+                if stop_on_divergence and (not math.isfinite(value) or (
                     diverge_above is not None and value > diverge_above
-                ):
+                )):
                     history.stopped = "diverged"
                     history.stopped_at_step = history.steps
                     return history
@@ -238,7 +240,7 @@ def fit(
         stats = EpochStats(epoch + 1, train_loss, train_acc, val_loss, val_acc,
                            time.perf_counter() - t0)
         history.epochs.append(stats)
-        if not math.isfinite(val_loss):
+        if stop_on_divergence and not math.isfinite(val_loss):
             history.stopped = "diverged"
             history.stopped_at_step = history.steps
             return history
