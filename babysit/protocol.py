@@ -132,7 +132,8 @@ def run_protocol(ctx: Context, jobs: int = 1) -> dict[str, Any]:
     t0 = time.perf_counter()
     ctx.log(f"run {spec.name}: dataset {spec.dataset} ({ctx.data.num_classes} classes, "
             f"{ctx.data.train_size} train images), model {spec.model}, optimizer "
-            f"{spec.optimizer}, device {ctx.device.type}, storage {ctx.storage.shown}")
+            f"{spec.optimizer}, batch {ctx.batch_size}, device {ctx.device.type}, "
+            f"storage {ctx.storage.shown}")
     record_data_facts(ctx)
 
     _gate(ctx, sanity(ctx))

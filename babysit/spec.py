@@ -144,7 +144,8 @@ class Spec:
     # "ce": softmax cross-entropy (expects ln C at init); "bce": one-hot BCE (expects ln 2).
     loss: str = "ce"
     seed: int = 0
-    batch_size: int = 128
+    # 0 = auto: 128 as in the seeds, halved (down to 8) until an epoch has >= 16 steps.
+    batch_size: int = 0
     # SGD momentum (the seeds used 0.9).
     momentum: float = 0.9
     arch: ModelSpec = field(default_factory=ModelSpec)
@@ -366,8 +367,8 @@ def validate(spec: Spec) -> None:
             )
     if spec.final.epochs < 1:
         raise UsageError("final.epochs must be at least 1")
-    if spec.batch_size < 1:
-        raise UsageError("batch_size must be at least 1")
+    if spec.batch_size < 0:
+        raise UsageError("batch_size must be at least 1 (or 0 for auto)")
     if spec.overfit.samples < 2:
         raise UsageError("overfit.samples must be at least 2")
     if spec.optimizer not in spec.overfit.lrs:

@@ -71,6 +71,21 @@ class Context:
     def device(self) -> torch.device:
         return self.data.device
 
+    @property
+    def batch_size(self) -> int:
+        return effective_batch_size(self.spec.batch_size, self.data.train_size)
+
+
+def effective_batch_size(asked: int, train_size: int) -> int:
+    """``batch_size = 0`` means auto: 128 (the seeds' choice), halved until an epoch has at
+    least 16 steps, so 140 training faces are not two steps an epoch."""
+    if asked > 0:
+        return asked
+    size = 128
+    while size > 8 and train_size // size < 16:
+        size //= 2
+    return size
+
 
 @dataclass
 class StageResult:
@@ -263,13 +278,13 @@ def sanity(ctx: Context) -> StageResult:
         model = _fresh_model(ctx, _seed_for(spec, "sanity", 0))
         model.eval()
         data = ctx.data
-        n = min(data.train_size, spec.batch_size * spec.sanity.batches)
+        n = min(data.train_size, ctx.batch_size * spec.sanity.batches)
         xs, ys = data.head(n)
         with torch.no_grad():
             losses = []
-            for start in range(0, n, spec.batch_size):
-                xb = data.pre(xs[start:start + spec.batch_size], train=False)
-                yb = ys[start:start + spec.batch_size]
+            for start in range(0, n, ctx.batch_size):
+                xb = data.pre(xs[start:start + ctx.batch_size], train=False)
+                yb = ys[start:start + ctx.batch_size]
                 losses.append(float(loss_fn(spec.loss, model(xb).float(), yb)))
             initial = sum(losses) / len(losses)
             with_reg = initial + 0.5 * spec.sanity.reg * float(_l2(model))
@@ -469,7 +484,7 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
                 raise optuna.TrialPruned()
 
         history = fit(model, opt, ctx.data, epochs=search_spec.epochs,
-                      batch_size=spec.batch_size, loss=spec.loss,
+                      batch_size=ctx.batch_size, loss=spec.loss,
                       generator=_generator(ctx, seed), diverge_above=diverge_above,
                       stop_on_divergence=search_spec.diverge_factor > 0,
                       check_every=ctx.check_every, on_epoch=on_epoch)
@@ -540,19 +555,24 @@ def best_of(trials: list[FrozenTrial]) -> dict[str, Any] | None:
 
 
 def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float,
-           edge: float) -> dict[str, Any]:
+           edge: float, chance: float = 0.0) -> dict[str, Any]:
     """Fine ranges from the best coarse trials, by a rule stated in full.
 
-    Take the top-k COMPLETE trials by validation accuracy; for each parameter take the
-    log10 span of their values, pad it by ``pad`` decades on both sides and clip it to the
-    coarse range. Warn when the best value lies within ``edge`` decades of a coarse bound:
-    the optimum may lie outside the range searched.
+    Keep the COMPLETE coarse trials that got at least half of the best trial's gain over
+    chance (a trial at chance level says nothing about where the good region is), take
+    the top k of them by validation accuracy; for each parameter take the log10 span of
+    their values, pad it by ``pad`` decades on both sides and clip it to the coarse range.
+    Warn when the best value lies within ``edge`` decades of a coarse bound: the optimum
+    may lie outside the range searched.
     """
     complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
     if not complete:
         raise ProtocolError("no coarse trial completed, so there is nothing to narrow from: "
                             "every trial diverged or failed; lower the upper end of coarse.lr")
-    top = sorted(complete, key=lambda t: (-t.value, t.number))[:top_k]
+    best_value = max(t.value for t in complete)
+    threshold = chance + 0.5 * (best_value - chance)
+    good = [t for t in complete if t.value >= threshold]
+    top = sorted(good, key=lambda t: (-t.value, t.number))[:top_k]
     best = top[0]
     ranges: dict[str, list[float]] = {}
     warnings_: list[str] = []
@@ -568,11 +588,12 @@ def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float
             warnings_.append(
                 f"best {name} {best.params[name]:.3g} sits at the {side} edge of the coarse "
                 f"range [{10**lo_c:.3g}, {10**hi_c:.3g}]: widen coarse.{name} and rerun")
-    rule = (f"top {len(top)} of {len(complete)} complete coarse trials by val accuracy; "
+    rule = (f"top {len(top)} of the {len(good)} complete coarse trials with val accuracy >= "
+            f"{threshold:.3f} (half-way from chance {chance:.3f} to the best {best_value:.3f}); "
             f"log10 span of each parameter padded by {pad:g} decades, clipped to the coarse "
             "range")
     return {"ranges": ranges, "rule": rule, "top": [t.number for t in top],
-            "warnings": warnings_}
+            "threshold": threshold, "chance": chance, "warnings": warnings_}
 
 
 def narrow_stage(ctx: Context) -> dict[str, Any]:
@@ -582,8 +603,11 @@ def narrow_stage(ctx: Context) -> dict[str, Any]:
         return stored
     coarse = open_stage(ctx, "coarse")
     spec = ctx.spec
+    # Chance: always guessing the most common validation class.
+    counts = torch.bincount(ctx.data.val_labels(), minlength=ctx.data.num_classes)
+    chance = float(counts.max()) / max(1, int(counts.sum()))
     result = narrow(coarse.get_trials(deepcopy=False), spec.coarse, spec.narrow.top_k,
-                    spec.narrow.pad, spec.narrow.edge)
+                    spec.narrow.pad, spec.narrow.edge, chance=chance)
     fine.set_user_attr("narrowed", result)
     return result
 
@@ -690,7 +714,7 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None) -> S
                 progress(stats.epoch, spec.final.epochs)
 
         history = fit(model, opt, ctx.data, epochs=spec.final.epochs,
-                      batch_size=spec.batch_size, loss=spec.loss, generator=gen,
+                      batch_size=ctx.batch_size, loss=spec.loss, generator=gen,
                       start_epoch=start, diverge_above=None, check_every=ctx.check_every,
                       on_epoch=on_epoch)
         trial.set_user_attr("seconds", time.perf_counter() - t0)

@@ -64,6 +64,9 @@ class DeviceData:
     def image_size(self) -> int:
         return int(self.train_x.shape[-1])
 
+    def val_labels(self) -> torch.Tensor:
+        return self.val_y
+
     def size(self, split: str) -> int:
         return int(getattr(self, f"{split}_x").shape[0])
 

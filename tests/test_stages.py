@@ -99,3 +99,15 @@ def test_flat_loss_is_labelled_lr_too_low(digits_ctx) -> None:
     study = optuna.load_study(study_name="div/coarse", storage=ctx.storage.rdb)
     reasons = {t.user_attrs.get("reason") for t in study.get_trials()}
     assert reasons == {"lr too low"}
+
+
+def test_narrow_ignores_trials_at_chance_level() -> None:
+    trials = [_trial(3e-3, 1e-4, 0.66), _trial(1e-5, 1e-6, 0.10), _trial(0.9, 1e-2, 0.11),
+              _trial(2e-3, 1e-3, 0.50)]
+    out = narrow(trials, CoarseSpec(), top_k=5, pad=0.5, edge=0.25, chance=0.1)
+    # Only 0.66 and 0.50 got at least half the best gain over chance (threshold 0.38).
+    assert out["threshold"] == pytest.approx(0.38)
+    lo, hi = out["ranges"]["lr"]
+    assert math.log10(lo) == pytest.approx(math.log10(2e-3) - 0.5)
+    assert math.log10(hi) == pytest.approx(math.log10(3e-3) + 0.5)
+    assert "half-way from chance" in out["rule"]
