@@ -51,6 +51,8 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--jobs", type=int, default=1, help="trial processes sharing the device "
                    "(this one plus N-1 workers), for models too small to fill it alone")
+    p.add_argument("--compile", action="store_true", help="torch.compile each network "
+                   "(pays on a GPU for long trials)")
     _storage_flags(p)
 
 
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--data-dir")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--compile", action="store_true")
     _storage_flags(p)
 
     p = sub.add_parser("status", help="where each stage of a run stands")
@@ -130,8 +133,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                              "optimizer": args.optimizer, "seed": args.seed}
     spec = build_spec(args.config, args.sets, flags)
     storage = _open(args)
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
     ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
-                  download=args.download, force=args.force, quiet=args.quiet)
+                  download=args.download, force=args.force, quiet=args.quiet,
+                  compile=args.compile)
     summary = None
     code = 0
     try:
@@ -175,7 +181,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     storage = _open(args, create=False)
     spec = stored_spec(storage, args.name)
     ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir, quiet=args.quiet,
-                  owner=False)
+                  owner=False, compile=args.compile)
     try:
         run_protocol(ctx)
     except BabysitError as err:

@@ -53,7 +53,7 @@ def _log(message: str) -> None:
 
 def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str | None = None,
             download: bool = False, force: bool = False, quiet: bool = False,
-            owner: bool = True) -> Context:
+            owner: bool = True, compile: bool = False) -> Context:
     """Check the spec against storage, load the data onto the device: everything before
     the first trial. Raises UsageError (exit 2) before anything is written."""
     if not spec.name:
@@ -82,6 +82,7 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
     data = DeviceData.from_splits(splits, pre, dev)
     return Context(
         data_dir=request.data_dir if data_dir else None,
+        compile=compile,
         spec=spec,
         storage=storage,
         data=data,
@@ -165,6 +166,8 @@ def _spawn_workers(ctx: Context, jobs: int) -> list[subprocess.Popen]:
     cmd = [sys.executable, "-m", "babysit", "worker", "--name", ctx.spec.name,
            "--artifact-dir", str(ctx.storage.artifact_dir), "--device", ctx.device.type,
            "--quiet"]
+    if ctx.compile:
+        cmd.append("--compile")
     if ctx.data_dir:
         cmd += ["--data-dir", str(ctx.data_dir)]
     ctx.log(f"--jobs {jobs}: starting {jobs - 1} worker processes beside this one")

@@ -140,7 +140,9 @@ class Spec:
     name: str = ""
     dataset: str = "digits"
     model: str = "alexnet"
-    optimizer: str = "sgd"
+    # Adam: the seed's better optimizer (FDDB 94 % vs 91 % with SGD), and on the 8x8 digits
+    # it reaches 94 % validation accuracy in 6 epochs where SGD (momentum 0.9) needs ~3x more.
+    optimizer: str = "adam"
     # "ce": softmax cross-entropy (expects ln C at init); "bce": one-hot BCE (expects ln 2).
     loss: str = "ce"
     seed: int = 0

@@ -66,6 +66,9 @@ class Context:
     initial_loss: float | None = None
     # Where the data came from, so `--jobs` workers load the same files.
     data_dir: Any = None
+    # torch.compile each trial's network (pays on a GPU for long trials; compiling costs
+    # tens of seconds per new model).
+    compile: bool = False
 
     @property
     def device(self) -> torch.device:
@@ -216,6 +219,8 @@ def _fresh_model(ctx: Context, seed: int) -> torch.nn.Module:
     model = model.to(ctx.device)
     if ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
+    if ctx.compile:
+        model.compile()  # in place: state_dict keys stay those of the plain module
     return model
 
 

@@ -255,3 +255,22 @@ def test_resume_after_a_stop_in_the_middle_of_coarse(tmp_path: Path, sig: int) -
     assert len(interrupted) <= 1
     assert len({(t.params["lr"], t.params["weight_decay"]) for t in finished}) == 6
     assert _summary(tmp_path / "s.json")["stages"]["final"]["status"] == "passed"
+
+
+def test_jobs_share_the_searches_between_processes(tmp_path: Path) -> None:
+    summary_path = tmp_path / "s.json"
+    proc = babysit("run", "--name", "j", *TINY, "--set", "coarse.trials=6", "--jobs", "2",
+                   "--summary-json", str(summary_path), cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "starting 1 worker processes" in proc.stderr
+    db = f"sqlite:///{tmp_path / 'babysit.db'}"
+    trials = optuna.load_study(study_name="j/coarse", storage=db).get_trials()
+    finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+    assert len(finished) == 6
+    assert len({t.number for t in trials}) == len(trials)
+    workers = {t.user_attrs["worker"] for t in finished}
+    assert len(workers) == 2  # both processes trained trials
+    final = optuna.load_study(study_name="j/final", storage=db).get_trials()
+    assert [t.state for t in final if t.user_attrs.get("reason") != "surplus"] == [
+        TrialState.COMPLETE]
+    assert _summary(summary_path)["stages"]["coarse"]["trials"] == 6
