@@ -1,0 +1,159 @@
+"""The run's figures, drawn from stored trials: overfit curves, search scatters, final curves.
+
+Figures are built with matplotlib's object API on the Agg canvas, never through pyplot, so
+no global figure state is shared between threads (the dashboard serves from several) and
+nothing needs a display.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
+from matplotlib.ticker import MaxNLocator
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+# Small and at 100 dpi: a figure renders in a few hundred milliseconds at most and a PNG
+# stays ~30-60 kB, so every stage can publish its plots without slowing the run.
+_DPI = 100
+_WIDE = (9.0, 3.6)
+_SQUARE = (6.0, 4.6)
+_LAYOUT = "constrained"
+
+
+def png(fig: Figure) -> bytes:
+    """The figure as PNG bytes."""
+    buf = io.BytesIO()
+    FigureCanvasAgg(fig).print_png(buf)
+    return buf.getvalue()
+
+
+def _finite(values: list[Any]) -> list[float]:
+    return [float(v) if v is not None and math.isfinite(float(v)) else math.nan for v in values]
+
+
+def overfit_curve(trials: list[FrozenTrial], samples: int | None = None) -> Figure:
+    """Training loss and train accuracy against step, one line per learning rate tried."""
+    fig = Figure(figsize=_WIDE, dpi=_DPI, layout=_LAYOUT)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    losses: list[float] = []
+    drawn = 0
+    for t in sorted(trials, key=lambda t: t.params.get("lr", 0.0)):
+        curve = t.user_attrs.get("curve") or []
+        if not curve:
+            continue
+        steps = [c["step"] for c in curve]
+        loss = _finite([c["loss"] for c in curve])
+        # A short curve (a run stopped after a few steps) would be invisible as a line alone.
+        style = {"marker": "o", "markersize": 3} if len(curve) <= 20 else {}
+        label = f"lr {t.params.get('lr', float('nan')):.3g}"
+        ax_loss.plot(steps, loss, label=label, **style)
+        ax_acc.plot(steps, _finite([c["train_acc"] for c in curve]), label=label, **style)
+        losses += [v for v in loss if v > 0 and math.isfinite(v)]
+        drawn += 1
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("training loss")
+    if losses and max(losses) > 10 * min(losses):
+        ax_loss.set_yscale("log")
+    ax_acc.set_xlabel("step")
+    ax_acc.set_ylabel("train accuracy")
+    ax_acc.set_ylim(-0.02, 1.05)
+    ax_acc.axhline(1.0, color="0.6", linestyle=":", linewidth=1)
+    if drawn:
+        ax_acc.legend(loc="lower right", fontsize="small")
+    what = f"{samples} examples, " if samples else ""
+    fig.suptitle(f"overfit: memorising {what}no regularisation")
+    return fig
+
+
+def search_scatter(trials: list[FrozenTrial], stage: str, bounds: dict[str, list[float]],
+                   box: dict[str, list[float]] | None = None) -> Figure:
+    """lr against weight_decay on log axes: completed trials coloured by validation accuracy,
+    diverged ones as red crosses, pruned and failed ones grey; ``box`` is the narrowed range."""
+    fig = Figure(figsize=_SQUARE, dpi=_DPI, layout=_LAYOUT)
+    ax = fig.subplots()
+    real = [t for t in trials if t.user_attrs.get("reason") != "surplus"
+            and "lr" in t.params and "weight_decay" in t.params]
+
+    def xy(ts: list[FrozenTrial]) -> tuple[list[float], list[float]]:
+        return [t.params["lr"] for t in ts], [t.params["weight_decay"] for t in ts]
+
+    complete = [t for t in real if t.state == TrialState.COMPLETE and t.value is not None]
+    diverged = [t for t in real if t.user_attrs.get("reason") == "diverged"]
+    pruned = [t for t in real if t.state == TrialState.PRUNED and t not in diverged]
+    failed = [t for t in real if t.state == TrialState.FAIL]
+    if pruned:
+        ax.scatter(*xy(pruned), s=36, c="0.75", edgecolors="0.5", label="pruned", zorder=2)
+    if failed:
+        ax.scatter(*xy(failed), s=36, c="none", edgecolors="0.5", label="failed", zorder=2)
+    if diverged:
+        ax.scatter(*xy(diverged), s=48, marker="x", c="tab:red", linewidths=1.5,
+                   label="diverged", zorder=3)
+    if complete:
+        sc = ax.scatter(*xy(complete), s=52, c=[t.value for t in complete], cmap="viridis",
+                        edgecolors="black", linewidths=0.5, label="complete", zorder=4)
+        fig.colorbar(sc, ax=ax, label="val accuracy")
+        best = max(complete, key=lambda t: (t.value, -t.number))
+        ax.scatter([best.params["lr"]], [best.params["weight_decay"]], s=220, marker="*",
+                   c="none", edgecolors="tab:orange", linewidths=1.5, label="best", zorder=5)
+    if box is not None:
+        (x0, x1), (y0, y1) = box["lr"], box["weight_decay"]
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="tab:blue",
+                               linestyle="--", linewidth=1.5, label="narrowed", zorder=1))
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if bounds:
+        ax.set_xlim(*_padded(bounds["lr"]))
+        ax.set_ylim(*_padded(bounds["weight_decay"]))
+    ax.set_xlabel("lr")
+    ax.set_ylabel("weight_decay")
+    ax.set_title(f"{stage} search: {len(real)} trials")
+    if real or box is not None:
+        ax.legend(loc="best", fontsize="small", framealpha=0.8)
+    return fig
+
+
+def _padded(bounds: list[float]) -> tuple[float, float]:
+    # A tenth of a decade of margin, so trials on the bounds are not cut in half.
+    lo, hi = math.log10(bounds[0]), math.log10(bounds[1])
+    pad = max(0.1, 0.05 * (hi - lo))
+    return 10 ** (lo - pad), 10 ** (hi + pad)
+
+
+def final_curves(trial: FrozenTrial) -> Figure:
+    """Loss and accuracy per epoch, train and validation; the test result as a marker."""
+    fig = Figure(figsize=_WIDE, dpi=_DPI, layout=_LAYOUT)
+    ax_loss, ax_acc = fig.subplots(1, 2)
+    curves = trial.user_attrs.get("curves") or {}
+    epochs = list(range(1, len(curves.get("train_loss", [])) + 1))
+    for key, label in (("train_loss", "train"), ("val_loss", "val")):
+        if curves.get(key):
+            ax_loss.plot(epochs, _finite(curves[key]), marker="o", markersize=3, label=label)
+    for key, label in (("train_acc", "train"), ("val_acc", "val")):
+        if curves.get(key):
+            ax_acc.plot(epochs, _finite(curves[key]), marker="o", markersize=3, label=label)
+    a = trial.user_attrs
+    if a.get("test_loss") is not None and epochs:
+        ax_loss.scatter([epochs[-1]], [a["test_loss"]], marker="D", c="tab:red", zorder=5,
+                        label=f"test {a['test_loss']:.3f}")
+    if a.get("test_accuracy") is not None and epochs:
+        ax_acc.scatter([epochs[-1]], [a["test_accuracy"]], marker="D", c="tab:red", zorder=5,
+                       label=f"test {a['test_accuracy']:.3f}")
+    for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy")):
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(what)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if epochs:
+            ax.legend(fontsize="small")
+    lr = trial.params.get("lr")
+    wd = trial.params.get("weight_decay")
+    title = "final training"
+    if lr is not None and wd is not None:
+        title += f": lr {lr:.3g}, weight_decay {wd:.3g}"
+    fig.suptitle(title)
+    return fig
