@@ -14,25 +14,40 @@ from torch import nn
 
 from babysit.errors import UsageError
 
-# Channels of the five convs. Seed 003 (3x3 convs on 32x32): 64, 192, 384, 256, 256; the
-# original AlexNet (seed 000, 227x227) has the same channel plan.
-_CHANNELS = (64, 192, 384, 256, 256)
+# Channels of the five convs. Seed 003 (3x3 convs on 32x32) used torchvision's plan:
+# 64, 192, 384, 256, 256. Seed 000 (227x227) used the paper's: 96, 256, 384, 384, 256 -- its
+# 4-conv variant "changed the output channels of the fourth Conv2d layer from 384 to 256".
+_CHANNELS = {
+    "cifar32": (64, 192, 384, 256, 256),
+    "alexnet227": (96, 256, 384, 384, 256),
+}
+# LeakyReLU's slope for negative inputs: PyTorch's default (seed 000 names no other).
+_LEAKY_SLOPE = 0.01
+# The smallest side alexnet227 takes: three 3x3/2 pools after an 11x11/4 conv need 63 px.
+_MIN_SIDE_227 = 63
+_KNOBS = {
+    "conv_layers": (3, 4, 5),
+    "fc_layers": (1, 2, 3),
+    "activation": ("relu", "leaky_relu"),
+    "batch_norm": ("none", "first2", "all"),
+    "init": ("he", "default"),
+    "geometry": ("cifar32", "alexnet227"),
+}
 
 
 def _activation(name: str) -> nn.Module:
     if name == "leaky_relu":
-        return nn.LeakyReLU(0.01, inplace=True)
+        return nn.LeakyReLU(_LEAKY_SLOPE, inplace=True)
     return nn.ReLU(inplace=True)
 
 
-def _conv_plan(conv_layers: int) -> list[int]:
-    # Seed 000: with 4 convs the fourth outputs 256 (the fifth is gone); with 3 convs the
+def _conv_plan(conv_layers: int, geometry: str) -> list[int]:
+    # Seed 000: with 4 convs the last conv outputs 256 (the fifth is gone); with 3 convs the
     # network stops after the third (384 channels).
-    if conv_layers == 5:
-        return list(_CHANNELS)
+    plan = list(_CHANNELS[geometry][:conv_layers])
     if conv_layers == 4:
-        return [64, 192, 384, 256]
-    return [64, 192, 384]
+        plan[-1] = 256
+    return plan
 
 
 class AlexNet(nn.Module):
@@ -52,7 +67,12 @@ class AlexNet(nn.Module):
         geometry: str = "cifar32",
     ) -> None:
         super().__init__()
-        plan = _conv_plan(conv_layers)
+        for knob, value in (("conv_layers", conv_layers), ("fc_layers", fc_layers),
+                            ("activation", activation), ("batch_norm", batch_norm),
+                            ("init", init), ("geometry", geometry)):
+            if value not in _KNOBS[knob]:
+                raise ValueError(f"AlexNet {knob} must be one of {_KNOBS[knob]}, got {value!r}")
+        plan = _conv_plan(conv_layers, geometry)
         layers: list[nn.Module] = []
         prev = in_channels
         for i, out in enumerate(plan):
@@ -92,10 +112,13 @@ class AlexNet(nn.Module):
 
     def _he_init(self, activation: str) -> None:
         nonlinearity = "leaky_relu" if activation == "leaky_relu" else "relu"
+        # kaiming_normal_'s gain for leaky_relu reads the slope from `a` (default 0).
+        slope = _LEAKY_SLOPE if activation == "leaky_relu" else 0.0
         last = self.classifier[-1]
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not last:
-                nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity=nonlinearity)
+                nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_in",
+                                        nonlinearity=nonlinearity)
                 nn.init.zeros_(m.bias)
         # The last layer stays small (AlexNet's N(0, 0.01)) so the initial loss is ~ln C.
         nn.init.normal_(last.weight, std=0.01)
@@ -112,6 +135,10 @@ def build_model(
 ) -> nn.Module:
     """``alexnet`` with the spec's knobs, or a user's ``module:callable``."""
     if name == "alexnet":
+        if arch.geometry == "alexnet227" and image_size < _MIN_SIDE_227:
+            raise UsageError(
+                f"model.geometry alexnet227 needs inputs of at least {_MIN_SIDE_227} px, got "
+                f"{image_size}; set data.resize=227 (or 0 for automatic) or use cifar32")
         return AlexNet(
             num_classes,
             in_channels=in_channels,

@@ -195,6 +195,8 @@ def fit(
     stop_on_divergence: bool = True,
     check_every: int = 1,
     on_epoch: Callable[[EpochStats], None] | None = None,
+    # diagnostics (babysit.diagnostics.Monitor): called after each backward, before the step
+    monitor: Callable[[int, nn.Module, torch.optim.Optimizer, torch.Tensor], None] | None = None,
 ) -> History:
     """Train for ``epochs`` epochs; stop on the step the loss diverges.
 
@@ -218,6 +220,8 @@ def fit(
                 logits = model(xb)
             batch_loss = loss_fn(loss, logits.float(), yb)
             batch_loss.backward()
+            if monitor is not None:  # diagnostics
+                monitor(history.steps + 1, model, optimizer, batch_loss)
             optimizer.step()
             history.steps += 1
             history.examples += yb.shape[0]

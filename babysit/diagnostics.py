@@ -1,0 +1,503 @@
+"""What a careful person watches while a network trains, recorded on every trial.
+
+cs231n's "babysitting the learning process" and Karpathy's "A Recipe for Training Neural
+Networks" name the signals: the ratio of each update to its weights, gradient norms, dead
+ReLUs, activation statistics, a loss that does not move, a train/val gap. ``Monitor`` samples
+them every few steps (the first step, every ``every``-th step and the first step of each
+epoch), so a run pays a few percent at most; ``readings`` turns them into plain words.
+``lr_range_test`` is Leslie Smith's test for the coarse learning-rate range, and
+``first_layer_filters_png`` draws what the first conv learnt.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from babysit.storage import Storage
+from babysit.storage import find_study
+from babysit.train import DeviceData
+from babysit.train import autocast
+from babysit.train import loss_fn
+from babysit.train import make_optimizer
+
+# Sample every 20 steps and the first: on digits (~20 steps an epoch) that is one or two
+# samples per epoch, on CIFAR-10 at batch 128 about 18; each costs a weight copy and a sync.
+EVERY = 20
+# cs231n: "the ratio of the update magnitudes to the value magnitudes ... should be somewhere
+# around 1e-3. If it is lower than this then the learning rate might be too low. If it is
+# higher then the learning rate is likely too high."
+UPDATE_RATIO_TARGET = 1e-3
+# The reading fires 100x above that target, when a step moves a hidden layer's weights by a
+# tenth of their size. Not 10x: Adam moves every weight by ~lr per step whatever its
+# gradient, which puts healthy Adam runs above cs231n's SGD-era 1e-3. Measured on digits
+# (AlexNet, Adam, hidden layers): lr 1e-3, which learns, 7e-4 to 6e-3; lr 1e-2, which
+# diverges on step 2, 2e-2 to 2e-1; lr 1e-1, 2e-1 to 2.
+UPDATE_RATIO_HIGH = 1e-1
+# The loss moved less than this fraction over the trial: "LR too low" (cs231n's "loss not
+# going down"; the same 1 % as coarse.flat_tolerance).
+FLAT_TOLERANCE = 0.01
+# Train accuracy this far above validation accuracy: overfitting. cs231n's picture of a
+# "big gap" is ~20 points; seed 003's healthy AlexNet ended within 10 points (78 vs 70 %).
+GAP_POINTS = 0.15
+# cs231n: "you may find that as much as 40% of your network can be 'dead' (i.e. neurons that
+# never activate across the entire training dataset) if the learning rate is set too high."
+# The reading fires above 60 %, not 40: on 8x8 digits AlexNet's conv3-5 see 1x1 maps, and
+# ~40 % of their channels are silent over a batch of 64 from initialisation on (measured:
+# 39 % after epoch 1, 46-51 % all through a run that reaches 85 % val accuracy).
+DEAD_FRACTION = 0.6
+
+_ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6)
+
+
+_Named = list[tuple[str, nn.Module]]
+
+
+def layer_names(model: nn.Module) -> tuple[_Named, _Named]:
+    """(weight layers, activations), named conv1.., fc1.. in registration order; an
+    activation takes the name of the weight layer before it ("conv3": conv3's ReLU)."""
+    weights: _Named = []
+    acts: _Named = []
+    counts = {"conv": 0, "fc": 0}
+    last = ""
+    for qualified, module in model.named_modules():
+        kind = ("conv" if isinstance(module, nn.Conv2d) else
+                "fc" if isinstance(module, nn.Linear) else None)
+        if kind is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+            counts[kind] += 1
+            last = f"{kind}{counts[kind]}"
+            weights.append((last, module))
+        elif isinstance(module, _ACTIVATIONS):
+            name = last or qualified
+            if any(n == name for n, _ in acts):
+                name = qualified
+            acts.append((name, module))
+    return weights, acts
+
+
+def _compiled(model: nn.Module) -> bool:
+    # Hooks added after torch.compile force recompiles: skip activation stats there.
+    return getattr(model, "_compiled_call_impl", None) is not None
+
+
+class Monitor:
+    """Called by ``fit`` after each backward as ``monitor(step, model, optimizer, loss)``.
+
+    On a sampled step it reads each weight layer's gradient norm, copies its weights and
+    hooks the optimizer's next step to measure ||w_after - w_before|| / ||w_before|| (the
+    actual update, so Adam and momentum count as they act). Forward hooks on the activations
+    are registered only for a sampled step's forward and removed right after it. Every
+    other step costs one integer test.
+    """
+
+    def __init__(self, model: nn.Module, every: int = EVERY) -> None:
+        self.every = max(1, every)
+        self.weights, self.acts = layer_names(model)
+        self.epochs: list[dict[str, Any]] = []
+        self._samples: list[dict[str, Any]] = []
+        self._act_values: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+        self._activations = not _compiled(model)
+        self._next_forced = True
+        self._last_step = 0
+        self._arm()
+
+    # -------------------------------------------------------------- sampling
+
+    def _sampled(self, step: int) -> bool:
+        return step == 1 or step % self.every == 0
+
+    def _arm(self) -> None:
+        if not self._activations or self._handles:
+            return
+        for name, module in self.acts:
+            self._handles.append(module.register_forward_hook(self._act_hook(name)))
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _act_hook(self, name: str):  # noqa: ANN202
+        def hook(module: nn.Module, _inputs: Any, output: torch.Tensor) -> None:
+            # Training forwards only: evaluation runs under inference_mode.
+            if name in self._act_values or not torch.is_grad_enabled():
+                return
+            with torch.no_grad():
+                out = output.detach()
+                dims = tuple(d for d in range(out.dim()) if d != 1)
+                # A unit fires when its output is positive (LeakyReLU's negative side is
+                # "off" too); a conv unit is a channel, over every position and example.
+                fired = (out > 0).any(dim=dims) if dims else out > 0
+                std, mean = torch.std_mean(out.float())
+                self._act_values[name] = torch.stack(
+                    [mean, std, 1.0 - fired.float().mean()])
+
+        return hook
+
+    def __call__(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
+                 loss: torch.Tensor) -> None:
+        self._last_step = step
+        if self._next_forced or self._sampled(step):
+            self._next_forced = False
+            self._sample(step, optimizer, loss)
+        if self._sampled(step + 1):
+            self._arm()
+
+    def _sample(self, step: int, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        self.detach()
+        acts = self._act_values
+        self._act_values = {}
+        with torch.no_grad():
+            zero = torch.zeros((), device=loss.device)
+            grads = [m.weight.grad.float().norm() if m.weight.grad is not None else zero
+                     for _, m in self.weights]
+            before = [m.weight.detach().clone() for _, m in self.weights]
+        handle = None
+
+        def after_step(*_: Any) -> None:
+            handle.remove()
+            act_names = list(acts)
+            with torch.no_grad():
+                ratios = [(m.weight.detach() - b).float().norm()
+                          / b.float().norm().clamp_min(1e-12)
+                          for (_, m), b in zip(self.weights, before, strict=True)]
+                parts = [loss.detach().float().reshape(1), *(g.reshape(1) for g in grads),
+                         *(r.reshape(1) for r in ratios), *(acts[n] for n in act_names)]
+            values = torch.cat(parts).tolist()  # the one sync of a sample
+            n = len(self.weights)
+            layers: dict[str, dict[str, float]] = {}
+            for i, (name, _) in enumerate(self.weights):
+                layers[name] = {"grad_norm": values[1 + i], "update_ratio": values[1 + n + i]}
+            for j, name in enumerate(act_names):
+                mean, std, dead = values[1 + 2 * n + 3 * j: 4 + 2 * n + 3 * j]
+                layers.setdefault(name, {}).update(
+                    {"act_mean": mean, "act_std": std, "dead": dead})
+            self._samples.append({"step": step, "loss": values[0], "layers": layers})
+
+        handle = optimizer.register_step_post_hook(after_step)
+
+    # -------------------------------------------------------------- per epoch
+
+    def close_epoch(self, epoch: int) -> dict[str, Any] | None:
+        """Aggregate the samples since the last call into one record, appended to
+        ``epochs``: per layer, the median update ratio and gradient norm, the mean
+        activation statistics and dead fraction. None when nothing was sampled."""
+        self._next_forced = True
+        self._arm()
+        samples, self._samples = self._samples, []
+        if not samples:
+            return None
+        layers: dict[str, dict[str, float]] = {}
+        names = list(dict.fromkeys(n for s in samples for n in s["layers"]))
+        for name in names:
+            entry: dict[str, float] = {}
+            for key, agg in (("update_ratio", statistics.median), ("grad_norm", statistics.median),
+                             ("act_mean", statistics.fmean), ("act_std", statistics.fmean),
+                             ("dead", statistics.fmean)):
+                vals = [s["layers"][name][key] for s in samples
+                        if key in s["layers"].get(name, {})]
+                if vals:
+                    entry[key] = _finite(agg(vals))
+            layers[name] = entry
+        record = {
+            "epoch": epoch,
+            "steps": [s["step"] for s in samples],
+            "loss": [_finite(s["loss"]) for s in samples],
+            "last_step": self._last_step,
+            # The last weight layer: its update ratio is not read as "LR too high" (below).
+            "classifier": self.weights[-1][0] if self.weights else None,
+            "layers": layers,
+        }
+        self.epochs.append(record)
+        return record
+
+    def finish(self, epoch: int) -> None:
+        """After training: close a partial epoch (the one a diverged run stopped in) and
+        take the hooks off the model."""
+        self.detach()
+        if self._samples:
+            self.close_epoch(epoch)
+            self.detach()
+
+
+def _finite(value: float) -> float | None:
+    # JSON (and so Optuna's user attrs) has no NaN: a diverged value is stored as None.
+    return value if math.isfinite(value) else None
+
+
+# ---------------------------------------------------------------------------- readings
+
+
+def _sci(x: float) -> str:
+    """1e-1, 3e-2: the order of magnitude a person reads off a ratio."""
+    mantissa, exponent = f"{x:.0e}".split("e")
+    return f"{mantissa}e{int(exponent)}"
+
+
+def readings(diagnostics: Sequence[dict[str, Any]], curves: dict[str, list[float]] | None = None,
+             *, warnings: Sequence[str] = (), flat_tolerance: float = FLAT_TOLERANCE,
+             ratio_high: float = UPDATE_RATIO_HIGH, gap: float = GAP_POINTS,
+             dead: float = DEAD_FRACTION) -> list[str]:
+    """The readings a careful person would write down, from a trial's per-epoch
+    diagnostics and curves; empty when the run looks healthy. ``warnings`` (narrowing's
+    edge warnings) are passed through."""
+    out: list[str] = []
+    curves = curves or {}
+    last = diagnostics[-1] if diagnostics else None
+    losses = [v for d in diagnostics for v in d.get("loss", [])]
+    if diagnostics and any(v is None for v in losses):
+        step = next(s for d in diagnostics
+                    for s, v in zip(d["steps"], d["loss"], strict=True) if v is None)
+        out.append(f"LR too high: the loss was NaN/inf by step {step}")
+    elif losses and losses[0]:
+        first = losses[0]
+        # The last epoch's mean train loss is steadier than one batch's. A run stopped
+        # within its first epoch has only a sample or two: too little to call flat.
+        end = curves.get("train_loss", [])[-1:] or (losses[-1:] if len(losses) > 2 else [])
+        if end and abs(first - end[0]) < flat_tolerance * abs(first):
+            out.append(f"LR too low: loss moved less than {flat_tolerance * 100:g} % in "
+                       f"{last['last_step']} steps ({first:.3f} -> {end[0]:.3f})")
+    if last is not None:
+        # The classifier starts at N(0, 0.01) so that the initial loss is ln C; against such
+        # small weights any useful step is large (Adam at lr 1e-3 moves it 1e-1 on step 1),
+        # so only the hidden layers speak for the LR.
+        ratios = {n: v["update_ratio"] for n, v in last["layers"].items()
+                  if v.get("update_ratio") is not None and n != last.get("classifier")}
+        if ratios:
+            worst = max(ratios, key=lambda n: ratios[n])
+            if ratios[worst] > ratio_high:
+                out.append(f"LR too high: update ratio {_sci(ratios[worst])} in {worst} "
+                           f"(cs231n: ~{_sci(UPDATE_RATIO_TARGET)})")
+        deads = {n: v["dead"] for n, v in last["layers"].items() if v.get("dead") is not None}
+        for name, fraction in deads.items():
+            if fraction > dead:
+                out.append(f"dead units: {fraction * 100:.0f} % of {name} never fire")
+    train_acc, val_acc = curves.get("train_acc", []), curves.get("val_acc", [])
+    if train_acc and val_acc:
+        epoch = min(len(train_acc), len(val_acc))
+        diff = train_acc[epoch - 1] - val_acc[epoch - 1]
+        if diff > gap:
+            out.append(f"overfitting: train/val gap {diff * 100:.0f} points after epoch {epoch}")
+    out.extend(warnings)
+    return out
+
+
+def narrowing_warnings(storage: Storage, run: str) -> list[str]:
+    """The narrowing's edge warnings ("best lr ... sits at the upper edge of the coarse
+    range ...: widen coarse.lr"), read without creating a study."""
+    study = find_study(storage, run, "fine")
+    narrowed = study.user_attrs.get("narrowed") if study is not None else None
+    return list(narrowed.get("warnings", [])) if narrowed else []
+
+
+def record_diagnostics(trial: Any, monitor: Monitor, curves: dict[str, list[float]], *,
+                       epoch: int | None = None, warnings: Sequence[str] = ()) -> None:
+    """Close the epoch's samples and store "diagnostics" and "readings" on the trial.
+
+    With ``epoch=None`` (after ``fit`` returns) it closes a partial epoch, the one a
+    diverged trial stopped in, and removes the monitor's hooks from the model.
+    """
+    if epoch is None:
+        monitor.finish(len(curves.get("train_loss", [])) + 1)
+    else:
+        monitor.close_epoch(epoch)
+    trial.set_user_attr("diagnostics", monitor.epochs)
+    trial.set_user_attr("readings", readings(monitor.epochs, curves, warnings=warnings))
+
+
+def trial_readings(storage: Storage, run: str) -> dict[str, list[str]]:
+    """Every stored reading of a run, by trial ("coarse #3"), for the report."""
+    out: dict[str, list[str]] = {}
+    for stage in ("coarse", "fine", "final"):
+        study = find_study(storage, run, stage)
+        if study is None:
+            continue
+        for t in study.get_trials(deepcopy=False):
+            found = t.user_attrs.get("readings")
+            if found:
+                out[f"{stage} #{t.number}"] = list(found)
+    warnings = narrowing_warnings(storage, run)
+    if warnings:
+        out["narrowing"] = warnings
+    return out
+
+
+# ---------------------------------------------------------------------------- LR range test
+
+
+def lr_range_test(model: nn.Module, data: DeviceData, *, optimizer: str = "adam",
+                  loss: str = "ce", batch_size: int = 64, start: float = 1e-7,
+                  end: float = 10.0, steps: int = 300, weight_decay: float = 0.0,
+                  momentum: float = 0.9, diverge_factor: float = 4.0,
+                  smoothing: float = 0.98, seed: int = 0) -> dict[str, Any]:
+    """Leslie Smith's LR range test (Cyclical Learning Rates, 2017, section 3.3).
+
+    The LR grows exponentially from ``start`` to ``end`` over ``steps`` steps, one batch
+    each; the test stops when the smoothed loss exceeds ``diverge_factor`` x its minimum
+    (fastai's 4x) or turns NaN. The model is trained in place: pass a fresh one.
+
+    The proposed coarse range, ``suggested = [low, high]``: ``high`` is the LR at the
+    smoothed loss's minimum (beyond it the loss climbs: Smith's upper bound); ``low`` is
+    the LR where the smoothed loss first fell ``FLAT_TOLERANCE`` below its start (below
+    it the loss barely moves), at most ``high``/100 so the search spans two decades.
+    """
+    opt = make_optimizer(optimizer, model.parameters(), start, weight_decay, momentum)
+    gen = torch.Generator(device=data.device).manual_seed(seed)
+    factor = (end / start) ** (1.0 / max(1, steps - 1))
+    lrs: list[float] = []
+    losses: list[float] = []
+    smooth = 0.0
+    best = math.inf
+    stopped = "end"
+    model.train()
+    batches = iter(())
+    for i in range(steps):
+        lr = start * factor**i
+        for group in opt.param_groups:
+            group["lr"] = lr
+        try:
+            xraw, yb = next(batches)
+        except StopIteration:
+            batches = data.train_batches(batch_size, gen)
+            xraw, yb = next(batches)
+        xb = data.pre(xraw, train=True, generator=gen)
+        opt.zero_grad(set_to_none=True)
+        with autocast(data.device):
+            logits = model(xb)
+        batch_loss = loss_fn(loss, logits.float(), yb)
+        batch_loss.backward()
+        opt.step()
+        value = float(batch_loss.detach())
+        if not math.isfinite(value):
+            stopped = "nan"
+            break
+        # Debiased exponential average, as fastai's lr_find: raw batch losses are too noisy
+        # to read a minimum from.
+        smooth = smoothing * smooth + (1 - smoothing) * value
+        value = smooth / (1 - smoothing ** (i + 1))
+        lrs.append(lr)
+        losses.append(value)
+        best = min(best, value)
+        if value > diverge_factor * best:
+            stopped = "diverged"
+            break
+    suggested = _suggest(lrs, losses) if lrs else [start, end]
+    return {"lrs": lrs, "losses": losses, "suggested": suggested, "stopped": stopped}
+
+
+def _suggest(lrs: list[float], losses: list[float]) -> list[float]:
+    i_min = min(range(len(losses)), key=lambda i: losses[i])
+    high = lrs[i_min]
+    first = losses[0]
+    moving = next((lrs[i] for i in range(i_min + 1)
+                   if losses[i] < first * (1 - FLAT_TOLERANCE)), high)
+    low = min(moving, high / 100)
+    return [low, high]
+
+
+def lr_range_png(result: dict[str, Any], path: str | Path) -> Path:
+    """The LR range test's curve, log LR against smoothed loss, the proposed range shaded."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot(result["lrs"], result["losses"])
+    low, high = result["suggested"]
+    ax.axvspan(low, high, alpha=0.15, color="tab:green", label="proposed coarse lr")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed train loss")
+    ax.set_title(f"LR range test: [{low:.2g}, {high:.2g}] ({result.get('stopped', '')})")
+    ax.legend()
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def propose_coarse_lr(ctx: Any, steps: int = 300) -> dict[str, Any]:
+    """The LR range test on a fresh copy of the run's network (``ctx``: a stages.Context);
+    ``suggested`` is the proposed ``coarse.lr``."""
+    from babysit.models import build_model
+
+    spec = ctx.spec
+    torch.manual_seed(spec.seed)
+    data = ctx.data
+    model = build_model(spec.model, spec.arch, data.num_classes, data.in_channels,
+                        data.pre.resize or data.image_size).to(ctx.device)
+    return lr_range_test(model, data, optimizer=spec.optimizer, loss=spec.loss,
+                         batch_size=ctx.batch_size, steps=steps, momentum=spec.momentum,
+                         seed=spec.seed)
+
+
+# ---------------------------------------------------------------------------- filters
+
+
+def first_layer_filters_png(model: nn.Module, path: str | Path) -> Path:
+    """The first conv's filters as a grid of tiles, each scaled to its own range (RGB for
+    3 input channels, grey otherwise): smooth, varied filters mean a trained first layer,
+    noise means it barely learnt (cs231n, "visualizing the first-layer weights")."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        raise ValueError("the model has no Conv2d layer to draw")
+    w = conv.weight.detach().float().cpu()
+    if w.shape[1] != 3:
+        w = w.mean(dim=1, keepdim=True)
+    lo = w.amin(dim=(1, 2, 3), keepdim=True)
+    hi = w.amax(dim=(1, 2, 3), keepdim=True)
+    w = (w - lo) / (hi - lo).clamp_min(1e-12)
+    n, c, kh, kw = w.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    # One mosaic, tiles one pixel apart on white, drawn by a single imshow: a subplot per
+    # filter costs seconds for AlexNet's 64-96 filters.
+    mosaic = torch.ones(c, rows * (kh + 1) + 1, cols * (kw + 1) + 1)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        top, left = 1 + r * (kh + 1), 1 + q * (kw + 1)
+        mosaic[:, top:top + kh, left:left + kw] = w[i]
+    image = mosaic.permute(1, 2, 0).numpy()
+    fig, ax = plt.subplots(figsize=(6, 6))
+    if c == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(image, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(f"first-layer filters: {n} x {tuple(conv.weight.shape[1:])}", fontsize=8)
+    path = Path(path)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def upload_filters(storage: Storage, trial: Any, model: nn.Module) -> str | None:
+    """The first-layer filters as a PNG artifact of ``trial`` (user attr
+    "filters_artifact"); None for a model without a conv layer."""
+    import optuna
+
+    if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
+        return None
+    with tempfile.TemporaryDirectory() as tmp:
+        path = first_layer_filters_png(model, os.path.join(tmp, "first_layer_filters.png"))
+        artifact_id = optuna.artifacts.upload_artifact(
+            artifact_store=storage.artifacts, file_path=str(path), study_or_trial=trial,
+            mimetype="image/png")
+    trial.set_user_attr("filters_artifact", artifact_id)
+    return artifact_id
