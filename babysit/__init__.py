@@ -9,4 +9,15 @@ from babysit.spec import Spec
 
 __version__ = "0.1.0"
 
-__all__ = ["BabysitError", "ProtocolError", "Spec", "UsageError", "__version__"]
+__all__ = ["BabysitError", "ProtocolError", "Spec", "UsageError", "__version__", "load_run",
+           "run"]
+
+
+def __getattr__(name: str) -> object:
+    # The Python API pulls in torch and optuna; `import babysit` (and so every CLI verb)
+    # stays light until babysit.run or babysit.load_run is first touched.
+    if name in ("run", "load_run", "Run"):
+        from babysit import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module 'babysit' has no attribute {name!r}")

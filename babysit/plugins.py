@@ -2,9 +2,16 @@
 
 A model callable takes ``(num_classes, in_channels, image_size)`` and returns an
 ``nn.Module``. A dataset callable takes no arguments, or ``(data_dir, seed)``, and returns
-a :class:`~babysit.data.Splits` or a mapping ``{"classes": [...], "train": (x, y),
-"val": (x, y), "test": (x, y)}`` of uint8 image tensors (N, C, H, W) and integer labels.
+a :class:`~babysit.data.Splits` or a mapping ``{"classes": [...], "train": ..., "val": ...,
+"test": ...}`` whose parts are either ``(images, labels)`` pairs of uint8 tensors
+(N, C, H, W) and integer labels (the fast path: the splits live on the device), or torch
+``Dataset``s of ``(image, label)`` items for data too large to preload (streamed by a
+DataLoader, see :mod:`babysit.data.streaming`). The mapping may also carry
+``"stream": True`` (tensors through the DataLoader path) and ``"num_workers": N``.
+
 The spec stores the reference, so a worker on another machine imports the same thing.
+Python objects handed to :func:`babysit.run` are stored as ``python:<qualname>``: they
+live only in the process that made them, and a worker elsewhere says so and stops.
 """
 
 from __future__ import annotations
@@ -19,15 +26,55 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 
 from babysit.data import DataError
 from babysit.data import DataRequest
 from babysit.data import Splits
+from babysit.data.streaming import DatasetSplits
 from babysit.errors import UsageError
+
+PYTHON_PREFIX = "python:"
+
+# Python objects given to babysit.run() in this process, by the description stored in
+# the spec: the only place a "python:" reference can be resolved.
+_IN_PROCESS: dict[str, Callable[..., Any]] = {}
+
+
+def register_object(obj: Callable[..., Any], what: str) -> str:
+    """The reference to store for a Python callable: ``module:qualname`` when importing it
+    gives back this very object (so workers elsewhere can rebuild it), else ``python:...``
+    resolvable only in this process."""
+    module = getattr(obj, "__module__", None)
+    qualname = getattr(obj, "__qualname__", None) or type(obj).__qualname__
+    if module and module != "__main__" and "<" not in qualname:
+        ref = f"{module}:{qualname}"
+        try:
+            if resolve(ref, what) is obj:
+                return ref
+        except UsageError:
+            pass
+    return hold(f"{PYTHON_PREFIX}{module or '?'}.{qualname}", obj)
+
+
+def hold(ref: str, obj: Callable[..., Any]) -> str:
+    """Make the ``python:`` reference ``ref`` resolve to ``obj`` in this process."""
+    if not ref.startswith(PYTHON_PREFIX):
+        raise ValueError(f"in-process references start with {PYTHON_PREFIX!r}: {ref!r}")
+    _IN_PROCESS[ref] = obj
+    return ref
 
 
 def resolve(ref: str, what: str) -> Callable[..., Any]:
     """Import ``module:callable`` from the working directory or the installed packages."""
+    if ref.startswith(PYTHON_PREFIX):
+        if ref in _IN_PROCESS:
+            return _IN_PROCESS[ref]
+        raise UsageError(
+            f"this run's {what} '{ref}' was a Python object given to babysit.run() in another "
+            f"process and cannot be rebuilt here; give babysit.run() an importable "
+            f"'module:callable' {what} so that workers can import it"
+        )
     module_name, sep, attr = ref.partition(":")
     if not sep or not module_name or not attr:
         raise UsageError(f"{what} '{ref}' is not of the form module:callable")
@@ -37,9 +84,15 @@ def resolve(ref: str, what: str) -> Callable[..., Any]:
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as err:
+        if err.name and module_name != err.name and not module_name.startswith(f"{err.name}."):
+            raise UsageError(
+                f"{what} module '{module_name}' imports '{err.name}', which is not installed "
+                f"here; install it into this environment ({sys.prefix})"
+            ) from None
         raise UsageError(
-            f"cannot import {what} module '{module_name}' ({err}); run from the folder that "
-            "holds it, or install it into this environment"
+            f"cannot import {what} module '{module_name}' ({err}) in {cwd}; run from the "
+            f"folder that holds {module_name.split('.')[0]}, add that folder to PYTHONPATH, "
+            "or install it into this environment"
         ) from None
     except Exception as err:  # noqa: BLE001 - the user's module failed at import time
         raise UsageError(f"importing {what} module '{module_name}' failed: "
@@ -68,7 +121,13 @@ def build_user_model(ref: str, num_classes: int, in_channels: int, image_size: i
     fn = resolve(ref, "model")
     if not _accepts(fn, 3):
         raise UsageError(f"model '{ref}' must accept (num_classes, in_channels, image_size)")
-    model = fn(num_classes, in_channels, image_size)
+    try:
+        model = fn(num_classes, in_channels, image_size)
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's builder failed
+        raise UsageError(f"model '{ref}' failed to build for ({num_classes}, {in_channels}, "
+                         f"{image_size}): {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"model '{ref}' returned {type(model).__name__}, not a torch nn.Module")
     check_model_output(model, ref, num_classes, in_channels, image_size)
@@ -103,24 +162,82 @@ def _as_uint8(x: Any, where: str) -> torch.Tensor:
     return t
 
 
-def load_user_dataset(ref: str, request: DataRequest) -> Splits:
-    fn = resolve(ref, "dataset")
+def _call_loader(fn: Callable[..., Any], ref: str, request: DataRequest) -> Any:
     if _accepts(fn, 2):
-        result = fn(request.data_dir, request.seed)
+        args: tuple[Any, ...] = (request.data_dir, request.seed)
     elif _accepts(fn, 0):
-        result = fn()
+        args = ()
     else:
         raise UsageError(f"dataset '{ref}' must take no arguments or (data_dir, seed)")
-    if isinstance(result, Splits):
+    try:
+        return fn(*args)
+    except UsageError:
+        raise
+    except Exception as err:  # noqa: BLE001 - the user's loader failed
+        raise UsageError(f"dataset '{ref}' failed while loading: {type(err).__name__}: "
+                         f"{err}") from None
+
+
+def load_user_dataset(ref: str, request: DataRequest) -> Splits | DatasetSplits:
+    result = _call_loader(resolve(ref, "dataset"), ref, request)
+    if isinstance(result, (Splits, DatasetSplits)):
         return result
     if isinstance(result, Mapping) and {"classes", "train", "val", "test"} <= set(result):
-        parts = {}
-        for part in ("train", "val", "test"):
-            pair = result[part]
-            if not isinstance(pair, (tuple, list)) or len(pair) != 2:
-                raise DataError(f"dataset '{ref}': '{part}' must be a pair (images, labels)")
-            parts[f"{part}_x"] = _as_uint8(pair[0], f"dataset '{ref}' {part}")
-            parts[f"{part}_y"] = torch.as_tensor(pair[1]).long()
-        return Splits(classes=[str(c) for c in result["classes"]], **parts)
+        return _from_mapping(ref, result)
     raise UsageError(f"dataset '{ref}' returned {type(result).__name__}; return babysit's "
-                     "Splits or {'classes', 'train', 'val', 'test'} with (images, labels) pairs")
+                     "Splits or {'classes', 'train', 'val', 'test'} with (images, labels) "
+                     "pairs or torch Datasets")
+
+
+def as_splits(ref: str, result: Any) -> Splits | DatasetSplits:
+    """A Splits or mapping handed over directly (babysit.run(data=...)), as load would."""
+    if isinstance(result, (Splits, DatasetSplits)):
+        return result
+    if isinstance(result, Mapping) and {"classes", "train", "val", "test"} <= set(result):
+        return _from_mapping(ref, result)
+    raise UsageError(f"data {type(result).__name__} is not a dataset; give a name, "
+                     "'module:callable', a callable, babysit's Splits or {'classes', "
+                     "'train', 'val', 'test'}")
+
+
+def _from_mapping(ref: str, result: Mapping[str, Any]) -> Splits | DatasetSplits:
+    classes = [str(c) for c in result["classes"]]
+    workers = result.get("num_workers")
+    if workers is not None and (not isinstance(workers, int) or workers < 0):
+        raise DataError(f"dataset '{ref}': num_workers must be an int >= 0, got {workers!r}")
+    parts = {part: result[part] for part in ("train", "val", "test")}
+    if any(isinstance(p, Dataset) for p in parts.values()):
+        from babysit.data.streaming import TensorItems
+
+        datasets = {}
+        for part, value in parts.items():
+            if isinstance(value, Dataset):
+                datasets[part] = value
+            else:
+                x, y = _pair(ref, part, value)
+                datasets[part] = TensorItems(x, y)
+        return DatasetSplits(classes=classes, num_workers=workers, **datasets)
+    tensors = {}
+    for part, value in parts.items():
+        x, y = _pair(ref, part, value)
+        tensors[f"{part}_x"] = x
+        tensors[f"{part}_y"] = y
+    splits = Splits(classes=classes, **tensors)
+    if result.get("stream"):
+        splits.check(ref)
+        streamed = DatasetSplits.from_tensors(splits)
+        streamed.num_workers = workers
+        streamed.info["stream_forced"] = "the dataset's 'stream' key"
+        return streamed
+    return splits
+
+
+def _pair(ref: str, part: str, value: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    if not isinstance(value, (tuple, list)) or len(value) != 2:
+        raise DataError(f"dataset '{ref}': '{part}' must be a pair (images, labels) or a "
+                        f"torch Dataset, got {type(value).__name__}")
+    x = _as_uint8(value[0], f"dataset '{ref}' {part}")
+    y = torch.as_tensor(value[1])
+    if y.is_floating_point():
+        raise DataError(f"dataset '{ref}' {part}: labels must be integers, got {y.dtype}")
+    return x, y.long()

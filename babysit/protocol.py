@@ -18,6 +18,10 @@ from babysit.data import DataRequest
 from babysit.data import default_data_dir
 from babysit.data import load_dataset
 from babysit.data.augment import build_preprocess
+from babysit.data.streaming import DatasetSplits
+from babysit.data.streaming import StreamingData
+from babysit.data.streaming import data_facts
+from babysit.data.streaming import stream_if_asked
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
 from babysit.models import build_model
@@ -70,8 +74,9 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
         download=download,
         options=spec.data,
     )
-    splits = load_dataset(spec.dataset, request)
-    pre = build_preprocess(splits.train_x, spec.data)
+    splits = stream_if_asked(load_dataset(spec.dataset, request), spec.dataset)
+    streamed = isinstance(splits, DatasetSplits)
+    pre = build_preprocess(splits.sample if streamed else splits.train_x, spec.data)
     pre.resize = input_size(spec.model, spec.arch, splits.image_size, spec.data.resize)
     if pre.resize == splits.image_size:
         pre.resize = 0
@@ -79,7 +84,12 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
     # output shape is an input error before any trial is written.
     build_model(spec.model, spec.arch, splits.num_classes, splits.in_channels,
                 pre.resize or splits.image_size)
-    data = DeviceData.from_splits(splits, pre, dev)
+    if streamed:
+        data = StreamingData.from_splits(splits, pre, dev)
+        _log(f"data: streamed from torch Datasets by a DataLoader with {data.num_workers} "
+             f"worker process{'es' if data.num_workers != 1 else ''}")
+    else:
+        data = DeviceData.from_splits(splits, pre, dev)
     return Context(
         data_dir=request.data_dir if data_dir else None,
         compile=compile,
@@ -92,6 +102,7 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
         # Each .item() is a sync; on a GPU read the loss every 8 steps.
         check_every=1 if dev.type == "cpu" else 8,
         log=_log,
+        data_info=data_facts(splits, data),
     )
 
 
@@ -262,9 +273,11 @@ def summarize(storage: Storage, run: str) -> dict[str, Any]:
                             "loss_with_reg": a["loss_with_reg"], "verdict": a["verdict"]}
     else:
         stages["sanity"] = {"status": "skipped", "initial_loss": None, "expected_loss": None}
+    loaded = None
     if study is not None:
         train_size = study.user_attrs.get("train_size")
         num_classes = study.user_attrs.get("num_classes")
+        loaded = study.user_attrs.get("data")
 
     study, trials = _trials(storage, run, "overfit")
     done = [t for t in trials if t.state in FINISHED]
@@ -331,6 +344,8 @@ def summarize(storage: Storage, run: str) -> dict[str, Any]:
         "wall_seconds": None,
         "epochs_spent": examples_total / train_size,
         "epochs_by_stage": {k: examples_by_stage[k] / train_size for k in STAGES},
+        # How the data was loaded: "loader" (tensor or streaming), skipped_files, ...
+        "data": loaded,
         "stages": stages,
     }
 
@@ -341,6 +356,7 @@ def record_data_facts(ctx: Context) -> None:
     if "train_size" not in study.user_attrs:
         study.set_user_attr("train_size", ctx.data.train_size)
         study.set_user_attr("num_classes", ctx.data.num_classes)
+        study.set_user_attr("data", ctx.data_info)
         study.set_user_attr("sizes", {"train": ctx.data.train_size,
                                       "val": ctx.data.size("val"),
                                       "test": ctx.data.size("test")})

@@ -80,7 +80,7 @@ def test_divergence_stops_on_the_step_it_happens(digits_ctx) -> None:
     study = optuna.load_study(study_name="div/coarse", storage=ctx.storage.rdb)
     trials = study.get_trials()
     assert len(trials) == 3
-    steps_per_epoch = math.ceil(ctx.data.train_size / ctx.spec.batch_size)
+    steps_per_epoch = math.ceil(ctx.data.train_size / ctx.batch_size)
     for t in trials:
         assert t.state == TrialState.PRUNED
         assert t.user_attrs["reason"] == "diverged"
