@@ -6,6 +6,7 @@ state, so any process that can reach the storage can resume a run or join it.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import socket
@@ -22,6 +23,10 @@ import torch
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
+from babysit.diagnostics import Monitor
+from babysit.diagnostics import narrowing_warnings
+from babysit.diagnostics import record_diagnostics
+from babysit.diagnostics import upload_filters
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
 from babysit.models import build_model
@@ -30,6 +35,7 @@ from babysit.spec import SearchSpec
 from babysit.spec import Spec
 from babysit.storage import STAGES
 from babysit.storage import Storage
+from babysit.storage import StorageLost
 from babysit.storage import study_name
 from babysit.train import DeviceData
 from babysit.train import EpochStats
@@ -51,6 +57,29 @@ class _Surplus(Exception):
     """This trial was asked for after its stage had filled up; it is closed untrained."""
 
 
+class _QuietSurplus(logging.Filter):
+    """Optuna logs a trial closed by an exception as a failure, traceback and all; a surplus
+    trial is closed on purpose, and its traceback on every worker would read like a crash."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._numbers: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        words = record.getMessage().split()
+        number = words[1] if len(words) > 1 and words[0] == "Trial" else ""
+        if record.exc_info and isinstance(record.exc_info[1], _Surplus):
+            self._numbers.add(number)
+            return False
+        if number in self._numbers and "failed with value" in record.getMessage():
+            self._numbers.discard(number)
+            return False
+        return True
+
+
+logging.getLogger("optuna.study._optimize").addFilter(_QuietSurplus())
+
+
 @dataclass
 class Context:
     spec: Spec
@@ -69,6 +98,8 @@ class Context:
     # torch.compile each trial's network (pays on a GPU for long trials; compiling costs
     # tens of seconds per new model).
     compile: bool = False
+    # What loading the data found (tensor or streaming path, skipped files), for storage.
+    data_info: dict[str, Any] = field(default_factory=dict)
 
     @property
     def device(self) -> torch.device:
@@ -162,7 +193,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # A killed process its parent has not reaped yet (a `--jobs` helper, a worker under a
+    # supervisor) is a zombie: it answers signal 0 but will never write again.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def reclaim(study: optuna.Study) -> None:
@@ -170,20 +207,28 @@ def reclaim(study: optuna.Study) -> None:
 
     Optuna's heartbeat covers every host once the grace period passes; a dead process on
     this very host is recognised at once by its pid, so a rerun after a kill goes on
-    without waiting out the grace period.
+    without waiting out the grace period. Each failed trial says why in its "reason".
     """
-    optuna.storages.fail_stale_trials(study)
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         owner = t.user_attrs.get("worker", "")
         owner_host, _, pid = owner.rpartition(":")
         if owner_host == host and pid.isdigit() and int(pid) != os.getpid():
             if not _pid_alive(int(pid)):
-                try:
-                    study._storage.set_trial_user_attr(t._trial_id, "reason", "worker died")
-                    study._storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
-                except RuntimeError:
-                    pass  # finished meanwhile
+                _fail(study, t._trial_id, "worker died")
+    # What optuna.storages.fail_stale_trials does, with the reason written down first.
+    storage = study._storage
+    if getattr(storage, "get_heartbeat_interval", lambda: None)():
+        for trial_id in storage._get_stale_trial_ids(study._study_id):
+            _fail(study, trial_id, "heartbeat stale")
+
+
+def _fail(study: optuna.Study, trial_id: int, reason: str) -> None:
+    try:
+        study._storage.set_trial_user_attr(trial_id, "reason", reason)
+        study._storage.set_trial_state_values(trial_id, state=TrialState.FAIL)
+    except RuntimeError:
+        pass  # finished meanwhile, or another process failed it first
 
 
 def _start_trial(trial: optuna.Trial, stage: str) -> None:
@@ -198,7 +243,54 @@ def _surplus(trial: optuna.Trial, reason: str) -> None:
 
 
 def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> None:
-    study.optimize(objective, n_trials=1, catch=(_Surplus,))
+    try:
+        study.optimize(objective, n_trials=1, catch=(_Surplus,))
+    except Exception as err:
+        # Optuna buries a lost database under its own post-processing errors; say it plainly.
+        cause: BaseException | None = err
+        while cause is not None:
+            if isinstance(cause, StorageLost):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        if isinstance(err, ValueError) and str(err).startswith("Cannot tell a FAIL trial"):
+            # Its heartbeat went stale (a long database outage) and another worker failed it
+            # and runs a replacement; this process carries on with the next trial.
+            return
+        raise
+
+
+def claim(study: optuna.Study, trial: optuna.Trial, target: int, stage: str) -> None:
+    """The first thing a search trial does: go ahead only while fewer than ``target`` trials
+    numbered before it are live (not FAIL); otherwise close itself untrained as surplus.
+
+    Trial numbers come from the database, so every process agrees on who came first and
+    a stage ends with exactly ``target`` finished trials however many processes fill it.
+    """
+    earlier = [t for t in study.get_trials(deepcopy=False)
+               if t.number < trial.number and t.state != TrialState.FAIL]
+    if len(earlier) >= target:
+        _surplus(trial, f"{stage} already had {target} trials")
+    _start_trial(trial, stage)
+
+
+def fill(study: optuna.Study, target: int, objective: Callable[[optuna.Trial], float],
+         progress: Callable[[int, int, FrozenTrial | None], None] | None = None) -> None:
+    """Run trials of ``objective`` (which starts with :func:`claim`) in this process until
+    ``study`` holds ``target`` finished trials, other processes filling it too."""
+    while True:
+        reclaim(study)
+        trials = study.get_trials(deepcopy=False)
+        live = [t for t in trials if t.user_attrs.get("reason") != "surplus"]
+        finished = sum(t.state in FINISHED for t in live)
+        active = sum(t.state in ACTIVE for t in live)
+        if progress is not None:
+            progress(finished, target, None)
+        if finished >= target:
+            return
+        if finished + active >= target:
+            time.sleep(_POLL_SECONDS)  # the last trials run elsewhere; wait for them
+            continue
+        _run_one(study, objective)
 
 
 def _examples(t: FrozenTrial) -> int:
@@ -458,11 +550,7 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
     diverge_above = search_spec.diverge_factor * initial
 
     def objective(trial: optuna.Trial) -> float:
-        earlier = [t for t in study.get_trials(deepcopy=False)
-                   if t.number < trial.number and t.state != TrialState.FAIL]
-        if len(earlier) >= target:
-            _surplus(trial, f"{stage} already had {target} trials")
-        _start_trial(trial, stage)
+        claim(study, trial, target, stage)
         lr = trial.suggest_float("lr", *ranges["lr"], log=True)
         wd = trial.suggest_float("weight_decay", *ranges["weight_decay"], log=True)
         seed = _seed_for(spec, stage, trial.number)
@@ -472,11 +560,13 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
                                           ("train_loss", "train_acc", "val_loss", "val_acc")}
         t0 = time.perf_counter()
         examples_per_epoch = ctx.data.train_size
+        monitor = Monitor(model)  # diagnostics
 
         def on_epoch(stats: EpochStats) -> None:
             for k in curves:
                 curves[k].append(getattr(stats, k))
             trial.set_user_attr("curves", curves)
+            record_diagnostics(trial, monitor, curves, epoch=stats.epoch)  # diagnostics
             trial.set_user_attr("epochs_run", stats.epoch)
             trial.set_user_attr("examples", stats.epoch * examples_per_epoch)
             trial.report(stats.val_acc, stats.epoch)
@@ -492,7 +582,8 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
                       batch_size=ctx.batch_size, loss=spec.loss,
                       generator=_generator(ctx, seed), diverge_above=diverge_above,
                       stop_on_divergence=search_spec.diverge_factor > 0,
-                      check_every=ctx.check_every, on_epoch=on_epoch)
+                      check_every=ctx.check_every, on_epoch=on_epoch, monitor=monitor)
+        record_diagnostics(trial, monitor, curves)  # diagnostics: a diverged trial's last epoch
         trial.set_user_attr("seconds", time.perf_counter() - t0)
         trial.set_user_attr("examples", history.examples)
         trial.set_user_attr("steps", history.steps)
@@ -516,20 +607,7 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
                 f"epochs (train {history.epochs[-1].train_acc:.3f})"))
         return history.epochs[-1].val_acc
 
-    while True:
-        reclaim(study)
-        trials = study.get_trials(deepcopy=False)
-        live = [t for t in trials if t.user_attrs.get("reason") != "surplus"]
-        finished = sum(t.state in FINISHED for t in live)
-        active = sum(t.state in ACTIVE for t in live)
-        if progress is not None:
-            progress(finished, target, None)
-        if finished >= target:
-            break
-        if finished + active >= target:
-            time.sleep(_POLL_SECONDS)  # the last trials run elsewhere; wait for them
-            continue
-        _run_one(study, objective)
+    fill(study, target, objective, progress)
     trials = study.get_trials(deepcopy=False)
     counts = stage_counts(trials)
     best = best_of(trials)
@@ -670,11 +748,15 @@ def _load_checkpoint(ctx: Context, study: optuna.Study) -> dict[str, Any] | None
         return None
 
 
-def final(ctx: Context, progress: Callable[[int, int], None] | None = None) -> StageResult:
-    """Train with the best parameters for the long budget, then evaluate on the test split."""
+def final(ctx: Context, progress: Callable[[int, int], None] | None = None,
+          params: dict[str, float] | None = None) -> StageResult:
+    """Train with the best parameters for the long budget, then evaluate on the test split.
+
+    ``params`` ({"lr", "weight_decay"}) skips the searches' choice: `babysit ablate`'s
+    mode "final" trains each variant with fixed parameters, as seed 000 did."""
     spec = ctx.spec
     study = open_stage(ctx, "final")
-    params = best_params(ctx)
+    params = params if params is not None else best_params(ctx)
 
     def objective(trial: optuna.Trial) -> float:
         lr = trial.suggest_float("lr", params["lr"], params["lr"], log=True)
@@ -699,11 +781,14 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None) -> S
             trial.set_user_attr("resumed_from_epoch", start)
             ctx.log(f"final: resuming from the checkpoint of epoch {start}")
         t0 = time.perf_counter()
+        monitor = Monitor(model)  # diagnostics
+        edge = narrowing_warnings(ctx.storage, spec.name)  # diagnostics
 
         def on_epoch(stats: EpochStats) -> None:
             for k in curves:
                 curves[k].append(getattr(stats, k))
             trial.set_user_attr("curves", curves)
+            record_diagnostics(trial, monitor, curves, epoch=stats.epoch, warnings=edge)
             trial.set_user_attr("epochs_run", stats.epoch)
             trial.set_user_attr("examples", (stats.epoch - start) * ctx.data.train_size)
             trial.report(stats.val_acc, stats.epoch)
@@ -721,7 +806,8 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None) -> S
         history = fit(model, opt, ctx.data, epochs=spec.final.epochs,
                       batch_size=ctx.batch_size, loss=spec.loss, generator=gen,
                       start_epoch=start, diverge_above=None, check_every=ctx.check_every,
-                      on_epoch=on_epoch)
+                      on_epoch=on_epoch, monitor=monitor)
+        record_diagnostics(trial, monitor, curves, warnings=edge)  # diagnostics
         trial.set_user_attr("seconds", time.perf_counter() - t0)
         trial.set_user_attr("examples", history.examples)
         if history.stopped == "diverged":
@@ -737,6 +823,7 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None) -> S
             f"{spec.final.epochs} epochs at lr {lr:.3g}, weight_decay {wd:.3g}: val accuracy "
             f"{val_acc:.3f}, test accuracy {test_acc:.3f} (loss {test_loss:.3f})"))
         _save_model(ctx, trial, model)
+        upload_filters(ctx.storage, trial, model)  # diagnostics: first-layer filters PNG
         return val_acc
 
     trial = _fixed_trial(ctx, study, "final", {}, objective)

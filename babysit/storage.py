@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import functools
 import os
+import sys
+import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import optuna
 import sqlalchemy
@@ -13,6 +18,7 @@ from optuna.artifacts import FileSystemArtifactStore
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from babysit.errors import BabysitError
 from babysit.errors import UsageError
 
 DEFAULT_STORAGE = "sqlite:///babysit.db"
@@ -23,6 +29,9 @@ STAGES = ("sanity", "overfit", "coarse", "fine", "final")
 # worker's trial is reclaimed within a minute.
 DEFAULT_HEARTBEAT = 10
 DEFAULT_GRACE = 60
+# How long a call waits for the database to come back (a server restart takes seconds)
+# before the process gives up with StorageLost.
+DEFAULT_RECONNECT = 60
 
 
 def study_name(run: str, stage: str) -> str:
@@ -39,6 +48,117 @@ def redact(url: str) -> str:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
         return "<unparseable storage URL>"
+
+
+class StorageLost(BabysitError):
+    """The database stayed unreachable for longer than the reconnect window."""
+
+    exit_code = 1
+
+
+def _connection_error(err: BaseException) -> BaseException | None:
+    """The connection-level error behind ``err`` (server gone, restarting, refusing), if any.
+
+    Optuna wraps SQLAlchemy's errors in StorageInternalError; bad data raises other errors,
+    which are not retried.
+    """
+    for e in (err, err.__cause__):
+        if isinstance(e, (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError)):
+            return e
+        if isinstance(e, sqlalchemy.exc.DBAPIError) and e.connection_invalidated:
+            return e
+    return None
+
+
+class _ReconnectingRDBStorage(optuna.storages.RDBStorage):
+    """Optuna's RDBStorage that rides out a database restart.
+
+    ``pool_pre_ping`` replaces the connections a restarted server dropped, but a call made
+    while the server is down still fails, and Optuna gives up at once: the heartbeat thread
+    dies (the live trial then looks stale and is failed under its worker) and the trial's
+    next write crashes the worker with a traceback. Each call here retries for up to
+    ``reconnect`` seconds, counted from the first failure, then raises StorageLost.
+    """
+
+    reconnect: float = DEFAULT_RECONNECT
+    shown: str = ""
+    _down_since: float | None = None
+
+    def _lost(self, err: BaseException) -> StorageLost:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        return StorageLost(
+            f"lost the connection to storage {self.shown} for {self.reconnect:g} s "
+            f"({redact_text(reason, self.url)}); finished trials are stored, the running one "
+            "is marked FAIL once its heartbeat is stale. Rerun the same command when the "
+            "database is back"
+        )
+
+    def record_heartbeat(self, trial_id: int) -> None:
+        try:
+            _retrying_call(self, optuna.storages.RDBStorage.record_heartbeat, trial_id)
+        except StorageLost:
+            pass  # the thread must live on; the main thread reports the loss
+
+
+def redact_text(text: str, url: str) -> str:
+    """``text`` with the password of ``url`` (and the URL itself) hidden."""
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        return text
+    text = text.replace(url, redact(url))
+    if parsed.password:
+        text = text.replace(str(parsed.password), "***")
+    return text
+
+
+def _retrying_call(storage: _ReconnectingRDBStorage, method: Callable[..., Any],
+                   *args: Any, **kwargs: Any) -> Any:
+    delay = 0.25
+    while True:
+        try:
+            result = method(storage, *args, **kwargs)
+        except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
+            cause = _connection_error(err)
+            if cause is None:
+                raise
+            now = time.monotonic()
+            if storage._down_since is None:
+                storage._down_since = now
+                print(f"babysit: storage {storage.shown} unreachable; retrying for up to "
+                      f"{storage.reconnect:g} s", file=sys.stderr, flush=True)
+            if now - storage._down_since >= storage.reconnect:
+                raise storage._lost(cause) from None
+            time.sleep(delay)
+            delay = min(2 * delay, 2.0)
+            continue
+        if storage._down_since is not None:
+            storage._down_since = None
+            print(f"babysit: storage {storage.shown} reachable again", file=sys.stderr,
+                  flush=True)
+        return result
+
+
+def _retried(name: str) -> Callable[..., Any]:
+    method = getattr(optuna.storages.RDBStorage, name)
+
+    @functools.wraps(method)
+    def call(self: _ReconnectingRDBStorage, *args: Any, **kwargs: Any) -> Any:
+        return _retrying_call(self, method, *args, **kwargs)
+
+    return call
+
+
+for _name in (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
+    "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
+    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
+    "get_trial", "get_all_trials", "get_best_trial", "_get_stale_trial_ids",
+):
+    setattr(_ReconnectingRDBStorage, _name, _retried(_name))
 
 
 @dataclass
@@ -127,7 +247,7 @@ def open_storage(
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = optuna.storages.RDBStorage(
+            rdb = _ReconnectingRDBStorage(
                 url,
                 engine_kwargs=engine_kwargs,
                 heartbeat_interval=interval,
@@ -135,10 +255,9 @@ def open_storage(
             )
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        reason = reason.replace(url, shown)
-        if parsed.password:
-            reason = reason.replace(parsed.password, "***")
-        raise UsageError(f"cannot open storage {shown}: {reason}") from None
+        raise UsageError(f"cannot open storage {shown}: {redact_text(reason, url)}") from None
+    rdb.shown = shown
+    rdb.reconnect = _int_env("BABYSIT_RECONNECT", DEFAULT_RECONNECT)
     art = Path(artifact_dir) if artifact_dir else default_artifact_dir(url)
     return Storage(url=url, rdb=rdb, artifact_dir=art)
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -64,3 +65,49 @@ def popen(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subproces
 @pytest.fixture
 def sqlite_url(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'babysit.db'}"
+
+
+# The `postgres` tests use the server named by $BABYSIT_TEST_POSTGRES (default: the local
+# one, trust auth) and a database of their own, dropped afterwards. Under CI an unreachable
+# server fails them: a skip there would hide that nothing was tested.
+POSTGRES = os.environ.get("BABYSIT_TEST_POSTGRES", "postgresql+psycopg://postgres@127.0.0.1:5432")
+
+
+def postgres_admin():  # noqa: ANN201 - psycopg is imported lazily
+    """An autocommit connection to the server's maintenance database."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(POSTGRES)
+    last: Exception | None = None
+    for db in ("postgres", "test"):
+        try:
+            return psycopg.connect(host=url.host or "127.0.0.1", port=url.port or 5432,
+                                   user=url.username or "postgres", password=url.password,
+                                   dbname=db, autocommit=True, connect_timeout=5)
+        except psycopg.OperationalError as err:
+            last = err
+    assert last is not None
+    raise last
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    import secrets
+
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    try:
+        admin = postgres_admin()
+    except psycopg.OperationalError as err:
+        message = f"PostgreSQL unreachable at {make_url(POSTGRES).render_as_string()}: {err}"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(message)
+        pytest.skip(message)
+    name = f"babysit_test_{secrets.token_hex(4)}"
+    with admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+    yield make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
+    with postgres_admin() as admin:
+        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
