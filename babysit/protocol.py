@@ -206,12 +206,30 @@ def _stop(helpers: list[subprocess.Popen]) -> None:
             proc.kill()
 
 
+def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
+    """The spec's coarse ranges, or the lr range the LR range test proposes (run once, then
+    read back from the coarse study so every worker and every rerun uses the same)."""
+    spec = ctx.spec
+    ranges = {"lr": list(spec.coarse.lr), "weight_decay": list(spec.coarse.weight_decay)}
+    if not spec.coarse.lr_range_test:
+        return ranges
+    study = open_stage(ctx, "coarse")
+    if "ranges" in study.user_attrs:
+        return study.user_attrs["ranges"]
+    from babysit.diagnostics import propose_coarse_lr
+
+    test = propose_coarse_lr(ctx)
+    study.set_user_attr("lr_range_test", {k: test[k] for k in ("lrs", "losses", "suggested")})
+    ranges["lr"] = [float(v) for v in test["suggested"]]
+    ctx.log(f"LR range test: loss fell fastest around lr {ranges['lr'][0]:.3g} .. "
+            f"{ranges['lr'][1]:.3g}; that is the coarse lr range")
+    return ranges
+
+
 def _searches_and_final(ctx: Context, t0: float) -> dict[str, Any]:
     spec = ctx.spec
     bar = _Bar("coarse", spec.coarse.trials, ctx.quiet, "trial")
-    coarse = search(ctx, "coarse", spec.coarse,
-                    {"lr": spec.coarse.lr, "weight_decay": spec.coarse.weight_decay},
-                    progress=bar.to)
+    coarse = search(ctx, "coarse", spec.coarse, _coarse_ranges(ctx), progress=bar.to)
     bar.close()
     _gate(ctx, coarse)
 
@@ -312,7 +330,8 @@ def summarize(storage: Storage, run: str) -> dict[str, Any]:
             entry["range"] = narrowed["ranges"] if narrowed else None
             entry["narrowing"] = narrowed
         else:
-            entry["range"] = {"lr": spec.coarse.lr, "weight_decay": spec.coarse.weight_decay}
+            entry["range"] = (study.user_attrs.get("ranges") if study else None) or {
+                "lr": spec.coarse.lr, "weight_decay": spec.coarse.weight_decay}
         stages[stage] = entry
         examples_by_stage[stage] = sum(int(t.user_attrs.get("examples", 0)) for t in trials)
 

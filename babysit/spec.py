@@ -118,6 +118,9 @@ class CoarseSpec(SearchSpec):
     # [low, high] for a log-uniform draw. The fine stage's ranges come from narrowing these.
     lr: list[float] = field(default_factory=lambda: [1e-5, 1.0])
     weight_decay: list[float] = field(default_factory=lambda: [1e-6, 1e-2])
+    # Leslie Smith's LR range test (exponentially growing LR, stopped on divergence) picks
+    # the coarse lr range instead of `lr` above; its curve is stored on the coarse study.
+    lr_range_test: bool = False
 
 
 @dataclass

@@ -6,6 +6,7 @@ state, so any process that can reach the storage can resume a run or join it.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -689,7 +690,9 @@ def narrow_stage(ctx: Context) -> dict[str, Any]:
     # Chance: always guessing the most common validation class.
     counts = torch.bincount(ctx.data.val_labels(), minlength=ctx.data.num_classes)
     chance = float(counts.max()) / max(1, int(counts.sum()))
-    result = narrow(coarse.get_trials(deepcopy=False), spec.coarse, spec.narrow.top_k,
+    # Clip to the range the coarse search really used (the LR range test may have set it).
+    bounds = dataclasses.replace(spec.coarse, **coarse.user_attrs.get("ranges", {}))
+    result = narrow(coarse.get_trials(deepcopy=False), bounds, spec.narrow.top_k,
                     spec.narrow.pad, spec.narrow.edge, chance=chance)
     fine.set_user_attr("narrowed", result)
     return result

@@ -9,6 +9,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from dataclasses import field
 from pathlib import Path
 from typing import Any
 
@@ -163,7 +164,7 @@ for _name in (
 
 @dataclass
 class Storage:
-    url: str
+    url: str = field(repr=False)  # may hold a password; print .shown
     rdb: optuna.storages.RDBStorage
     artifact_dir: Path
 

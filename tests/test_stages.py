@@ -111,3 +111,27 @@ def test_narrow_ignores_trials_at_chance_level() -> None:
     assert math.log10(lo) == pytest.approx(math.log10(2e-3) - 0.5)
     assert math.log10(hi) == pytest.approx(math.log10(3e-3) + 0.5)
     assert "half-way from chance" in out["rule"]
+
+
+def test_lr_range_test_sets_the_coarse_range(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
+    import functools
+
+    from babysit import diagnostics
+    from babysit.protocol import _coarse_ranges
+
+    # A short test (80 steps) is enough to see the curve turn; the default is 300.
+    monkeypatch.setattr(diagnostics, "propose_coarse_lr",
+                        functools.partial(diagnostics.propose_coarse_lr, steps=80))
+
+    spec = build_spec(sets=["model.fc_width=64", "coarse.lr_range_test=true"],
+                      flags={"name": "lrt"})
+    storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
+    ctx = prepare(spec, storage, device="cpu", quiet=True)
+    ranges = _coarse_ranges(ctx)
+    low, high = ranges["lr"]
+    assert 0 < low < high and [low, high] != spec.coarse.lr
+    study = optuna.load_study(study_name="lrt/coarse", storage=storage.rdb)
+    assert study.user_attrs["lr_range_test"]["suggested"] == [low, high]
+    # Read back, not rerun, the second time (workers and reruns agree).
+    study.set_user_attr("ranges", ranges)
+    assert _coarse_ranges(ctx) == ranges

@@ -1,0 +1,148 @@
+"""Move a whole run between storages (SQLite on a laptop -> PostgreSQL for many machines).
+
+The studies go through ``optuna.copy_study``, which copies directions, user and system
+attrs and every trial as it is. Three things it leaves wrong for a run that is to go on in
+the target, fixed here:
+
+- A RUNNING trial arrives RUNNING with no heartbeat row, and Optuna never counts a trial
+  without a heartbeat as stale: it would hold its place in the stage forever. Its process
+  writes to the source, not here, so it is marked FAIL (reason "running when copied") and
+  the stage runs a replacement.
+- optuna-dashboard keeps trial notes in the study's system attrs under the trial's
+  database id (``dashboard:<trial_id>:note_str:0``); ids differ in the target, so the keys
+  are rewritten to the new ids.
+- Artifacts (the final model, the final training's checkpoint, files uploaded in the
+  dashboard) live in the artifact store, not the database: the files referenced by the
+  ``artifacts:`` system attrs and the final study's ``checkpoint`` attr are copied too.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from babysit.errors import UsageError
+from babysit.storage import STAGES
+from babysit.storage import Storage
+from babysit.storage import study_name
+
+_ARTIFACT_PREFIX = "artifacts:"
+_TRIAL_NOTE = re.compile(r"^dashboard:(\d+):(note_ver|note_str:\d+)$")
+
+
+def copy_run(src: Storage, dst: Storage, run: str) -> dict[str, Any]:
+    """Copy every ``<run>/<stage>`` study of ``src`` and their artifacts into ``dst``.
+
+    Returns ``{"studies", "trials", "artifacts", "interrupted", "missing"}``: counts of what
+    was copied, how many RUNNING trials were closed as FAIL, and the ids of artifacts the
+    source store lacks. Refuses (UsageError, nothing written) when ``dst`` already holds
+    any study of the run.
+    """
+    names = [study_name(run, stage) for stage in STAGES]
+    present = set(optuna.get_all_study_names(src.rdb))
+    mine = [n for n in names if n in present]
+    if not mine:
+        raise UsageError(f"no run named '{run}' in {src.shown}; `babysit status --storage "
+                         f"'{src.shown}'` lists the runs there")
+    clash = [n for n in names if n in set(optuna.get_all_study_names(dst.rdb))]
+    if clash:
+        raise UsageError(f"{dst.shown} already holds {', '.join(clash)}; copy to another "
+                         "storage, or resume there with `babysit run --name "
+                         f"{run} --storage URL`")
+    copied: list[str] = []
+    result: dict[str, Any] = {"studies": 0, "trials": 0, "artifacts": 0, "interrupted": 0,
+                              "missing": []}
+    artifact_ids: list[str] = []
+    try:
+        for name in mine:
+            optuna.copy_study(from_study_name=name, from_storage=src.rdb, to_storage=dst.rdb)
+            copied.append(name)
+            source = optuna.load_study(study_name=name, storage=src.rdb)
+            target = optuna.load_study(study_name=name, storage=dst.rdb)
+            result["interrupted"] += _close_running(target)
+            _renumber_notes(source, target)
+            artifact_ids += _artifact_ids(source)
+            result["studies"] += 1
+            result["trials"] += len(target.get_trials(deepcopy=False))
+        result["artifacts"], result["missing"] = _copy_artifacts(src, dst, artifact_ids)
+    except BaseException:
+        for name in copied:  # all or nothing: a half-copied run would resume wrongly
+            optuna.delete_study(study_name=name, storage=dst.rdb)
+        raise
+    return result
+
+
+def _close_running(study: optuna.Study) -> int:
+    storage = study._storage
+    closed = 0
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        storage.set_trial_user_attr(t._trial_id, "reason", "running when copied")
+        storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        closed += 1
+    return closed
+
+
+def _renumber_notes(source: optuna.Study, target: optuna.Study) -> None:
+    """Point the dashboard's trial notes at the target's trial ids."""
+    ids = {s._trial_id: t._trial_id for s, t in zip(source.get_trials(deepcopy=False),
+                                                     target.get_trials(deepcopy=False),
+                                                     strict=True)}
+    storage = target._storage
+    attrs = storage.get_study_system_attrs(target._study_id)
+    moved = {}
+    for key, value in attrs.items():
+        match = _TRIAL_NOTE.match(key)
+        if match and int(match.group(1)) in ids:
+            moved[f"dashboard:{ids[int(match.group(1))]}:{match.group(2)}"] = value
+    stale = [k for k in attrs if _TRIAL_NOTE.match(k) and k not in moved]
+    for key, value in moved.items():
+        storage.set_study_system_attr(target._study_id, key, value)
+    # A key naming a source id that is also a target id was just overwritten; the rest
+    # would attach a note to whichever trial later gets that id, so they are emptied.
+    for key in stale:
+        storage.set_study_system_attr(target._study_id, key,
+                                      0 if key.endswith("note_ver") else "")
+
+
+def _artifact_ids(study: optuna.Study) -> list[str]:
+    ids: list[str] = []
+    attrs = [study._storage.get_study_system_attrs(study._study_id)]
+    attrs += [t.system_attrs for t in study.get_trials(deepcopy=False)]
+    for system_attrs in attrs:
+        for key, value in system_attrs.items():
+            if key.startswith(_ARTIFACT_PREFIX):
+                meta = json.loads(value) if isinstance(value, str) else value
+                ids.append(meta.get("artifact_id") or key[len(_ARTIFACT_PREFIX):])
+    for t in study.get_trials(deepcopy=False):
+        if isinstance(t.user_attrs.get("model_artifact"), str):
+            ids.append(t.user_attrs["model_artifact"])
+    checkpoint = study.user_attrs.get("checkpoint")
+    if isinstance(checkpoint, dict) and checkpoint.get("artifact_id"):
+        ids.append(checkpoint["artifact_id"])
+    return list(dict.fromkeys(ids))
+
+
+def _copy_artifacts(src: Storage, dst: Storage, ids: list[str]) -> tuple[int, list[str]]:
+    if not ids:
+        return 0, []
+    missing = [i for i in ids if not (src.artifact_dir / i).is_file()]
+    present = [i for i in ids if i not in missing]
+    if _same_dir(src.artifact_dir, dst.artifact_dir):
+        return len(present), missing  # one shared store: writing a file onto itself empties it
+    source, target = src.artifacts, dst.artifacts
+    for artifact_id in present:
+        with source.open_reader(artifact_id) as fh:
+            target.write(artifact_id, fh)
+    return len(present), missing
+
+
+def _same_dir(a: Path, b: Path) -> bool:
+    try:
+        return a.resolve() == b.resolve()
+    except OSError:
+        return False
