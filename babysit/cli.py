@@ -277,6 +277,13 @@ def _cmd_copy(args: argparse.Namespace) -> int:
     copied = copy_run(src, dst, args.name)
     print(f"copied run {args.name}: {copied['studies']} studies, {copied['trials']} trials, "
           f"{copied['artifacts']} artifacts from {src.shown} to {dst.shown}", file=sys.stderr)
+    if copied["interrupted"]:
+        print(f"warning: {copied['interrupted']} trials were RUNNING at the source; they are "
+              "FAIL in the copy and their stages will be topped up", file=sys.stderr)
+    if copied["missing"]:
+        print(f"warning: {len(copied['missing'])} artifacts were not found in "
+              f"{src.artifact_dir} (pass --from-artifact-dir); without the final checkpoint "
+              "the final training starts over", file=sys.stderr)
     return 0
 
 
