@@ -149,7 +149,7 @@ class Spec:
     # "ce": softmax cross-entropy (expects ln C at init); "bce": one-hot BCE (expects ln 2).
     loss: str = "ce"
     seed: int = 0
-    # 0 = auto: 128 as in the seeds, halved (down to 8) until an epoch has >= 16 steps.
+    # 0 = auto: 128 as in the seeds, halved (down to 8) until an epoch has >= 8 steps.
     batch_size: int = 0
     # SGD momentum (the seeds used 0.9).
     momentum: float = 0.9
