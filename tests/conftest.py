@@ -24,6 +24,16 @@ TINY = [
     "--quiet",
 ]
 
+# The cheapest protocol that still trains: a 3-conv AlexNet with one narrow FC layer and
+# an overfit LR that memorises 20 digits in ~10 steps (Adam, the default optimizer).
+CHEAP = [
+    "--set", "model.fc_width=64",
+    "--set", "model.conv_layers=3",
+    "--set", "model.fc_layers=1",
+    "--set", "overfit.lrs={adam=[1e-3]}",
+    "--set", "overfit.steps=60",
+]
+
 
 def cli_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)

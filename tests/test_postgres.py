@@ -17,6 +17,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import CHEAP
 from conftest import ROOT
 from conftest import cli_env
 from optuna.trial import TrialState
@@ -28,14 +29,11 @@ from babysit.storage import open_storage
 
 pytestmark = pytest.mark.postgres
 
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PASSWORD = "Pg-r3start-pw"
 FAST = [
-    "--set", "model.fc_width=64",
-    "--set", "model.conv_layers=3",
-    "--set", "model.fc_layers=1",
-    "--set", "overfit.lrs={adam=[1e-3]}",
-    "--set", "overfit.steps=60",
+    *CHEAP,
     "--set", "coarse.trials=6",
     "--set", "coarse.epochs=2",
     "--set", "coarse.lr=[1e-3, 3e-3]",

@@ -10,6 +10,7 @@ from pathlib import Path
 import optuna
 import optuna_dashboard
 import pytest
+from conftest import CHEAP
 from conftest import babysit
 from conftest import popen
 from optuna.distributions import FloatDistribution
@@ -28,11 +29,7 @@ pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning
 # The cheapest protocol that still trains: a 3-conv AlexNet with one narrow FC layer, an
 # overfit LR that memorises 20 digits in ~10 steps, one epoch per search trial.
 FAST = [
-    "--set", "model.fc_width=64",
-    "--set", "model.conv_layers=3",
-    "--set", "model.fc_layers=1",
-    "--set", "overfit.lrs={adam=[1e-3]}",
-    "--set", "overfit.steps=60",
+    *CHEAP,
     "--set", "coarse.trials=4",
     "--set", "coarse.epochs=1",
     "--set", "coarse.lr=[1e-3, 1e-2]",

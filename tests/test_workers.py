@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from conftest import CHEAP
 from conftest import ROOT
 from conftest import cli_env
 from optuna.trial import TrialState
@@ -31,11 +32,7 @@ PASSWORD = "w0rker-Pa55"
 # The cheapest protocol that still trains (see tests/test_transfer.py); per test, the
 # search sizes and epochs are set where the test needs trials to last.
 FAST = [
-    "--set", "model.fc_width=64",
-    "--set", "model.conv_layers=3",
-    "--set", "model.fc_layers=1",
-    "--set", "overfit.lrs={adam=[1e-3]}",
-    "--set", "overfit.steps=60",
+    *CHEAP,
     "--set", "coarse.lr=[1e-3, 1e-2]",
     "--set", "coarse.pruner=\"none\"",
     "--set", "fine.pruner=\"none\"",
