@@ -310,6 +310,9 @@ COMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM (docker stop, a scheduler) stops like Ctrl-C: the running trial is marked.
     signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # A shell without job control starts background commands with SIGINT ignored, and
+    # Python then leaves it ignored; an interrupt must still stop a run cleanly.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
