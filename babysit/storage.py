@@ -158,6 +158,8 @@ for _name in (
     "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
     "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
     "get_trial", "get_all_trials", "get_best_trial", "_get_stale_trial_ids",
+    # Optuna's cache layer calls these private ones directly (study.get_trials, ask, suggest).
+    "_get_trials", "_create_new_trial", "_set_trial_param", "_get_best_trial_id",
 ):
     setattr(_ReconnectingRDBStorage, _name, _retried(_name))
 
