@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from babysit.errors import INTERRUPTED
 from babysit.errors import BabysitError
 from babysit.errors import UsageError
 
@@ -307,12 +308,17 @@ COMMANDS = {
 }
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM (docker stop, a scheduler) stops like Ctrl-C: the running trial is marked.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    # A shell without job control starts background commands with SIGINT ignored, and
-    # Python then leaves it ignored; an interrupt must still stop a run cleanly.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    # SIGINT is set explicitly: a shell without job control starts background commands
+    # with it ignored, and an interrupt must still stop a run cleanly.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

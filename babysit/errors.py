@@ -2,6 +2,18 @@
 
 from __future__ import annotations
 
+import threading
+
+# Set by the SIGINT/SIGTERM handler. Python drops an exception raised inside a garbage
+# collector callback, so a Ctrl-C that lands there would be lost; the training loop and
+# the stage loops also check this flag.
+INTERRUPTED = threading.Event()
+
+
+def raise_if_interrupted() -> None:
+    if INTERRUPTED.is_set():
+        raise KeyboardInterrupt
+
 
 class BabysitError(Exception):
     exit_code = 1

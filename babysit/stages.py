@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
-import gc
 import logging
 import math
 import os
@@ -33,6 +32,7 @@ from babysit.diagnostics import record_diagnostics
 from babysit.diagnostics import upload_filters
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
+from babysit.errors import raise_if_interrupted
 from babysit.models import build_model
 from babysit.spec import CoarseSpec
 from babysit.spec import SearchSpec
@@ -263,6 +263,7 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) ->
         raise
     finally:
         _release_memory()
+    raise_if_interrupted()
 
 
 def _release_memory() -> None:
@@ -272,7 +273,6 @@ def _release_memory() -> None:
     glibc keeps freed blocks for reuse, so without a trim the resident size ratchets up
     trial after trial.
     """
-    gc.collect()
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)

@@ -20,6 +20,7 @@ from torch import nn
 
 from babysit.data import Splits
 from babysit.data.augment import Preprocess
+from babysit.errors import raise_if_interrupted
 
 
 @dataclass
@@ -232,6 +233,7 @@ def fit(
             if monitor is not None:  # diagnostics
                 monitor(history.steps + 1, model, optimizer, batch_loss)
             optimizer.step()
+            raise_if_interrupted()
             history.steps += 1
             history.examples += yb.shape[0]
             seen += yb.shape[0]
