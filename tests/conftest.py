@@ -3,6 +3,8 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -33,6 +35,17 @@ CHEAP = [
     "--set", "overfit.lrs={adam=[1e-3]}",
     "--set", "overfit.steps=60",
 ]
+
+
+def wait_for(cond: Callable[[], object], timeout: float = 240, what: str = "") -> object:
+    """Poll ``cond`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what or cond}")
 
 
 def cli_env(**extra: str) -> dict[str, str]:

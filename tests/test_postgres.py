@@ -11,7 +11,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Callable
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import pytest
 from conftest import CHEAP
 from conftest import ROOT
 from conftest import cli_env
+from conftest import wait_for as _wait_for
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
@@ -50,16 +50,6 @@ def _with_password(url: str, port: int | None = None) -> str:
     if port is not None:
         parsed = parsed.set(host="127.0.0.1", port=port)
     return parsed.render_as_string(hide_password=False)
-
-
-def _wait_for(cond: Callable[[], object], timeout: float = 240, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def _trials(storage: optuna.storages.BaseStorage, name: str) -> list:

@@ -13,8 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 
 import optuna
@@ -22,6 +20,7 @@ import pytest
 from conftest import CHEAP
 from conftest import ROOT
 from conftest import cli_env
+from conftest import wait_for as _wait_for
 from optuna.trial import TrialState
 
 from babysit.storage import open_storage
@@ -66,16 +65,6 @@ def _spawn(*args: str, cwd: Path, env: dict[str, str],
     return subprocess.Popen([*(prefix or []), sys.executable, "-m", "babysit", *args],
                             cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
-
-
-def _wait_for(cond: Callable[[], object], timeout: float = 240, what: str = "") -> object:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.2)
-    raise AssertionError(f"timed out waiting for {what or cond}")
 
 
 def _study(url: str | optuna.storages.BaseStorage, name: str) -> optuna.Study | None:
