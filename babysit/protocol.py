@@ -73,6 +73,7 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
         seed=spec.seed,
         download=download,
         options=spec.data,
+        quiet=quiet,
     )
     splits = stream_if_asked(load_dataset(spec.dataset, request), spec.dataset)
     streamed = isinstance(splits, DatasetSplits)

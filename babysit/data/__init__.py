@@ -79,6 +79,8 @@ class DataRequest:
     seed: int
     download: bool
     options: Any  # babysit.spec.DataSpec
+    # No progress bars (--quiet), for loaders that download or build at length.
+    quiet: bool = False
 
 
 @dataclass(frozen=True)

@@ -17,6 +17,11 @@ tight and the square box), ``negatives_per_face`` per positive. FDDB does not an
 every face in a photo, so a few negatives may hold an unannotated face: that is the
 dataset's noise, not ours.
 
+``--download`` fetches the two published archives when either folder is missing, checks
+their checksums, resumes a broken transfer and unpacks them safely (see ``download`` and
+babysit/data/download.py); ``BABYSIT_FDDB_PICS_URL`` / ``BABYSIT_FDDB_FOLDS_URL`` (and
+``..._SUM``) name a mirror.
+
 Building the patches decodes every photo with PIL once; the result is cached as one
 ``.npz`` under ``DATA_DIR/.babysit-cache/`` keyed by everything it depends on, so the
 training loop never touches PIL. A changed photo (same annotations) is not detected:
@@ -25,11 +30,13 @@ delete the cache folder after editing ``originalPics/``.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
 import os
 import re
+import shutil
 import tempfile
 import time
 import warnings
@@ -48,6 +55,11 @@ from babysit.data import DataRequest
 from babysit.data import DatasetEntry
 from babysit.data import Splits
 from babysit.data import register
+from babysit.data.download import Archive
+from babysit.data.download import DownloadError
+from babysit.data.download import fetch
+from babysit.data.download import parse_digest
+from babysit.data.download import unpack_tar
 
 CLASSES = ["non-face", "face"]
 PICS_DIR = "originalPics"
@@ -65,9 +77,25 @@ _NEG_ROUNDS = 16
 _NEG_MIN_SIDE = 16
 _SPLITS = ("train", "val", "test")
 _HOW_TO_GET = (
-    "get originalPics.tar.gz and FDDB-folds.tgz from http://vis-www.cs.umass.edu/fddb/ "
-    "and unpack both into {data_dir} (babysit does not download FDDB)"
+    "{first}, or get {pics_url} and {folds_url}, then "
+    "`mkdir -p {data_dir}/originalPics && tar -xzf originalPics.tar.gz -C "
+    "{data_dir}/originalPics && tar -xzf FDDB-folds.tgz -C {data_dir}`"
 )
+PICS_URL = "http://tamaraberg.com/faceDataset/originalPics.tar.gz"
+FOLDS_URL = "http://vis-www.cs.umass.edu/fddb/FDDB-folds.tgz"
+# Checksums of the published archives. Not measured here (this machine has no internet):
+# they are the ones other projects pin for the same URLs, and a first real download should
+# confirm them and add a SHA-256. originalPics.tar.gz: md5 from the get_data.sh of
+# github.com/penolove/FDDB_DataSet_4_faster_rcnn (a wget of the vis-www.cs.umass.edu copy
+# reports 579061091 bytes). FDDB-folds.tgz: md5 from that script and sha1 from vipy's
+# dataset/fddb.py, two independent sources. Should a copy differ, the error says how to
+# name another checksum (BABYSIT_FDDB_PICS_SUM / BABYSIT_FDDB_FOLDS_SUM).
+PICS_DIGESTS = {"md5": "cf414253ac596cd858daae0cc321d793"}
+FOLDS_DIGESTS = {
+    "md5": "4cf9badc939a3398a0d6f3a3c8540f55",
+    "sha1": "94ce19ba3348425dfbb8bcbe55802490f8f152f8",
+}
+DOWNLOAD_DIR = ".babysit-download"
 _DRIVE = re.compile(r"^[A-Za-z]:")
 
 
@@ -447,6 +475,100 @@ def build_split(
 # ---- folds, cache, splits ---------------------------------------------------------------
 
 
+# ---- download ----------------------------------------------------------------------------
+
+
+def _archives() -> tuple[Archive, Archive]:
+    """The photos and the folds archives, with the URL and checksum overrides applied.
+
+    ``BABYSIT_FDDB_PICS_URL`` / ``BABYSIT_FDDB_FOLDS_URL`` point at a mirror (or a test
+    server); ``BABYSIT_FDDB_PICS_SUM`` / ``BABYSIT_FDDB_FOLDS_SUM`` (``sha256:HEX``,
+    ``sha1:HEX`` or ``md5:HEX``) replace the pinned checksums. A URL override alone keeps the
+    pinned checksums: a mirror must serve the published bytes.
+    """
+    out = []
+    for name, url, digests, var in (
+        ("originalPics.tar.gz", PICS_URL, PICS_DIGESTS, "BABYSIT_FDDB_PICS"),
+        ("FDDB-folds.tgz", FOLDS_URL, FOLDS_DIGESTS, "BABYSIT_FDDB_FOLDS"),
+    ):
+        url = os.environ.get(f"{var}_URL") or url
+        given = os.environ.get(f"{var}_SUM")
+        if given:
+            algorithm, hexdigest = parse_digest(given, f"{var}_SUM")
+            digests = {algorithm: hexdigest}
+        out.append(Archive(name, url, dict(digests)))
+    return out[0], out[1]
+
+
+def _how_to_get(data_dir: Path, downloading: bool = False) -> str:
+    try:
+        pics, folds = _archives()
+        urls = {"pics_url": pics.url, "folds_url": folds.url}
+    except DataError:
+        urls = {"pics_url": PICS_URL, "folds_url": FOLDS_URL}
+    first = "check the connection and run again" if downloading else "pass --download"
+    return _HOW_TO_GET.format(data_dir=data_dir, first=first, **urls)
+
+
+def _place(root: Path, target: Path) -> None:
+    """Move the unpacked tree into place in one rename: the loader sees all of it or none."""
+    try:
+        os.rename(root, target)
+    except OSError:
+        if not target.is_dir():
+            raise
+        # Another run placed the same tree first; theirs is as good as ours.
+
+
+def download(data_dir: Path, quiet: bool = False) -> None:
+    """Fetch, check and unpack whichever of ``originalPics/`` and ``FDDB-folds/`` is missing.
+
+    The photos archive holds ``2002/``, ``2003/`` at its top (it unpacks *into*
+    ``originalPics/``); the folds archive holds ``FDDB-folds/``. Either wrapping is accepted.
+    """
+    data_dir = Path(data_dir)
+    pics, folds = _archives()
+    work = data_dir / DOWNLOAD_DIR
+    for archive, target in ((pics, data_dir / PICS_DIR), (folds, data_dir / FOLDS_DIR)):
+        if target.is_dir():
+            continue
+        try:
+            path = fetch(archive, work, quiet=quiet)
+            staging = unpack_tar(path, work, quiet=quiet)
+            try:
+                root = staging / target.name if (staging / target.name).is_dir() else staging
+                if target.name == PICS_DIR and next(root.rglob("*.jpg"), None) is None:
+                    raise DownloadError(f"{archive.name} from {archive.url} holds no .jpg photos")
+                if target.name == FOLDS_DIR and not _folds_present(root):
+                    raise DownloadError(
+                        f"{archive.name} from {archive.url} holds no FDDB-fold-XX.txt with its "
+                        "FDDB-fold-XX-ellipseList.txt"
+                    )
+                _place(root, target)
+            finally:
+                shutil.rmtree(staging, ignore_errors=True)
+        except DataError as err:
+            _drop_if_empty(work)
+            raise DataError(
+                f"FDDB download failed: {err}; {_how_to_get(data_dir, downloading=True)}"
+            ) from None
+        except OSError as err:
+            _drop_if_empty(work)
+            raise DataError(
+                f"FDDB download failed: cannot write under {work} ({err.strerror or err}); "
+                + _how_to_get(data_dir, downloading=True)
+            ) from None
+        # The archive is only a means; 550 MB kept beside the unpacked photos helps no one.
+        path.unlink(missing_ok=True)
+    _drop_if_empty(work)
+
+
+def _drop_if_empty(folder: Path) -> None:
+    # A .part worth resuming keeps the folder; an empty one is clutter in the data folder.
+    with contextlib.suppress(OSError):
+        folder.rmdir()
+
+
 def _check_tree(data_dir: Path) -> None:
     missing = [d for d in (PICS_DIR, FOLDS_DIR) if not (data_dir / d).is_dir()]
     if missing:
@@ -454,7 +576,7 @@ def _check_tree(data_dir: Path) -> None:
             f"FDDB not found in {data_dir}: missing {' and '.join(m + '/' for m in missing)} "
             f"(expected {PICS_DIR}/<yyyy>/<mm>/<dd>/big/img_N.jpg and "
             f"{FOLDS_DIR}/FDDB-fold-01.txt + FDDB-fold-01-ellipseList.txt .. fold 10); "
-            + _HOW_TO_GET.format(data_dir=data_dir)
+            + _how_to_get(data_dir)
         )
 
 
@@ -599,7 +721,7 @@ def _build(
                 f"FDDB folds {folds[split]} (data.{split}_folds) gave no face patches: "
                 f"{len(built.skipped_images)} of {len(by_split[split])} photos are missing "
                 f"or unreadable under {data_dir / PICS_DIR}; "
-                + _HOW_TO_GET.format(data_dir=data_dir)
+                + _how_to_get(data_dir)
             )
         sets[split] = built.patches
         info["photos"][split] = len(built.patches.photos)
@@ -624,6 +746,8 @@ def _build(
 def load_patches(request: DataRequest) -> tuple[dict[str, PatchSet], dict[str, Any]]:
     """The three splits' patches with their provenance, from the cache when it matches."""
     data_dir = Path(request.data_dir)
+    if request.download:
+        download(data_dir, quiet=request.quiet)
     _check_tree(data_dir)
     options = request.options
     if int(options.patch_size) < 2:
