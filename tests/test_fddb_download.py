@@ -277,17 +277,18 @@ def _member(name: str, kind: bytes = tarfile.REGTYPE, link: str = "") -> tuple:
 @pytest.mark.parametrize(
     "bad",
     [
-        _member("../../escape.txt"),
-        _member("2002/../../../escape.txt"),
-        _member("/tmp/babysit-escape-test.txt"),
-        _member("2002/link", tarfile.SYMTYPE, "../../../../escape-dir"),
-        _member("2002/abs-link", tarfile.SYMTYPE, "/etc"),
-        _member("2002/hard", tarfile.LNKTYPE, "../../../escape.txt"),
+        ("../../escape.txt", tarfile.REGTYPE, ""),
+        ("2002/../../../escape.txt", tarfile.REGTYPE, ""),
+        # {outside}: an absolute path into this test's own folder, outside the data folder.
+        ("{outside}/abs.txt", tarfile.REGTYPE, ""),
+        ("2002/link", tarfile.SYMTYPE, "../../../../escape-dir"),
+        ("2002/abs-link", tarfile.SYMTYPE, "/etc"),
+        ("2002/hard", tarfile.LNKTYPE, "../../../escape.txt"),
     ],
     ids=["dotdot", "nested-dotdot", "absolute", "symlink-out", "symlink-abs", "hardlink-out"],
 )
 def test_an_archive_that_escapes_its_folder_is_refused(
-    bad: tuple,
+    bad: tuple[str, bytes, str],
     site: tuple[str, Served, dict[str, str]],
     archives: dict[str, bytes],
     monkeypatch: pytest.MonkeyPatch,
@@ -296,13 +297,14 @@ def test_an_archive_that_escapes_its_folder_is_refused(
     _base, served, _env = site
     good = _member("2002/07/01/big/img_1.jpg")
     # A harmless member first, so a refusal has something to throw away.
-    body = _tar([good, bad, _member("2002/07/01/big/img_2.jpg")])
+    name, kind, link = bad
+    name = name.format(outside=tmp_path / "outside")
+    body = _tar([good, _member(name, kind, link), _member("2002/07/01/big/img_2.jpg")])
     served.files["/pics.tar.gz"] = body
     monkeypatch.setenv("BABYSIT_FDDB_PICS_SUM", "sha256:" + hashlib.sha256(body).hexdigest())
     data = tmp_path / "deep" / "er" / "data"
     with pytest.raises(UsageError, match=r"refused originalPics.tar.gz: .*nothing from it"):
         fddb.download(data, quiet=True)
-    assert not Path("/tmp/babysit-escape-test.txt").exists()
     assert _files(tmp_path) == set()
     assert not any(p.is_symlink() for p in tmp_path.rglob("*"))
     assert not (data / fddb.PICS_DIR).exists()
