@@ -278,6 +278,7 @@ def test_a_wrong_checksum_is_a_usage_error_and_the_file_is_not_kept(
     assert caught.value.exit_code == 2 and "\n" not in message
     assert "does not match its checksum" in message and env["BABYSIT_FDDB_PICS_URL"] in message
     assert "tar -xzf originalPics.tar.gz" in message  # the manual steps
+    assert "name its checksum with BABYSIT_FDDB_PICS_SUM=sha256:" in message
     # Neither the bad archive, nor its .part, nor a tree built from it.
     assert not (data / fddb.PICS_DIR).exists()
     assert not (data / fddb.DOWNLOAD_DIR).exists()

@@ -52,6 +52,10 @@ class DownloadError(DataError):
     """The transfer, the checksum or the archive failed; the message names the URL or file."""
 
 
+class ChecksumError(DownloadError):
+    """The whole file arrived but is not the one pinned (it has been deleted)."""
+
+
 @dataclass(frozen=True)
 class Archive:
     name: str  # file name on disk, e.g. originalPics.tar.gz
@@ -235,7 +239,7 @@ def fetch(
     if bad:
         part.unlink(missing_ok=True)
         meta.unlink(missing_ok=True)
-        raise DownloadError(
+        raise ChecksumError(
             f"{archive.name} from {archive.url} does not match its checksum: {'; '.join(bad)}; "
             "deleted it (a damaged transfer or a different file)"
         )

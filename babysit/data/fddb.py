@@ -56,6 +56,7 @@ from babysit.data import DatasetEntry
 from babysit.data import Splits
 from babysit.data import register
 from babysit.data.download import Archive
+from babysit.data.download import ChecksumError
 from babysit.data.download import DownloadError
 from babysit.data.download import fetch
 from babysit.data.download import parse_digest
@@ -472,9 +473,6 @@ def build_split(
     )
 
 
-# ---- folds, cache, splits ---------------------------------------------------------------
-
-
 # ---- download ----------------------------------------------------------------------------
 
 
@@ -547,6 +545,14 @@ def download(data_dir: Path, quiet: bool = False) -> None:
                 _place(root, target)
             finally:
                 shutil.rmtree(staging, ignore_errors=True)
+        except ChecksumError as err:
+            _drop_if_empty(work)
+            var = "BABYSIT_FDDB_PICS_SUM" if target.name == PICS_DIR else "BABYSIT_FDDB_FOLDS_SUM"
+            raise DataError(
+                f"FDDB download failed: {err}; retry with --download, or, if you trust this "
+                f"copy, name its checksum with {var}=sha256:<hex>; "
+                + _how_to_get(data_dir, downloading=True)
+            ) from None
         except DataError as err:
             _drop_if_empty(work)
             raise DataError(
@@ -567,6 +573,9 @@ def _drop_if_empty(folder: Path) -> None:
     # A .part worth resuming keeps the folder; an empty one is clutter in the data folder.
     with contextlib.suppress(OSError):
         folder.rmdir()
+
+
+# ---- folds, cache, splits ---------------------------------------------------------------
 
 
 def _check_tree(data_dir: Path) -> None:
