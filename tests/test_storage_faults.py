@@ -90,7 +90,7 @@ def test_a_run_whose_trial_start_and_completion_lose_the_commit_reply_ends_whole
         "--artifact-dir",
         str(tmp_path / "art"),
         cwd=tmp_path,
-        timeout=400,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
