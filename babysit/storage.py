@@ -115,8 +115,10 @@ def _classify(err: BaseException) -> tuple[str | None, BaseException]:
                 text = str(orig).lower()
                 if any(m in text for m in _SQLITE_BRIEF):
                     return _BRIEF, e
-                if isinstance(orig, (sqlite3.OperationalError, sqlite3.DatabaseError)) \
-                        and not isinstance(orig, (sqlite3.IntegrityError, sqlite3.DataError)):
+                # DatabaseError itself: "file is not a database". Its other subclasses
+                # (integrity, programming, data errors) are babysit's or the data's fault.
+                if isinstance(orig, sqlite3.OperationalError) \
+                        or type(orig) is sqlite3.DatabaseError:
                     return _REFUSED, e
                 return None, e
             code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
