@@ -99,6 +99,7 @@ _PG_REFUSED = ("42501", "42P01", "42703", "25006")
 # I/O error, unable to open) is a refusal: SQLite has no server that could come back.
 _SQLITE_BRIEF = ("database is locked", "database table is locked", "database schema is locked")
 _BRIEF_TRIES = 5
+_BRIEF_WAITED = 5.0
 
 
 def _classify(err: BaseException) -> tuple[str | None, BaseException]:
@@ -395,6 +396,7 @@ def _retry_loop(storage: _ReconnectingRDBStorage, method: Callable[..., Any],
     reached = False
     try:
         while True:
+            began = time.monotonic()
             try:
                 result = call(storage, *args, **kwargs)
             except (optuna.exceptions.StorageInternalError,
@@ -406,7 +408,9 @@ def _retry_loop(storage: _ReconnectingRDBStorage, method: Callable[..., Any],
                     raise storage._refused(cause) from None
                 if kind == _BRIEF:
                     brief += 1
-                    if brief >= _BRIEF_TRIES:
+                    # A lock error that took seconds already waited out SQLite's busy
+                    # timeout (60 s): retrying would only wait as long again.
+                    if brief >= _BRIEF_TRIES or time.monotonic() - began > _BRIEF_WAITED:
                         raise storage._refused(cause) from None
                     # Optuna's own deadlock retry waits up to 2 s at random; the jitter
                     # lets the contending transactions go one after the other.
