@@ -313,6 +313,14 @@ def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
 
 
+def _storage_refusal(err: BaseException) -> BabysitError | None:
+    if "babysit.storage" not in sys.modules:
+        return None  # no storage was opened
+    from babysit.storage import storage_refusal
+
+    return storage_refusal(err)
+
+
 def main(argv: list[str] | None = None) -> int:
     # SIGTERM (docker stop, a scheduler) stops like Ctrl-C: the running trial is marked.
     # SIGINT is set explicitly: a shell without job control starts background commands
@@ -325,6 +333,14 @@ def main(argv: list[str] | None = None) -> int:
     except BabysitError as err:
         print(f"babysit: {err}", file=sys.stderr)
         return err.exit_code
+    except Exception as err:
+        # A refusal raised outside the retrying storage (Optuna's own calls, report code
+        # reading the database) is still one line; anything else keeps its traceback.
+        refusal = _storage_refusal(err)
+        if refusal is None:
+            raise
+        print(f"babysit: {refusal}", file=sys.stderr)
+        return refusal.exit_code
     except KeyboardInterrupt:
         print("babysit: interrupted; the running trial is marked FAIL and the study is intact. "
               "Rerun the same command to carry on.", file=sys.stderr)

@@ -24,6 +24,7 @@ from babysit.data.streaming import data_facts
 from babysit.data.streaming import stream_if_asked
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
+from babysit.lifeline import die_with_parent
 from babysit.models import build_model
 from babysit.models import input_size
 from babysit.report import publish_stage
@@ -183,7 +184,9 @@ def _spawn_workers(ctx: Context, jobs: int) -> list[subprocess.Popen]:
     if ctx.data_dir:
         cmd += ["--data-dir", str(ctx.data_dir)]
     ctx.log(f"--jobs {jobs}: starting {jobs - 1} worker processes beside this one")
-    return [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for _ in range(jobs - 1)]
+    return [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+                             preexec_fn=die_with_parent())  # a SIGKILLed run takes them along
+            for _ in range(jobs - 1)]
 
 
 def _reap(helpers: list[subprocess.Popen]) -> None:

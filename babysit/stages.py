@@ -40,6 +40,7 @@ from babysit.spec import Spec
 from babysit.storage import STAGES
 from babysit.storage import Storage
 from babysit.storage import StorageLost
+from babysit.storage import StorageRefused
 from babysit.storage import study_name
 from babysit.train import DeviceData
 from babysit.train import EpochStats
@@ -225,6 +226,9 @@ def reclaim(study: optuna.Study) -> None:
     if getattr(storage, "get_heartbeat_interval", lambda: None)():
         for trial_id in storage._get_stale_trial_ids(study._study_id):
             _fail(study, trial_id, "heartbeat stale")
+        orphaned = getattr(getattr(storage, "_backend", storage), "orphaned_trial_ids", None)
+        for trial_id in orphaned(study._study_id) if orphaned else ():
+            _fail(study, trial_id, "no heartbeat")
 
 
 def _fail(study: optuna.Study, trial_id: int, reason: str) -> None:
@@ -253,7 +257,7 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) ->
         # Optuna buries a lost database under its own post-processing errors; say it plainly.
         cause: BaseException | None = err
         while cause is not None:
-            if isinstance(cause, StorageLost):
+            if isinstance(cause, (StorageLost, StorageRefused)):
                 raise cause from None
             cause = cause.__cause__ or cause.__context__
         if isinstance(err, ValueError) and str(err).startswith("Cannot tell a FAIL trial"):
