@@ -28,6 +28,7 @@ from babysit.models import build_model
 from babysit.models import input_size
 from babysit.report import publish_stage
 from babysit.spec import Spec
+from babysit.spec import default_run_name
 from babysit.stages import FINISHED
 from babysit.stages import Context
 from babysit.stages import StageResult
@@ -61,7 +62,7 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
     """Check the spec against storage, load the data onto the device: everything before
     the first trial. Raises UsageError (exit 2) before anything is written."""
     if not spec.name:
-        spec.name = spec.dataset.replace(":", "-").replace("/", "-")
+        spec.name = default_run_name(spec.dataset)
     check_spec(storage, spec)
     dev = device_for(device)
     if device == "cuda" and not torch.cuda.is_available():

@@ -37,6 +37,7 @@ from babysit.models import build_model
 from babysit.spec import CoarseSpec
 from babysit.spec import SearchSpec
 from babysit.spec import Spec
+from babysit.spec import check_run_name
 from babysit.storage import STAGES
 from babysit.storage import Storage
 from babysit.storage import StorageLost
@@ -160,6 +161,8 @@ def open_stage(ctx: Context, stage: str, sampler: optuna.samplers.BaseSampler | 
 
 def check_spec(storage: Storage, spec: Spec) -> None:
     """A run name reused with a different spec is an input error; nothing is written."""
+    # Names composed by babysit itself (ablations' <ablation>/<variant>) are checked here.
+    check_run_name(spec.name, composed=True)
     for stage in STAGES:
         try:
             study = optuna.load_study(study_name=study_name(spec.name, stage),
