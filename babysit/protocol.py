@@ -317,7 +317,9 @@ def summarize(storage: Storage, run: str) -> dict[str, Any]:
         target = getattr(spec, stage).trials
         best = best_of(trials)
         if not trials:
-            status = "skipped"
+            # A fine stage that narrowing refused to start carries that verdict.
+            status = "failed" if study is not None and "verdict" in study.user_attrs \
+                else "skipped"
         elif counts["trials"] >= target:
             status = "passed" if best is not None else "failed"
         else:
