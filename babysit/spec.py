@@ -44,6 +44,11 @@ def _at_least(n: int) -> Rule:
                 f"a whole number >= {n}")
 
 
+def _whole(low: int, high: int) -> Rule:
+    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
+                f"a whole number from {low} to {high}")
+
+
 def _number(low: float, high: float = math.inf, *, low_open: bool = False,
             high_open: bool = True) -> Rule:
     def ok(v: Any) -> bool:
@@ -153,6 +158,8 @@ def _show(value: Any) -> str:
 
 
 
+_ZERO_OR_SIDE = Rule(lambda v: isinstance(v, int) and not isinstance(v, bool)
+                     and (v == 0 or 8 <= v <= 1024), "0 (keep) or a whole number from 8 to 1024")
 _FLAG = Rule(lambda v: isinstance(v, bool), "true or false")
 _DIVERGE = Rule(lambda v: _real(v) and (v == 0 or v > 1), "0 (off) or a finite number > 1")
 
@@ -164,7 +171,9 @@ class ModelSpec:
     # Seed 000 compared 1, 2 and 3 FC layers; 3 is the original.
     fc_layers: int = _f(3, _one_of(1, 2, 3))
     # Width of the hidden FC layers: 4096 in AlexNet and in both seeds.
-    fc_width: int = _f(4096, _at_least(1))
+    # At most 4x AlexNet's: a 16384-wide layer already holds 16384^2 weights (1 GiB as
+    # float32); a width of 1e8 failed allocating memory with a traceback.
+    fc_width: int = _f(4096, _whole(1, 16384))
     # relu or leaky_relu (seed 000 tried LeakyReLU and lost ~7 points).
     activation: str = _f("relu", _choice("relu", "leaky_relu"))
     # none, "first2" (after the first two convs, as seed 000 did) or "all".
@@ -191,7 +200,9 @@ class DataSpec:
     # Random crop after zero padding by this many pixels (0 = off), the CIFAR habit.
     crop_pad: int = _f(0, _at_least(0))
     # Resize every image to this side on the device (0 = keep; 227 = seed 000's geometry).
-    resize: int = _f(0, _at_least(0))
+    # 0, or 8 (the digits' own side) to 1024: every image is held on the device at this
+    # side, and resize=100000 failed allocating 5 TB with a traceback.
+    resize: int = _f(0, _ZERO_OR_SIDE)
     # Share of the labelled pool held out for validation / test on datasets without splits.
     val_fraction: float = _f(0.15, _number(0, 1, low_open=True))
     test_fraction: float = _f(0.15, _number(0, 1, low_open=True))
@@ -202,7 +213,7 @@ class DataSpec:
     val_folds: list[int] = _f([9], _folds())
     test_folds: list[int] = _f([10], _folds())
     # Side of the square patches cut from FDDB photos (the seed resized to 32x32).
-    patch_size: int = _f(32, _at_least(2))
+    patch_size: int = _f(32, _whole(2, 1024))
     # Non-face windows per face, all with IoU < 0.3 to every face in the photo.
     negatives_per_face: float = _f(1.0, _number(0))
 
