@@ -226,6 +226,17 @@ def test_longest_allowed_name_runs_every_storage_path(tmp_path: Path) -> None:
         check_run_name("a" * (NAME_MAX + 1))
     # An ablation's composed name keeps its '/' parts; a user's --name may not hold one.
     check_run_name("ablation/4-conv/r1", composed=True)
+    # A run given no name is named after its dataset, always by the rule.
+    from babysit.spec import default_run_name
+
+    for dataset, name in (
+        ("digits", "digits"),
+        ("pkg.data:load", "pkg.data-load"),
+        ("python:__main__.<lambda>", "python-__main__.-lambda"),
+        (":::", "run"),
+    ):
+        assert default_run_name(dataset) == name
+    check_run_name(default_run_name("x" * 400))
     with pytest.raises(UsageError):
         check_run_name("ablation/4-conv/r1")
 
