@@ -104,9 +104,9 @@ def run(
     flags = {**{k: dict(v) for k, v in tables.items() if v is not None}, **spec,
              "name": name, "dataset": data_ref, "model": model_ref}
     built = build_spec(Path(config) if config is not None else None, list(sets), flags)
-    store = _storage(storage, artifact_dir)
     if jobs < 1:
         raise UsageError("jobs must be at least 1")
+    store = _storage(storage, artifact_dir)
     ctx = prepare(built, store, device=device, data_dir=str(data_dir) if data_dir else None,
                   download=download, force=force, quiet=quiet, compile=compile)
     try:

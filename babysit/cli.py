@@ -134,9 +134,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     spec = build_spec(args.config, args.sets, flags)
     from babysit.protocol import prepare
     from babysit.protocol import run_protocol
-    storage = _open(args)
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
+    storage = _open(args)
     ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
                   download=args.download, force=args.force, quiet=args.quiet,
                   compile=args.compile)

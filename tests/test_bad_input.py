@@ -146,6 +146,8 @@ SPEC_CASES = {
     "trials-not-a-number": (S("coarse.trials=many"), ("expects int",)),
     "dataset-with-newline": (("--dataset", "dig\nits"), ("dataset", "\\n")),
     "model-empty": (("--model", ""), ()),
+    "jobs-0": (("--jobs", "0"), ("--jobs must be at least 1",)),
+    "heartbeat-0": (("--heartbeat", "0"), ("heartbeat_interval", "positive")),
 }
 
 
