@@ -563,3 +563,31 @@ def test_report_on_degenerate_runs(tmp_path: Path) -> None:
 
 if __name__ == "__main__":
     sys.exit(pytest.main([__file__, "-q"]))
+
+
+# Trials told by hand, not by Study.optimize: Optuna warns that the heartbeat is unused.
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage")
+def test_final_without_any_complete_search_trial_is_a_verdict(tmp_path: Path) -> None:
+    """best_params() with only failed and pruned search trials: a verdict with advice.
+    (A run reaches final this way only through the library: narrowing stops it first.)"""
+    from types import SimpleNamespace
+
+    from optuna.trial import TrialState
+
+    from babysit.errors import ProtocolError
+    from babysit.spec import Spec
+    from babysit.stages import best_params
+    from babysit.stages import open_stage
+    from babysit.storage import open_storage
+
+    ctx = SimpleNamespace(
+        spec=Spec(name="nothing"), storage=open_storage(f"sqlite:///{tmp_path / 'f.db'}")
+    )
+    for stage in ("coarse", "fine"):
+        study = open_stage(ctx, stage)
+        study.tell(study.ask(), state=TrialState.FAIL)
+    with pytest.raises(
+        ProtocolError, match="neither the fine nor the coarse search has a complete trial"
+    ) as err:
+        best_params(ctx)
+    assert "coarse.lr" in str(err.value) and "\n" not in str(err.value)
