@@ -132,10 +132,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
                              "optimizer": args.optimizer, "seed": args.seed}
     # The spec is checked before torch and optuna are imported: a bad input costs no wait.
     spec = build_spec(args.config, args.sets, flags)
-    from babysit.protocol import prepare
-    from babysit.protocol import run_protocol
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
+    from babysit.protocol import prepare
+    from babysit.protocol import run_protocol
+
     storage = _open(args)
     ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
                   download=args.download, force=args.force, quiet=args.quiet,
