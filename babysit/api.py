@@ -84,6 +84,7 @@ def run(
     from babysit.protocol import run_protocol
     from babysit.protocol import summarize
     from babysit.spec import build_spec
+    from babysit.spec import default_run_name
 
     for key, arg in _OWN.items():
         if key in spec:
@@ -97,15 +98,15 @@ def run(
                          "references or use jobs=1")
     if name is None and data_ref.startswith(PYTHON_PREFIX):
         # A study name that reads well in the dashboard: "python-data-3-classes-..." .
-        name = "python-" + re.sub(r"[^A-Za-z0-9_.]+", "-",
-                                  data_ref.removeprefix(PYTHON_PREFIX)).strip("-")
+        name = default_run_name("python-" + re.sub(r"[^A-Za-z0-9_.]+", "-",
+                                                   data_ref.removeprefix(PYTHON_PREFIX)))
     tables = {"arch": model_options, "data": data_options}
     flags = {**{k: dict(v) for k, v in tables.items() if v is not None}, **spec,
              "name": name, "dataset": data_ref, "model": model_ref}
     built = build_spec(Path(config) if config is not None else None, list(sets), flags)
-    store = _storage(storage, artifact_dir)
     if jobs < 1:
         raise UsageError("jobs must be at least 1")
+    store = _storage(storage, artifact_dir)
     ctx = prepare(built, store, device=device, data_dir=str(data_dir) if data_dir else None,
                   download=download, force=force, quiet=quiet, compile=compile)
     try:

@@ -126,16 +126,18 @@ def _open(args: argparse.Namespace, create: bool = True):  # noqa: ANN202
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    from babysit.protocol import prepare
-    from babysit.protocol import run_protocol
     from babysit.spec import build_spec
 
     flags: dict[str, Any] = {"name": args.name, "dataset": args.dataset, "model": args.model,
                              "optimizer": args.optimizer, "seed": args.seed}
+    # The spec is checked before torch and optuna are imported: a bad input costs no wait.
     spec = build_spec(args.config, args.sets, flags)
-    storage = _open(args)
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
+    from babysit.protocol import prepare
+    from babysit.protocol import run_protocol
+
+    storage = _open(args)
     ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
                   download=args.download, force=args.force, quiet=args.quiet,
                   compile=args.compile)

@@ -32,6 +32,7 @@ from babysit.data import DataError
 from babysit.data import DataRequest
 from babysit.data import Splits
 from babysit.data.streaming import DatasetSplits
+from babysit.errors import INTERRUPTED
 from babysit.errors import UsageError
 
 PYTHON_PREFIX = "python:"
@@ -94,9 +95,17 @@ def resolve(ref: str, what: str) -> Callable[..., Any]:
             f"folder that holds {module_name.split('.')[0]}, add that folder to PYTHONPATH, "
             "or install it into this environment"
         ) from None
-    except Exception as err:  # noqa: BLE001 - the user's module failed at import time
-        raise UsageError(f"importing {what} module '{module_name}' failed: "
-                         f"{type(err).__name__}: {err}") from None
+    except (Exception, SystemExit, KeyboardInterrupt) as err:  # noqa: BLE001 - user's import
+        if isinstance(err, KeyboardInterrupt) and INTERRUPTED.is_set():
+            raise  # a real Ctrl-C during the import: stop as an interrupt, not a bad input
+        if isinstance(err, SystemExit):
+            # sys.exit() at import time would end babysit with the module's exit status (0
+            # for sys.exit(0)), as if the run had succeeded.
+            reason = f"it called sys.exit({err.code!r}) while being imported"
+        else:
+            reason = type(err).__name__ + (f": {_one_line(err)}" if str(err).strip() else "")
+        raise UsageError(f"importing {what} module '{module_name}' failed: {reason}; "
+                         "fix the module so that importing it only defines things") from None
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -105,6 +114,12 @@ def resolve(ref: str, what: str) -> Callable[..., Any]:
     if not callable(target):
         raise UsageError(f"{what} '{ref}' is not callable")
     return target
+
+
+def _one_line(err: BaseException) -> str:
+    """An exception's message on one line (a multi-line message would read as several)."""
+    text = " ".join(str(err).split())
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _accepts(fn: Callable[..., Any], n: int) -> bool:
@@ -125,12 +140,18 @@ def build_user_model(ref: str, num_classes: int, in_channels: int, image_size: i
         model = fn(num_classes, in_channels, image_size)
     except UsageError:
         raise
-    except Exception as err:  # noqa: BLE001 - the user's builder failed
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's builder failed
         raise UsageError(f"model '{ref}' failed to build for ({num_classes}, {in_channels}, "
                          f"{image_size}): {type(err).__name__}: {err}") from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"model '{ref}' returned {type(model).__name__}, not a torch nn.Module")
     check_model_output(model, ref, num_classes, in_channels, image_size)
+    if not any(p.requires_grad for p in model.parameters()):
+        # Without one, sanity misreads it (the L2 penalty adds nothing) and the optimiser
+        # raises "empty parameter list" once --force lets the run go on.
+        raise UsageError(f"model '{ref}' has no trainable parameters (none with "
+                         "requires_grad=True), so there is nothing to train; give it at least "
+                         "one layer with weights")
     return model
 
 
@@ -173,7 +194,7 @@ def _call_loader(fn: Callable[..., Any], ref: str, request: DataRequest) -> Any:
         return fn(*args)
     except UsageError:
         raise
-    except Exception as err:  # noqa: BLE001 - the user's loader failed
+    except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's loader failed
         raise UsageError(f"dataset '{ref}' failed while loading: {type(err).__name__}: "
                          f"{err}") from None
 

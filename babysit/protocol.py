@@ -29,6 +29,7 @@ from babysit.models import build_model
 from babysit.models import input_size
 from babysit.report import publish_stage
 from babysit.spec import Spec
+from babysit.spec import default_run_name
 from babysit.stages import FINISHED
 from babysit.stages import Context
 from babysit.stages import StageResult
@@ -62,7 +63,7 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
     """Check the spec against storage, load the data onto the device: everything before
     the first trial. Raises UsageError (exit 2) before anything is written."""
     if not spec.name:
-        spec.name = spec.dataset.replace(":", "-").replace("/", "-")
+        spec.name = default_run_name(spec.dataset)
     check_spec(storage, spec)
     dev = device_for(device)
     if device == "cuda" and not torch.cuda.is_available():
@@ -320,7 +321,9 @@ def summarize(storage: Storage, run: str) -> dict[str, Any]:
         target = getattr(spec, stage).trials
         best = best_of(trials)
         if not trials:
-            status = "skipped"
+            # A fine stage that narrowing refused to start carries that verdict.
+            status = "failed" if study is not None and "verdict" in study.user_attrs \
+                else "skipped"
         elif counts["trials"] >= target:
             status = "passed" if best is not None else "failed"
         else:

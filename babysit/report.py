@@ -247,8 +247,10 @@ def _fallback_verdict(stage: str, study: optuna.Study, trials: list[FrozenTrial]
                 f"{counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
                 "pruned)")
         if best is not None:
-            text += (f"; best val accuracy {best.value:.3f} at lr {best.params['lr']:.3g}, "
-                     f"weight_decay {best.params['weight_decay']:.3g}")
+            # .get: a study copied or written by hand may lack a parameter; say so, no crash.
+            text += (f"; best val accuracy {best.value:.3f} at lr "
+                     f"{_g3(best.params.get('lr'))}, weight_decay "
+                     f"{_g3(best.params.get('weight_decay'))}")
         return text
     return ""
 
@@ -316,6 +318,11 @@ def _num(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _g3(v: Any) -> str:
+    """A parameter as the verdicts print it (3 significant digits), '-' when missing."""
+    return f"{v:.3g}" if isinstance(v, (int, float)) else _num(v)
 
 
 def _acc(v: Any) -> str:
@@ -438,9 +445,10 @@ def _build(storage: Storage, run: str) -> _Report:
                    f"{summary['epochs_spent']:.2f}"])
     final = stages["final"]
     if final.get("status") == "passed":
-        params = ", ".join(f"{k} {v:.3g}" for k, v in (final.get("params") or {}).items())
-        headline = (f"test accuracy {final['test_accuracy']:.4f}, test loss "
-                    f"{final['test_loss']:.4f} after {final['epochs']} epochs at {params}")
+        params = ", ".join(f"{k} {_g3(v)}" for k, v in (final.get("params") or {}).items())
+        headline = (f"test accuracy {_acc(final.get('test_accuracy'))}, test loss "
+                    f"{_acc(final.get('test_loss'))} after {final.get('epochs') or '?'} epochs "
+                    f"at {params}")
     else:
         headline = f"no final result yet (final: {final.get('status')})"
     header = [("dataset", f"{summary['dataset']} ({summary['num_classes']} classes)"),
@@ -473,8 +481,8 @@ def _stage_facts(section: _Section, stage: str, info: dict[str, Any],
         best = info.get("best")
         if best:
             facts.append(("best", f"val accuracy {best['value']:.4f} (trial {best['number']}) "
-                                  f"at lr {best['params']['lr']:.3g}, weight_decay "
-                                  f"{best['params']['weight_decay']:.3g}"))
+                                  f"at lr {_g3(best['params'].get('lr'))}, weight_decay "
+                                  f"{_g3(best['params'].get('weight_decay'))}"))
         ranges = info.get("range")
         if ranges:
             facts += [(f"{k} range", f"[{v[0]:.3g}, {v[1]:.3g}]") for k, v in ranges.items()]

@@ -8,9 +8,13 @@ from storage alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import math
+import re
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
@@ -18,142 +22,288 @@ from typing import Any
 
 from babysit.errors import UsageError
 
+# ---------------------------------------------------------------------------- rules
+# What each field allows is stated beside it (``rule=`` in its metadata) and enforced by
+# validate() for every way a spec is built: flags, --set, TOML, babysit.run(), a stored spec.
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A field's allowed values: ``ok(value)`` and the words that say what is allowed."""
+
+    ok: Callable[[Any], bool]
+    allowed: str
+
+
+def _real(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _at_least(n: int) -> Rule:
+    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n,
+                f"a whole number >= {n}")
+
+
+def _whole(low: int, high: int) -> Rule:
+    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
+                f"a whole number from {low} to {high}")
+
+
+def _number(low: float, high: float = math.inf, *, low_open: bool = False,
+            high_open: bool = True) -> Rule:
+    def ok(v: Any) -> bool:
+        if not _real(v):
+            return False
+        above = v > low if low_open else v >= low
+        below = v < high if high_open else v <= high
+        return above and below
+
+    if high == math.inf:
+        words = f"a finite number {'>' if low_open else '>='} {low:g}"
+    else:
+        words = (f"a number in {'(' if low_open else '['}{low:g}, {high:g}"
+                 f"{')' if high_open else ']'}")
+    return Rule(ok, words)
+
+
+def _one_of(*choices: Any) -> Rule:
+    shown = [str(c) for c in choices]
+    words = ", ".join(shown[:-1]) + f" or {shown[-1]}" if len(shown) > 1 else shown[0]
+    return Rule(lambda v: type(v) is type(choices[0]) and v in choices, words)
+
+
+def _choice(*choices: str) -> Rule:
+    # Worded as the old messages were: "choose one of: a, b".
+    return Rule(lambda v: v in choices, "choose one of: " + ", ".join(choices))
+
+
+def _log_range() -> Rule:
+    return Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(_real(x) for x in v)
+                and 0 < v[0] < v[1],
+                "[low, high], two finite numbers with 0 < low < high")
+
+
+def _folds() -> Rule:
+    return Rule(lambda v: isinstance(v, list) and len(v) >= 1 and len(set(v)) == len(v)
+                and all(isinstance(x, int) and 1 <= x <= 10 for x in v),
+                "a non-empty list of distinct FDDB folds, each 1-10")
+
+
+def _text() -> Rule:
+    return Rule(lambda v: isinstance(v, str) and 0 < len(v) <= 1000 and v.isprintable(),
+                "a non-empty printable string (no newline or control characters)")
+
+
+def _lr_lists() -> Rule:
+    return Rule(lambda v: isinstance(v, dict) and len(v) > 0 and all(
+        k in _OPTIMIZERS and isinstance(lrs, list) and len(lrs) > 0
+        and all(_real(x) and x > 0 for x in lrs) for k, lrs in v.items()),
+        "a table {optimizer = [lr, ...]} with optimizer sgd or adam and each list a "
+        "non-empty list of finite numbers > 0")
+
+
+def _run_name() -> Rule:
+    return Rule(lambda v: isinstance(v, str) and (v == "" or valid_run_name(v)),
+                f"{NAME_RULE} (or empty: named after the dataset)")
+
+
+def _f(default: Any, rule: Rule) -> Any:
+    """A field with its rule; mutable defaults are copied per instance."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"rule": rule})
+    return field(default=default, metadata={"rule": rule})
+
+
+_OPTIMIZERS = ("sgd", "adam")
+
+# Run names. A name becomes: study names "<name>/<stage>" (Optuna's study_name column is
+# VARCHAR(512) on PostgreSQL and MySQL), file names "<name>-final-epoch<E>-<N>" in the
+# artifact store and report-<name>/ folders (255 bytes on ext4, APFS, NTFS), argv of
+# worker processes and shell commands printed for the user. ASCII letters, digits and
+# . _ + - are safe in all of these without quoting; a first letter or digit keeps a name
+# from reading as a flag (-x) or a hidden file (.x); 128 characters leave room for every
+# suffix babysit adds (the longest, an ablation's "/<variant>/r<k>" and an artifact's
+# "-final-epoch<E>-<N>", stay far below 255). '/' is kept for ablations, whose runs are
+# named <ablation>/<variant>[/r<k>], so a run given --name never collides with them.
+NAME_MAX = 128
+_NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
+NAME_RULE = (f"1-{NAME_MAX} characters: ASCII letters, digits and . _ + -, starting with a "
+             "letter or digit")
+
+
+def valid_run_name(name: str, composed: bool = False) -> bool:
+    """``name`` follows NAME_RULE; ``composed`` also allows '/' between parts (ablations)."""
+    if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX:
+        return False
+    parts = name.split("/") if composed else [name]
+    return all(_NAME_PART.fullmatch(p) for p in parts)
+
+
+def check_run_name(name: str, composed: bool = False) -> None:
+    """UsageError (one line) unless ``name`` is a valid run name."""
+    if not valid_run_name(name, composed):
+        raise UsageError(f"run name {_show(name)} is not allowed; a run name is {NAME_RULE}")
+
+
+def default_run_name(dataset: str) -> str:
+    """The name of a run given no --name: the dataset reference with other characters as '-'."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "-", dataset).strip("-._+")[:NAME_MAX]
+    return name or "run"
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message: repr (so a newline shows as \\n), cut to 80."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+
+_ZERO_OR_SIDE = Rule(lambda v: isinstance(v, int) and not isinstance(v, bool)
+                     and (v == 0 or 8 <= v <= 1024), "0 (keep) or a whole number from 8 to 1024")
+_FLAG = Rule(lambda v: isinstance(v, bool), "true or false")
+_DIVERGE = Rule(lambda v: _real(v) and (v == 0 or v > 1), "0 (off) or a finite number > 1")
+
 
 @dataclass
 class ModelSpec:
     # The seed's AlexNet for 32x32 inputs (seeds/003): five convs, three FC layers.
-    conv_layers: int = 5
+    conv_layers: int = _f(5, _one_of(3, 4, 5))
     # Seed 000 compared 1, 2 and 3 FC layers; 3 is the original.
-    fc_layers: int = 3
+    fc_layers: int = _f(3, _one_of(1, 2, 3))
     # Width of the hidden FC layers: 4096 in AlexNet and in both seeds.
-    fc_width: int = 4096
+    # At most 4x AlexNet's: a 16384-wide layer already holds 16384^2 weights (1 GiB as
+    # float32); a width of 1e8 failed allocating memory with a traceback.
+    fc_width: int = _f(4096, _whole(1, 16384))
     # relu or leaky_relu (seed 000 tried LeakyReLU and lost ~7 points).
-    activation: str = "relu"
+    activation: str = _f("relu", _choice("relu", "leaky_relu"))
     # none, "first2" (after the first two convs, as seed 000 did) or "all".
-    batch_norm: str = "none"
+    batch_norm: str = _f("none", _choice("none", "first2", "all"))
     # Dropout before the hidden FC layers, p=0.5 as in AlexNet.
-    dropout: float = 0.5
+    dropout: float = _f(0.5, _number(0, 1))
     # he (seed 000) or default (PyTorch's own). He keeps the signal alive through AlexNet's
     # eight layers; with PyTorch's default init the 8x8 digits net still predicts one class
     # after 200 overfit steps at every LR tried, with He it memorises 20 examples in 90.
-    init: str = "he"
+    init: str = _f("he", _choice("he", "default"))
     # cifar32 (seed 003: 3x3 convs, stride 2 first) or alexnet227 (11x11 stride 4 on 227x227).
-    geometry: str = "cifar32"
+    geometry: str = _f("cifar32", _choice("cifar32", "alexnet227"))
 
 
 @dataclass
 class DataSpec:
     # Per-dataset mean/std from the train split; "imagenet" is what seed 003 used.
-    normalize: str = "dataset"
+    normalize: str = _f("dataset", _choice("dataset", "imagenet", "none"))
     # Seed 003's augmentation: horizontal + vertical flips and brightness jitter.
-    hflip: bool = False
-    vflip: bool = False
+    hflip: bool = _f(False, _FLAG)
+    vflip: bool = _f(False, _FLAG)
     # ColorJitter-style brightness factor range [max(0, 1-b), 1+b]; seed 003 used b=2.
-    brightness: float = 0.0
+    brightness: float = _f(0.0, _number(0))
     # Random crop after zero padding by this many pixels (0 = off), the CIFAR habit.
-    crop_pad: int = 0
+    crop_pad: int = _f(0, _at_least(0))
     # Resize every image to this side on the device (0 = keep; 227 = seed 000's geometry).
-    resize: int = 0
+    # 0, or 8 (the digits' own side) to 1024: every image is held on the device at this
+    # side, and resize=100000 failed allocating 5 TB with a traceback.
+    resize: int = _f(0, _ZERO_OR_SIDE)
     # Share of the labelled pool held out for validation / test on datasets without splits.
-    val_fraction: float = 0.15
-    test_fraction: float = 0.15
+    val_fraction: float = _f(0.15, _number(0, 1, low_open=True))
+    test_fraction: float = _f(0.15, _number(0, 1, low_open=True))
     # CIFAR-10: the official 50k train set is split 45k/5k train/val.
-    val_size: int = 5000
+    val_size: int = _f(5000, _at_least(1))
     # FDDB: one photo never feeds two splits, so the splits are whole folds.
-    train_folds: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5, 6, 7, 8])
-    val_folds: list[int] = field(default_factory=lambda: [9])
-    test_folds: list[int] = field(default_factory=lambda: [10])
+    train_folds: list[int] = _f([1, 2, 3, 4, 5, 6, 7, 8], _folds())
+    val_folds: list[int] = _f([9], _folds())
+    test_folds: list[int] = _f([10], _folds())
     # Side of the square patches cut from FDDB photos (the seed resized to 32x32).
-    patch_size: int = 32
+    patch_size: int = _f(32, _whole(2, 1024))
     # Non-face windows per face, all with IoU < 0.3 to every face in the photo.
-    negatives_per_face: float = 1.0
+    negatives_per_face: float = _f(1.0, _number(0))
 
 
 @dataclass
 class SanitySpec:
     # Mean loss over this many batches of the untrained model.
-    batches: int = 4
+    batches: int = _f(4, _at_least(1))
     # Accept |initial - expected| <= tolerance * expected. 0.25 admits the spread of a
     # freshly initialised net (ln 10 = 2.30, seeds saw 2.302) and rejects a broken last
     # layer (a 10x logit scale gives ~4-6 on 10 classes).
-    tolerance: float = 0.25
+    tolerance: float = _f(0.25, _number(0, low_open=True))
     # The L2 penalty used for the "regularisation raises the loss" check (cs231n uses 1e3
     # on a small softmax; AlexNet has ~23M weights, so 1e-3 already adds several nats).
-    reg: float = 1e-3
+    reg: float = _f(1e-3, _number(0, low_open=True))
 
 
 @dataclass
 class OverfitSpec:
     # Examples to memorise (the seed used 10 % of the data; 20 is cs231n's habit).
-    samples: int = 20
+    samples: int = _f(20, _at_least(2))
     # Optimiser steps allowed per learning rate (full-batch steps on the subset).
-    steps: int = 200
+    steps: int = _f(200, _at_least(1))
     # Learning rates tried in order until one memorises the subset.
-    lrs: dict[str, list[float]] = field(
-        default_factory=lambda: {"sgd": [1e-2, 3e-2, 1e-3, 1e-1], "adam": [1e-4, 3e-4, 1e-3, 3e-5]}
+    lrs: dict[str, list[float]] = _f(
+        {"sgd": [1e-2, 3e-2, 1e-3, 1e-1], "adam": [1e-4, 3e-4, 1e-3, 3e-5]}, _lr_lists()
     )
 
 
 @dataclass
 class SearchSpec:
-    trials: int = 8
-    epochs: int = 4
+    trials: int = _f(8, _at_least(1))
+    epochs: int = _f(4, _at_least(1))
     # "random" (the protocol's coarse search) or "tpe" (model-based, where it helps).
-    sampler: str = "tpe"
+    sampler: str = _f("tpe", _choice("random", "tpe"))
     # "median" stops a trial whose val accuracy is below the median of earlier trials at
     # the same epoch; "none" runs every trial in full.
-    pruner: str = "median"
+    pruner: str = _f("median", _choice("median", "none"))
     # Divergence: loss NaN/inf or above this multiple of the initial loss (cs231n's 3x).
     # 0 turns stopping off: every trial runs all its epochs, NaN or not, as the seeds did.
-    diverge_factor: float = 3.0
+    # Between 0 and 1 every trial would stop at its first step (the loss starts at 1x).
+    diverge_factor: float = _f(3.0, _DIVERGE)
     # Train loss moved less than this fraction over the trial: labelled "lr too low".
-    flat_tolerance: float = 0.01
+    flat_tolerance: float = _f(0.01, _number(0, 1))
 
 
 @dataclass
 class CoarseSpec(SearchSpec):
-    trials: int = 12
-    epochs: int = 3
-    sampler: str = "random"
+    trials: int = _f(12, _at_least(1))
+    epochs: int = _f(3, _at_least(1))
+    sampler: str = _f("random", _choice("random", "tpe"))
     # [low, high] for a log-uniform draw. The fine stage's ranges come from narrowing these.
-    lr: list[float] = field(default_factory=lambda: [1e-5, 1.0])
-    weight_decay: list[float] = field(default_factory=lambda: [1e-6, 1e-2])
+    lr: list[float] = _f([1e-5, 1.0], _log_range())
+    weight_decay: list[float] = _f([1e-6, 1e-2], _log_range())
     # Leslie Smith's LR range test (exponentially growing LR, stopped on divergence) picks
     # the coarse lr range instead of `lr` above; its curve is stored on the coarse study.
-    lr_range_test: bool = False
+    lr_range_test: bool = _f(False, _FLAG)
 
 
 @dataclass
 class NarrowSpec:
     # How many of the best coarse trials define the fine ranges.
-    top_k: int = 5
+    top_k: int = _f(5, _at_least(1))
     # Decades added on each side of the top-k span (log10 units).
-    pad: float = 0.5
+    pad: float = _f(0.5, _number(0))
     # A best value within this many decades of a coarse bound is "on the edge".
-    edge: float = 0.25
+    edge: float = _f(0.25, _number(0))
 
 
 @dataclass
 class FinalSpec:
     # The seeds trained their final model for 20 epochs.
-    epochs: int = 20
+    epochs: int = _f(20, _at_least(1))
 
 
 @dataclass
 class Spec:
-    name: str = ""
-    dataset: str = "digits"
-    model: str = "alexnet"
+    name: str = _f("", _run_name())
+    dataset: str = _f("digits", _text())
+    model: str = _f("alexnet", _text())
     # Adam: the seed's better optimizer (FDDB 94 % vs 91 % with SGD), and on the 8x8 digits
     # it reaches 94 % validation accuracy in 6 epochs where SGD (momentum 0.9) needs ~3x more.
-    optimizer: str = "adam"
+    optimizer: str = _f("adam", _choice(*_OPTIMIZERS))
     # "ce": softmax cross-entropy (expects ln C at init); "bce": one-hot BCE (expects ln 2).
-    loss: str = "ce"
-    seed: int = 0
+    loss: str = _f("ce", _choice("ce", "bce"))
+    seed: int = _f(0, _at_least(0))
     # 0 = auto: 128 as in the seeds, halved (down to 8) until an epoch has >= 8 steps.
-    batch_size: int = 0
+    batch_size: int = _f(0, _at_least(0))
     # SGD momentum (the seeds used 0.9).
-    momentum: float = 0.9
+    momentum: float = _f(0.9, _number(0, 1))
     arch: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     sanity: SanitySpec = field(default_factory=SanitySpec)
@@ -329,55 +479,44 @@ def build_spec(
     return spec
 
 
-_CHOICES = {
-    "optimizer": ("sgd", "adam"),
-    "loss": ("ce", "bce"),
-}
-_ARCH_CHOICES = {
-    "activation": ("relu", "leaky_relu"),
-    "batch_norm": ("none", "first2", "all"),
-    "init": ("he", "default"),
-    "geometry": ("cifar32", "alexnet227"),
-}
+def _rule_errors(obj: Any, prefix: str) -> None:
+    """Every field of ``obj`` (and its tables) against the rule stated beside it."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        table = "model" if f.name == "arch" else f.name
+        if dataclasses.is_dataclass(value):
+            _rule_errors(value, f"{prefix}{table}.")
+            continue
+        rule = f.metadata.get("rule")
+        if rule is None:
+            continue
+        try:
+            ok = rule.ok(value)
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            key = f"{prefix}{f.name}"
+            if rule.allowed.startswith("choose one of"):
+                raise UsageError(f"unknown {key} {_show(value)}; {rule.allowed}")
+            raise UsageError(f"{key} = {_show(value)} is not allowed; {key} must be "
+                             f"{rule.allowed}")
 
 
 def validate(spec: Spec) -> None:
-    for key, choices in _CHOICES.items():
-        if getattr(spec, key) not in choices:
-            raise UsageError(
-                f"unknown {key} '{getattr(spec, key)}'; choose one of: {', '.join(choices)}"
-            )
-    for key, choices in _ARCH_CHOICES.items():
-        if getattr(spec.arch, key) not in choices:
-            raise UsageError(
-                f"unknown model.{key} '{getattr(spec.arch, key)}'; "
-                f"choose one of: {', '.join(choices)}"
-            )
-    if spec.arch.conv_layers not in (3, 4, 5):
-        raise UsageError("model.conv_layers must be 3, 4 or 5")
-    if spec.arch.fc_layers not in (1, 2, 3):
-        raise UsageError("model.fc_layers must be 1, 2 or 3")
-    for stage in ("coarse", "fine"):
-        search: SearchSpec = getattr(spec, stage)
-        if search.trials < 1 or search.epochs < 1:
-            raise UsageError(f"{stage}.trials and {stage}.epochs must be at least 1")
-        if search.sampler not in ("random", "tpe"):
-            raise UsageError(f"{stage}.sampler must be 'random' or 'tpe'")
-        if search.pruner not in ("median", "none"):
-            raise UsageError(f"{stage}.pruner must be 'median' or 'none'")
-    for pname in ("lr", "weight_decay"):
-        bounds = getattr(spec.coarse, pname)
-        if len(bounds) != 2 or not 0 < bounds[0] < bounds[1]:
-            raise UsageError(
-                f"coarse.{pname} must be [low, high] with 0 < low < high, got {bounds}"
-            )
-    if spec.final.epochs < 1:
-        raise UsageError("final.epochs must be at least 1")
-    if spec.batch_size < 0:
-        raise UsageError("batch_size must be at least 1 (or 0 for auto)")
-    if spec.overfit.samples < 2:
-        raise UsageError("overfit.samples must be at least 2")
+    """Every field's type and range, then the rules that join fields; the first problem is
+    a UsageError of one line naming the field, the value and what is allowed."""
+    _rule_errors(spec, "")
+    if spec.data.val_fraction + spec.data.test_fraction >= 1:
+        raise UsageError(
+            f"data.val_fraction + data.test_fraction = {spec.data.val_fraction:g} + "
+            f"{spec.data.test_fraction:g} leaves no training data; their sum must be < 1")
+    folds = {"train": spec.data.train_folds, "val": spec.data.val_folds,
+             "test": spec.data.test_folds}
+    for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
+        shared = sorted(set(folds[a]) & set(folds[b]))
+        if shared:
+            raise UsageError(f"data.{a}_folds and data.{b}_folds share fold(s) "
+                             f"{shared}; a fold may feed one split only")
     if spec.optimizer not in spec.overfit.lrs:
-        raise UsageError(f"overfit.lrs has no entry for optimizer '{spec.optimizer}'")
-    if spec.data.normalize not in ("dataset", "imagenet", "none"):
-        raise UsageError("data.normalize must be 'dataset', 'imagenet' or 'none'")
+        raise UsageError(f"overfit.lrs has no entry for optimizer '{spec.optimizer}'; "
+                         f"give overfit.lrs.{spec.optimizer} = [lr, ...]")

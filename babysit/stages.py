@@ -37,6 +37,7 @@ from babysit.models import build_model
 from babysit.spec import CoarseSpec
 from babysit.spec import SearchSpec
 from babysit.spec import Spec
+from babysit.spec import check_run_name
 from babysit.storage import STAGES
 from babysit.storage import Storage
 from babysit.storage import StorageLost
@@ -161,6 +162,8 @@ def open_stage(ctx: Context, stage: str, sampler: optuna.samplers.BaseSampler | 
 
 def check_spec(storage: Storage, spec: Spec) -> None:
     """A run name reused with a different spec is an input error; nothing is written."""
+    # Names composed by babysit itself (ablations' <ablation>/<variant>) are checked here.
+    check_run_name(spec.name, composed=True)
     for stage in STAGES:
         try:
             study = optuna.load_study(study_name=study_name(spec.name, stage),
@@ -680,6 +683,16 @@ def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float
     best_value = max(t.value for t in complete)
     threshold = chance + 0.5 * (best_value - chance)
     good = [t for t in complete if t.value >= threshold]
+    if best_value <= chance or not good:
+        # Every trial is at chance level (or below): by the rule above none says where the
+        # good region is, and with none above chance the half-way threshold keeps no trial.
+        raise ProtocolError(
+            f"narrowing failed: none of the {len(complete)} complete coarse trials beat "
+            f"chance (best val accuracy {best_value:.3f}, chance {chance:.3f}: always "
+            "guessing the most common class), so there is no good region to narrow to; "
+            "the network learned nothing in the coarse budget. Give coarse more epochs "
+            "(coarse.epochs) or trials (coarse.trials), or move coarse.lr, and rerun under a "
+            "new --name (`babysit report` shows every coarse trial)")
     top = sorted(good, key=lambda t: (-t.value, t.number))[:top_k]
     best = top[0]
     ranges: dict[str, list[float]] = {}
@@ -716,8 +729,13 @@ def narrow_stage(ctx: Context) -> dict[str, Any]:
     chance = float(counts.max()) / max(1, int(counts.sum()))
     # Clip to the range the coarse search really used (the LR range test may have set it).
     bounds = dataclasses.replace(spec.coarse, **coarse.user_attrs.get("ranges", {}))
-    result = narrow(coarse.get_trials(deepcopy=False), bounds, spec.narrow.top_k,
-                    spec.narrow.pad, spec.narrow.edge, chance=chance)
+    try:
+        result = narrow(coarse.get_trials(deepcopy=False), bounds, spec.narrow.top_k,
+                        spec.narrow.pad, spec.narrow.edge, chance=chance)
+    except ProtocolError as err:
+        # The verdict stays with the run: `babysit status` and the report show it on fine.
+        fine.set_user_attr("verdict", str(err))
+        raise
     fine.set_user_attr("narrowed", result)
     return result
 
@@ -731,7 +749,10 @@ def best_params(ctx: Context) -> dict[str, float]:
         best = best_of(study.get_trials(deepcopy=False))
         if best is not None:
             return best["params"]
-    raise ProtocolError("no completed search trial to take parameters from")
+    raise ProtocolError("final cannot start: neither the fine nor the coarse search has a "
+                        "complete trial to take lr and weight_decay from (every trial "
+                        "diverged, was pruned or failed); lower the upper end of coarse.lr or "
+                        "give the searches more epochs, and rerun under a new --name")
 
 
 _CKPT_ATTR = "checkpoint"

@@ -21,6 +21,7 @@ from datetime import datetime
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import optuna
 import sqlalchemy
@@ -56,8 +57,28 @@ def resolve_url(url: str | None) -> str:
     return url or os.environ.get("BABYSIT_STORAGE") or DEFAULT_STORAGE
 
 
+def _userinfo(url: str) -> tuple[str, str, str] | None:
+    """(scheme://, user, password) of a URL with a password, split where a password with an
+    unencoded '@', ':' or '/' is still whole: the password runs from the first ':' of the
+    user info to the LAST '@'. SQLAlchemy stops at the first '@' and would call the rest
+    of the password the host, which then shows in messages."""
+    scheme, sep, rest = url.partition("://")
+    at = rest.rfind("@")
+    if not sep or at < 0 or rest.startswith("/"):
+        return None
+    user, colon, password = rest[:at].partition(":")
+    if not colon or not password:
+        return None
+    return f"{scheme}://", user, password
+
+
 def redact(url: str) -> str:
     """The URL with any password replaced by ***, for output, logs and attrs."""
+    parts = _userinfo(url)
+    if parts is not None:
+        scheme, user, password = parts
+        # Everything after the last '@' is the host part, whatever the password holds.
+        return f"{scheme}{user}:***@{url[len(scheme) + len(user) + 1 + len(password) + 1:]}"
     try:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
@@ -358,13 +379,22 @@ def _create_trial_once(storage: _ReconnectingRDBStorage, study_id: int,
 
 def redact_text(text: str, url: str) -> str:
     """``text`` with the password of ``url`` (and the URL itself) hidden."""
+    secrets: set[str] = set()
+    parts = _userinfo(url)
+    if parts is not None:
+        password = parts[2]
+        # As typed, percent-decoded (what the driver sends and may echo), and each piece
+        # between '@'s (SQLAlchemy reads "p@ss@host" as password "p", host "ss@host").
+        secrets |= {password, unquote(password), *password.split("@")}
     try:
         parsed = make_url(url)
+        if parsed.password:
+            secrets.add(str(parsed.password))
     except (ArgumentError, ValueError):
-        return text
+        pass
     text = text.replace(url, redact(url))
-    if parsed.password:
-        text = text.replace(str(parsed.password), "***")
+    for secret in sorted((s for s in secrets if s), key=len, reverse=True):
+        text = text.replace(secret, "***")
     return text
 
 

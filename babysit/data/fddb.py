@@ -415,13 +415,23 @@ def build_split(
     for photo in photos:
         file = pics / f"{photo.path}.jpg"
         try:
-            with Image.open(file) as raw:
-                # Grey and CMYK photos become RGB so every patch has three channels.
-                img = raw.convert("RGB")
+            with warnings.catch_warnings():
+                # A photo over PIL's pixel limit is skipped by name, not decoded after a raw
+                # DecompressionBombWarning.
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(file) as raw:
+                    # Grey and CMYK photos become RGB so every patch has three channels.
+                    img = raw.convert("RGB")
         except FileNotFoundError:
             skipped_images.append(f"{photo.listed} ({PICS_DIR}/{photo.path}.jpg is missing)")
             continue
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+            skipped_images.append(
+                f"{photo.listed} ({PICS_DIR}/{photo.path}.jpg is oversized, not decoded as it "
+                f"may be a decompression bomb: {err})"
+            )
+            continue
+        except (UnidentifiedImageError, OSError, ValueError) as err:
             skipped_images.append(
                 f"{photo.listed} ({PICS_DIR}/{photo.path}.jpg unreadable: {err})"
             )

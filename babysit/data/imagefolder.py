@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -106,6 +107,10 @@ def _decode(path: Path, mode: str, size: int) -> np.ndarray | str:
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             return np.array(img, dtype=np.uint8)
+    except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
+        # PIL's own words give the pixel count and the limit (Image.MAX_IMAGE_PIXELS).
+        return (f"oversized image, not decoded as it may be a decompression bomb: {err} "
+                "Shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
     except Exception as err:  # noqa: BLE001 - truncated, corrupt, not an image: skip it
         return f"{type(err).__name__}: {err}"
 
@@ -131,12 +136,19 @@ def load_folder(root: Path, size: int, seed: int, val_fraction: float,
             _, f, y = _list(layout[split], classes)
             listed[split] = (f, y)
     everything = [p for f, _ in listed.values() for p in f]
-    with _pool() as pool:
-        modes = list(pool.map(_mode, everything))
-    readable = [m for m in modes if m is not None]
-    mode = "L" if readable and all(m in _GREY_MODES for m in readable) else "RGB"
-    with _pool() as pool:
-        decoded = list(pool.map(lambda p: _decode(p, mode, size), everything))
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        # An image over PIL's pixel limit (a possible decompression bomb) raises instead of
+        # printing PIL's raw warning; _decode names the file and it is skipped like a
+        # corrupt one. Filters are process-wide, so the pool's threads see this one too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with _pool() as pool:
+            modes = list(pool.map(_mode, everything))
+        readable = [m for m in modes if m is not None]
+        mode = "L" if readable and all(m in _GREY_MODES for m in readable) else "RGB"
+        with _pool() as pool:
+            decoded = list(pool.map(lambda p: _decode(p, mode, size), everything))
     skipped: list[str] = []
     arrays: dict[str, tuple[list[np.ndarray], list[int]]] = {}
     at = 0
