@@ -137,6 +137,19 @@ class NarrowSpec:
 class FinalSpec:
     # The seeds trained their final model for 20 epochs.
     epochs: int = 20
+    # Stop once validation has not improved (higher accuracy, or equal accuracy at a lower
+    # loss) for this many epochs; the best epoch's weights are the ones tested. 0 = off.
+    # 5: on the digits default run, the final's validation accuracy still improved 3 epochs
+    # after the previous best (docs/benchmarks.md, "final with patience"), so 5 leaves a
+    # margin over the gaps seen while stopping a plateau well before 20 epochs.
+    patience: int = 5
+    # Checkpoints may take at most this share of the final's time: after the first epoch
+    # (always written), a checkpoint is written once the training since the last write has
+    # taken at least (1 / share) x as long as that write did, and always after the last
+    # epoch. An AlexNet checkpoint with Adam state is ~280 MB (about 1 s to write on the
+    # project VM) against a 2.3 s digits epoch: one write per epoch nearly halved the
+    # final's speed. A kill loses at most ~(write time / share) of training.
+    checkpoint_share: float = 0.1
 
 
 @dataclass
@@ -381,3 +394,8 @@ def validate(spec: Spec) -> None:
         raise UsageError(f"overfit.lrs has no entry for optimizer '{spec.optimizer}'")
     if spec.data.normalize not in ("dataset", "imagenet", "none"):
         raise UsageError("data.normalize must be 'dataset', 'imagenet' or 'none'")
+    if spec.final.patience < 0:
+        raise UsageError("final.patience must be 0 (off) or a number of epochs")
+    if not 0 < spec.final.checkpoint_share <= 1:
+        raise UsageError("final.checkpoint_share must be in (0, 1]: the share of the final's "
+                         "time checkpoints may take, e.g. 0.1")
