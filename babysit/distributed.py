@@ -47,8 +47,10 @@ def check_procs(procs: int, device_type: str) -> None:
     if procs > 1 and device_type == "cuda":
         visible = torch.cuda.device_count()
         if procs > visible:
-            raise UsageError(f"--final-procs {procs} needs {procs} GPUs, {visible} visible; "
-                             f"use --final-procs {visible} or fewer")
+            raise UsageError(
+                f"--final-procs {procs} needs {procs} GPUs, {visible} visible; "
+                f"use --final-procs {visible} or fewer"
+            )
 
 
 @dataclass
@@ -72,8 +74,9 @@ class _Job:
     threads: int
 
 
-def launch_final(ctx: Any, study: optuna.Study, trial: optuna.Trial, lr: float,
-                 wd: float) -> dict[str, Any]:
+def launch_final(
+    ctx: Any, study: optuna.Study, trial: optuna.Trial, lr: float, wd: float
+) -> dict[str, Any]:
     """Train the final on ``ctx.final_procs`` processes; rank 0's result."""
     from torch.distributed.launcher.api import LaunchConfig
     from torch.distributed.launcher.api import elastic_launch
@@ -84,8 +87,10 @@ def launch_final(ctx: Any, study: optuna.Study, trial: optuna.Trial, lr: float,
     procs = ctx.final_procs
     data = ctx.data
     if type(data) is not DeviceData:
-        ctx.log("final: streamed data trains on one process (--final-procs needs the "
-                "splits as tensors)")
+        ctx.log(
+            "final: streamed data trains on one process (--final-procs needs the "
+            "splits as tensors)"
+        )
         ctx.final_procs = 1
         try:
             from babysit.stages import train_final
@@ -114,10 +119,13 @@ def launch_final(ctx: Any, study: optuna.Study, trial: optuna.Trial, lr: float,
             lr=lr,
             weight_decay=wd,
             checkpoint=path,
-            splits={k: getattr(data, k).to(cpu) for k in
-                    ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")},
-            pre=dataclasses.replace(data.pre, mean=data.pre.mean.to(cpu),
-                                    std=data.pre.std.to(cpu)),
+            splits={
+                k: getattr(data, k).to(cpu)
+                for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+            },
+            pre=dataclasses.replace(
+                data.pre, mean=data.pre.mean.to(cpu), std=data.pre.std.to(cpu)
+            ),
             num_classes=data.num_classes,
             device_type=ctx.device.type,
             check_every=ctx.check_every,
@@ -138,9 +146,11 @@ def launch_final(ctx: Any, study: optuna.Study, trial: optuna.Trial, lr: float,
             monitor_interval=0.5,
             start_method="spawn",
         )
-        ctx.log(f"final: {procs} processes, DistributedDataParallel over "
-                f"{backend_for(ctx.device.type)}; global batch {ctx.batch_size} split "
-                f"{max(1, ctx.batch_size // procs)} per process, lr unchanged")
+        ctx.log(
+            f"final: {procs} processes, DistributedDataParallel over "
+            f"{backend_for(ctx.device.type)}; global batch {ctx.batch_size} split "
+            f"{max(1, ctx.batch_size // procs)} per process, lr unchanged"
+        )
         # The elastic agent installs its own SIGINT/SIGTERM handlers (stop the ranks, then
         # raise); ours come back afterwards.
         saved = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
@@ -200,18 +210,30 @@ def _rank_main(job: _Job) -> dict[str, Any]:
     dist.init_process_group(backend_for(job.device_type))
     try:
         s = job.splits
-        data = DeviceData(s["train_x"].to(device), s["train_y"].to(device),
-                          s["val_x"].to(device), s["val_y"].to(device),
-                          s["test_x"].to(device), s["test_y"].to(device),
-                          job.pre.to(device), job.num_classes)
+        data = DeviceData(
+            s["train_x"].to(device),
+            s["train_y"].to(device),
+            s["val_x"].to(device),
+            s["val_y"].to(device),
+            s["test_x"].to(device),
+            s["test_y"].to(device),
+            job.pre.to(device),
+            job.num_classes,
+        )
         storage = study = trial = None
         if rank == 0:
             storage = open_storage(job.storage_url, job.artifact_dir, create=False)
             study = optuna.load_study(study_name=job.study_name, storage=storage.rdb)
             trial = optuna.trial.Trial(study, job.trial_id)
-        ctx = Context(spec=Spec.from_dict(job.spec), storage=storage, data=data,  # type: ignore[arg-type]
-                      quiet=True, check_every=job.check_every, compile=job.compile,
-                      log=lambda m: print(m, file=sys.stderr, flush=True))
+        ctx = Context(
+            spec=Spec.from_dict(job.spec),
+            storage=storage,
+            data=data,  # type: ignore[arg-type]
+            quiet=True,
+            check_every=job.check_every,
+            compile=job.compile,
+            log=lambda m: print(m, file=sys.stderr, flush=True),
+        )
         ckpt = None
         if job.checkpoint:
             ckpt = torch.load(job.checkpoint, map_location=device, weights_only=True)
@@ -259,8 +281,9 @@ def gather_to_rank0(obj: Any) -> list[Any] | None:
     return out
 
 
-def helper_env(base: dict[str, str], index: int, device_type: str,
-               device_count: int) -> dict[str, str]:
+def helper_env(
+    base: dict[str, str], index: int, device_type: str, device_count: int
+) -> dict[str, str]:
     """The environment of `--jobs` helper ``index`` (1, 2, ...): on a host with several
     GPUs, pinned round robin to one of the visible devices (this process is on the first),
     so N helpers spread over the devices instead of all sharing device 0."""
@@ -272,4 +295,3 @@ def helper_env(base: dict[str, str], index: int, device_type: str,
         visible = [str(i) for i in range(device_count)]
     env["CUDA_VISIBLE_DEVICES"] = visible[index % min(device_count, len(visible))]
     return env
-

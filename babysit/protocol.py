@@ -357,7 +357,13 @@ def summarize(storage: Storage, run: str) -> dict[str, Any]:
                            "epochs": a.get("epochs_run"), "val_accuracy": a.get("val_accuracy"),
                            "test_accuracy": a.get("test_accuracy"),
                            "test_loss": a.get("test_loss"),
-                           "model_artifact": a.get("model_artifact")}
+                           "model_artifact": a.get("model_artifact"),
+                           # The plateau stop: the epoch whose weights were tested, the
+                           # epochs of the budget not run, and why training ended.
+                           "best_epoch": a.get("best_epoch"),
+                           "epochs_saved": a.get("epochs_saved"),
+                           "stopped": a.get("stopped"),
+                           "procs": a.get("final_procs", 1)}
     else:
         stages["final"] = {"status": "running" if trials else "skipped", "params": None,
                            "epochs": None, "val_accuracy": None, "test_accuracy": None,
