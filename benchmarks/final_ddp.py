@@ -45,14 +45,26 @@ def one(procs: int, args: argparse.Namespace) -> dict[str, float]:
     from babysit.stages import final
     from babysit.storage import open_storage
 
-    sets = [f"name=ddp{procs}", f"final.epochs={args.epochs}", "final.patience=0",
-            f"batch_size={args.batch}", *(SMALL if args.small else []), *args.set]
+    sets = [
+        f"name=ddp{procs}",
+        f"final.epochs={args.epochs}",
+        "final.patience=0",
+        f"batch_size={args.batch}",
+        *(SMALL if args.small else []),
+        *args.set,
+    ]
     spec = build_spec(None, sets, {"dataset": args.dataset})
     with tempfile.TemporaryDirectory() as tmp:
         url = f"sqlite:///{Path(tmp) / 'b.db'}"
         storage = open_storage(url)
-        ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir, quiet=True,
-                      final_procs=procs)
+        ctx = prepare(
+            spec,
+            storage,
+            device=args.device,
+            data_dir=args.data_dir,
+            quiet=True,
+            final_procs=procs,
+        )
         ctx.log = lambda _m: None
         t0 = time.perf_counter()
         result = final(ctx, params={"lr": args.lr, "weight_decay": args.weight_decay})
@@ -60,9 +72,12 @@ def one(procs: int, args: argparse.Namespace) -> dict[str, float]:
         if result.status != "passed":
             raise SystemExit(f"{procs} processes: final {result.status}: {result.verdict}")
         trial = optuna.load_study(study_name=f"ddp{procs}/final", storage=url).best_trial
-        return {"wall": wall, "train": float(trial.user_attrs["seconds"]),
-                "test": float(trial.user_attrs["test_accuracy"]),
-                "epochs": int(trial.user_attrs["epochs_run"])}
+        return {
+            "wall": wall,
+            "train": float(trial.user_attrs["seconds"]),
+            "test": float(trial.user_attrs["test_accuracy"]),
+            "epochs": int(trial.user_attrs["epochs_run"]),
+        }
 
 
 def main() -> None:
@@ -81,10 +96,15 @@ def main() -> None:
 
     import torch
 
-    print(f"# {datetime.date.today()} {platform.node()} {platform.machine()}, "
-          f"{os.cpu_count()} cores, torch {torch.__version__}, device {args.device}"
-          + (f" ({torch.cuda.get_device_name()} x{torch.cuda.device_count()})"
-             if args.device == "cuda" else ""))
+    print(
+        f"# {datetime.date.today()} {platform.node()} {platform.machine()}, "
+        f"{os.cpu_count()} cores, torch {torch.__version__}, device {args.device}"
+        + (
+            f" ({torch.cuda.get_device_name()} x{torch.cuda.device_count()})"
+            if args.device == "cuda"
+            else ""
+        )
+    )
     print(f"# python benchmarks/final_ddp.py {' '.join(sys.argv[1:])}")
     print("| procs | wall s | train s | epochs/s | speedup | test acc |")
     print("|---:|---:|---:|---:|---:|---:|")
@@ -92,8 +112,11 @@ def main() -> None:
     for procs in args.procs:
         r = one(procs, args)
         base = base or r["train"]
-        print(f"| {procs} | {r['wall']:.1f} | {r['train']:.1f} | {r['epochs'] / r['train']:.2f} "
-              f"| {base / r['train']:.2f}x | {r['test']:.4f} |", flush=True)
+        print(
+            f"| {procs} | {r['wall']:.1f} | {r['train']:.1f} | {r['epochs'] / r['train']:.2f} "
+            f"| {base / r['train']:.2f}x | {r['test']:.4f} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":
