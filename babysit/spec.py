@@ -147,9 +147,10 @@ class FinalSpec:
     # Checkpoints may take at most this share of the final's time: after the first epoch
     # (always written), a checkpoint is written once the training since the last write has
     # taken at least (1 / share) x as long as that write did, and always after the last
-    # epoch. An AlexNet checkpoint with Adam state is ~280 MB (about 1 s to write on the
-    # project VM) against a 2.3 s digits epoch: one write per epoch nearly halved the
-    # final's speed. A kill loses at most ~(write time / share) of training.
+    # epoch. The default AlexNet's checkpoint with Adam state is 279 MB, 1.5 to 6.4 s to
+    # write on the (loaded) project VM, against a 2.3 s digits epoch (docs/benchmarks.md):
+    # a write after every epoch could cost more than the training. A kill loses at most
+    # ~(write time / share) of training.
     checkpoint_share: float = 0.1
 
 
