@@ -892,9 +892,10 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
             trial.set_user_attr("best_epoch", best["epoch"])
             trial.set_user_attr("examples", (stats.epoch - start) * ctx.data.train_size)
             trial.report(stats.val_acc, stats.epoch)
-            due = float(checkpoint_due(stats.epoch, last,
-                                       time.perf_counter() - clock["since"], clock["write"],
-                                       spec.final.checkpoint_share))
+            # No checkpoint of diverged weights: a rerun would resume into NaN.
+            due = float(not diverged and checkpoint_due(
+                stats.epoch, last, time.perf_counter() - clock["since"], clock["write"],
+                spec.final.checkpoint_share))
         if world > 1:
             from babysit.distributed import from_rank0
 
@@ -932,12 +933,15 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
             outcome["stopped"] = "diverged" if diverged else "plateau"
             raise _StopFinal
 
+    budget = spec.final.epochs
+    if spec.final.patience > 0 and start - best["epoch"] >= spec.final.patience:
+        budget = start  # killed after the plateau stop's checkpoint: nothing left to train
     kwargs: dict[str, Any] = {}
     if world > 1:
         kwargs = {"shard": (rank, world), "augment_generator": augment}
     history = None
     try:
-        history = fit(net, opt, ctx.data, epochs=spec.final.epochs, batch_size=per_rank,
+        history = fit(net, opt, ctx.data, epochs=budget, batch_size=per_rank,
                       loss=spec.loss, generator=gen, start_epoch=start, diverge_above=None,
                       # Ranks must leave together: a step-level NaN stop on one rank would
                       # leave the others waiting in the next gradient all-reduce, so data
