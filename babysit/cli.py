@@ -54,7 +54,14 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
                    "(this one plus N-1 workers), for models too small to fill it alone")
     p.add_argument("--compile", action="store_true", help="torch.compile each network "
                    "(pays on a GPU for long trials)")
+    _final_procs_flag(p)
     _storage_flags(p)
+
+
+def _final_procs_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--final-procs", type=int, default=1, metavar="N", help="train the final "
+                   "on N processes (DistributedDataParallel, launched like torchrun; one GPU "
+                   "each, or gloo on the CPU); the global batch stays the spec's")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--compile", action="store_true")
+    _final_procs_flag(p)
     _storage_flags(p)
 
     p = sub.add_parser("status", help="where each stage of a run stands")
@@ -140,7 +148,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     storage = _open(args)
     ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
                   download=args.download, force=args.force, quiet=args.quiet,
-                  compile=args.compile)
+                  compile=args.compile, final_procs=args.final_procs)
     summary = None
     code = 0
     try:
@@ -184,7 +192,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     storage = _open(args, create=False)
     spec = stored_spec(storage, args.name)
     ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir, quiet=args.quiet,
-                  owner=False, compile=args.compile)
+                  owner=False, compile=args.compile, final_procs=args.final_procs)
     try:
         run_protocol(ctx)
     except BabysitError as err:

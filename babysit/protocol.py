@@ -59,7 +59,7 @@ def _log(message: str) -> None:
 
 def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str | None = None,
             download: bool = False, force: bool = False, quiet: bool = False,
-            owner: bool = True, compile: bool = False) -> Context:
+            owner: bool = True, compile: bool = False, final_procs: int = 1) -> Context:
     """Check the spec against storage, load the data onto the device: everything before
     the first trial. Raises UsageError (exit 2) before anything is written."""
     if not spec.name:
@@ -69,6 +69,9 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
     if device == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda was asked for but no CUDA device is visible; "
                          "use --device auto or cpu")
+    from babysit.distributed import check_procs
+
+    check_procs(final_procs, dev.type)
     configure_device(dev)
     request = DataRequest(
         data_dir=Path(data_dir) if data_dir else default_data_dir(),
@@ -106,6 +109,7 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
         check_every=1 if dev.type == "cpu" else 8,
         log=_log,
         data_info=data_facts(splits, data),
+        final_procs=final_procs,
     )
 
 
@@ -165,9 +169,11 @@ def run_protocol(ctx: Context, jobs: int = 1) -> dict[str, Any]:
 
 
 def _spawn_workers(ctx: Context, jobs: int) -> list[subprocess.Popen]:
-    """``--jobs N``: N-1 `babysit worker` processes join the searches on the same device.
+    """``--jobs N``: N-1 `babysit worker` processes join the searches.
 
-    For networks too small to fill a GPU alone. The storage URL travels in the environment,
+    For networks too small to fill a GPU alone. With several GPUs visible, helper i is
+    pinned (CUDA_VISIBLE_DEVICES) to device i mod count, round robin with this process on
+    the first. The storage URL travels in the environment,
     not on the command line, where `ps` would show a password.
     """
     if jobs <= 1:
@@ -182,12 +188,19 @@ def _spawn_workers(ctx: Context, jobs: int) -> list[subprocess.Popen]:
            "--quiet"]
     if ctx.compile:
         cmd.append("--compile")
+    if ctx.final_procs > 1:
+        # Whichever process takes the final trains it the way this run was asked to.
+        cmd += ["--final-procs", str(ctx.final_procs)]
     if ctx.data_dir:
         cmd += ["--data-dir", str(ctx.data_dir)]
     ctx.log(f"--jobs {jobs}: starting {jobs - 1} worker processes beside this one")
-    return [subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL,
+    from babysit.distributed import helper_env
+
+    count = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
+    return [subprocess.Popen(cmd, env=helper_env(env, i, ctx.device.type, count),
+                             stdout=subprocess.DEVNULL,
                              preexec_fn=die_with_parent())  # a SIGKILLed run takes them along
-            for _ in range(jobs - 1)]
+            for i in range(1, jobs)]
 
 
 def _reap(helpers: list[subprocess.Popen]) -> None:
@@ -351,7 +364,13 @@ def summarize(storage: Storage, run: str) -> dict[str, Any]:
                            "epochs": a.get("epochs_run"), "val_accuracy": a.get("val_accuracy"),
                            "test_accuracy": a.get("test_accuracy"),
                            "test_loss": a.get("test_loss"),
-                           "model_artifact": a.get("model_artifact")}
+                           "model_artifact": a.get("model_artifact"),
+                           # The plateau stop: the epoch whose weights were tested, the
+                           # epochs of the budget not run, and why training ended.
+                           "best_epoch": a.get("best_epoch"),
+                           "epochs_saved": a.get("epochs_saved"),
+                           "stopped": a.get("stopped"),
+                           "procs": a.get("final_procs", 1)}
     else:
         stages["final"] = {"status": "running" if trials else "skipped", "params": None,
                            "epochs": None, "val_accuracy": None, "test_accuracy": None,

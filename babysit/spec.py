@@ -287,6 +287,21 @@ class NarrowSpec:
 class FinalSpec:
     # The seeds trained their final model for 20 epochs.
     epochs: int = _f(20, _at_least(1))
+    # Stop once validation has not improved (higher accuracy, or equal accuracy at a lower
+    # loss) for this many epochs; the best epoch's weights are the ones tested. 0 = off.
+    # 5: measured on digits (20-epoch finals, Adam, docs/benchmarks.md "final plateau"):
+    # at lr 1e-2 improvements came up to 4 epochs apart before a later better one, and 5
+    # rides over that gap; at lr 1e-3 the best accuracy (0.993) came at epoch 11 and
+    # nothing beat it for 8 epochs, so 5 stops at epoch 16 with the same best.
+    patience: int = _f(5, _at_least(0))
+    # Checkpoints may take at most this share of the final's time: after the first epoch
+    # (always written), a checkpoint is written once the training since the last write has
+    # taken at least (1 / share) x as long as that write did, and always after the last
+    # epoch. The default AlexNet's checkpoint with Adam state is 279 MB, 1.5 to 6.4 s to
+    # write on the (loaded) project VM, against a 2.3 s digits epoch (docs/benchmarks.md):
+    # a write after every epoch could cost more than the training. A kill loses at most
+    # ~(write time / share) of training.
+    checkpoint_share: float = _f(0.1, _number(0, 1, low_open=True, high_open=False))
 
 
 @dataclass

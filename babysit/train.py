@@ -76,11 +76,21 @@ class DeviceData:
         return self.train_x[:n], self.train_y[:n]
 
     def train_batches(
-        self, batch_size: int, generator: torch.Generator
+        self, batch_size: int, generator: torch.Generator, shard: tuple[int, int] = (0, 1)
     ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """One epoch: index slices of a permutation drawn on the device (airbench's loader)."""
+        """One epoch: index slices of a permutation drawn on the device (airbench's loader).
+
+        ``shard=(rank, world)``: every rank draws the same permutation and takes every
+        world-th index of it from ``rank`` on (the last n % world dropped, so every rank
+        runs the same number of steps); batch k of all ranks together is then batch k of
+        one process at ``batch_size * world``.
+        """
         n = self.train_size
         perm = torch.randperm(n, device=generator.device, generator=generator).to(self.device)
+        rank, world = shard
+        if world > 1:
+            perm = perm[: n - n % world][rank::world]
+            n = perm.shape[0]
         for start in range(0, n, batch_size):
             idx = perm[start : start + batch_size]
             yield self.train_x[idx], self.train_y[idx]
@@ -207,6 +217,11 @@ def fit(
     on_epoch: Callable[[EpochStats], None] | None = None,
     # diagnostics (babysit.diagnostics.Monitor): called after each backward, before the step
     monitor: Callable[[int, nn.Module, torch.optim.Optimizer, torch.Tensor], None] | None = None,
+    # Data parallel (babysit.distributed): this rank's shard of each epoch's permutation,
+    # and a generator of its own for augmentation (``generator`` draws the permutation,
+    # which must stay the same on every rank).
+    shard: tuple[int, int] = (0, 1),
+    augment_generator: torch.Generator | None = None,
 ) -> History:
     """Train for ``epochs`` epochs; stop on the step the loss diverges.
 
@@ -223,8 +238,11 @@ def fit(
         run_loss = torch.zeros((), device=dev)
         run_correct = torch.zeros((), device=dev, dtype=torch.long)
         seen = 0
-        for xraw, yb in data.train_batches(batch_size, generator):
-            xb = data.pre(xraw, train=True, generator=generator)
+        # Streamed data (babysit.data.streaming) has no shards; it never runs data parallel.
+        batches = (data.train_batches(batch_size, generator) if shard[1] == 1
+                   else data.train_batches(batch_size, generator, shard=shard))
+        for xraw, yb in batches:
+            xb = data.pre(xraw, train=True, generator=augment_generator or generator)
             optimizer.zero_grad(set_to_none=True)
             with autocast(dev):
                 logits = model(xb)

@@ -204,8 +204,9 @@ def test_two_processes_on_sqlite_and_a_final_killed_midway_resumes(tmp_path: Pat
     db = tmp_path / "one.db"
     url = f"sqlite:///{db}"
     epochs = 8  # a few seconds of final training to kill it in
+    # Patience off: the test counts every epoch of the final after the resume.
     budget = ["--set", "coarse.trials=4", "--set", "coarse.epochs=1", "--set", "fine.trials=2",
-              "--set", f"final.epochs={epochs}"]
+              "--set", f"final.epochs={epochs}", "--set", "final.patience=0"]
     run_args = ["run", "--name", "s", *FAST, *budget, *FAST_HEARTBEAT, "--storage", url]
     watch = open_storage(url).rdb
     owner = _spawn(*run_args, cwd=tmp_path, env=_env())
