@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import tempfile
 import time
 import warnings
 from collections.abc import Callable
+from typing import Any
 from typing import BinaryIO
 from urllib.parse import urlsplit
 
@@ -63,14 +65,25 @@ def parse_grpc(url: str) -> tuple[str, int]:
 
 
 class HeartbeatGrpcProxy(GrpcStorageProxy, BaseHeartbeat):
-    """Optuna's gRPC client with a heartbeat carried as a trial system attr."""
+    """Optuna's gRPC client with a heartbeat carried as a trial system attr, riding out a
+    proxy restart.
 
-    def __init__(self, *, host: str, port: int, heartbeat: int | None, grace: int) -> None:
+    A call made while the proxy is down fails with UNAVAILABLE (the request never reached
+    a server), and Optuna's client gives up at once; here each call retries for up to
+    ``reconnect`` seconds from the first failure, then raises StorageLost, as
+    babysit's RDB storage does for a database restart. A database restart behind the proxy
+    is ridden out by the proxy's own storage.
+    """
+
+    def __init__(self, *, host: str, port: int, heartbeat: int | None, grace: int,
+                 reconnect: float = 60.0) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             super().__init__(host=host, port=port)
         self._heartbeat = heartbeat if heartbeat and heartbeat > 0 else None
         self._grace = grace
+        self.reconnect = reconnect
+        self._down_since: float | None = None
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -91,16 +104,69 @@ class HeartbeatGrpcProxy(GrpcStorageProxy, BaseHeartbeat):
         return None
 
 
+def _retrying(name: str) -> Callable[..., Any]:
+    method = getattr(GrpcStorageProxy, name)
+
+    def call(self: HeartbeatGrpcProxy, *args: Any, **kwargs: Any) -> Any:
+        import grpc
+
+        from babysit.storage import StorageLost
+
+        delay = 0.25
+        while True:
+            try:
+                result = method(self, *args, **kwargs)
+            except grpc.RpcError as err:
+                if err.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                now = time.monotonic()
+                if self._down_since is None:
+                    self._down_since = now
+                    print(f"babysit: storage proxy {self._host}:{self._port} unreachable; "
+                          f"retrying for up to {self.reconnect:g} s", file=sys.stderr,
+                          flush=True)
+                if now - self._down_since >= self.reconnect:
+                    raise StorageLost(
+                        f"lost the storage proxy {self._host}:{self._port} for "
+                        f"{self.reconnect:g} s; finished trials are stored, the running one "
+                        "is marked FAIL once its heartbeat is stale. Rerun the same command "
+                        "when the proxy is back") from None
+                time.sleep(delay)
+                delay = min(2 * delay, 2.0)
+                continue
+            if self._down_since is not None:
+                self._down_since = None
+                print(f"babysit: storage proxy {self._host}:{self._port} reachable again",
+                      file=sys.stderr, flush=True)
+            return result
+
+    call.__name__ = name
+    call.__doc__ = method.__doc__
+    return call
+
+
+for _name in (
+    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
+    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
+    "get_study_user_attrs", "get_study_system_attrs", "get_all_studies", "create_new_trial",
+    "set_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
+    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
+    "get_trial", "get_all_trials",
+):
+    setattr(HeartbeatGrpcProxy, _name, _retrying(_name))
+
+
 def _stale(trial: FrozenTrial, now: float, grace: int) -> bool:
     # A trial with no stamp yet is never stale, as in Optuna's RDB heartbeat.
     stamp = trial.system_attrs.get(HEARTBEAT_ATTR)
     return isinstance(stamp, (int, float)) and now - stamp > grace
 
 
-def open_proxy(url: str, heartbeat: int | None, grace: int,
+def open_proxy(url: str, heartbeat: int | None, grace: int, reconnect: float = 60.0,
                wait: float = 10.0) -> HeartbeatGrpcProxy:
     host, port = parse_grpc(url)
-    proxy = HeartbeatGrpcProxy(host=host, port=port, heartbeat=heartbeat, grace=grace)
+    proxy = HeartbeatGrpcProxy(host=host, port=port, heartbeat=heartbeat, grace=grace,
+                               reconnect=reconnect)
     try:
         proxy.wait_server_ready(timeout=wait)
     except ConnectionError:

@@ -325,7 +325,8 @@ def _open_proxy(url: str, artifact_dir: str | Path | None, store: str | None,
         "BABYSIT_HEARTBEAT", DEFAULT_HEARTBEAT
     )
     grace_period = grace if grace is not None else _int_env("BABYSIT_GRACE", DEFAULT_GRACE)
-    proxy = open_proxy(url, interval, grace_period)
+    proxy = open_proxy(url, interval, grace_period,
+                       reconnect=_int_env("BABYSIT_RECONNECT", DEFAULT_RECONNECT))
     return _with_artifacts(Storage(url=url, rdb=proxy, artifact_dir=Path(".")), artifact_dir,
                            store)
 

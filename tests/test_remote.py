@@ -207,17 +207,45 @@ def test_proxy_heartbeat_marks_a_silent_trial_stale(tmp_path: Path) -> None:
     server = threading.Thread(target=serve_proxy, args=(backend, "127.0.0.1", port, "hb"),
                               daemon=True)
     server.start()
-    client = HeartbeatGrpcProxy(host="127.0.0.1", port=port, heartbeat=1, grace=1)
+    # Grace 3 s: on the loaded test machine a stamp-and-read can take over a second.
+    client = HeartbeatGrpcProxy(host="127.0.0.1", port=port, heartbeat=1, grace=3)
     client.wait_server_ready(timeout=20)
     study = optuna.create_study(study_name="hb", storage=client)
     beating, silent, unstamped = (study.ask() for _ in range(3))
     for t in (beating, silent):
         client.record_heartbeat(t._trial_id)
     assert client._get_stale_trial_ids(study._study_id) == []
-    time.sleep(1.5)
+    time.sleep(3.5)
     client.record_heartbeat(beating._trial_id)
     assert client._get_stale_trial_ids(study._study_id) == [silent._trial_id]
     assert client.get_heartbeat_interval() == 1
+    assert unstamped._trial_id not in client._get_stale_trial_ids(study._study_id)
+    client.close()
+
+
+def test_a_client_rides_out_a_proxy_that_is_down_then_gives_up_plainly(tmp_path: Path) -> None:
+    """A call made while no proxy listens retries; a proxy that comes up meanwhile answers
+    it. One that stays down past the reconnect window is StorageLost, not a gRPC trace."""
+    from babysit.remote import HeartbeatGrpcProxy
+    from babysit.remote import serve_proxy
+    from babysit.storage import StorageLost
+
+    port = _free_port()
+    gone = HeartbeatGrpcProxy(host="127.0.0.1", port=port, heartbeat=1, grace=3, reconnect=1)
+    with pytest.raises(StorageLost, match="lost the storage proxy"):
+        gone.get_all_studies()
+    gone.close()
+
+    backend = open_storage(f"sqlite:///{tmp_path / 'late.db'}").rdb
+    optuna.create_study(study_name="late", storage=backend)
+    client = HeartbeatGrpcProxy(host="127.0.0.1", port=port, heartbeat=1, grace=3,
+                                reconnect=60)
+    late = threading.Timer(2.0, serve_proxy, args=(backend, "127.0.0.1", port, "late"))
+    late.daemon = True
+    late.start()
+    t0 = time.monotonic()
+    assert [s.study_name for s in client.get_all_studies()] == ["late"]
+    assert time.monotonic() - t0 >= 1.5  # it did wait for the proxy
     client.close()
 
 
