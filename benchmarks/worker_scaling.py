@@ -258,8 +258,12 @@ def main(argv: list[str] | None = None) -> int:
     print("| workers | via | stage filled (s) | trials/s | all exited (s) | ideal (s) | "
           "speed-up | overhead per trial (ms) | surplus trials | DB connections (peak) |")
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    base = rows[0]["filled"] * rows[0]["workers"]
+    # Speed-up against the first row of the same kind (direct or proxy).
+    bases = {}
     for r in rows:
+        bases.setdefault(r["via"], r["filled"] * r["workers"])
+    for r in rows:
+        base = bases[r["via"]]
         print(f"| {r['workers']} | {r['via']} | {r['filled']:.2f} | "
               f"{args.trials / r['filled']:.2f} | {r['exited']:.2f} | {r['ideal']:.1f} | "
               f"{base / r['filled']:.2f}x | {1000 * r['overhead']:.0f} | {r['surplus']} | "

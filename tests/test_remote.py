@@ -96,10 +96,17 @@ def _postgres_sockets(pid: int, port: int = 5432) -> int:
     return count
 
 
+PASSWORD = "pr0xy-Pa55"
+
+
 @pytest.fixture
 def proxy(tmp_path: Path, postgres_url: str) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    from sqlalchemy.engine import make_url
+
+    # The local server trusts 127.0.0.1 and ignores the password; it must still never show.
+    secret = make_url(postgres_url).set(password=PASSWORD).render_as_string(hide_password=False)
     port = _free_port()
-    proc = _spawn("storage-proxy", "--storage", postgres_url, "--port", str(port),
+    proc = _spawn("storage-proxy", "--storage", secret, "--port", str(port),
                   cwd=tmp_path, env=_env())
     url = f"grpc://127.0.0.1:{port}"
     try:
@@ -111,10 +118,14 @@ def proxy(tmp_path: Path, postgres_url: str) -> Iterator[tuple[str, subprocess.P
     finally:
         proc.send_signal(signal.SIGINT)
         try:
-            proc.communicate(timeout=20)
+            stdout, stderr = proc.communicate(timeout=20)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.communicate()
+            stdout, stderr = proc.communicate()
+    assert "storage proxy: grpc://127.0.0.1" in stdout and "***" in stdout, stdout
+    assert PASSWORD not in stdout + stderr
+    assert "Traceback" not in stderr, stderr
+    assert proc.returncode == 0, stderr  # Ctrl-C stops it cleanly
 
 
 @pytest.mark.postgres
