@@ -26,6 +26,9 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
                    "sqlite:///babysit.db)")
     p.add_argument("--artifact-dir", help="artifact store folder (default: next to an SQLite "
                    "file, else ./babysit-artifacts)")
+    p.add_argument("--artifact-store", help="s3://BUCKET/PREFIX: artifacts on S3-compatible "
+                   "object storage (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+                   "AWS_SECRET_ACCESS_KEY; default: $BABYSIT_ARTIFACT_STORE)")
     p.add_argument("--heartbeat", type=int, help="seconds between a worker's heartbeats")
     p.add_argument("--grace", type=int, help="seconds without a heartbeat before a trial is "
                    "presumed dead")
@@ -115,6 +118,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-artifact-dir", help="artifact store of the source storage")
     p.add_argument("--to-artifact-dir", help="artifact store of the target storage")
 
+    p = sub.add_parser("storage-proxy", help="Optuna's gRPC storage proxy: many workers "
+                       "share its database connections (they use --storage grpc://HOST:PORT)")
+    p.add_argument("--storage", help="the database it serves (default: $BABYSIT_STORAGE, "
+                   "else sqlite:///babysit.db)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; the "
+                   "proxy has no login: anyone who reaches it can change or delete studies)")
+    p.add_argument("--port", type=int, default=13000, help="default 13000, Optuna's")
+    p.add_argument("--threads", type=int, default=10, help="requests served at once "
+                   "(Optuna's default 10)")
+
     p = sub.add_parser("ablate", help="one run per variant of a base spec, and their table")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
@@ -130,7 +143,7 @@ def _open(args: argparse.Namespace, create: bool = True):  # noqa: ANN202
     from babysit.storage import open_storage
 
     return open_storage(args.storage, args.artifact_dir, heartbeat=args.heartbeat,
-                        grace=args.grace, create=create)
+                        grace=args.grace, create=create, artifact_store=args.artifact_store)
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
@@ -298,6 +311,25 @@ def _cmd_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_storage_proxy(args: argparse.Namespace) -> int:
+    from babysit.remote import serve_proxy
+    from babysit.storage import open_storage
+    from babysit.storage import resolve_url
+
+    if resolve_url(args.storage).startswith("grpc://"):
+        raise UsageError("--storage of a storage proxy is the database itself (sqlite:/// or "
+                         "postgresql+psycopg://), not another proxy")
+    if args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"babysit: warning: the storage proxy listens on {args.host}, reachable from "
+              "other machines, without login or encryption; keep it on a private network",
+              file=sys.stderr, flush=True)
+    # The proxy comes first in a new deployment, so it creates an SQLite file if need be.
+    storage = open_storage(args.storage)
+    return serve_proxy(storage.rdb, args.host, args.port, storage.shown, threads=args.threads)
+
+
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from babysit.ablate import run_ablation
 
@@ -315,6 +347,7 @@ COMMANDS = {
     "export": _cmd_export,
     "copy": _cmd_copy,
     "ablate": _cmd_ablate,
+    "storage-proxy": _cmd_storage_proxy,
 }
 
 

@@ -92,7 +92,7 @@ def _announce(storage: Storage, host: str, port: int) -> None:
     if ":" in shown:
         shown = f"[{shown}]"
     runs = run_names(storage)
-    print(f"storage: {storage.shown}; artifacts: {storage.artifact_dir}; "
+    print(f"storage: {storage.shown}; artifacts: {storage.artifact_where}; "
           f"{len(runs)} run{'s' if len(runs) != 1 else ''}"
           f"{': ' + ', '.join(runs) if runs else ''}", file=err, flush=True)
     print(f"dashboard: http://{shown}:{port}/dashboard/ (Ctrl-C to stop)", file=err, flush=True)

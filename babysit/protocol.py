@@ -184,7 +184,7 @@ def _spawn_workers(ctx: Context, jobs: int) -> list[subprocess.Popen]:
         # Share the cores instead of every process spinning up one thread per core.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
     cmd = [sys.executable, "-m", "babysit", "worker", "--name", ctx.spec.name,
-           "--artifact-dir", str(ctx.storage.artifact_dir), "--device", ctx.device.type,
+           *ctx.storage.artifact_flags(), "--device", ctx.device.type,
            "--quiet"]
     if ctx.compile:
         cmd.append("--compile")

@@ -492,15 +492,37 @@ for _name in (
 @dataclass
 class Storage:
     url: str = field(repr=False)  # may hold a password; print .shown
-    rdb: optuna.storages.RDBStorage
+    # An RDBStorage, or for grpc://host:port the client of `babysit storage-proxy`.
+    rdb: optuna.storages.BaseStorage
     artifact_dir: Path
+    # s3://bucket/prefix when artifacts live on object storage (then artifact_dir is unused).
+    artifact_store: str | None = None
+    _s3: Any = field(default=None, repr=False)
 
     @property
     def shown(self) -> str:
         return redact(self.url)
 
     @property
-    def artifacts(self) -> FileSystemArtifactStore:
+    def artifact_where(self) -> str:
+        """Where artifacts go, for messages: the folder or the s3:// URL."""
+        return self.artifact_store or str(self.artifact_dir)
+
+    def artifact_flags(self) -> list[str]:
+        """The flags that give a child process (a `--jobs` helper) the same artifact store."""
+        if self.artifact_store:
+            return ["--artifact-store", self.artifact_store]
+        return ["--artifact-dir", str(self.artifact_dir)]
+
+    @property
+    def artifacts(self) -> Any:
+        """An Optuna ArtifactStore (open_reader / write / remove)."""
+        if self.artifact_store:
+            if self._s3 is None:
+                from babysit.remote import S3ArtifactStore
+
+                self._s3 = S3ArtifactStore(self.artifact_store)
+            return self._s3
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
         return FileSystemArtifactStore(str(self.artifact_dir))
 
@@ -516,10 +538,12 @@ def _int_env(name: str, default: int) -> int:
 
 
 def default_artifact_dir(url: str) -> Path:
-    """Next to an SQLite file; ./babysit-artifacts for a server database."""
+    """Next to an SQLite file; ./babysit-artifacts for a server database or a proxy."""
     env = os.environ.get("BABYSIT_ARTIFACTS")
     if env:
         return Path(env)
+    if url.startswith("grpc://"):
+        return Path("babysit-artifacts")
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         db = Path(parsed.database)
@@ -533,10 +557,25 @@ def open_storage(
     heartbeat: int | None = None,
     grace: int | None = None,
     create: bool = True,
+    artifact_store: str | None = None,
 ) -> Storage:
-    """Build the Optuna storage for ``url``; a bad or unreachable URL is a UsageError."""
+    """Build the Optuna storage for ``url``; a bad or unreachable URL is a UsageError.
+
+    ``grpc://host:port`` is a `babysit storage-proxy`; ``artifact_store`` (else
+    $BABYSIT_ARTIFACT_STORE) ``s3://bucket/prefix`` puts artifacts on object storage.
+    """
     url = resolve_url(url)
     shown = redact(url)
+    if artifact_store and artifact_dir:
+        raise UsageError("give --artifact-dir or --artifact-store, not both")
+    # A flag beats the environment: --artifact-dir wins over $BABYSIT_ARTIFACT_STORE.
+    store = artifact_store or (None if artifact_dir else os.environ.get(
+        "BABYSIT_ARTIFACT_STORE")) or None
+    if store and not store.startswith("s3://"):
+        # A plain folder is accepted here too: --artifact-store DIR is --artifact-dir DIR.
+        artifact_dir, store = artifact_dir or store, None
+    if url.startswith("grpc://"):
+        return _open_proxy(url, artifact_dir, store, heartbeat, grace)
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
@@ -586,8 +625,35 @@ def open_storage(
         raise UsageError(f"cannot open storage {shown}: {redact_text(reason, url)}") from None
     rdb.shown = shown
     rdb.reconnect = _int_env("BABYSIT_RECONNECT", DEFAULT_RECONNECT)
-    art = Path(artifact_dir) if artifact_dir else default_artifact_dir(url)
-    return Storage(url=url, rdb=rdb, artifact_dir=art)
+    return _with_artifacts(Storage(url=url, rdb=rdb, artifact_dir=Path(".")), artifact_dir,
+                           store)
+
+
+def _with_artifacts(storage: Storage, artifact_dir: str | Path | None,
+                    store: str | None) -> Storage:
+    storage.artifact_dir = Path(artifact_dir) if artifact_dir else default_artifact_dir(
+        storage.url)
+    if store:
+        from babysit.remote import S3ArtifactStore
+
+        storage.artifact_store = store
+        storage._s3 = S3ArtifactStore(store)
+        storage._s3.check()
+    return storage
+
+
+def _open_proxy(url: str, artifact_dir: str | Path | None, store: str | None,
+                heartbeat: int | None, grace: int | None) -> Storage:
+    from babysit.remote import open_proxy
+
+    interval = heartbeat if heartbeat is not None else _int_env(
+        "BABYSIT_HEARTBEAT", DEFAULT_HEARTBEAT
+    )
+    grace_period = grace if grace is not None else _int_env("BABYSIT_GRACE", DEFAULT_GRACE)
+    proxy = open_proxy(url, interval, grace_period,
+                       reconnect=_int_env("BABYSIT_RECONNECT", DEFAULT_RECONNECT))
+    return _with_artifacts(Storage(url=url, rdb=proxy, artifact_dir=Path(".")), artifact_dir,
+                           store)
 
 
 def run_names(storage: Storage) -> list[str]:

@@ -3,6 +3,7 @@
     python benchmarks/worker_scaling.py                       # 64 trials of 1 s, 1/2/4/8 workers
     python benchmarks/worker_scaling.py --workers 1,8 --trials 32 --seconds 0.5
     python benchmarks/worker_scaling.py --storage postgresql+psycopg://user@host/db
+    python benchmarks/worker_scaling.py --workers 8,32 --via direct,proxy   # the gRPC proxy
 
 Each trial is a stand-in that sleeps a fixed time instead of training, so the machine's
 cores do not limit the scaling and what is left is the coordination: every worker runs
@@ -20,7 +21,14 @@ once all have imported babysit (so interpreter and torch start-up are not counte
   overhead/trial (stage filled x N - trials x seconds) / trials: a worker's time per trial
                  spent on anything but the trial itself
 
-and checks the stage: exactly ``trials`` finished, no number twice. Without --storage it
+  connections    the most connections PostgreSQL showed for the database meanwhile
+                 (pg_stat_activity, sampled every 0.2 s; the benchmark's own process holds
+                 none while the workers run)
+
+and checks the stage: exactly ``trials`` finished, no number twice. ``--via proxy`` puts a
+`babysit storage-proxy` subprocess between the workers and PostgreSQL: the workers open
+grpc://127.0.0.1:PORT (with babysit's heartbeat through the proxy) and only the proxy
+holds database connections. Without --storage it
 creates a database on the local server (postgresql+psycopg://postgres@127.0.0.1:5432) and
 drops it afterwards. Every worker count is bounded by --timeout; the script always ends.
 """
@@ -34,7 +42,11 @@ import multiprocessing as mp
 import os
 import platform
 import secrets
+import signal
+import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -76,27 +88,77 @@ def _worker(url: str, name: str, target: int, seconds: float, heartbeat: int, gr
     done.put(time.time())
 
 
+def _connections(database: str, stop: threading.Event, peak: list[int]) -> None:
+    """The most connections to ``database`` seen until ``stop``, into peak[0]."""
+    import psycopg
+
+    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres",
+                         autocommit=True) as admin:
+        while not stop.wait(0.2):
+            row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
+                                (database,)).fetchone()
+            peak[0] = max(peak[0], int(row[0]))
+
+
+def _start_proxy(url: str) -> tuple[str, subprocess.Popen]:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "babysit", "storage-proxy", "--storage",
+                             url, "--port", str(port)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    line = proc.stdout.readline()  # "storage proxy: grpc://..." once it listens
+    if not line.startswith("storage proxy:"):
+        proc.kill()
+        raise RuntimeError(f"the storage proxy did not start: {line}{proc.stderr.read()}")
+    return f"grpc://127.0.0.1:{port}", proc
+
+
+def _stop_proxy(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def _measure(url: str, workers: int, trials: int, seconds: float, heartbeat: int, grace: int,
-             timeout: float) -> dict[str, float]:
+             timeout: float, via: str = "direct") -> dict[str, float]:
     import optuna
     from optuna.trial import TrialState
+    from sqlalchemy.engine import make_url
 
     from babysit.storage import open_storage
 
     name = f"bench-{workers}-{secrets.token_hex(3)}/coarse"
     storage = open_storage(url, heartbeat=heartbeat, grace=grace)
     optuna.create_study(study_name=name, storage=storage.rdb, direction="maximize")
+    storage.rdb.engine.dispose()  # this process holds no connection while workers run
+    proxy = None
+    client_url = url
+    if via == "proxy":
+        client_url, proxy = _start_proxy(url)
+    stop, peak = threading.Event(), [0]
+    sampler = threading.Thread(target=_connections,
+                               args=(make_url(url).database, stop, peak), daemon=True)
+    sampler.start()
     ctx = mp.get_context("spawn")
     ready, done = ctx.Queue(), ctx.Queue()
     start = ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=_worker, args=(url, name, trials, seconds, heartbeat, grace,
-                                               ready, start, done)) for _ in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(client_url, name, trials, seconds, heartbeat,
+                                               grace, ready, start, done))
+             for _ in range(workers)]
     for p in procs:
         p.start()
-    deadline = time.monotonic() + timeout
+    # Start-up (importing torch in N processes on a loaded machine) gets its own bound,
+    # so --timeout bounds the measured part alone.
+    deadline = time.monotonic() + max(timeout, 30.0 * workers)
     try:
         for _ in procs:
             ready.get(timeout=max(1.0, deadline - time.monotonic()))
+        deadline = time.monotonic() + timeout
         t0 = time.time() + 0.5
         start.value = t0
         exits = [done.get(timeout=max(1.0, deadline - time.monotonic())) for _ in procs]
@@ -106,6 +168,10 @@ def _measure(url: str, workers: int, trials: int, seconds: float, heartbeat: int
             if p.is_alive():
                 p.terminate()
                 p.join()
+        stop.set()
+        sampler.join()
+        if proxy is not None:
+            _stop_proxy(proxy)
     study = optuna.load_study(study_name=name, storage=storage.rdb)
     all_trials = study.get_trials(deepcopy=False)
     finished = [t for t in all_trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
@@ -116,6 +182,8 @@ def _measure(url: str, workers: int, trials: int, seconds: float, heartbeat: int
     optuna.delete_study(study_name=name, storage=storage.rdb)
     return {
         "workers": workers,
+        "via": via,
+        "connections": peak[0],
         "filled": filled,
         "exited": max(exits) - t0,
         "ideal": math.ceil(trials / workers) * seconds,
@@ -152,8 +220,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat", type=int, default=10, help="babysit's default")
     parser.add_argument("--grace", type=int, default=60, help="babysit's default")
     parser.add_argument("--timeout", type=float, default=180, help="per worker count")
+    parser.add_argument("--via", default="direct", help="direct, proxy or both "
+                        "(direct,proxy): workers on PostgreSQL or through babysit storage-proxy")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.workers.split(",")]
+    vias = args.via.split(",")
+    if set(vias) - {"direct", "proxy"}:
+        parser.error("--via takes direct, proxy or direct,proxy")
 
     import optuna
 
@@ -167,10 +240,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     try:
         for n in counts:
-            row = _measure(url, n, args.trials, args.seconds, args.heartbeat, args.grace,
-                           args.timeout)
-            rows.append(row)
-            print(f"{n} workers: stage filled in {row['filled']:.2f} s", file=sys.stderr)
+            # Side by side per worker count, so a change in the machine's load hits both.
+            for via in vias:
+                row = _measure(url, n, args.trials, args.seconds, args.heartbeat, args.grace,
+                               args.timeout, via)
+                rows.append(row)
+                print(f"{n} workers {via}: stage filled in {row['filled']:.2f} s, "
+                      f"{row['connections']} connections", file=sys.stderr)
     finally:
         if scratch is not None:
             _drop_database(scratch)
@@ -179,13 +255,19 @@ def main(argv: list[str] | None = None) -> int:
 
     print(f"{args.trials} trials of {args.seconds:g} s on {redact(url)}, heartbeat "
           f"{args.heartbeat} s\n")
-    print("| workers | stage filled (s) | all exited (s) | ideal (s) | speed-up | "
-          "overhead per trial (ms) | surplus trials |")
-    print("|---:|---:|---:|---:|---:|---:|---:|")
-    base = rows[0]["filled"] * rows[0]["workers"]
+    print("| workers | via | stage filled (s) | trials/s | all exited (s) | ideal (s) | "
+          "speed-up | overhead per trial (ms) | surplus trials | DB connections (peak) |")
+    print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    # Speed-up against the first row of the same kind (direct or proxy).
+    bases = {}
     for r in rows:
-        print(f"| {r['workers']} | {r['filled']:.2f} | {r['exited']:.2f} | {r['ideal']:.0f} | "
-              f"{base / r['filled']:.2f}x | {1000 * r['overhead']:.0f} | {r['surplus']} |")
+        bases.setdefault(r["via"], r["filled"] * r["workers"])
+    for r in rows:
+        base = bases[r["via"]]
+        print(f"| {r['workers']} | {r['via']} | {r['filled']:.2f} | "
+              f"{args.trials / r['filled']:.2f} | {r['exited']:.2f} | {r['ideal']:.1f} | "
+              f"{base / r['filled']:.2f}x | {1000 * r['overhead']:.0f} | {r['surplus']} | "
+              f"{r['connections']} |")
     print()
     print(f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}")
     print(f"- machine: {platform.machine()}, os.cpu_count() = {os.cpu_count()}, load average "

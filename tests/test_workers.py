@@ -328,6 +328,33 @@ def test_compose_file_keeps_secrets_out_and_the_dashboard_local(tmp_path: Path) 
     assert "RUN pip install ." in dockerfile
     assert ".env" in (ROOT / ".dockerignore").read_text().split()
 
+    # Optional profiles: the storage proxy and an S3-compatible store (MinIO + its bucket).
+    proc = subprocess.run([compose, "--profile", "proxy", "--profile", "s3", "config"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    full = yaml.safe_load(proc.stdout)["services"]
+    for name, profile in (("proxy", "proxy"), ("worker-proxied", "proxy"), ("minio", "s3"),
+                          ("s3-bucket", "s3")):
+        assert full[name]["profiles"] == [profile], name
+    for name in ("postgres", "dashboard", "worker"):
+        assert not full[name].get("profiles"), f"{name} must start without a profile"
+    proxy = full["proxy"]
+    assert proxy["command"][:1] == ["storage-proxy"] and "13000" in proxy["command"]
+    assert password in proxy["environment"]["BABYSIT_STORAGE"]  # it alone holds the DB URL
+    assert proxy["depends_on"]["postgres"]["condition"] == "service_healthy"
+    proxied = full["worker-proxied"]
+    assert proxied["environment"]["BABYSIT_STORAGE"] == "grpc://proxy:13000"
+    assert "proxy" in proxied["depends_on"]
+    assert proxied["command"][:3] == ["worker", "--name", "compose-run"]
+    s3_secret = re.search(r"(?m)^AWS_SECRET_ACCESS_KEY=(.*)$", env).group(1)
+    assert full["minio"]["environment"]["MINIO_ROOT_PASSWORD"] == s3_secret
+    assert s3_secret not in text
+    assert full["s3-bucket"]["depends_on"]["minio"]["condition"] == "service_healthy"
+    assert full["s3-bucket"]["command"][-1] == "s3/babysit"
+    for port in [p for s in full.values() for p in s.get("ports", [])]:
+        spec = port if isinstance(port, str) else f"{port.get('host_ip')}:{port.get('published')}"
+        assert spec.startswith("127.0.0.1:"), port  # nothing leaves the host unless asked
+
     # Without a password the file refuses to render instead of running with none.
     (tmp_path / ".env").write_text(re.sub(r"(?m)^POSTGRES_PASSWORD=.*\n", "", env))
     bare = subprocess.run([compose, "config"], cwd=tmp_path, capture_output=True, text=True,
