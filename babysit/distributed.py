@@ -60,6 +60,7 @@ class _Job:
     spec: dict[str, Any]
     storage_url: str
     artifact_dir: str
+    artifact_store: str | None
     study_name: str
     trial_id: int
     lr: float
@@ -114,6 +115,7 @@ def launch_final(
             spec=ctx.spec.to_dict(),
             storage_url=ctx.storage.url,
             artifact_dir=str(ctx.storage.artifact_dir),
+            artifact_store=ctx.storage.artifact_store,
             study_name=study.study_name,
             trial_id=trial._trial_id,
             lr=lr,
@@ -222,7 +224,8 @@ def _rank_main(job: _Job) -> dict[str, Any]:
         )
         storage = study = trial = None
         if rank == 0:
-            storage = open_storage(job.storage_url, job.artifact_dir, create=False)
+            storage = open_storage(job.storage_url, job.artifact_dir, create=False,
+                                   artifact_store=job.artifact_store)
             study = optuna.load_study(study_name=job.study_name, storage=storage.rdb)
             trial = optuna.trial.Trial(study, job.trial_id)
         ctx = Context(

@@ -795,7 +795,7 @@ def _load_checkpoint(ctx: Context, study: optuna.Study,
             return torch.load(fh, map_location=map_location or ctx.device, weights_only=True)
     except Exception:  # noqa: BLE001 - a missing store is reported, then training restarts
         ctx.log(f"warning: checkpoint {meta['artifact_id']} not found in "
-                f"{ctx.storage.artifact_dir}; the final training starts over")
+                f"{ctx.storage.artifact_where}; the final training starts over")
         return None
 
 
