@@ -152,8 +152,12 @@ def check_model_output(model: nn.Module, ref: str, num_classes: int, in_channels
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        count = (f"; the network returns {shape[1]} outputs but the data has {num_classes} "
+                 "classes: size its last layer with the num_classes babysit passes"
+                 if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2
+                 else "")
         raise UsageError(f"model '{ref}' outputs {shape} for 2 images; expected (2, "
-                         f"{num_classes}): one logit per class")
+                         f"{num_classes}): one logit per class{count}")
 
 
 def _as_uint8(x: Any, where: str) -> torch.Tensor:

@@ -399,26 +399,11 @@ def sanity(ctx: Context) -> StageResult:
 
     def objective(trial: optuna.Trial) -> float:
         model = _fresh_model(ctx, _seed_for(spec, "sanity", 0))
-        model.eval()
-        data = ctx.data
-        n = min(data.train_size, ctx.batch_size * spec.sanity.batches)
-        xs, ys = data.head(n)
-        with torch.no_grad():
-            losses, outputs = [], []
-            for start in range(0, n, ctx.batch_size):
-                xb = data.pre(xs[start:start + ctx.batch_size], train=False)
-                yb = ys[start:start + ctx.batch_size]
-                out = model(xb).float()
-                outputs.append(out)
-                losses.append(float(loss_fn(spec.loss, out, yb)))
-            initial = sum(losses) / len(losses)
-            l2 = float(_l2(model))
-            with_reg = initial + 0.5 * spec.sanity.reg * l2
-        logits = torch.cat(outputs)
-        readings = sanity_readings(logits, outputs[0], spec.loss)
+        readings = read_untrained(ctx, model)
+        initial, with_reg = readings.pop("initial_loss"), readings.pop("loss_with_reg")
         status, verdict = _sanity_verdict(
             initial, expected, with_reg, spec.sanity.tolerance, spec.loss,
-            ctx.data.num_classes, readings, l2)
+            ctx.data.num_classes, readings, readings.pop("l2"))
         for k, v in {
             "initial_loss": initial,
             "expected_loss": expected,
@@ -444,6 +429,27 @@ def sanity(ctx: Context) -> StageResult:
         "logit_std": attrs.get("logit_std"),
         "top_class_share": attrs.get("top_class_share"),
     })
+
+
+def read_untrained(ctx: Context, model: torch.nn.Module) -> dict[str, Any]:
+    """The untrained ``model`` in eval mode on the first ``sanity.batches`` batches of the
+    training data: its mean loss, the loss with the L2 penalty, and its outputs' readings."""
+    spec, data = ctx.spec, ctx.data
+    model.eval()
+    n = min(data.train_size, ctx.batch_size * spec.sanity.batches)
+    xs, ys = data.head(n)
+    with torch.no_grad():
+        losses, outputs = [], []
+        for start in range(0, n, ctx.batch_size):
+            xb = data.pre(xs[start:start + ctx.batch_size], train=False)
+            yb = ys[start:start + ctx.batch_size]
+            out = model(xb).float()
+            outputs.append(out)
+            losses.append(float(loss_fn(spec.loss, out, yb)))
+        initial = sum(losses) / len(losses)
+        l2 = float(_l2(model))
+    return {"initial_loss": initial, "loss_with_reg": initial + 0.5 * spec.sanity.reg * l2,
+            "l2": l2, **sanity_readings(torch.cat(outputs), outputs[0], spec.loss)}
 
 
 def max_logit_std(tolerance: float) -> float:
@@ -482,7 +488,7 @@ def _sanity_verdict(initial: float, expected: float, with_reg: float, tol: float
                  else "on a later batch of the first few")
         return "failed", (
             f"outputs are NaN/inf {where} ({r['nonfinite_outputs']} of {r['outputs']} "
-            "values) before any training: the untrained network overflows or divides by "
+            "output values) before any training: the untrained network overflows or divides by "
             "zero; check the weight init, the input normalisation and any log, sqrt or "
             "division in forward()")
     if not math.isfinite(initial):
@@ -490,8 +496,8 @@ def _sanity_verdict(initial: float, expected: float, with_reg: float, tol: float
             f"the outputs are finite but the loss is not ({initial}): check that the "
             "labels lie in 0..C-1 and that the outputs are logits, not probabilities")
     if std > limit:
-        one = (f"; {share:.0%} of the batch goes to class {r['top_class']}, so a bias or a "
-               "constant feature favours it" if share >= 0.9 and classes > 1 else "")
+        one = (f"; the untrained network puts {share:.0%} of the batch on class "
+               f"{r['top_class']}" if share >= 0.9 and classes > 1 else "")
         return "failed", (
             f"logits too large ({spread} {std:.3g}, at most {limit:.2f} for a loss within "
             f"{tol:g} nats of chance): initial loss {initial:.2f}, expected {expected:.2f} = "
@@ -513,8 +519,8 @@ def _sanity_verdict(initial: float, expected: float, with_reg: float, tol: float
                  "all of them are zero" if l2 == 0.0 else
                  f"the weights' sum of squares ({l2:.3g}) is too small to register")
         return "failed", (
-            f"initial loss {initial:.3f} is right, but the penalty does not raise the loss "
-            f"({with_reg:.3f}): {cause}")
+            f"the penalty does not raise the loss: {cause} (initial loss {initial:.3f}, "
+            f"{with_reg:.3f} with an L2 penalty)")
     return "passed", (
         f"initial loss {initial:.3f} vs expected {expected:.3f} = {what} (within {tol:g} "
         f"nats); logits {spread} {std:.3g} (at most {limit:.2f}), {share:.0%} of the batch "
