@@ -41,7 +41,7 @@ SEEDS = range(5)
 # Photo-like images at full pixel scale: strong stripes of a class-dependent frequency and
 # angle over the whole 0..255 range, per-image phase and colour, light noise. The LFW faces
 # and photos are where the fixed N(0, 0.01) head gave logits of std 0.4-1.3.
-PHOTOS = '''
+PHOTOS = """
 import torch
 
 
@@ -72,7 +72,7 @@ def unnamed():
     x, y = _part(96, 3, 4)
     return {"train": (x[:64], y[:64]), "val": (x[64:80], y[64:80]),
             "test": (x[80:], y[80:])}
-'''
+"""
 
 # The user's own networks, each with one planted defect (and one healthy one).
 USER_MODELS = '''
@@ -145,22 +145,32 @@ def contexts(tmp_path_factory: pytest.TempPathFactory):
 
 
 @pytest.mark.parametrize("seed", SEEDS)
-@pytest.mark.parametrize("dataset", ["digits", "faces", "truthphotos:photos2",
-                                     "truthphotos:photos10"])
-def test_babysits_own_model_passes_sanity_on_any_data_and_seed(contexts, dataset: str,
-                                                               seed: int) -> None:
+@pytest.mark.parametrize(
+    "dataset", ["digits", "faces", "truthphotos:photos2", "truthphotos:photos10"]
+)
+def test_babysits_own_model_passes_sanity_on_any_data_and_seed(
+    contexts, dataset: str, seed: int
+) -> None:
     base = contexts(dataset)
     # The default network (4096-wide AlexNet, He init) as the sanity stage builds it for
     # this seed, read and judged by the stage's own functions; one batch instead of four
     # (the 4096-wide head on 512 images takes seconds on a loaded 2-core machine).
-    spec = dataclasses.replace(base.spec, seed=seed,
-                               sanity=dataclasses.replace(base.spec.sanity, batches=1))
+    spec = dataclasses.replace(
+        base.spec, seed=seed, sanity=dataclasses.replace(base.spec.sanity, batches=1)
+    )
     ctx = dataclasses.replace(base, spec=spec)
     r = read_untrained(ctx, _fresh_model(ctx, _seed_for(spec, "sanity", 0)))
     expected = math.log(ctx.data.num_classes)
-    status, verdict = _sanity_verdict(r["initial_loss"], expected, r["loss_with_reg"],
-                                      spec.sanity.tolerance, spec.loss, ctx.data.num_classes,
-                                      r, r["l2"])
+    status, verdict = _sanity_verdict(
+        r["initial_loss"],
+        expected,
+        r["loss_with_reg"],
+        spec.sanity.tolerance,
+        spec.loss,
+        ctx.data.num_classes,
+        r,
+        r["l2"],
+    )
     assert status == "passed", verdict
     # ln C up to a few hundredths, whatever the pixel scale.
     assert abs(r["initial_loss"] - expected) < 0.03, verdict
@@ -175,10 +185,18 @@ def test_the_sanity_stage_stores_its_readings(contexts) -> None:
     assert result.status == "passed", result.verdict
     import optuna
 
-    attrs = optuna.load_study(study_name="stored/sanity",
-                              storage=ctx.storage.rdb).trials[0].user_attrs
-    for key in ("initial_loss", "expected_loss", "loss_with_reg", "status", "verdict",
-                "logit_std", "top_class_share"):
+    attrs = (
+        optuna.load_study(study_name="stored/sanity", storage=ctx.storage.rdb).trials[0].user_attrs
+    )
+    for key in (
+        "initial_loss",
+        "expected_loss",
+        "loss_with_reg",
+        "status",
+        "verdict",
+        "logit_std",
+        "top_class_share",
+    ):
         assert key in attrs, key
     assert attrs["logit_std"] == result.values["logit_std"] < 2 * HEAD_LOGIT_STD
     assert attrs["tolerance_unit"] == "nats"
@@ -203,7 +221,8 @@ def test_the_head_scale_follows_the_data_not_a_constant() -> None:
 
 
 def test_only_babysits_own_model_is_rescaled_and_the_same_seed_gives_the_same_model(
-        contexts) -> None:
+    contexts,
+) -> None:
     ctx = contexts("faces")
     one, two = _fresh_model(ctx, 7), _fresh_model(ctx, 7)
     for (k, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
@@ -223,9 +242,20 @@ def _summary(path: Path) -> dict:
 
 
 def _check(tmp_path: Path, model: str, *extra: str):  # noqa: ANN202
-    return babysit("check", "--model", model, "--summary-json", str(tmp_path / "s.json"),
-                   "--set", "overfit.steps=40", "--quiet", *extra, cwd=tmp_path,
-                   env=cli_env(OMP_NUM_THREADS="1"), timeout=240)
+    return babysit(
+        "check",
+        "--model",
+        model,
+        "--summary-json",
+        str(tmp_path / "s.json"),
+        "--set",
+        "overfit.steps=40",
+        "--quiet",
+        *extra,
+        cwd=tmp_path,
+        env=cli_env(OMP_NUM_THREADS="1"),
+        timeout=240,
+    )
 
 
 @pytest.fixture
@@ -261,8 +291,14 @@ def test_more_outputs_than_classes_is_refused_and_leaves_no_database(user_models
 
 
 def test_a_healthy_user_model_is_not_touched_and_passes(user_models: Path) -> None:
-    proc = _check(user_models, "usernets:healthy", "--set", "overfit.lrs={adam=[1e-2]}",
-                  "--set", "overfit.steps=150")
+    proc = _check(
+        user_models,
+        "usernets:healthy",
+        "--set",
+        "overfit.lrs={adam=[1e-2]}",
+        "--set",
+        "overfit.steps=150",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "sanity passed" in proc.stderr and "check passed" in proc.stderr
 
@@ -271,8 +307,16 @@ def test_penalty_that_reaches_no_parameter_fails() -> None:
     from babysit.stages import sanity_readings
 
     logits = torch.zeros(8, 3)
-    status, verdict = _sanity_verdict(math.log(3), math.log(3), math.log(3), 0.25, "ce", 3,
-                                      sanity_readings(logits, logits, "ce"), 0.0)
+    status, verdict = _sanity_verdict(
+        math.log(3),
+        math.log(3),
+        math.log(3),
+        0.25,
+        "ce",
+        3,
+        sanity_readings(logits, logits, "ce"),
+        0.0,
+    )
     assert status == "failed"
     assert "the penalty does not raise the loss: no parameter reaches it" in verdict
 
@@ -287,13 +331,22 @@ def test_the_tolerance_means_the_same_for_2_classes_as_for_1000(classes: int) ->
         logits = std * torch.randn(256, classes)
         y = torch.randint(0, classes, (256,))
         loss = float(torch.nn.functional.cross_entropy(logits, y))
-        status, verdict = _sanity_verdict(loss, expected, loss + 1, 0.25, "ce", classes,
-                                          sanity_readings(logits, logits, "ce"), 1.0)
+        status, verdict = _sanity_verdict(
+            loss,
+            expected,
+            loss + 1,
+            0.25,
+            "ce",
+            classes,
+            sanity_readings(logits, logits, "ce"),
+            1.0,
+        )
         assert status == ok, verdict
 
 
-def test_a_mapping_without_classes_takes_them_from_the_labels(tmp_path: Path, capsys,
-                                                              monkeypatch) -> None:  # noqa: ANN001
+def test_a_mapping_without_classes_takes_them_from_the_labels(
+    tmp_path: Path, capsys, monkeypatch
+) -> None:  # noqa: ANN001
     _photo_module(tmp_path)
     monkeypatch.chdir(tmp_path)
     request = DataRequest(tmp_path, 0, False, DataSpec())
@@ -306,15 +359,21 @@ def test_a_mapping_without_classes_takes_them_from_the_labels(tmp_path: Path, ca
         "import torch\nfrom torch.utils.data import TensorDataset\n"
         "def load():\n"
         "    d = TensorDataset(torch.zeros(4, 1, 8, 8, dtype=torch.uint8), torch.zeros(4))\n"
-        "    return {'train': d, 'val': d, 'test': d}\n")
+        "    return {'train': d, 'val': d, 'test': d}\n"
+    )
     with pytest.raises(DataError, match="add 'classes'"):
         load_user_dataset("nolabels:load", request)
 
 
-@pytest.mark.parametrize("args", [["run", "--dataset", "nosuch"],
-                                  ["check", "--dataset", "nosuch"],
-                                  ["run", "--set", "coarse.trials=many"],
-                                  ["run", "--model", "nosuchmodule:build"]])
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["run", "--dataset", "nosuch"],
+        ["check", "--dataset", "nosuch"],
+        ["run", "--set", "coarse.trials=many"],
+        ["run", "--model", "nosuchmodule:build"],
+    ],
+)
 def test_a_rejected_command_leaves_no_database(tmp_path: Path, args: list[str]) -> None:
     proc = babysit(*args, "--quiet", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -322,12 +381,35 @@ def test_a_rejected_command_leaves_no_database(tmp_path: Path, args: list[str]) 
 
 
 # Budgets for tinynet on 60 shapes: the whole protocol in seconds.
-SHAPES = ["--model", "tinynet:build", "--dataset", "imagefolder", "--data-dir", "shapes",
-          "--set", "data.patch_size=16", "--set", "batch_size=16",
-          "--set", "overfit.lrs={adam=[3e-3,1e-2]}", "--set", "overfit.steps=150",
-          "--set", "coarse.trials=2", "--set", "coarse.epochs=1",
-          "--set", "coarse.lr=[1e-3,1e-2]", "--set", "fine.trials=1", "--set", "fine.epochs=1",
-          "--set", "final.epochs=1", "--quiet"]
+SHAPES = [
+    "--model",
+    "tinynet:build",
+    "--dataset",
+    "imagefolder",
+    "--data-dir",
+    "shapes",
+    "--set",
+    "data.patch_size=16",
+    "--set",
+    "batch_size=16",
+    "--set",
+    "overfit.lrs={adam=[3e-3,1e-2]}",
+    "--set",
+    "overfit.steps=150",
+    "--set",
+    "coarse.trials=2",
+    "--set",
+    "coarse.epochs=1",
+    "--set",
+    "coarse.lr=[1e-3,1e-2]",
+    "--set",
+    "fine.trials=1",
+    "--set",
+    "fine.epochs=1",
+    "--set",
+    "final.epochs=1",
+    "--quiet",
+]
 
 
 def test_check_on_the_examples_then_run_goes_on_from_there(tmp_path: Path) -> None:
@@ -335,11 +417,16 @@ def test_check_on_the_examples_then_run_goes_on_from_there(tmp_path: Path) -> No
 
     for name in ("tinynet.py", "make_shapes.py"):
         shutil.copy(ROOT / "examples" / name, tmp_path / name)
-    subprocess.run([sys.executable, "make_shapes.py", "shapes", "--per-class", "20",
-                    "--size", "16"], cwd=tmp_path, check=True, capture_output=True)
+    subprocess.run(
+        [sys.executable, "make_shapes.py", "shapes", "--per-class", "20", "--size", "16"],
+        cwd=tmp_path,
+        check=True,
+        capture_output=True,
+    )
     env = cli_env(OMP_NUM_THREADS="1")
-    check = babysit("check", "--name", "shapes", *SHAPES, "--summary-json", "c.json",
-                    cwd=tmp_path, env=env)
+    check = babysit(
+        "check", "--name", "shapes", *SHAPES, "--summary-json", "c.json", cwd=tmp_path, env=env
+    )
     assert check.returncode == 0, check.stderr
     assert "sanity passed" in check.stderr and "overfit passed" in check.stderr
     s = _summary(tmp_path / "c.json")
@@ -353,18 +440,25 @@ def test_check_on_the_examples_then_run_goes_on_from_there(tmp_path: Path) -> No
         with sqlite3.connect(db) as conn:
             return conn.execute(
                 "SELECT t.trial_id, t.state FROM trials t JOIN studies s USING (study_id) "
-                "WHERE s.study_name = ? ORDER BY t.trial_id", (study,)).fetchall()
+                "WHERE s.study_name = ? ORDER BY t.trial_id",
+                (study,),
+            ).fetchall()
 
     before = {stage: trials(f"shapes/{stage}") for stage in ("sanity", "overfit")}
     assert before["sanity"] and before["overfit"]
 
     # A refused command on the same storage leaves what is stored alone.
-    assert babysit("check", "--name", "other", "--dataset", "nosuch", cwd=tmp_path,
-                   env=env).returncode == 2
+    assert (
+        babysit(
+            "check", "--name", "other", "--dataset", "nosuch", cwd=tmp_path, env=env
+        ).returncode
+        == 2
+    )
     assert db.exists()
 
-    run = babysit("run", "--name", "shapes", *SHAPES, "--summary-json", "r.json",
-                  cwd=tmp_path, env=env)
+    run = babysit(
+        "run", "--name", "shapes", *SHAPES, "--summary-json", "r.json", cwd=tmp_path, env=env
+    )
     assert run.returncode == 0, run.stderr
     # The checks were not run again: the same trials, and the run carried on to the end.
     assert {stage: trials(f"shapes/{stage}") for stage in ("sanity", "overfit")} == before
