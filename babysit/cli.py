@@ -253,12 +253,15 @@ def _cmd_check(args: argparse.Namespace) -> int:
         print(f"babysit: {err}", file=sys.stderr)
     finally:
         if summary is None:
-            summary = summarize(storage, spec.name)
-        if args.summary_json is not None:
+            try:
+                summary = summarize(storage, spec.name)
+            except BabysitError:
+                pass  # the error above has been said; there is nothing more to write
+        if args.summary_json is not None and summary is not None:
             args.summary_json.parent.mkdir(parents=True, exist_ok=True)
             args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
-    failed = [s for s in ("sanity", "overfit") if summary["stages"][s]["status"] != "passed"]
-    if code == 0 and failed:
+    if code == 0 and summary is not None and any(
+            summary["stages"][s]["status"] != "passed" for s in ("sanity", "overfit")):
         code = 1  # --force ran on past a failure; the check still failed
     if code == 0:
         print(f"check passed: sanity and overfit; `babysit run --name {spec.name}` with the "
