@@ -6,6 +6,9 @@ import argparse
 import json
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import closing
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +70,29 @@ def _final_procs_flag(p: argparse.ArgumentParser) -> None:
                    "each, or gloo on the CPU); the global batch stays the spec's")
 
 
+def _check_flags(p: argparse.ArgumentParser) -> None:
+    """`run`'s flags that make sense before the searches: the same spec, the same storage."""
+    p.add_argument("--config", type=Path, help="a TOML spec, e.g. studies/digits.toml")
+    p.add_argument("--name", help="run name; studies are <name>/<stage> (default: the dataset)")
+    p.add_argument("--dataset", help="digits, faces, cifar10, fddb, imagefolder, or "
+                   "module:callable")
+    p.add_argument("--data-dir", help="where dataset files live (default: $BABYSIT_DATA, else "
+                   "~/.cache/babysit)")
+    p.add_argument("--download", action="store_true", help="download the dataset if missing "
+                   "(needs internet)")
+    p.add_argument("--model", help="alexnet or module:callable")
+    p.add_argument("--optimizer", help="sgd (momentum 0.9) or adam")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set overfit.steps=100 (repeatable)")
+    p.add_argument("--summary-json", type=Path, help="write the run's summary here")
+    p.add_argument("--force", action="store_true", help="run the overfit check even after "
+                   "a failed sanity check (the exit code still says it failed)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _storage_flags(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="babysit", description="Babysit the training of an image "
                      "classifier: sanity, overfit, coarse, fine, final.")
@@ -74,6 +100,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run the whole protocol (resumes a run of the same name)")
     _run_flags(p)
+
+    p = sub.add_parser("check", help="sanity and overfit only, in seconds: is this model and "
+                       "data ready for a run? (`babysit run` with the same name goes on)")
+    _check_flags(p)
 
     p = sub.add_parser("worker", help="join a run's searches from another process or machine")
     p.add_argument("--name", required=True)
@@ -158,10 +188,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from babysit.protocol import prepare
     from babysit.protocol import run_protocol
 
-    storage = _open(args)
-    ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
-                  download=args.download, force=args.force, quiet=args.quiet,
-                  compile=args.compile, final_procs=args.final_procs)
+    with _nothing_left_if_rejected(args.storage):
+        storage = _open(args)
+        ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
+                      download=args.download, force=args.force, quiet=args.quiet,
+                      compile=args.compile, final_procs=args.final_procs)
     summary = None
     code = 0
     try:
@@ -179,6 +210,85 @@ def _cmd_run(args: argparse.Namespace) -> int:
             args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
     if code == 0 and summary is not None:
         _closing_lines(summary, storage)
+    return code
+
+
+def _sqlite_file(url: str | None) -> Path | None:
+    """The file an SQLite storage URL names (None for a server database or a bad URL)."""
+    from sqlalchemy.engine import make_url
+
+    from babysit.storage import resolve_url
+
+    try:
+        parsed = make_url(resolve_url(url))
+    except Exception:  # noqa: BLE001 - open_storage reports a bad URL in its own words
+        return None
+    if parsed.get_backend_name() != "sqlite" or not parsed.database:
+        return None
+    return Path(parsed.database)
+
+
+@contextmanager
+def _nothing_left_if_rejected(url: str | None) -> Iterator[None]:
+    """A command refused as bad input (exit 2) leaves no database behind: opening an SQLite
+    storage creates its file before the dataset or the model has been checked, and an empty
+    babysit.db in the working directory looked like a run had started. Removed only when
+    this command created it and it holds no study (nothing stored is ever lost)."""
+    path = _sqlite_file(url)
+    existed = path is None or path.exists()
+    try:
+        yield
+    except UsageError:
+        if not existed and path is not None and path.exists():
+            import sqlite3
+
+            try:
+                with closing(sqlite3.connect(path)) as db:
+                    empty = db.execute("SELECT count(*) FROM studies").fetchone()[0] == 0
+            except sqlite3.Error:  # not Optuna's tables, or unreadable: leave it alone
+                empty = False
+            if empty:
+                for suffix in ("", "-journal", "-wal", "-shm"):
+                    Path(f"{path}{suffix}").unlink(missing_ok=True)
+        raise
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Sanity and overfit only, stored as the run's first two stages."""
+    from babysit.protocol import prepare
+    from babysit.protocol import run_check
+    from babysit.protocol import summarize
+    from babysit.spec import build_spec
+
+    flags: dict[str, Any] = {"name": args.name, "dataset": args.dataset, "model": args.model,
+                             "optimizer": args.optimizer, "seed": args.seed}
+    spec = build_spec(args.config, args.sets, flags)
+    with _nothing_left_if_rejected(args.storage):
+        storage = _open(args)
+        ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
+                      download=args.download, force=args.force, quiet=args.quiet)
+    summary = None
+    code = 0
+    try:
+        summary = run_check(ctx)
+    except BabysitError as err:
+        code = err.exit_code
+        print(f"babysit: {err}", file=sys.stderr)
+    finally:
+        if summary is None:
+            try:
+                summary = summarize(storage, spec.name)
+            except BabysitError:
+                pass  # the error above has been said; there is nothing more to write
+        if args.summary_json is not None and summary is not None:
+            args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+            args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    if code == 0 and summary is not None and any(
+            summary["stages"][s]["status"] != "passed" for s in ("sanity", "overfit")):
+        code = 1  # --force ran on past a failure; the check still failed
+    if code == 0:
+        print(f"check passed: sanity and overfit; `babysit run --name {spec.name}` with the "
+              "same flags goes on from the coarse search", file=sys.stderr)
     return code
 
 
@@ -339,6 +449,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "run": _cmd_run,
+    "check": _cmd_check,
     "worker": _cmd_worker,
     "status": _cmd_status,
     "datasets": _cmd_datasets,

@@ -7,6 +7,7 @@ protocol.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
@@ -25,6 +26,16 @@ _CHANNELS = {
 _LEAKY_SLOPE = 0.01
 # The smallest side alexnet227 takes: three 3x3/2 pools after an 11x11/4 conv need 63 px.
 _MIN_SIDE_227 = 63
+# The largest logit spread (std across classes) babysit's own untrained network may have on
+# the user's data. The last layer's fixed N(0, 0.01) gave std 0.02-0.06 on the 8x8 digits
+# but 0.2-0.8 on the LFW faces (seeds 0-4) and up to 1.3 on photos, where the initial loss
+# drifted 0.1-0.6 nats above ln C and sanity failed on healthy data. A spread s costs about
+# s^2/2 nats over ln C, so 0.05 keeps the initial loss within 0.002 nats of ln C on any data;
+# it is not smaller because every gradient below the head passes through its weights, and
+# 0.05 is where the digits network already started (its benchmarks stay as measured).
+HEAD_LOGIT_STD = 0.05
+# Examples measured for that scale: one batch; 64 x C logits pin a std within a few %.
+_CALIBRATION_EXAMPLES = 64
 _KNOBS = {
     "conv_layers": (3, 4, 5),
     "fc_layers": (1, 2, 3),
@@ -128,6 +139,68 @@ class AlexNet(nn.Module):
         x = self.features(x)
         x = self.pool(x)
         return self.classifier(torch.flatten(x, 1))
+
+
+def logit_spread(logits: torch.Tensor, loss: str = "ce") -> float:
+    """How far the logits are from "no opinion": their std across the classes, averaged
+    (as a variance) over the batch; a shift shared by all classes changes no softmax, so it
+    does not count. One-hot BCE reads each logit on its own, so there it is their root mean
+    square around 0."""
+    z = logits.detach().double()
+    if loss == "bce":
+        return float(z.pow(2).mean().sqrt())
+    if z.shape[1] < 2:
+        return 0.0
+    return float(z.var(dim=1).mean().sqrt())
+
+
+@torch.no_grad()
+def calibrate_head(model: AlexNet, x: torch.Tensor, loss: str = "ce",
+                   target: float = HEAD_LOGIT_STD) -> float:
+    """Scale babysit's own network's last layer down until its logits on ``x`` (a
+    preprocessed batch of the user's training images) spread no more than ``target``.
+
+    Why a measured scale and not a fixed init: the spread of the untrained logits is the
+    spread of the last hidden layer's activations times that of the weights, and the
+    activations follow the data's scale (8x8 digits vs photos). Scaling W and b together
+    scales every logit by the same factor, so one forward pass fixes it exactly. Why not
+    zero weights: the gradient reaching every layer below the head is W^T dL/dz, zero
+    until the head has moved. The spread is read with BatchNorm both on batch statistics
+    (training) and on its initial running statistics (evaluation, what sanity sees); the
+    larger counts. Running statistics are restored, so the model is as built.
+    Returns the factor applied (1.0 when the head was already small enough)."""
+    head = model.classifier[-1]
+    x = x[:_CALIBRATION_EXAMPLES]
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]
+    was_training = model.training
+    model.eval()
+    spreads = [logit_spread(model(x), loss)]
+    if norms:
+        for m in norms:
+            m.train()
+        spreads.append(logit_spread(model(x), loss))
+        for m, state in zip(norms, saved, strict=True):
+            m.load_state_dict(state)
+    model.train(was_training)
+    spread = max(spreads)
+    if not math.isfinite(spread) or spread <= target:
+        return 1.0
+    factor = target / spread
+    head.weight.mul_(factor)
+    if head.bias is not None:
+        head.bias.mul_(factor)
+    return factor
+
+
+def fit_head_to_data(model: nn.Module, name: str, data: Any, loss: str = "ce") -> None:
+    """:func:`calibrate_head` on the first training images of ``data`` (a DeviceData or
+    StreamingData), for babysit's own ``alexnet`` only: a user's network is the user's to
+    initialise, and sanity reports what it finds instead of changing it."""
+    if name != "alexnet" or not isinstance(model, AlexNet):
+        return
+    x, _ = data.head(min(_CALIBRATION_EXAMPLES, data.train_size))
+    calibrate_head(model, data.pre(x, train=False), loss)
 
 
 def build_model(

@@ -8,6 +8,7 @@ a :class:`~babysit.data.Splits` or a mapping ``{"classes": [...], "train": ..., 
 ``Dataset``s of ``(image, label)`` items for data too large to preload (streamed by a
 DataLoader, see :mod:`babysit.data.streaming`). The mapping may also carry
 ``"stream": True`` (tensors through the DataLoader path) and ``"num_workers": N``.
+Without ``"classes"`` the labels 0..C-1 are the classes (a note on stderr says so).
 
 The spec stores the reference, so a worker on another machine imports the same thing.
 Python objects handed to :func:`babysit.run` are stored as ``python:<qualname>``: they
@@ -172,8 +173,12 @@ def check_model_output(model: nn.Module, ref: str, num_classes: int, in_channels
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        count = (f"; the network returns {shape[1]} outputs but the data has {num_classes} "
+                 "classes: size its last layer with the num_classes babysit passes"
+                 if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2
+                 else "")
         raise UsageError(f"model '{ref}' outputs {shape} for 2 images; expected (2, "
-                         f"{num_classes}): one logit per class")
+                         f"{num_classes}): one logit per class{count}")
 
 
 def _as_uint8(x: Any, where: str) -> torch.Tensor:
@@ -203,7 +208,7 @@ def load_user_dataset(ref: str, request: DataRequest) -> Splits | DatasetSplits:
     result = _call_loader(resolve(ref, "dataset"), ref, request)
     if isinstance(result, (Splits, DatasetSplits)):
         return result
-    if isinstance(result, Mapping) and {"classes", "train", "val", "test"} <= set(result):
+    if isinstance(result, Mapping) and {"train", "val", "test"} <= set(result):
         return _from_mapping(ref, result)
     raise UsageError(f"dataset '{ref}' returned {type(result).__name__}; return babysit's "
                      "Splits or {'classes', 'train', 'val', 'test'} with (images, labels) "
@@ -214,7 +219,7 @@ def as_splits(ref: str, result: Any) -> Splits | DatasetSplits:
     """A Splits or mapping handed over directly (babysit.run(data=...)), as load would."""
     if isinstance(result, (Splits, DatasetSplits)):
         return result
-    if isinstance(result, Mapping) and {"classes", "train", "val", "test"} <= set(result):
+    if isinstance(result, Mapping) and {"train", "val", "test"} <= set(result):
         return _from_mapping(ref, result)
     raise UsageError(f"data {type(result).__name__} is not a dataset; give a name, "
                      "'module:callable', a callable, babysit's Splits or {'classes', "
@@ -222,7 +227,10 @@ def as_splits(ref: str, result: Any) -> Splits | DatasetSplits:
 
 
 def _from_mapping(ref: str, result: Mapping[str, Any]) -> Splits | DatasetSplits:
-    classes = [str(c) for c in result["classes"]]
+    if "classes" in result:
+        classes = [str(c) for c in result["classes"]]
+    else:
+        classes = _infer_classes(ref, result)
     workers = result.get("num_workers")
     if workers is not None and (not isinstance(workers, int) or workers < 0):
         raise DataError(f"dataset '{ref}': num_workers must be an int >= 0, got {workers!r}")
@@ -251,6 +259,41 @@ def _from_mapping(ref: str, result: Mapping[str, Any]) -> Splits | DatasetSplits
         streamed.info["stream_forced"] = "the dataset's 'stream' key"
         return streamed
     return splits
+
+
+def _infer_classes(ref: str, result: Mapping[str, Any]) -> list[str]:
+    """No "classes" key: the labels are the classes, 0..C-1 with C one past the largest
+    label of any split, named by their numbers; said on stderr, since a class that never
+    occurs above the largest label seen would go unnoticed."""
+    top = -1
+    for part in ("train", "val", "test"):
+        value = result[part]
+        if isinstance(value, Dataset):
+            named = getattr(value, "classes", None)
+            targets = getattr(value, "targets", None)
+            if named is not None:
+                top = max(top, len(named) - 1)
+                continue
+            if targets is None:
+                raise DataError(
+                    f"dataset '{ref}': no 'classes' given and the {part} Dataset has no "
+                    "'classes' or 'targets' to read them from; add 'classes': [names] to "
+                    "the mapping")
+            labels = torch.as_tensor(targets)
+        else:
+            labels = _pair(ref, part, value)[1]
+        if labels.numel():
+            if int(labels.min()) < 0:
+                raise DataError(f"dataset '{ref}' {part}: labels must be 0..C-1, found "
+                                f"{int(labels.min())}")
+            top = max(top, int(labels.max()))
+    if top < 1:
+        raise DataError(f"dataset '{ref}': no 'classes' given and the labels hold fewer "
+                        "than 2 classes; add 'classes': [names] to the mapping")
+    print(f"note: dataset '{ref}' gives no 'classes'; the labels define {top + 1} classes, "
+          f"named 0..{top} (add 'classes': [names] to the mapping to name them)",
+          file=sys.stderr)
+    return [str(i) for i in range(top + 1)]
 
 
 def _pair(ref: str, part: str, value: Any) -> tuple[torch.Tensor, torch.Tensor]:

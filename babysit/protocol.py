@@ -168,6 +168,22 @@ def run_protocol(ctx: Context, jobs: int = 1) -> dict[str, Any]:
     return summary
 
 
+def run_check(ctx: Context) -> dict[str, Any]:
+    """`babysit check`: sanity and overfit only, stored as the run's first two stages, so
+    `babysit run` with the same name and spec skips them and goes on with the searches."""
+    spec = ctx.spec
+    t0 = time.perf_counter()
+    ctx.log(f"check {spec.name}: dataset {spec.dataset} ({ctx.data.num_classes} classes, "
+            f"{ctx.data.train_size} train images), model {spec.model}, optimizer "
+            f"{spec.optimizer}, device {ctx.device.type}, storage {ctx.storage.shown}")
+    record_data_facts(ctx)
+    _gate(ctx, sanity(ctx))
+    _gate(ctx, overfit(ctx))
+    summary = summarize(ctx.storage, spec.name)
+    summary["wall_seconds"] = time.perf_counter() - t0
+    return summary
+
+
 def _spawn_workers(ctx: Context, jobs: int) -> list[subprocess.Popen]:
     """``--jobs N``: N-1 `babysit worker` processes join the searches.
 
@@ -306,7 +322,9 @@ def summarize(storage: Storage, run: str) -> dict[str, Any]:
         a = done[0].user_attrs
         stages["sanity"] = {"status": a["status"], "initial_loss": a["initial_loss"],
                             "expected_loss": a["expected_loss"],
-                            "loss_with_reg": a["loss_with_reg"], "verdict": a["verdict"]}
+                            "loss_with_reg": a["loss_with_reg"], "verdict": a["verdict"],
+                            "logit_std": a.get("logit_std"),
+                            "top_class_share": a.get("top_class_share")}
     else:
         stages["sanity"] = {"status": "skipped", "initial_loss": None, "expected_loss": None}
     loaded = None

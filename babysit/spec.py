@@ -222,9 +222,12 @@ class DataSpec:
 class SanitySpec:
     # Mean loss over this many batches of the untrained model.
     batches: int = _f(4, _at_least(1))
-    # Accept |initial - expected| <= tolerance * expected. 0.25 admits the spread of a
-    # freshly initialised net (ln 10 = 2.30, seeds saw 2.302) and rejects a broken last
-    # layer (a 10x logit scale gives ~4-6 on 10 classes).
+    # Accept |initial - expected| <= tolerance, in nats, and a logit spread (std across
+    # classes) of at most sqrt(2 * tolerance), the spread that alone costs about `tolerance`
+    # nats over ln C. Nats mean the same for 2 classes as for 1000: 0.25 nats is the true
+    # class getting 0.78x to 1.28x the probability 1/C of a uniform guess, for any C. (A
+    # share of ln C, as before, allowed 0.17 nats on 2 classes and 1.7 on 1000.) A healthy
+    # net starts within 0.01 nats of ln C; a last layer scaled 10x is off by nats.
     tolerance: float = _f(0.25, _number(0, low_open=True))
     # The L2 penalty used for the "regularisation raises the loss" check (cs231n uses 1e3
     # on a small softmax; AlexNet has ~23M weights, so 1e-3 already adds several nats).

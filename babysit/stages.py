@@ -34,6 +34,7 @@ from babysit.errors import ProtocolError
 from babysit.errors import UsageError
 from babysit.errors import raise_if_interrupted
 from babysit.models import build_model
+from babysit.models import fit_head_to_data
 from babysit.spec import CoarseSpec
 from babysit.spec import SearchSpec
 from babysit.spec import Spec
@@ -339,6 +340,8 @@ def _fresh_model(ctx: Context, seed: int) -> torch.nn.Module:
         data.pre.resize or data.image_size,
     )
     model = model.to(ctx.device)
+    # babysit's own network only: a user's model is diagnosed by sanity, never re-initialised.
+    fit_head_to_data(model, ctx.spec.model, data, ctx.spec.loss)
     if ctx.device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     if ctx.compile:
@@ -396,38 +399,30 @@ def _l2(model: torch.nn.Module) -> torch.Tensor:
 
 
 def sanity(ctx: Context) -> StageResult:
-    """Untrained model: the loss should be ~ln C, and adding the L2 penalty should raise it."""
+    """Untrained model: read its outputs on a few batches of the training data (finite?
+    how far the logits spread, how much of the batch one class takes), the loss against
+    ln C, and whether adding the L2 penalty raises it."""
     spec = ctx.spec
     study = open_stage(ctx, "sanity", direction="minimize")
     expected = expected_initial_loss(spec.loss, ctx.data.num_classes)
 
     def objective(trial: optuna.Trial) -> float:
         model = _fresh_model(ctx, _seed_for(spec, "sanity", 0))
-        model.eval()
-        data = ctx.data
-        n = min(data.train_size, ctx.batch_size * spec.sanity.batches)
-        xs, ys = data.head(n)
-        with torch.no_grad():
-            losses = []
-            for start in range(0, n, ctx.batch_size):
-                xb = data.pre(xs[start:start + ctx.batch_size], train=False)
-                yb = ys[start:start + ctx.batch_size]
-                losses.append(float(loss_fn(spec.loss, model(xb).float(), yb)))
-            initial = sum(losses) / len(losses)
-            with_reg = initial + 0.5 * spec.sanity.reg * float(_l2(model))
-        ok_loss = math.isfinite(initial) and abs(initial - expected) <= (
-            spec.sanity.tolerance * expected
-        )
-        ok_reg = math.isfinite(with_reg) and with_reg > initial
-        verdict = _sanity_verdict(initial, expected, with_reg, spec.sanity.tolerance, ok_loss,
-                                  ok_reg, spec.loss, ctx.data.num_classes)
+        readings = read_untrained(ctx, model)
+        initial, with_reg = readings.pop("initial_loss"), readings.pop("loss_with_reg")
+        status, verdict = _sanity_verdict(
+            initial, expected, with_reg, spec.sanity.tolerance, spec.loss,
+            ctx.data.num_classes, readings, readings.pop("l2"))
         for k, v in {
             "initial_loss": initial,
             "expected_loss": expected,
             "loss_with_reg": with_reg,
             "reg": spec.sanity.reg,
             "tolerance": spec.sanity.tolerance,
-            "status": "passed" if ok_loss and ok_reg else "failed",
+            "tolerance_unit": "nats",
+            "max_logit_std": max_logit_std(spec.sanity.tolerance),
+            **readings,
+            "status": status,
             "verdict": verdict,
         }.items():
             trial.set_user_attr(k, v)
@@ -440,28 +435,105 @@ def sanity(ctx: Context) -> StageResult:
         "initial_loss": attrs["initial_loss"],
         "expected_loss": attrs["expected_loss"],
         "loss_with_reg": attrs["loss_with_reg"],
+        "logit_std": attrs.get("logit_std"),
+        "top_class_share": attrs.get("top_class_share"),
     })
 
 
-def _sanity_verdict(initial: float, expected: float, with_reg: float, tol: float, ok_loss: bool,
-                    ok_reg: bool, loss: str, classes: int) -> str:
+def read_untrained(ctx: Context, model: torch.nn.Module) -> dict[str, Any]:
+    """The untrained ``model`` in eval mode on the first ``sanity.batches`` batches of the
+    training data: its mean loss, the loss with the L2 penalty, and its outputs' readings."""
+    spec, data = ctx.spec, ctx.data
+    model.eval()
+    n = min(data.train_size, ctx.batch_size * spec.sanity.batches)
+    xs, ys = data.head(n)
+    with torch.no_grad():
+        losses, outputs = [], []
+        for start in range(0, n, ctx.batch_size):
+            xb = data.pre(xs[start:start + ctx.batch_size], train=False)
+            yb = ys[start:start + ctx.batch_size]
+            out = model(xb).float()
+            outputs.append(out)
+            losses.append(float(loss_fn(spec.loss, out, yb)))
+        initial = sum(losses) / len(losses)
+        l2 = float(_l2(model))
+    return {"initial_loss": initial, "loss_with_reg": initial + 0.5 * spec.sanity.reg * l2,
+            "l2": l2, **sanity_readings(torch.cat(outputs), outputs[0], spec.loss)}
+
+
+def max_logit_std(tolerance: float) -> float:
+    """The logit spread allowed: a spread s alone costs about s^2/2 nats over ln C (the
+    log-sum-exp of C logits of std s is ln C + s^2/2), so sqrt(2 * tolerance) is the
+    spread that uses up the loss tolerance; 0.71 for 0.25 nats, whatever C is."""
+    return math.sqrt(2.0 * tolerance)
+
+
+def sanity_readings(logits: torch.Tensor, first: torch.Tensor, loss: str) -> dict[str, Any]:
+    """What the untrained network's outputs say, beside its loss."""
+    from babysit.models import logit_spread
+
+    finite = torch.isfinite(logits)
+    good = logits[finite.all(dim=1)]
+    top = torch.bincount(good.argmax(dim=1), minlength=logits.shape[1]) if len(good) else None
+    return {
+        "logit_std": logit_spread(good, loss) if len(good) else float("nan"),
+        "top_class_share": float(top.max()) / len(good) if top is not None else float("nan"),
+        "top_class": int(top.argmax()) if top is not None else None,
+        "nonfinite_outputs": int((~finite).sum()),
+        "nonfinite_first_batch": int((~torch.isfinite(first)).sum()),
+        "outputs": int(logits.numel()),
+    }
+
+
+def _sanity_verdict(initial: float, expected: float, with_reg: float, tol: float, loss: str,
+                    classes: int, r: dict[str, Any], l2: float) -> tuple[str, str]:
+    """("passed" | "failed", the reading in words, naming the cause of a failure)."""
     what = "ln 2 (one-hot BCE)" if loss == "bce" else f"ln {classes}"
+    std, share = r["logit_std"], r["top_class_share"]
+    limit = max_logit_std(tol)
+    spread = "root mean square" if loss == "bce" else "std across classes"
+    if r["nonfinite_outputs"]:
+        where = ("on the first batch" if r["nonfinite_first_batch"]
+                 else "on a later batch of the first few")
+        return "failed", (
+            f"outputs are NaN/inf {where} ({r['nonfinite_outputs']} of {r['outputs']} "
+            "output values) before any training: the untrained network overflows or divides by "
+            "zero; check the weight init, the input normalisation and any log, sqrt or "
+            "division in forward()")
     if not math.isfinite(initial):
-        return ("initial loss is not finite: the untrained network already outputs NaN/inf; "
-                "check the input normalisation and the weight init")
-    if not ok_loss:
-        direction = "higher" if initial > expected else "lower"
-        hint = ("check the last layer's init (logits too large) or the label encoding"
-                if initial > expected else
-                "the network is confident before training; check for labels leaking into "
-                "the input or a loss that sees fewer classes")
-        return (f"initial loss {initial:.2f}, expected {expected:.2f} = {what} "
-                f"(tolerance {tol:.0%}): {direction} than chance; {hint}")
-    if not ok_reg:
-        return (f"initial loss {initial:.3f} is right, but adding the L2 penalty did not raise "
-                f"it ({with_reg:.3f}): the regularisation term is not wired into the loss")
-    return (f"initial loss {initial:.3f} vs expected {expected:.3f} = {what} (within "
-            f"{tol:.0%}); the L2 penalty raises it to {with_reg:.3f}")
+        return "failed", (
+            f"the outputs are finite but the loss is not ({initial}): check that the "
+            "labels lie in 0..C-1 and that the outputs are logits, not probabilities")
+    if std > limit:
+        one = (f"; the untrained network puts {share:.0%} of the batch on class "
+               f"{r['top_class']}" if share >= 0.9 and classes > 1 else "")
+        return "failed", (
+            f"logits too large ({spread} {std:.3g}, at most {limit:.2f} for a loss within "
+            f"{tol:g} nats of chance): initial loss {initial:.2f}, expected {expected:.2f} = "
+            f"{what}; scale the last layer's init down (e.g. normal std 0.01, or zero its "
+            f"weights){one}")
+    if abs(initial - expected) > tol:
+        if initial > expected:
+            hint = ("higher than chance although the logits spread little: check the label "
+                    "encoding and that the outputs are raw logits (no softmax or sigmoid "
+                    "inside the network)")
+        else:
+            hint = ("lower than chance before any training: check for labels leaking into "
+                    "the input, or a loss that sees fewer classes than the data has")
+        return "failed", (
+            f"initial loss {initial:.2f}, expected {expected:.2f} = {what} (tolerance "
+            f"{tol:g} nats, logits {spread} {std:.3g}): {hint}")
+    if not (math.isfinite(with_reg) and with_reg > initial):
+        cause = ("no parameter reaches it: the network has no weight matrix or kernel, or "
+                 "all of them are zero" if l2 == 0.0 else
+                 f"the weights' sum of squares ({l2:.3g}) is too small to register")
+        return "failed", (
+            f"the penalty does not raise the loss: {cause} (initial loss {initial:.3f}, "
+            f"{with_reg:.3f} with an L2 penalty)")
+    return "passed", (
+        f"initial loss {initial:.3f} vs expected {expected:.3f} = {what} (within {tol:g} "
+        f"nats); logits {spread} {std:.3g} (at most {limit:.2f}), {share:.0%} of the batch "
+        f"on the most-predicted class; the L2 penalty raises the loss to {with_reg:.3f}")
 
 
 # ---------------------------------------------------------------------------- overfit
