@@ -37,7 +37,8 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
                    "presumed dead")
 
 
-def _run_flags(p: argparse.ArgumentParser) -> None:
+def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
+    """The flags that make a run's spec and find its data: shared by `run` and `check`."""
     p.add_argument("--config", type=Path, help="a TOML spec, e.g. studies/digits.toml")
     p.add_argument("--name", help="run name; studies are <name>/<stage> (default: the dataset)")
     p.add_argument("--dataset", help="digits, faces, cifar10, fddb, imagefolder, or "
@@ -53,9 +54,12 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set coarse.trials=20 (repeatable)")
     p.add_argument("--summary-json", type=Path, help="write the run's summary here")
-    p.add_argument("--force", action="store_true", help="go on after a failed sanity or "
-                   "overfit check")
+    p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _run_flags(p: argparse.ArgumentParser) -> None:
+    _spec_flags(p, "go on after a failed sanity or overfit check")
     p.add_argument("--jobs", type=int, default=1, help="trial processes sharing the device "
                    "(this one plus N-1 workers), for models too small to fill it alone")
     p.add_argument("--compile", action="store_true", help="torch.compile each network "
@@ -72,24 +76,8 @@ def _final_procs_flag(p: argparse.ArgumentParser) -> None:
 
 def _check_flags(p: argparse.ArgumentParser) -> None:
     """`run`'s flags that make sense before the searches: the same spec, the same storage."""
-    p.add_argument("--config", type=Path, help="a TOML spec, e.g. studies/digits.toml")
-    p.add_argument("--name", help="run name; studies are <name>/<stage> (default: the dataset)")
-    p.add_argument("--dataset", help="digits, faces, cifar10, fddb, imagefolder, or "
-                   "module:callable")
-    p.add_argument("--data-dir", help="where dataset files live (default: $BABYSIT_DATA, else "
-                   "~/.cache/babysit)")
-    p.add_argument("--download", action="store_true", help="download the dataset if missing "
-                   "(needs internet)")
-    p.add_argument("--model", help="alexnet or module:callable")
-    p.add_argument("--optimizer", help="sgd (momentum 0.9) or adam")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--seed", type=int)
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set overfit.steps=100 (repeatable)")
-    p.add_argument("--summary-json", type=Path, help="write the run's summary here")
-    p.add_argument("--force", action="store_true", help="run the overfit check even after "
-                   "a failed sanity check (the exit code still says it failed)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    _spec_flags(p, "run the overfit check even after a failed sanity check (the exit code "
+                "still says it failed)")
     _storage_flags(p)
 
 
