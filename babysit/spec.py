@@ -101,7 +101,8 @@ class SearchSpec:
     # "random" (the protocol's coarse search) or "tpe" (model-based, where it helps).
     sampler: str = "tpe"
     # "median" stops a trial whose val accuracy is below the median of earlier trials at
-    # the same epoch; "none" runs every trial in full.
+    # the same epoch; "halving" is successive halving (the top third of the trials that
+    # reached epoch 1, 3, 9, ... go on); "none" runs every trial in full.
     pruner: str = "median"
     # Divergence: loss NaN/inf or above this multiple of the initial loss (cs231n's 3x).
     # 0 turns stopping off: every trial runs all its epochs, NaN or not, as the seeds did.
@@ -115,12 +116,20 @@ class CoarseSpec(SearchSpec):
     trials: int = 12
     epochs: int = 3
     sampler: str = "random"
+    # Successive halving: a coarse search only has to find the region, so most trials get
+    # one epoch and the best third run on (measured in docs/benchmarks.md, issue 16).
+    pruner: str = "halving"
     # [low, high] for a log-uniform draw. The fine stage's ranges come from narrowing these.
     lr: list[float] = field(default_factory=lambda: [1e-5, 1.0])
     weight_decay: list[float] = field(default_factory=lambda: [1e-6, 1e-2])
     # Leslie Smith's LR range test (exponentially growing LR, stopped on divergence) picks
     # the coarse lr range instead of `lr` above; its curve is stored on the coarse study.
     lr_range_test: bool = False
+    # Centre the lr range on the LR that memorised the overfit subset (babysit/learned.py
+    # states the rule) unless `lr` above was set by the user.
+    lr_from_overfit: bool = True
+    # A best value on an edge of the range widens it and runs a few extra trials, once.
+    extend: bool = True
 
 
 @dataclass
@@ -315,18 +324,35 @@ def build_spec(
 ) -> Spec:
     """Defaults, then the TOML file, then --set, then flags (None values are ignored)."""
     spec = Spec()
+    explicit: set[str] = set()
     if config is not None:
         data = load_toml(config)
         data.pop("ablation", None)
         data.pop("variants", None)
         _apply_mapping(spec, data, prefix="")
+        explicit.update(_dotted(data))
     for assignment in sets:
         apply_set(spec, assignment)
+        explicit.add(assignment.partition("=")[0].strip())
     for key, value in (flags or {}).items():
         if value is not None:
             _apply_mapping(spec, {key: value}, prefix="")
+            explicit.update(_dotted({key: value}))
     validate(spec)
+    # Which keys the user gave (not a field: it is not part of the run's identity), so a
+    # rule that adapts a default (the coarse lr anchored on the overfit LR) leaves them be.
+    spec.explicit_keys = frozenset(explicit)
     return spec
+
+
+def _dotted(data: dict[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("lrs",):
+            keys.extend(_dotted(value, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 _CHOICES = {
@@ -363,8 +389,8 @@ def validate(spec: Spec) -> None:
             raise UsageError(f"{stage}.trials and {stage}.epochs must be at least 1")
         if search.sampler not in ("random", "tpe"):
             raise UsageError(f"{stage}.sampler must be 'random' or 'tpe'")
-        if search.pruner not in ("median", "none"):
-            raise UsageError(f"{stage}.pruner must be 'median' or 'none'")
+        if search.pruner not in ("median", "halving", "none"):
+            raise UsageError(f"{stage}.pruner must be 'median', 'halving' or 'none'")
     for pname in ("lr", "weight_decay"):
         bounds = getattr(spec.coarse, pname)
         if len(bounds) != 2 or not 0 < bounds[0] < bounds[1]:

@@ -525,7 +525,17 @@ def _overfit_verdict(trials: list[FrozenTrial], n: int) -> str:
 # ---------------------------------------------------------------------------- searches
 
 
+# Successive halving in the coarse stage: every trial gets one epoch, the top third of
+# those that reached a rung go on to the next (epoch 1, 3, 9, ...), the rest stop. A coarse
+# search only has to find the region, and a trial that is in the bottom two thirds after
+# one epoch rarely ends in the top five that narrowing keeps.
+HALVING_FACTOR = 3
+
+
 def _pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
+    if search.pruner == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=1, reduction_factor=HALVING_FACTOR, min_early_stopping_rate=0)
     if search.pruner == "median":
         # Five trials before anything is pruned: the median of fewer is noise.
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
@@ -567,6 +577,12 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
         study.set_user_attr("ranges", ranges)
         study.set_user_attr("pruner", search_spec.pruner)
         study.set_user_attr("sampler", search_spec.sampler)
+        if search_spec.pruner == "halving":
+            study.set_user_attr("pruner_rule", (
+                f"successive halving: rungs at epochs 1, {HALVING_FACTOR}, "
+                f"{HALVING_FACTOR**2}, ...; a trial goes on past a rung only when its val "
+                f"accuracy is in the top 1/{HALVING_FACTOR} of the trials that reached it; "
+                "never pruned after its last epoch"))
     initial = ctx.initial_loss or expected_initial_loss(spec.loss, ctx.data.num_classes)
     diverge_above = search_spec.diverge_factor * initial
 
@@ -591,11 +607,15 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
             trial.set_user_attr("epochs_run", stats.epoch)
             trial.set_user_attr("examples", stats.epoch * examples_per_epoch)
             trial.report(stats.val_acc, stats.epoch)
-            if trial.should_prune():
+            # A trial that has run all its epochs is complete whatever the pruner says:
+            # pruning it would save nothing and hide its result from narrowing.
+            if stats.epoch < search_spec.epochs and trial.should_prune():
                 trial.set_user_attr("reason", "pruned")
                 trial.set_user_attr("verdict", (
-                    f"pruned after epoch {stats.epoch}: val accuracy {stats.val_acc:.3f} below "
-                    "the median of earlier trials at that epoch"))
+                    f"pruned after epoch {stats.epoch}: val accuracy {stats.val_acc:.3f} "
+                    + (f"not in the top 1/{HALVING_FACTOR} of the trials that reached that "
+                       "epoch (successive halving)" if search_spec.pruner == "halving" else
+                       "below the median of earlier trials at that epoch")))
                 trial.set_user_attr("seconds", time.perf_counter() - t0)
                 raise optuna.TrialPruned()
 
@@ -644,6 +664,13 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
                f"{counts['pruned'] - counts['diverged']} pruned); best val accuracy "
                f"{best['value']:.3f} at lr {best['params']['lr']:.3g}, "
                f"weight_decay {best['params']['weight_decay']:.3g}")
+    if stage == "fine":
+        coarse_best = best_of(open_stage(ctx, "coarse").get_trials(deepcopy=False))
+        if coarse_best is not None and coarse_best["value"] > best["value"]:
+            values["worse_than_coarse"] = coarse_best
+            verdict += (f"; worse than the coarse stage's best {coarse_best['value']:.3f} "
+                        f"(trial {coarse_best['number']}), so the final takes that trial's "
+                        "parameters")
     return StageResult(stage, "passed", verdict, values)
 
 
@@ -722,11 +749,14 @@ def narrow_stage(ctx: Context) -> dict[str, Any]:
 
 
 def best_params(ctx: Context) -> dict[str, float]:
-    for stage in ("fine", "coarse"):
-        study = open_stage(ctx, stage)
-        best = best_of(study.get_trials(deepcopy=False))
-        if best is not None:
-            return best["params"]
+    # The best trial of coarse and fine together, by validation accuracy (a fine trial
+    # first on a tie: it trained longer). A fine stage that did worse than coarse does not
+    # hand the final its worse parameters.
+    found = [best_of(open_stage(ctx, stage).get_trials(deepcopy=False))
+             for stage in ("fine", "coarse")]
+    found = [b for b in found if b is not None]
+    if found:
+        return max(found, key=lambda b: b["value"])["params"]
     raise ProtocolError("no completed search trial to take parameters from")
 
 
