@@ -43,6 +43,7 @@ from babysit.storage import StorageLost
 from babysit.storage import study_name
 from babysit.train import DeviceData
 from babysit.train import EpochStats
+from babysit.train import channels_last_pays
 from babysit.train import evaluate
 from babysit.train import expected_initial_loss
 from babysit.train import fit
@@ -330,7 +331,7 @@ def _fresh_model(ctx: Context, seed: int) -> torch.nn.Module:
         data.pre.resize or data.image_size,
     )
     model = model.to(ctx.device)
-    if ctx.device.type == "cuda":
+    if channels_last_pays(ctx.device, ctx.spec.model):
         model = model.to(memory_format=torch.channels_last)
     if ctx.compile:
         model.compile()  # in place: state_dict keys stay those of the plain module

@@ -11,8 +11,8 @@ the same process, one after the other:
            (RandomHorizontalFlip, RandomVerticalFlip, ColorJitter(brightness=2),
            Resize((32, 32)), ToTensor, Normalize(ImageNet)), batches copied to the device
   babysit  the split as one uint8 tensor on the device, batches as index slices of a
-           device-side permutation, the same augmentation batched on the device; on CUDA
-           bf16 autocast, channels_last and cudnn.benchmark
+           device-side permutation, the same augmentation batched on the device,
+           channels_last weights (CPU and CUDA); on CUDA bf16 autocast and cudnn.benchmark
 
 Each side runs one warm-up epoch, then `--epochs` timed epochs (training plus evaluation
 of `--eval` held-out images). Prints images/second both ways and the ratio.
@@ -38,6 +38,7 @@ from babysit.data.augment import build_preprocess
 from babysit.models import AlexNet
 from babysit.spec import DataSpec
 from babysit.train import DeviceData
+from babysit.train import channels_last_pays
 from babysit.train import configure_device
 from babysit.train import evaluate
 from babysit.train import fit
@@ -138,7 +139,7 @@ def main() -> None:
     def babysit_side() -> float:
         torch.manual_seed(0)
         model = AlexNet(10).to(device)
-        if device.type == "cuda":
+        if channels_last_pays(device, "alexnet"):
             model = model.to(memory_format=torch.channels_last)
         opt = make_optimizer("sgd", model.parameters(), 0.01, 1e-4)
         gen = torch.Generator(device=device).manual_seed(0)
