@@ -144,7 +144,7 @@ def extend_coarse(ctx: Context,
             + ", ".join(f"{k} [{a:.3g}, {b:.3g}]" for k, (a, b) in plan["strip"].items()))
     bigger = dataclasses.replace(spec.coarse, trials=spec.coarse.trials + plan["extra_trials"])
     result = search(ctx, "coarse", bigger, plan["strip"], progress=progress)
-    result.verdict += (f"; the best sat at the {shown} of the range first searched, so "
+    result.verdict += (f"; the first round's best had {shown}, so "
                        f"{plan['extra_trials']} extra trials looked {EDGE_DECADES:g} decades "
                        "further out")
     return result
