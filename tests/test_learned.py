@@ -121,6 +121,7 @@ def test_a_best_on_the_edge_runs_a_bounded_extra_round(tmp_path: Path) -> None:
         str(tmp_path / "s.json"),
         cwd=tmp_path,
         env=cli_env(),
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr
     coarse = optuna.load_study(study_name="edge/coarse", storage=url)
