@@ -116,6 +116,8 @@ def test_a_best_on_the_edge_runs_a_bounded_extra_round(tmp_path: Path) -> None:
         "--set",
         "coarse.lr=[1e-6, 1e-5]",
         "--set",
+        "coarse.extend=true",
+        "--set",
         "coarse.weight_decay=[1e-4, 1e-3]",
         "--summary-json",
         str(tmp_path / "s.json"),
