@@ -241,15 +241,18 @@ def _stop(helpers: list[subprocess.Popen]) -> None:
 
 
 def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
-    """The spec's coarse ranges, or the lr range the LR range test proposes (run once, then
-    read back from the coarse study so every worker and every rerun uses the same)."""
+    """The spec's coarse ranges, the lr range the LR range test proposes, or the lr range
+    anchored on the overfit LR (babysit/learned.py); read back from the coarse study once a
+    search stored them, so every worker and every rerun uses the same."""
     spec = ctx.spec
     ranges = {"lr": list(spec.coarse.lr), "weight_decay": list(spec.coarse.weight_decay)}
-    if not spec.coarse.lr_range_test:
-        return ranges
     study = open_stage(ctx, "coarse")
     if "ranges" in study.user_attrs:
         return study.user_attrs["ranges"]
+    if not spec.coarse.lr_range_test:
+        from babysit.learned import anchored_ranges
+
+        return anchored_ranges(ctx, ranges)
     from babysit.diagnostics import propose_coarse_lr
 
     test = propose_coarse_lr(ctx)
@@ -266,6 +269,11 @@ def _searches_and_final(ctx: Context, t0: float) -> dict[str, Any]:
     coarse = search(ctx, "coarse", spec.coarse, _coarse_ranges(ctx), progress=bar.to)
     bar.close()
     _gate(ctx, coarse)
+    from babysit.learned import extend_coarse
+
+    extended = extend_coarse(ctx)
+    if extended is not None:
+        _gate(ctx, extended)
 
     narrowed = narrow_stage(ctx)
     shown = ", ".join(f"{k} [{v[0]:.3g}, {v[1]:.3g}]" for k, v in narrowed["ranges"].items())

@@ -253,8 +253,9 @@ class SearchSpec:
     # "random" (the protocol's coarse search) or "tpe" (model-based, where it helps).
     sampler: str = _f("tpe", _choice("random", "tpe"))
     # "median" stops a trial whose val accuracy is below the median of earlier trials at
-    # the same epoch; "none" runs every trial in full.
-    pruner: str = _f("median", _choice("median", "none"))
+    # the same epoch; "halving" is successive halving (the top third of the trials that
+    # reached epoch 1, 3, 9, ... go on); "none" runs every trial in full.
+    pruner: str = _f("median", _choice("median", "halving", "none"))
     # Divergence: loss NaN/inf or above this multiple of the initial loss (cs231n's 3x).
     # 0 turns stopping off: every trial runs all its epochs, NaN or not, as the seeds did.
     # Between 0 and 1 every trial would stop at its first step (the loss starts at 1x).
@@ -268,12 +269,20 @@ class CoarseSpec(SearchSpec):
     trials: int = _f(12, _at_least(1))
     epochs: int = _f(3, _at_least(1))
     sampler: str = _f("random", _choice("random", "tpe"))
+    # Successive halving: a coarse search only has to find the region, so most trials get
+    # one epoch and the best third run on (measured in docs/benchmarks.md).
+    pruner: str = _f("halving", _choice("median", "halving", "none"))
     # [low, high] for a log-uniform draw. The fine stage's ranges come from narrowing these.
     lr: list[float] = _f([1e-5, 1.0], _log_range())
     weight_decay: list[float] = _f([1e-6, 1e-2], _log_range())
     # Leslie Smith's LR range test (exponentially growing LR, stopped on divergence) picks
     # the coarse lr range instead of `lr` above; its curve is stored on the coarse study.
     lr_range_test: bool = _f(False, _FLAG)
+    # Centre the lr range on the LR that memorised the overfit subset (babysit/learned.py
+    # states the rule) unless `lr` above was set by the user.
+    lr_from_overfit: bool = _f(True, _FLAG)
+    # A best value on an edge of the range widens it and runs a few extra trials, once.
+    extend: bool = _f(True, _FLAG)
 
 
 @dataclass
@@ -483,18 +492,35 @@ def build_spec(
 ) -> Spec:
     """Defaults, then the TOML file, then --set, then flags (None values are ignored)."""
     spec = Spec()
+    explicit: set[str] = set()
     if config is not None:
         data = load_toml(config)
         data.pop("ablation", None)
         data.pop("variants", None)
         _apply_mapping(spec, data, prefix="")
+        explicit.update(_dotted(data))
     for assignment in sets:
         apply_set(spec, assignment)
+        explicit.add(assignment.partition("=")[0].strip())
     for key, value in (flags or {}).items():
         if value is not None:
             _apply_mapping(spec, {key: value}, prefix="")
+            explicit.update(_dotted({key: value}))
     validate(spec)
+    # Which keys the user gave (not a field: it is not part of the run's identity), so a
+    # rule that adapts a default (the coarse lr anchored on the overfit LR) leaves them be.
+    spec.explicit_keys = frozenset(explicit)
     return spec
+
+
+def _dotted(data: dict[str, Any], prefix: str = "") -> list[str]:
+    keys: list[str] = []
+    for key, value in data.items():
+        if isinstance(value, dict) and key not in ("lrs",):
+            keys.extend(_dotted(value, f"{prefix}{key}."))
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _rule_errors(obj: Any, prefix: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import gc
 import logging
 import math
 import os
@@ -46,6 +47,7 @@ from babysit.storage import StorageRefused
 from babysit.storage import study_name
 from babysit.train import DeviceData
 from babysit.train import EpochStats
+from babysit.train import channels_last_pays
 from babysit.train import evaluate
 from babysit.train import expected_initial_loss
 from babysit.train import fit
@@ -282,7 +284,15 @@ def _release_memory() -> None:
     Each trial allocates and frees a few hundred MB (an AlexNet with its optimiser state);
     glibc keeps freed blocks for reuse, so without a trim the resident size ratchets up
     trial after trial.
+
+    The collection first: a trial's network is held in a reference cycle (the diagnostics'
+    forward hooks point at the Monitor, which points back at the layers), and a pruned
+    trial's traceback holds its frames, so without it each finished trial's weights and
+    optimiser state (~280 MB for the digits AlexNet with Adam) stayed resident until
+    Python's next full collection, and the default run peaked at 2.57 GB in the coarse
+    stage (docs/benchmarks.md, issue 16).
     """
+    gc.collect()
     if sys.platform.startswith("linux"):
         try:
             ctypes.CDLL("libc.so.6").malloc_trim(0)
@@ -342,7 +352,7 @@ def _fresh_model(ctx: Context, seed: int) -> torch.nn.Module:
     model = model.to(ctx.device)
     # babysit's own network only: a user's model is diagnosed by sanity, never re-initialised.
     fit_head_to_data(model, ctx.spec.model, data, ctx.spec.loss)
-    if ctx.device.type == "cuda":
+    if channels_last_pays(ctx.device, ctx.spec.model):
         model = model.to(memory_format=torch.channels_last)
     if ctx.compile:
         model.compile()  # in place: state_dict keys stay those of the plain module
@@ -606,7 +616,35 @@ def _overfit_verdict(trials: list[FrozenTrial], n: int) -> str:
 # ---------------------------------------------------------------------------- searches
 
 
+# Successive halving in the coarse stage: every trial gets one epoch, the top third of
+# those that reached a rung go on to the next (epoch 1, 3, 9, ...), the rest stop. A coarse
+# search only has to find the region, and a trial that is in the bottom two thirds after
+# one epoch rarely ends in the top five that narrowing keeps.
+HALVING_FACTOR = 3
+# Nothing is pruned before this many trials of the stage have finished, as with the median
+# pruner. Asynchronous halving with one or two trials at a rung promotes only the best so far:
+# in a 3-trial coarse search on three shapes it stopped the one trial at a good lr (2.9e-3,
+# val 0.44 after epoch 1) because a slow low-lr trial had 0.49 there.
+HALVING_STARTUP = 5
+
+
+class _StartupHalving(optuna.pruners.BasePruner):
+    """Successive halving once ``HALVING_STARTUP`` trials have finished; before that, none."""
+
+    def __init__(self) -> None:
+        self._halving = optuna.pruners.SuccessiveHalvingPruner(
+            min_resource=1, reduction_factor=HALVING_FACTOR, min_early_stopping_rate=0)
+
+    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
+        finished = study.get_trials(deepcopy=False, states=FINISHED)
+        if len(finished) < HALVING_STARTUP:
+            return False
+        return self._halving.prune(study, trial)
+
+
 def _pruner(search: SearchSpec) -> optuna.pruners.BasePruner:
+    if search.pruner == "halving":
+        return _StartupHalving()
     if search.pruner == "median":
         # Five trials before anything is pruned: the median of fewer is noise.
         return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
@@ -648,6 +686,13 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
         study.set_user_attr("ranges", ranges)
         study.set_user_attr("pruner", search_spec.pruner)
         study.set_user_attr("sampler", search_spec.sampler)
+        if search_spec.pruner == "halving":
+            study.set_user_attr("pruner_rule", (
+                f"successive halving after {HALVING_STARTUP} finished trials: rungs at "
+                f"epochs 1, {HALVING_FACTOR}, "
+                f"{HALVING_FACTOR**2}, ...; a trial goes on past a rung only when its val "
+                f"accuracy is in the top 1/{HALVING_FACTOR} of the trials that reached it; "
+                "never pruned after its last epoch"))
     initial = ctx.initial_loss or expected_initial_loss(spec.loss, ctx.data.num_classes)
     diverge_above = search_spec.diverge_factor * initial
 
@@ -672,11 +717,15 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
             trial.set_user_attr("epochs_run", stats.epoch)
             trial.set_user_attr("examples", stats.epoch * examples_per_epoch)
             trial.report(stats.val_acc, stats.epoch)
-            if trial.should_prune():
+            # A trial that has run all its epochs is complete whatever the pruner says:
+            # pruning it would save nothing and hide its result from narrowing.
+            if stats.epoch < search_spec.epochs and trial.should_prune():
                 trial.set_user_attr("reason", "pruned")
                 trial.set_user_attr("verdict", (
-                    f"pruned after epoch {stats.epoch}: val accuracy {stats.val_acc:.3f} below "
-                    "the median of earlier trials at that epoch"))
+                    f"pruned after epoch {stats.epoch}: val accuracy {stats.val_acc:.3f} "
+                    + (f"not in the top 1/{HALVING_FACTOR} of the trials that reached that "
+                       "epoch (successive halving)" if search_spec.pruner == "halving" else
+                       "below the median of earlier trials at that epoch")))
                 trial.set_user_attr("seconds", time.perf_counter() - t0)
                 raise optuna.TrialPruned()
 
@@ -725,6 +774,13 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
                f"{counts['pruned'] - counts['diverged']} pruned); best val accuracy "
                f"{best['value']:.3f} at lr {best['params']['lr']:.3g}, "
                f"weight_decay {best['params']['weight_decay']:.3g}")
+    if stage == "fine":
+        coarse_best = best_of(open_stage(ctx, "coarse").get_trials(deepcopy=False))
+        if coarse_best is not None and coarse_best["value"] > best["value"]:
+            values["worse_than_coarse"] = coarse_best
+            verdict += (f"; worse than the coarse stage's best {coarse_best['value']:.3f} "
+                        f"(trial {coarse_best['number']}), so the final takes that trial's "
+                        "parameters")
     return StageResult(stage, "passed", verdict, values)
 
 
@@ -818,11 +874,14 @@ def narrow_stage(ctx: Context) -> dict[str, Any]:
 
 
 def best_params(ctx: Context) -> dict[str, float]:
-    for stage in ("fine", "coarse"):
-        study = open_stage(ctx, stage)
-        best = best_of(study.get_trials(deepcopy=False))
-        if best is not None:
-            return best["params"]
+    # The best trial of coarse and fine together, by validation accuracy (a fine trial
+    # first on a tie: it trained longer). A fine stage that did worse than coarse does not
+    # hand the final its worse parameters.
+    found = [best_of(open_stage(ctx, stage).get_trials(deepcopy=False))
+             for stage in ("fine", "coarse")]
+    found = [b for b in found if b is not None]
+    if found:
+        return max(found, key=lambda b: b["value"])["params"]
     raise ProtocolError("final cannot start: neither the fine nor the coarse search has a "
                         "complete trial to take lr and weight_decay from (every trial "
                         "diverged, was pruned or failed); lower the upper end of coarse.lr or "

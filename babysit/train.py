@@ -140,6 +140,17 @@ def configure_device(device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def channels_last_pays(device: torch.device, model_name: str) -> bool:
+    """Whether to hold the network's weights channels-last (NHWC).
+
+    On CUDA tensor cores want NHWC. On the CPU oneDNN's convolutions run NHWC without
+    reordering every activation: an AlexNet step at batch 128 took 0.81x the time
+    (docs/benchmarks.md, issue 16). On the CPU only for babysit's own networks: a user's
+    forward that calls ``.view`` on a conv output fails on a channels-last tensor.
+    """
+    return device.type == "cuda" or (device.type == "cpu" and model_name == "alexnet")
+
+
 def autocast(device: torch.device):  # noqa: ANN201
     """bf16 autocast on CUDA; nothing on the CPU, where it would only slow things down."""
     if device.type == "cuda":

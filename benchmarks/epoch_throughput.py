@@ -11,8 +11,8 @@ the same process, one after the other:
            (RandomHorizontalFlip, RandomVerticalFlip, ColorJitter(brightness=2),
            Resize((32, 32)), ToTensor, Normalize(ImageNet)), batches copied to the device
   babysit  the split as one uint8 tensor on the device, batches as index slices of a
-           device-side permutation, the same augmentation batched on the device; on CUDA
-           bf16 autocast, channels_last and cudnn.benchmark
+           device-side permutation, the same augmentation batched on the device,
+           channels_last weights (CPU and CUDA); on CUDA bf16 autocast and cudnn.benchmark
 
 Each side runs one warm-up epoch, then `--epochs` timed epochs (training plus evaluation
 of `--eval` held-out images). Prints images/second both ways and the ratio.
@@ -38,6 +38,7 @@ from babysit.data.augment import build_preprocess
 from babysit.models import AlexNet
 from babysit.spec import DataSpec
 from babysit.train import DeviceData
+from babysit.train import channels_last_pays
 from babysit.train import configure_device
 from babysit.train import evaluate
 from babysit.train import fit
@@ -135,10 +136,10 @@ def main() -> None:
         _sync(device)
         return (time.perf_counter() - t0) / args.epochs
 
-    def babysit_side() -> float:
+    def babysit_side(channels_last: bool = True) -> float:
         torch.manual_seed(0)
         model = AlexNet(10).to(device)
-        if device.type == "cuda":
+        if channels_last and channels_last_pays(device, "alexnet"):
             model = model.to(memory_format=torch.channels_last)
         opt = make_optimizer("sgd", model.parameters(), 0.01, 1e-4)
         gen = torch.Generator(device=device).manual_seed(0)
@@ -156,6 +157,7 @@ def main() -> None:
         return per_epoch
 
     seed_s = seed_side()
+    plain_s = babysit_side(channels_last=False)
     ours_s = babysit_side()
     name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor()
                                                                        or "cpu")
@@ -165,9 +167,12 @@ def main() -> None:
           f"{args.epochs} timed epochs after one warm-up, DataLoader workers {args.workers}")
     print("| loop | seconds / epoch | images / second |\n|---|---:|---:|")
     print(f"| seed (DataLoader + PIL transforms) | {seed_s:.3f} | {(n + m) / seed_s:,.0f} |")
-    print(f"| babysit (device tensors, batched augmentation) | {ours_s:.3f} | "
+    print(f"| babysit, NCHW weights (before issue 16) | {plain_s:.3f} | "
+          f"{(n + m) / plain_s:,.0f} |")
+    print(f"| babysit (device tensors, batched augmentation, channels-last) | {ours_s:.3f} | "
           f"{(n + m) / ours_s:,.0f} |")
-    print(f"ratio babysit / seed: {seed_s / ours_s:.2f}x")
+    print(f"ratio babysit / seed: {seed_s / ours_s:.2f}x (NCHW weights: "
+          f"{seed_s / plain_s:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@
     python benchmarks/protocol_budget.py default          # `babysit run` with no flags
     python benchmarks/protocol_budget.py faces            # --dataset faces --optimizer adam
     python benchmarks/protocol_budget.py seed --dataset digits [--optimizer sgd]
+    python benchmarks/protocol_budget.py compare [--datasets digits,faces,cifar-shaped]
 
 `seed` runs the seed reports' budgets (20 coarse trials x 5 epochs at lr 10^[-5, 5],
 reg 10^[-6, -3]; 10 fine x 5; final 20: 170 epochs when every trial runs in full) three
@@ -36,8 +37,23 @@ SEED_BUDGET = [
     "--set", "final.epochs=20",
 ]
 FULL = ["--set", "coarse.diverge_factor=0", "--set", "fine.diverge_factor=0",
-        "--set", "coarse.pruner=\"none\"", "--set", "fine.pruner=\"none\""]
+        "--set", "coarse.pruner=\"none\"", "--set", "fine.pruner=\"none\"",
+        "--set", "coarse.extend=false", "--set", "coarse.lr_from_overfit=false"]
+# `compare`: the datasets of issue 16's done-when; the CIFAR-shaped one is synthetic
+# (benchmarks/synthetic_cifar.py: 32x32 RGB, 10 classes, 3000 training images).
+COMPARE = {
+    "digits": ["--dataset", "digits"],
+    "faces": ["--dataset", "faces"],
+    "cifar-shaped": ["--dataset", "synthetic_cifar:load"],
+}
 DIVERGE_ONLY = ["--set", "coarse.pruner=\"none\"", "--set", "fine.pruner=\"none\""]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    here = str(Path(__file__).resolve().parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (here, env.get("PYTHONPATH", "")) if p)
+    return env
 
 
 def run_cli(args: list[str]) -> dict:
@@ -56,7 +72,7 @@ def run_cli(args: list[str]) -> dict:
             "sys.exit(rc)"
         )
         proc = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=tmp,
-                              capture_output=True, text=True)
+                              capture_output=True, text=True, env=_env())
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
             raise SystemExit(f"babysit {' '.join(args)} failed ({proc.returncode}):\n"
@@ -92,7 +108,9 @@ HEADER = ("| run | wall s | peak RSS MB | epochs spent | overfit | coarse | fine
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("what", choices=("default", "faces", "seed"))
+    parser.add_argument("what", choices=("default", "faces", "seed", "compare"))
+    parser.add_argument("--datasets", default=",".join(COMPARE),
+                        help="compare: which of digits, faces, cifar-shaped to run")
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -100,6 +118,9 @@ def main() -> None:
     print(_machine())
     print(HEADER)
     results = {}
+    if args.what == "compare":
+        compare(args.datasets.split(","), args.json)
+        return
     if args.what == "default":
         results["babysit run"] = run_cli([])
     elif args.what == "faces":
@@ -116,6 +137,36 @@ def main() -> None:
             print(_row(label, r))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
+
+
+def compare(names: list[str], out: Path | None) -> None:
+    """Issue 16's done-when: per dataset, the seed-shaped budget run the seeds' way (every
+    trial in full, no stopping, no pruning) and `babysit run` with its defaults, one after
+    the other in this run; epochs, wall time, test accuracy and babysit's ratios."""
+    print("| dataset | run | wall s | peak RSS MB | epochs spent | test accuracy |")
+    print("|---|---|---:|---:|---:|---:|")
+    results: dict[str, dict] = {}
+    for name in COMPARE:
+        if name not in names:
+            print(f"| {name} | (unmeasured in this run) | | | | |", flush=True)
+            continue
+        base = COMPARE[name]
+        seed = run_cli(base + ["--optimizer", "adam", *SEED_BUDGET, *FULL])
+        ours = run_cli(base)
+        results[name] = {"seed": seed, "babysit": ours}
+        for label, r in (("seed-shaped budget", seed), ("babysit run", ours)):
+            s = r["summary"]
+            print(f"| {name} | {label} | {r['wall']:.0f} | {r['peak_mb']:.0f} | "
+                  f"{s['epochs_spent']:.1f} | {s['stages']['final']['test_accuracy']:.4f} |",
+                  flush=True)
+        e = ours["summary"]["epochs_spent"] / seed["summary"]["epochs_spent"]
+        w = ours["wall"] / seed["wall"]
+        d = (ours["summary"]["stages"]["final"]["test_accuracy"]
+             - seed["summary"]["stages"]["final"]["test_accuracy"]) * 100
+        print(f"| {name} | babysit / seed | {w:.2f}x | | {e:.2f}x | {d:+.1f} points |",
+              flush=True)
+    if out:
+        out.write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":
