@@ -294,7 +294,8 @@ def test_jobs_helpers_spread_round_robin_over_visible_gpus(
     stand_in.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(stand_in))
     ctx = SimpleNamespace(
-        storage=SimpleNamespace(url="sqlite:///x.db", artifact_dir=tmp_path),
+        storage=SimpleNamespace(url="sqlite:///x.db",
+                                artifact_flags=lambda: ["--artifact-dir", str(tmp_path)]),
         spec=SimpleNamespace(name="r"),
         device=torch.device("cuda"),
         compile=False,
