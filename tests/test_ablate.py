@@ -233,6 +233,7 @@ steps = 150
 trials = 2
 epochs = 1
 lr = [1e-3, 3e-3]
+extend = false
 [fine]
 trials = 1
 epochs = 1

@@ -425,6 +425,8 @@ def test_coarse_at_chance_ends_in_a_narrowing_verdict_and_the_name_was_free(
         "--set",
         "coarse.lr=[1e-9, 2e-9]",
         "--set",
+        "coarse.extend=false",
+        "--set",
         "fine.trials=1",
         "--set",
         "final.epochs=1",

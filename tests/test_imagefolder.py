@@ -164,7 +164,8 @@ def test_imagefolder_through_the_cli_reports_the_skipped_file(tmp_path: Path) ->
                    str(images), "--set", "data.patch_size=16", "--set", "model.fc_width=128",
                    "--set", "overfit.steps=60", "--set", "overfit.samples=8",
                    "--set", "coarse.trials=2", "--set", "coarse.epochs=1",
-                   "--set", "coarse.lr=[1e-5,1e-4]", "--set", "fine.trials=1",
+                   "--set", "coarse.lr=[1e-5,1e-4]", "--set", "coarse.extend=false",
+                   "--set", "fine.trials=1",
                    "--set", "fine.epochs=1", "--set", "final.epochs=1", "--quiet",
                    "--summary-json", str(summary), cwd=tmp_path, env=cli_env(**ENV))
     assert proc.returncode == 0, proc.stderr

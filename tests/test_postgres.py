@@ -37,6 +37,7 @@ FAST = [
     "--set", "coarse.trials=6",
     "--set", "coarse.epochs=2",
     "--set", "coarse.lr=[1e-3, 3e-3]",
+    "--set", "coarse.extend=false",
     "--set", "coarse.pruner=\"none\"",
     "--set", "fine.trials=2",
     "--set", "fine.epochs=1",

@@ -31,6 +31,7 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 FAST = [
     *CHEAP,
     "--set", "coarse.lr=[1e-3, 1e-2]",
+    "--set", "coarse.extend=false",
     "--set", "coarse.pruner=\"none\"",
     "--set", "fine.pruner=\"none\"",
     "--set", "fine.epochs=1",
@@ -137,7 +138,7 @@ def test_run_and_workers_through_the_proxy_fill_each_stage_exactly(
     status` reads the run through the proxy; no client holds a database connection."""
     url, proxy_proc = proxy
     shared = tmp_path / "artifacts"
-    budget = ["--set", "coarse.trials=6", "--set", "coarse.epochs=2", "--set", "fine.trials=3",
+    budget = ["--set", "coarse.trials=6", "--set", "coarse.extend=false", "--set", "coarse.epochs=2", "--set", "fine.trials=3",
               "--set", "final.epochs=2"]
     summary = tmp_path / "summary.json"
     run = _spawn("run", "--name", "p", *FAST, *budget, *FAST_HEARTBEAT, "--storage", url,
@@ -335,7 +336,7 @@ def test_final_killed_on_one_host_resumes_on_another_sharing_only_db_and_bucket(
     epochs = 8  # a few seconds of final training to kill it in
     # Adam at up to 1e-2 diverges now and then in one epoch; this test is about the final.
     args = ["run", "--name", "s3", *FAST, "--set", "coarse.lr=[3e-4, 2e-3]", "--set",
-            "coarse.trials=2", "--set", "coarse.epochs=1", "--set", "fine.trials=1", "--set", f"final.epochs={epochs}",
+            "coarse.trials=2", "--set", "coarse.extend=false", "--set", "coarse.epochs=1", "--set", "fine.trials=1", "--set", f"final.epochs={epochs}",
             "--storage", url, "--artifact-store", store]
     env = _s3_env(s3_server)
     first = _spawn(*args, cwd=host_a, env=env)

@@ -33,6 +33,7 @@ FAST = [
     "--set", "coarse.trials=4",
     "--set", "coarse.epochs=1",
     "--set", "coarse.lr=[1e-3, 1e-2]",
+    "--set", "coarse.extend=false",
     "--set", "fine.trials=2",
     "--set", "fine.epochs=1",
     "--set", "final.epochs=2",

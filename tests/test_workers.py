@@ -33,6 +33,7 @@ PASSWORD = "w0rker-Pa55"
 FAST = [
     *CHEAP,
     "--set", "coarse.lr=[1e-3, 1e-2]",
+    "--set", "coarse.extend=false",
     "--set", "coarse.pruner=\"none\"",
     "--set", "fine.pruner=\"none\"",
     "--set", "fine.epochs=1",
@@ -118,7 +119,7 @@ def test_workers_and_run_fill_each_stage_exactly_and_survive_a_killed_worker(
     url = make_url(postgres_url).set(password=PASSWORD).render_as_string(hide_password=False)
     shared = tmp_path / "shared-artifacts"
     # Final lasts a few seconds, so every worker finds it held rather than done.
-    budget = ["--set", "coarse.trials=6", "--set", "coarse.epochs=2", "--set", "fine.trials=3",
+    budget = ["--set", "coarse.trials=6", "--set", "coarse.extend=false", "--set", "coarse.epochs=2", "--set", "fine.trials=3",
               "--set", "final.epochs=6"]
     summary = tmp_path / "summary.json"
     owner = _spawn("run", "--name", "w", *FAST, *budget, *FAST_HEARTBEAT, "--storage", url,
@@ -205,7 +206,7 @@ def test_two_processes_on_sqlite_and_a_final_killed_midway_resumes(tmp_path: Pat
     url = f"sqlite:///{db}"
     epochs = 8  # a few seconds of final training to kill it in
     # Patience off: the test counts every epoch of the final after the resume.
-    budget = ["--set", "coarse.trials=4", "--set", "coarse.epochs=1", "--set", "fine.trials=2",
+    budget = ["--set", "coarse.trials=4", "--set", "coarse.extend=false", "--set", "coarse.epochs=1", "--set", "fine.trials=2",
               "--set", f"final.epochs={epochs}", "--set", "final.patience=0"]
     run_args = ["run", "--name", "s", *FAST, *budget, *FAST_HEARTBEAT, "--storage", url]
     watch = open_storage(url).rdb
