@@ -160,13 +160,11 @@ def test_imagefolder_through_the_cli_reports_the_skipped_file(tmp_path: Path) ->
     (images / "train" / "triangle" / "truncated.jpg").write_bytes(
         (images / "train" / "triangle" / "triangle001.jpg").read_bytes()[:40])
     summary = tmp_path / "s.json"
-    proc = babysit("run", "--name", "shapes", "--dataset", "imagefolder", "--data-dir",
+    # `check` (sanity and overfit) loads and reports the data as `run` does, in seconds;
+    # a whole run on 24 images at these budgets can end at chance, a narrowing verdict.
+    proc = babysit("check", "--name", "shapes", "--dataset", "imagefolder", "--data-dir",
                    str(images), "--set", "data.patch_size=16", "--set", "model.fc_width=128",
-                   "--set", "overfit.steps=60", "--set", "overfit.samples=8",
-                   "--set", "coarse.trials=2", "--set", "coarse.epochs=1",
-                   "--set", "coarse.lr=[1e-5,1e-4]", "--set", "coarse.extend=false",
-                   "--set", "fine.trials=1",
-                   "--set", "fine.epochs=1", "--set", "final.epochs=1", "--quiet",
+                   "--set", "overfit.steps=60", "--set", "overfit.samples=8", "--quiet",
                    "--summary-json", str(summary), cwd=tmp_path, env=cli_env(**ENV))
     assert proc.returncode == 0, proc.stderr
     assert "imagefolder: skipped 1 unreadable file(s): train/triangle/truncated.jpg" in proc.stderr
@@ -176,7 +174,7 @@ def test_imagefolder_through_the_cli_reports_the_skipped_file(tmp_path: Path) ->
     assert s["data"]["skipped"][0].startswith("train/triangle/truncated.jpg")
     assert s["data"]["mode"] == "RGB" and s["data"]["image_size"] == 16
     assert s["data"]["loader"] == "tensor"
-    assert s["stages"]["final"]["status"] == "passed"
+    assert s["stages"]["overfit"]["status"] == "passed"
 
 
 def test_missing_or_empty_image_folder_is_one_line_exit_2(tmp_path: Path) -> None:
