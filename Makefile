@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test setup system lint bench clean
+.PHONY: run test test-slow setup system lint bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -24,8 +24,14 @@ system:
 run: setup
 	$(BIN)/babysit run
 
+# `make test`: every test but the slow ones (whole runs in real processes, several
+# workers, database faults, the browser), a few minutes on 2 cores. `make test-slow`: those,
+# ~20 minutes. CI runs both.
 test: setup system
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not slow" tests
+
+test-slow: setup system
+	$(BIN)/python -m pytest -q -m slow tests
 
 lint: setup
 	$(BIN)/ruff check babysit tests benchmarks

@@ -23,6 +23,9 @@ from tests.conftest import babysit
 from tests.conftest import cli_env
 from tests.conftest import popen
 
+# Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
+pytestmark = pytest.mark.slow
+
 # Seed 000's shape on digits, small enough for seconds: three convs, a 128-wide head.
 TINY_ABLATION = """
 dataset = "digits"

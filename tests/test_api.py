@@ -55,6 +55,7 @@ def _blobs(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
+@pytest.mark.slow
 def test_python_objects_run_in_process_and_load_run_reads_them_back(tmp_path: Path) -> None:
     # Defined inside the test: not importable by module:qualname, so stored as python:...
     def build(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
@@ -110,6 +111,7 @@ def test_python_objects_run_in_process_and_load_run_reads_them_back(tmp_path: Pa
     assert len(babysit.load_run("nb", str(db)).trials_dataframe()) == before
 
 
+@pytest.mark.slow
 def test_references_and_datasets_stream_through_the_api(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     write_module(tmp_path, "usermods_api")
@@ -128,6 +130,7 @@ def test_references_and_datasets_stream_through_the_api(
     assert multiprocessing.active_children() == []
 
 
+@pytest.mark.slow
 def test_tensor_data_forced_through_the_dataloader_path(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
@@ -202,6 +205,7 @@ def _blocks(markdown: str, heading: str, lang: str) -> str:
     return match.group(1)
 
 
+@pytest.mark.slow
 def test_the_documented_example_runs_as_written(tmp_path: Path) -> None:
     doc = (ROOT / "docs" / "own-network.md").read_text()
     shell = _blocks(doc, "### The example", "sh")

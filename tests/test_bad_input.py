@@ -292,6 +292,7 @@ MODEL_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args, words", MODEL_CASES.values(), ids=MODEL_CASES.keys())
 def test_bad_user_code(tmp_path: Path, args: tuple[str, ...], words: tuple[str, ...]) -> None:
     for name, text in USER_CODE.items():
@@ -402,6 +403,7 @@ def test_oversized_fddb_photo_is_named_and_skipped(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------- verdicts
 
 
+@pytest.mark.slow
 def test_coarse_at_chance_ends_in_a_narrowing_verdict_and_the_name_was_free(
     tmp_path: Path,
 ) -> None:
@@ -492,6 +494,7 @@ def test_narrow_below_chance_is_a_verdict_not_an_index_error() -> None:
         narrow(trials, CoarseSpec(), 5, 0.5, 0.25, chance=0.1015)
 
 
+@pytest.mark.slow
 def test_report_on_degenerate_runs(tmp_path: Path) -> None:
     """Runs with no finished stage, only some stages, failed trials and trials missing a
     parameter: the report is written, and `status` and `report` on an unknown or

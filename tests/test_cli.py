@@ -70,6 +70,7 @@ def _counts(db: Path, study: str) -> dict[str, int]:
     return out
 
 
+@pytest.mark.slow
 def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     summary_path = tmp_path / "summary.json"
     proc = babysit("run", *TINY, "--summary-json", str(summary_path), cwd=tmp_path)
@@ -119,6 +120,7 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     assert as_json["stages"]["coarse"]["trials"] == 4
 
 
+@pytest.mark.slow
 def test_broken_model_fails_sanity_with_a_diagnosis(tmp_path: Path) -> None:
     (tmp_path / "netmods.py").write_text(BROKEN_MODEL)
     proc = babysit("run", "--model", "netmods:build", *TINY, "--summary-json",
@@ -137,6 +139,7 @@ def test_broken_model_fails_sanity_with_a_diagnosis(tmp_path: Path) -> None:
     assert "continuing because of --force" in forced.stderr
 
 
+@pytest.mark.slow
 def test_unlearnable_labels_fail_overfit(tmp_path: Path) -> None:
     (tmp_path / "constdata.py").write_text(CONSTANT_DATA)
     proc = babysit("run", "--dataset", "constdata:load", *TINY, "--set", "overfit.steps=30",
@@ -167,6 +170,7 @@ def _one_line_error(proc) -> str:  # noqa: ANN001
     (["--set", "coarse.nonsense=1"], "unknown config key"),
     (["--frobnicate"], "unrecognized arguments"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], words: str) -> None:
     line = _one_line_error(babysit("run", *args, "--quiet", cwd=tmp_path))
     assert words in line
@@ -181,6 +185,7 @@ def test_bad_config_file(tmp_path: Path) -> None:
     assert "not valid TOML" in _one_line_error(babysit("run", "--config", str(cfg), cwd=tmp_path))
 
 
+@pytest.mark.slow
 def test_bad_user_models_are_caught_before_training(tmp_path: Path) -> None:
     (tmp_path / "netmods.py").write_text(BROKEN_MODEL)
     line = _one_line_error(babysit("run", "--model", "netmods:wrong_width", cwd=tmp_path))
@@ -189,6 +194,7 @@ def test_bad_user_models_are_caught_before_training(tmp_path: Path) -> None:
     assert "not a torch nn.Module" in line
 
 
+@pytest.mark.slow
 def test_reused_name_with_other_spec_is_refused_and_nothing_is_touched(tmp_path: Path) -> None:
     db = tmp_path / "babysit.db"
     first = babysit("run", *TINY, "--name", "r1", cwd=tmp_path)
@@ -223,6 +229,7 @@ def _finished_coarse(db: Path) -> int:
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in s.get_trials())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
 def test_resume_after_a_stop_in_the_middle_of_coarse(tmp_path: Path, sig: int) -> None:
     db = tmp_path / "babysit.db"
@@ -257,6 +264,7 @@ def test_resume_after_a_stop_in_the_middle_of_coarse(tmp_path: Path, sig: int) -
     assert _summary(tmp_path / "s.json")["stages"]["final"]["status"] == "passed"
 
 
+@pytest.mark.slow
 def test_jobs_share_the_searches_between_processes(tmp_path: Path) -> None:
     summary_path = tmp_path / "s.json"
     proc = babysit("run", "--name", "j", *TINY, "--set", "coarse.trials=6", "--jobs", "2",

@@ -25,6 +25,9 @@ from tests.conftest import TINY
 from tests.conftest import babysit
 from tests.conftest import cli_env
 
+# Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
+pytestmark = pytest.mark.slow
+
 RUN = "dash"
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",

@@ -27,6 +27,9 @@ from babysit.spec import build_spec
 from babysit.stages import checkpoint_due
 from babysit.storage import open_storage
 
+# Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
+pytestmark = pytest.mark.slow
+
 EPOCHS = 8
 # Searches as small as they go; the final is what these tests are about.
 ARGS = [

@@ -154,6 +154,7 @@ def test_registered_and_sized_by_patch_size(tmp_path: Path) -> None:
     assert splits.train_x.shape[1:] == (3, 10, 10)
 
 
+@pytest.mark.slow
 def test_imagefolder_through_the_cli_reports_the_skipped_file(tmp_path: Path) -> None:
     images = tmp_path / "images"
     make_folder(images, per_class=12)
@@ -177,6 +178,7 @@ def test_imagefolder_through_the_cli_reports_the_skipped_file(tmp_path: Path) ->
     assert s["stages"]["overfit"]["status"] == "passed"
 
 
+@pytest.mark.slow
 def test_missing_or_empty_image_folder_is_one_line_exit_2(tmp_path: Path) -> None:
     (tmp_path / "empty" / "train").mkdir(parents=True)
     procs = [popen("run", "--dataset", "imagefolder", "--data-dir", str(tmp_path / where),

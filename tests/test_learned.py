@@ -29,6 +29,9 @@ SEEDS = (0, 1, 2)
 _RUNS = """
 import json, sys
 import babysit
+
+# Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
+pytestmark = pytest.mark.slow
 out = {}
 for seed in SEEDS:
     s = babysit.run(model="tinynet:build", data="imagefolder", data_dir=sys.argv[1],

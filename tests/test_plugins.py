@@ -147,6 +147,7 @@ def _one_line(proc) -> str:  # noqa: ANN001
     return lines[0]
 
 
+@pytest.mark.slow
 def test_user_model_and_tensor_dataset_then_a_worker_without_the_module(
         tmp_path: Path) -> None:
     home = tmp_path / "project"
@@ -188,6 +189,7 @@ BAD_INPUTS = [
 ]
 
 
+@pytest.mark.slow
 def test_bad_user_input_is_one_line_and_exit_2_before_training(tmp_path: Path) -> None:
     write_module(tmp_path)
     # The model checks need a dataset that loads; the dataset checks use the default model.

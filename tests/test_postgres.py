@@ -27,7 +27,7 @@ from babysit.stages import reclaim
 from babysit.storage import StorageLost
 from babysit.storage import open_storage
 
-pytestmark = pytest.mark.postgres
+pytestmark = [pytest.mark.postgres, pytest.mark.slow]
 
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)

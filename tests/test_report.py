@@ -22,6 +22,9 @@ from optuna_dashboard import save_note
 from tests.conftest import TINY
 from tests.conftest import babysit
 
+# Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
+pytestmark = pytest.mark.slow
+
 RUN = "rep"
 STAGES = ("sanity", "overfit", "coarse", "fine", "final")
 PLOTS = {"overfit": "overfit-curve.png", "coarse": "coarse-search.png",

@@ -264,6 +264,7 @@ def user_models(tmp_path: Path) -> Path:
     return tmp_path
 
 
+@pytest.mark.slow
 def test_last_layer_scaled_50x_fails_sanity_and_says_so(user_models: Path) -> None:
     proc = _check(user_models, "usernets:loud")
     assert proc.returncode == 1, proc.stderr
@@ -276,6 +277,7 @@ def test_last_layer_scaled_50x_fails_sanity_and_says_so(user_models: Path) -> No
     assert s["stages"]["overfit"]["status"] == "skipped"  # caught before any training
 
 
+@pytest.mark.slow
 def test_nan_outputs_fail_sanity_and_say_so(user_models: Path) -> None:
     proc = _check(user_models, "usernets:nan")
     assert proc.returncode == 1, proc.stderr
@@ -283,6 +285,7 @@ def test_nan_outputs_fail_sanity_and_say_so(user_models: Path) -> None:
     assert _summary(user_models / "s.json")["stages"]["overfit"]["status"] == "skipped"
 
 
+@pytest.mark.slow
 def test_more_outputs_than_classes_is_refused_and_leaves_no_database(user_models: Path) -> None:
     proc = _check(user_models, "usernets:too_many")
     assert proc.returncode == 2, proc.stderr
@@ -290,6 +293,7 @@ def test_more_outputs_than_classes_is_refused_and_leaves_no_database(user_models
     assert not (user_models / "babysit.db").exists()
 
 
+@pytest.mark.slow
 def test_a_healthy_user_model_is_not_touched_and_passes(user_models: Path) -> None:
     proc = _check(
         user_models,
@@ -374,6 +378,7 @@ def test_a_mapping_without_classes_takes_them_from_the_labels(
         ["run", "--model", "nosuchmodule:build"],
     ],
 )
+@pytest.mark.slow
 def test_a_rejected_command_leaves_no_database(tmp_path: Path, args: list[str]) -> None:
     proc = babysit(*args, "--quiet", cwd=tmp_path, timeout=120)
     assert proc.returncode == 2, proc.stderr
@@ -414,6 +419,7 @@ SHAPES = [
 ]
 
 
+@pytest.mark.slow
 def test_check_on_the_examples_then_run_goes_on_from_there(tmp_path: Path) -> None:
     import subprocess
 

@@ -92,6 +92,7 @@ def test_divergence_stops_on_the_step_it_happens(digits_ctx) -> None:
     assert result.values["diverged"] == 3
 
 
+@pytest.mark.slow
 def test_flat_loss_is_labelled_lr_too_low(digits_ctx) -> None:
     ctx = digits_ctx
     ctx.initial_loss = math.log(10)
@@ -113,6 +114,7 @@ def test_narrow_ignores_trials_at_chance_level() -> None:
     assert "half-way from chance" in out["rule"]
 
 
+@pytest.mark.slow
 def test_lr_range_test_sets_the_coarse_range(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     import functools
 

@@ -35,6 +35,9 @@ from babysit.stages import reclaim
 from babysit.storage import StorageLost
 from babysit.storage import open_storage
 
+# Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
+pytestmark = pytest.mark.slow
+
 PASSWORD = "f@ult:pw/#1"  # characters that need URL encoding; never to be printed
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 

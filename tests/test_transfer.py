@@ -24,7 +24,7 @@ from babysit.transfer import copy_run
 PASSWORD = "Pg-s3cret-pw"
 
 # The synthetic runs are written with ask/tell, which Optuna warns about when heartbeats are on.
-pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning"), pytest.mark.slow]
 
 # The cheapest protocol that still trains: a 3-conv AlexNet with one narrow FC layer, an
 # overfit LR that memorises 20 digits in ~10 steps, one epoch per search trial.

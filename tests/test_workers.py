@@ -25,6 +25,9 @@ from optuna.trial import TrialState
 
 from babysit.storage import open_storage
 
+# Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
+pytestmark = pytest.mark.slow
+
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PASSWORD = "w0rker-Pa55"
 
