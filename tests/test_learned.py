@@ -22,6 +22,9 @@ from tests.conftest import TINY
 from tests.conftest import babysit
 from tests.conftest import cli_env
 
+# Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
+pytestmark = pytest.mark.slow
+
 SEEDS = (0, 1, 2)
 
 # Three seeds of the issue's small budget (3 coarse and 2 fine trials, every other setting
@@ -29,9 +32,6 @@ SEEDS = (0, 1, 2)
 _RUNS = """
 import json, sys
 import babysit
-
-# Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
-pytestmark = pytest.mark.slow
 out = {}
 for seed in SEEDS:
     s = babysit.run(model="tinynet:build", data="imagefolder", data_dir=sys.argv[1],
