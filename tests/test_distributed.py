@@ -40,6 +40,7 @@ ARGS = [
     "coarse.epochs=1",
     "--set",
     "coarse.lr=[1e-3, 1e-2]",
+    "--set",
     "coarse.extend=false",
     "--set",
     "fine.trials=1",
