@@ -366,6 +366,19 @@ def _generator(ctx: Context, seed: int) -> torch.Generator:
 # ---------------------------------------------------------------------------- fixed trials
 
 
+def _holders(study: optuna.Study, wait: float = 10.0) -> list[str]:
+    """Who runs the study's RUNNING trials. A trial is RUNNING a moment before its process
+    writes its "worker" attr (Optuna starts it, then the objective's first line names the
+    worker), so a reader in that moment waits a little rather than say "held by ?"."""
+    deadline = time.monotonic() + wait
+    while True:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        named = [t.user_attrs.get("worker") for t in running]
+        if all(named) or time.monotonic() > deadline:
+            return [n or "?" for n in named]
+        time.sleep(_POLL_SECONDS / 4)
+
+
 def _fixed_trial(ctx: Context, study: optuna.Study, key: str, params: dict[str, Any],
                  objective: Callable[[optuna.Trial], float]) -> FrozenTrial | None:
     """Run the single trial named ``key`` in ``study`` unless it is done or held elsewhere.
@@ -1175,8 +1188,7 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None,
 
     trial = _fixed_trial(ctx, study, "final", {}, objective)
     if trial is None:
-        holder = [t.user_attrs.get("worker", "?") for t in
-                  study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))]
+        holder = _holders(study)
         return StageResult("final", "skipped",
                            f"final training is held by {', '.join(holder) or 'another worker'}",
                            {"held_by": holder})
