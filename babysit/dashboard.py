@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import socket
 import sys
+import threading
 import warnings
 from socketserver import ThreadingMixIn
 from wsgiref.simple_server import WSGIRequestHandler
@@ -26,6 +27,10 @@ _WILDCARD = ("0.0.0.0", "::", "")
 class _Server(ThreadingMixIn, WSGIServer):
     # The page polls while open; a tab left behind must not keep the process alive.
     daemon_threads = True
+    # Daemon request threads are not joined on close, so a request still in flight could log
+    # after "dashboard stopped"; the log line and the stop share this lock and flag.
+    log_lock = threading.Lock()
+    stopped = False
 
 
 class _Server6(_Server):
@@ -39,7 +44,11 @@ class _QuietHandler(WSGIRequestHandler):
 
 class _LoggingHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - base signature
-        sys.stderr.write(f"dashboard: {self.address_string()} {format % args}\n")
+        server = self.server
+        assert isinstance(server, _Server)
+        with server.log_lock:
+            if not server.stopped:
+                sys.stderr.write(f"dashboard: {self.address_string()} {format % args}\n")
 
 
 def serve(storage: Storage, host: str = "127.0.0.1", port: int = 8080,
@@ -77,7 +86,9 @@ def serve(storage: Storage, host: str = "127.0.0.1", port: int = 8080,
         pass
     finally:
         httpd.server_close()
-    print("dashboard stopped", file=sys.stderr, flush=True)
+    with httpd.log_lock:
+        httpd.stopped = True
+        print("dashboard stopped", file=sys.stderr, flush=True)
     return 0
 
 
