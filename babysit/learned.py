@@ -39,6 +39,9 @@ from babysit.stages import search
 # 0.84-0.93. Half a decade below keeps the memorising LR off the edge.
 ANCHOR_BELOW = 0.5
 ANCHOR_ABOVE = 2.0
+# The rule as stored on the coarse study (``lr_anchor.rule``); README.md quotes it word for word.
+ANCHOR_RULE = ("coarse lr = [overfit lr / 10^{below}, overfit lr x 10^{above}] around the lr "
+               "{lr} that memorised the overfit subset")
 # How far an edge is pushed out, and how many extra trials look there.
 EDGE_DECADES = 2.0
 
@@ -79,9 +82,8 @@ def anchored_ranges(ctx: Context, ranges: dict[str, list[float]]) -> dict[str, l
     study = open_stage(ctx, "coarse")
     study.set_user_attr("lr_anchor", {
         "overfit_lr": lr, "range": anchored, "replaced": list(ranges["lr"]),
-        "rule": (f"coarse lr = [overfit lr / 10^{ANCHOR_BELOW:g}, overfit lr x "
-                 f"10^{ANCHOR_ABOVE:g}] around the lr {lr:g} that memorised the overfit "
-                 "subset"),
+        "rule": ANCHOR_RULE.format(below=f"{ANCHOR_BELOW:g}", above=f"{ANCHOR_ABOVE:g}",
+                                   lr=f"{lr:g}"),
     })
     ctx.log(f"coarse: lr range [{anchored[0]:.3g}, {anchored[1]:.3g}] anchored on the "
             f"overfit lr {lr:g} ({ANCHOR_BELOW:g} decade below, {ANCHOR_ABOVE:g} above)")

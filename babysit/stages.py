@@ -639,6 +639,11 @@ HALVING_FACTOR = 3
 # in a 3-trial coarse search on three shapes it stopped the one trial at a good lr (2.9e-3,
 # val 0.44 after epoch 1) because a slow low-lr trial had 0.49 there.
 HALVING_STARTUP = 5
+# The rule as stored on the coarse study (``pruner_rule``); README.md quotes it word for word.
+HALVING_RULE = ("successive halving after {startup} finished trials: rungs at epochs 1, "
+                "{factor}, {factor2}, ...; a trial goes on past a rung only when its val "
+                "accuracy is in the top 1/{factor} of the trials that reached it; never "
+                "pruned after its last epoch")
 
 
 class _StartupHalving(optuna.pruners.BasePruner):
@@ -700,12 +705,8 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
         study.set_user_attr("pruner", search_spec.pruner)
         study.set_user_attr("sampler", search_spec.sampler)
         if search_spec.pruner == "halving":
-            study.set_user_attr("pruner_rule", (
-                f"successive halving after {HALVING_STARTUP} finished trials: rungs at "
-                f"epochs 1, {HALVING_FACTOR}, "
-                f"{HALVING_FACTOR**2}, ...; a trial goes on past a rung only when its val "
-                f"accuracy is in the top 1/{HALVING_FACTOR} of the trials that reached it; "
-                "never pruned after its last epoch"))
+            study.set_user_attr("pruner_rule", HALVING_RULE.format(
+                startup=HALVING_STARTUP, factor=HALVING_FACTOR, factor2=HALVING_FACTOR**2))
     initial = ctx.initial_loss or expected_initial_loss(spec.loss, ctx.data.num_classes)
     diverge_above = search_spec.diverge_factor * initial
 
@@ -808,6 +809,13 @@ def best_of(trials: list[FrozenTrial]) -> dict[str, Any] | None:
 # ---------------------------------------------------------------------------- narrowing
 
 
+# The rule as stored on the fine study (``narrowed.rule``); README.md quotes this template
+# word for word (tests/test_readme.py), so the two cannot drift apart.
+NARROW_RULE = ("top {top} of the {good} complete coarse trials with val accuracy >= "
+               "{threshold} (half-way from chance {chance} to the best {best}); log10 span of "
+               "each parameter padded by {pad} decades, clipped to the coarse range")
+
+
 def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float,
            edge: float, chance: float = 0.0) -> dict[str, Any]:
     """Fine ranges from the best coarse trials, by a rule stated in full.
@@ -852,10 +860,8 @@ def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float
             warnings_.append(
                 f"best {name} {best.params[name]:.3g} sits at the {side} edge of the coarse "
                 f"range [{10**lo_c:.3g}, {10**hi_c:.3g}]: widen coarse.{name} and rerun")
-    rule = (f"top {len(top)} of the {len(good)} complete coarse trials with val accuracy >= "
-            f"{threshold:.3f} (half-way from chance {chance:.3f} to the best {best_value:.3f}); "
-            f"log10 span of each parameter padded by {pad:g} decades, clipped to the coarse "
-            "range")
+    rule = NARROW_RULE.format(top=len(top), good=len(good), threshold=f"{threshold:.3f}",
+                              chance=f"{chance:.3f}", best=f"{best_value:.3f}", pad=f"{pad:g}")
     return {"ranges": ranges, "rule": rule, "top": [t.number for t in top],
             "threshold": threshold, "chance": chance, "warnings": warnings_}
 
