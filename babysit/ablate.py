@@ -50,6 +50,7 @@ from babysit.spec import validate
 from babysit.storage import STAGES
 from babysit.storage import Storage
 from babysit.storage import find_study
+from babysit.terminal import Progress
 
 _MODES = ("final", "full")
 _ABLATION_KEYS = ("name", "mode", "params", "repeats")
@@ -274,23 +275,11 @@ def _train(ablation: Ablation, variant: Variant, spec: Spec, storage: Storage, d
         run_protocol(ctx)
         return
     record_data_facts(ctx)
-    bar = None
-    if not quiet:
-        from tqdm import tqdm
-
-        bar = tqdm(total=spec.final.epochs, desc=spec.name, unit="epoch", file=sys.stderr,
-                   leave=False, dynamic_ncols=True)
-
-    def progress(n: int, total: int) -> None:
-        if bar is not None:
-            bar.n = min(n, total)
-            bar.refresh()
-
+    bar = Progress(spec.name, "epoch", quiet)
     try:
-        result = final(ctx, progress=progress, params=variant.params)
+        result = final(ctx, progress=bar.to, params=variant.params)
     finally:
-        if bar is not None:
-            bar.close()
+        bar.close()
     publish_stage(ctx, result)
     if result.status == "failed":
         raise ProtocolError(result.verdict)

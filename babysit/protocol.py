@@ -45,6 +45,8 @@ from babysit.stages import stage_counts
 from babysit.storage import STAGES
 from babysit.storage import Storage
 from babysit.storage import find_study
+from babysit.terminal import Progress
+from babysit.terminal import plural
 from babysit.train import DeviceData
 from babysit.train import configure_device
 from babysit.train import device_for
@@ -92,8 +94,8 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
                 pre.resize or splits.image_size)
     if streamed:
         data = StreamingData.from_splits(splits, pre, dev)
-        _log(f"data: streamed from torch Datasets by a DataLoader with {data.num_workers} "
-             f"worker process{'es' if data.num_workers != 1 else ''}")
+        _log(f"data: streamed from torch Datasets by a DataLoader with "
+             f"{plural(data.num_workers, 'worker process')}")
     else:
         data = DeviceData.from_splits(splits, pre, dev)
     return Context(
@@ -113,36 +115,21 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
     )
 
 
-class _Bar:
-    """A tqdm bar per stage on stderr, silent under --quiet."""
-
-    def __init__(self, desc: str, total: int, quiet: bool, unit: str) -> None:
-        self.bar = None
-        if not quiet:
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False,
-                            dynamic_ncols=True)
-
-    def to(self, n: int, total: int, *_: Any) -> None:
-        if self.bar is not None:
-            self.bar.total = total
-            self.bar.n = min(n, total)
-            self.bar.refresh()
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+def _said(result: StageResult) -> str:
+    """The verdict after "<stage> <status>: ", without the stage's name said twice (a
+    search's stored verdict starts with it, for readers that show it alone)."""
+    prefix = f"{result.stage}: "
+    return result.verdict[len(prefix):] if result.verdict.startswith(prefix) else result.verdict
 
 
 def _gate(ctx: Context, result: StageResult) -> None:
-    ctx.log(f"{result.stage} {result.status}: {result.verdict}")
+    ctx.log(f"{result.stage} {result.status}: {_said(result)}")
     publish_stage(ctx, result)
     if result.status == "failed":
         if ctx.force:
             ctx.log(f"{result.stage} failed, continuing because of --force")
         else:
-            raise ProtocolError(f"{result.stage} failed: {result.verdict}")
+            raise ProtocolError(f"{result.stage} failed: {_said(result)}")
 
 
 def run_protocol(ctx: Context, jobs: int = 1) -> dict[str, Any]:
@@ -209,7 +196,7 @@ def _spawn_workers(ctx: Context, jobs: int) -> list[subprocess.Popen]:
         cmd += ["--final-procs", str(ctx.final_procs)]
     if ctx.data_dir:
         cmd += ["--data-dir", str(ctx.data_dir)]
-    ctx.log(f"--jobs {jobs}: starting {jobs - 1} worker processes beside this one")
+    ctx.log(f"--jobs {jobs}: starting {plural(jobs - 1, 'worker process')} beside this one")
     from babysit.distributed import helper_env
 
     count = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
@@ -265,13 +252,18 @@ def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
 
 def _searches_and_final(ctx: Context, t0: float) -> dict[str, Any]:
     spec = ctx.spec
-    bar = _Bar("coarse", spec.coarse.trials, ctx.quiet, "trial")
-    coarse = search(ctx, "coarse", spec.coarse, _coarse_ranges(ctx), progress=bar.to)
+    # The bar starts at the search's first report: after the LR range test or the anchoring
+    # has said its piece, and at the trials a previous run stored.
+    ranges = _coarse_ranges(ctx)
+    bar = Progress("coarse", "trial", ctx.quiet)
+    coarse = search(ctx, "coarse", spec.coarse, ranges, progress=bar.to)
     bar.close()
     _gate(ctx, coarse)
     from babysit.learned import extend_coarse
 
-    extended = extend_coarse(ctx)
+    bar = Progress("coarse", "trial", ctx.quiet)
+    extended = extend_coarse(ctx, progress=bar.to)
+    bar.close()
     if extended is not None:
         _gate(ctx, extended)
 
@@ -281,12 +273,12 @@ def _searches_and_final(ctx: Context, t0: float) -> dict[str, Any]:
     for warning in narrowed["warnings"]:
         ctx.log(f"warning: {warning}")
 
-    bar = _Bar("fine", spec.fine.trials, ctx.quiet, "trial")
+    bar = Progress("fine", "trial", ctx.quiet)
     fine = search(ctx, "fine", spec.fine, narrowed["ranges"], progress=bar.to)
     bar.close()
     _gate(ctx, fine)
 
-    bar = _Bar("final", spec.final.epochs, ctx.quiet, "epoch")
+    bar = Progress("final", "epoch", ctx.quiet)
     result = final(ctx, progress=bar.to)
     bar.close()
     if result.status == "skipped":

@@ -1,0 +1,110 @@
+"""What a person sees on the terminal: counts in words, warnings in one line, progress.
+
+Only the command line installs the warning format (:func:`install_warning_format`); the
+library leaves Python's warnings machinery as the caller set it.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from typing import Any
+from typing import TextIO
+
+# Words whose plural is not the word plus "s" or "es".
+_PLURALS = {"is": "are", "was": "were", "has": "have"}
+
+
+def plural(n: int | float, word: str, many: str | None = None) -> str:
+    """``n`` and ``word`` agreeing: plural(1, "epoch") is "1 epoch", plural(3, "epoch")
+    "3 epochs"; ``many`` gives an irregular plural. A float prints as given (1.5 epochs)."""
+    if n == 1:
+        form = word
+    elif many is not None:
+        form = many
+    elif word in _PLURALS:
+        form = _PLURALS[word]
+    else:
+        form = word + ("es" if word.endswith(("s", "x", "ch", "sh")) else "s")
+    return f"{n} {form}"
+
+
+def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
+                      lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
+    # Python's default shows the file, the line number, the category and the source line:
+    # two lines that point into babysit's code, when what the user needs is the message.
+    out = file if file is not None else sys.stderr
+    text = " ".join(str(message).split()) or category.__name__
+    try:
+        out.write(f"warning: {text}\n")
+        out.flush()
+    except (OSError, ValueError):
+        pass  # a closed stderr: nowhere to say it, as with Python's own showwarning
+
+
+def install_warning_format() -> None:
+    """Warnings that reach the terminal print as one line ``warning: <message>``."""
+    warnings.showwarning = _one_line_warning
+
+
+class Progress:
+    """One progress display per stage on stderr, silent under ``quiet``.
+
+    The display starts at the first report, so it begins where the stage stands (trials
+    or epochs a previous run stored count as done, and the rate counts only this run's),
+    and nothing is drawn before work starts. On a terminal it is a tqdm bar; otherwise
+    (a log file, a pipe, a test) one plain line per finished trial or epoch, since a
+    bar's carriage-return frames make an unreadable log.
+    """
+
+    def __init__(self, desc: str, unit: str, quiet: bool = False,
+                 stream: TextIO | None = None) -> None:
+        self.desc = desc
+        self.unit = unit
+        self.quiet = quiet
+        self.stream = stream if stream is not None else sys.stderr
+        self.bar: Any = None
+        self.shown: tuple[int, int] | None = None
+        self.t0 = time.perf_counter()
+
+    def _tty(self) -> bool:
+        try:
+            return self.stream.isatty()
+        except (AttributeError, ValueError):
+            return False
+
+    def to(self, n: int, total: int, *_: Any) -> None:
+        """The stage has ``n`` of ``total`` trials (or epochs) done."""
+        if self.quiet:
+            return
+        n = min(n, total)
+        if self.shown == (n, total):
+            return  # a poll while other processes run the last trials: nothing new
+        first = self.shown is None
+        self.shown = (n, total)
+        if self._tty():
+            self._draw(n, total)
+            return
+        if first and n > 0:
+            said = f"{n}/{total} {self.unit}s already done"
+        else:
+            said = f"{n}/{total} {self.unit}s"
+            if not first:
+                said += f" ({time.perf_counter() - self.t0:.0f} s)"
+        print(f"{self.desc}: {said}", file=self.stream, flush=True)
+
+    def _draw(self, n: int, total: int) -> None:
+        if self.bar is None:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=n, desc=self.desc, unit=self.unit,
+                            file=self.stream, leave=False, dynamic_ncols=True)
+            return
+        self.bar.total = total
+        self.bar.update(n - self.bar.n)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
