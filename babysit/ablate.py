@@ -51,6 +51,7 @@ from babysit.storage import STAGES
 from babysit.storage import Storage
 from babysit.storage import find_study
 from babysit.terminal import Progress
+from babysit.terminal import plural
 
 _MODES = ("final", "full")
 _ABLATION_KEYS = ("name", "mode", "params", "repeats")
@@ -298,8 +299,8 @@ def run_ablation(config: Path, storage: Storage, sets: list[str] | tuple[str, ..
     for _, _, spec in ablation.runs:
         check_spec(storage, spec)
     n = len(ablation.runs)
-    _log(f"ablation {ablation.name}: {len(ablation.variants)} variants x {ablation.repeats} "
-         f"repeat(s), mode {ablation.mode}, storage {storage.shown}")
+    _log(f"ablation {ablation.name}: {plural(len(ablation.variants), 'variant')} x "
+         f"{plural(ablation.repeats, 'repeat')}, mode {ablation.mode}, storage {storage.shown}")
     failed: list[str] = []
     for i, (variant, _, spec) in enumerate(ablation.runs, 1):
         label = f"[{i}/{n}] {spec.name}"
@@ -453,7 +454,7 @@ def table_markdown(rows: list[dict[str, Any]], ablation: Ablation) -> str:
             if r["test_accuracy_std"] is not None:
                 acc += f" ± {100 * r['test_accuracy_std']:.2f}"
             if r["runs"] > 1 or r["runs_done"] < r["runs"]:
-                acc += f" ({r['runs_done']} of {r['runs']} runs)"
+                acc += f" ({r['runs_done']} of {plural(r['runs'], 'run')})"
         cells = [r["variant"], r["change"], params, acc, _num(r["test_loss_mean"]),
                  _num(r["epochs"], ".0f"), _num(r["seconds_mean"], ".0f"),
                  _pct(r["reported"]), "; ".join(r["readings"])]

@@ -15,6 +15,7 @@ from typing import Any
 from babysit.errors import INTERRUPTED
 from babysit.errors import BabysitError
 from babysit.errors import UsageError
+from babysit.terminal import plural
 
 
 class _Parser(argparse.ArgumentParser):
@@ -287,7 +288,7 @@ def _closing_lines(summary: dict[str, Any], storage: Any) -> None:
         params = ", ".join(f"{k}={v:.3g}" for k, v in final["params"].items())
         print(f"chosen: {params}", file=out)
         print(f"test accuracy {final['test_accuracy']:.4f}, test loss {final['test_loss']:.4f} "
-              f"after {final['epochs']} epochs; {summary['epochs_spent']:.1f} epochs spent in "
+              f"after {plural(final['epochs'], 'epoch')}; {summary['epochs_spent']:.1f} epochs spent in "
               "all stages", file=out)
     url = storage.shown
     flag = "" if url == "sqlite:///babysit.db" else f" --storage '{url}'"
@@ -386,7 +387,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     out = args.out or Path(f"{args.name.replace('/', '-')}-trials.{args.format}")
     path, rows = export_trials(_open(args, create=False), args.name, args.format, out)
-    print(f"exported {rows} trials to {path}", file=sys.stderr)
+    print(f"exported {plural(rows, 'trial')} to {path}", file=sys.stderr)
     return 0
 
 
@@ -397,13 +398,16 @@ def _cmd_copy(args: argparse.Namespace) -> int:
     src = open_storage(args.src, args.from_artifact_dir, create=False)
     dst = open_storage(args.dst, args.to_artifact_dir)
     copied = copy_run(src, dst, args.name)
-    print(f"copied run {args.name}: {copied['studies']} studies, {copied['trials']} trials, "
-          f"{copied['artifacts']} artifacts from {src.shown} to {dst.shown}", file=sys.stderr)
+    print(f"copied run {args.name}: {plural(copied['studies'], 'study', 'studies')}, "
+          f"{plural(copied['trials'], 'trial')}, {plural(copied['artifacts'], 'artifact')} "
+          f"from {src.shown} to {dst.shown}", file=sys.stderr)
     if copied["interrupted"]:
-        print(f"warning: {copied['interrupted']} trials were RUNNING at the source; they are "
-              "FAIL in the copy and their stages will be topped up", file=sys.stderr)
+        print(f"warning: {plural(copied['interrupted'], 'trial')} "
+              f"{'was' if copied['interrupted'] == 1 else 'were'} RUNNING at the source: FAIL "
+              "in the copy, and the stages will be topped up", file=sys.stderr)
     if copied["missing"]:
-        print(f"warning: {len(copied['missing'])} artifacts were not found in "
+        print(f"warning: {plural(len(copied['missing']), 'artifact')} "
+              f"{'was' if len(copied['missing']) == 1 else 'were'} not found in "
               f"{src.artifact_dir} (pass --from-artifact-dir); without the final checkpoint "
               "the final training starts over", file=sys.stderr)
     return 0

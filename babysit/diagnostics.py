@@ -24,6 +24,7 @@ from torch import nn
 
 from babysit.storage import Storage
 from babysit.storage import find_study
+from babysit.terminal import plural
 from babysit.train import DeviceData
 from babysit.train import autocast
 from babysit.train import loss_fn
@@ -277,7 +278,7 @@ def readings(diagnostics: Sequence[dict[str, Any]], curves: dict[str, list[float
         end = curves.get("train_loss", [])[-1:] or (losses[-1:] if len(losses) > 2 else [])
         if end and abs(first - end[0]) < flat_tolerance * abs(first):
             out.append(f"LR too low: loss moved less than {flat_tolerance * 100:g} % in "
-                       f"{last['last_step']} steps ({first:.3f} -> {end[0]:.3f})")
+                       f"{plural(last['last_step'], 'step')} ({first:.3f} -> {end[0]:.3f})")
     if last is not None:
         # The classifier starts at N(0, 0.01) so that the initial loss is ln C; against such
         # small weights any useful step is large (Adam at lr 1e-3 moves it 1e-1 on step 1),

@@ -45,6 +45,7 @@ from babysit.storage import Storage
 from babysit.storage import StorageLost
 from babysit.storage import StorageRefused
 from babysit.storage import study_name
+from babysit.terminal import plural
 from babysit.train import DeviceData
 from babysit.train import EpochStats
 from babysit.train import channels_last_pays
@@ -310,7 +311,7 @@ def claim(study: optuna.Study, trial: optuna.Trial, target: int, stage: str) -> 
     earlier = [t for t in study.get_trials(deepcopy=False)
                if t.number < trial.number and t.state != TrialState.FAIL]
     if len(earlier) >= target:
-        _surplus(trial, f"{stage} already had {target} trials")
+        _surplus(trial, f"{stage} already had {plural(target, 'trial')}")
     _start_trial(trial, stage)
 
 
@@ -597,7 +598,7 @@ def overfit(ctx: Context) -> StageResult:
         tried.append(trial)
         if trial.value is not None and trial.value >= 1.0:
             verdict = (f"{n} examples memorised (100 % train accuracy) in "
-                       f"{trial.user_attrs['steps']} steps at lr {lr:g}")
+                       f"{plural(trial.user_attrs['steps'], 'step')} at lr {lr:g}")
             study.set_user_attr("verdict", verdict)
             return StageResult("overfit", "passed", verdict,
                                {"train_accuracy": 1.0, "lr": lr,
@@ -765,11 +766,11 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
             trial.set_user_attr("reason", "lr too low")
             trial.set_user_attr("verdict", (
                 f"lr too low: the train loss moved {abs(first - last) / first:.1%} "
-                f"({first:.3f} -> {last:.3f}) in {history.steps} steps"))
+                f"({first:.3f} -> {last:.3f}) in {plural(history.steps, 'step')}"))
         else:
             trial.set_user_attr("verdict", (
-                f"val accuracy {history.epochs[-1].val_acc:.3f} after {len(history.epochs)} "
-                f"epochs (train {history.epochs[-1].train_acc:.3f})"))
+                f"val accuracy {history.epochs[-1].val_acc:.3f} after "
+                f"{plural(len(history.epochs), 'epoch')} (train {history.epochs[-1].train_acc:.3f})"))
         return history.epochs[-1].val_acc
 
     fill(study, target, objective, progress)
@@ -779,11 +780,11 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
     values: dict[str, Any] = {**counts, "best": best, "range": ranges}
     values["examples"] = sum(_examples(t) for t in trials)
     if best is None:
-        verdict = (f"{stage}: none of {counts['trials']} trials completed "
+        verdict = (f"{stage}: none of {plural(counts['trials'], 'trial')} completed "
                    f"({counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
                    "pruned): lower the upper end of the lr range")
         return StageResult(stage, "failed", verdict, values)
-    verdict = (f"{stage}: {counts['trials']} trials ({counts['complete']} complete, "
+    verdict = (f"{stage}: {plural(counts['trials'], 'trial')} ({counts['complete']} complete, "
                f"{counts['diverged']} diverged and stopped early, "
                f"{counts['pruned'] - counts['diverged']} pruned); best val accuracy "
                f"{best['value']:.3f} at lr {best['params']['lr']:.3g}, "
@@ -1114,6 +1115,8 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
     kwargs: dict[str, Any] = {}
     if world > 1:
         kwargs = {"shard": (rank, world), "augment_generator": augment}
+    if progress is not None:
+        progress(start, spec.final.epochs)  # the display starts at a resumed epoch
     history = None
     try:
         history = fit(net, opt, ctx.data, epochs=budget, batch_size=per_rank,
@@ -1154,7 +1157,8 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
         trial.set_user_attr("batch", {"global": per_rank * world, "per_rank": per_rank,
                                       "ranks": world})
     stop = (f"stopped after epoch {epochs_run} of {spec.final.epochs}: no better validation "
-            f"for {spec.final.patience} epochs; " if saved > 0 else f"{epochs_run} epochs; ")
+            f"for {plural(spec.final.patience, 'epoch')}; " if saved > 0
+            else f"{plural(epochs_run, 'epoch')}; ")
     trial.set_user_attr("verdict", (
         f"{stop}best epoch {best['epoch']} at lr {lr:.3g}, weight_decay {wd:.3g}: val "
         f"accuracy {val_acc:.3f}, test accuracy {test_acc:.3f} (loss {test_loss:.3f})"

@@ -270,7 +270,7 @@ def test_jobs_share_the_searches_between_processes(tmp_path: Path) -> None:
     proc = babysit("run", "--name", "j", *TINY, "--set", "coarse.trials=6", "--jobs", "2",
                    "--summary-json", str(summary_path), cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert "starting 1 worker processes" in proc.stderr
+    assert "starting 1 worker process beside" in proc.stderr
     db = f"sqlite:///{tmp_path / 'babysit.db'}"
     trials = optuna.load_study(study_name="j/coarse", storage=db).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
