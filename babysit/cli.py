@@ -6,16 +6,17 @@ import argparse
 import json
 import signal
 import sys
-from collections.abc import Iterator
-from contextlib import closing
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from babysit.errors import INTERRUPTED
 from babysit.errors import BabysitError
 from babysit.errors import UsageError
+from babysit.rejected import nothing_left_if_rejected
+from babysit.terminal import install_warning_format
 from babysit.terminal import plural
+from babysit.verbs import add_verb
+from babysit.verbs import version
 
 
 class _Parser(argparse.ArgumentParser):
@@ -57,6 +58,8 @@ def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
     p.add_argument("--summary-json", type=Path, help="write the run's summary here")
     p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--print-config", action="store_true", help="print the resolved spec, each "
+                   "value with where it came from and why, and exit (touches no storage)")
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
@@ -84,17 +87,19 @@ def _check_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="babysit", description="Babysit the training of an image "
-                     "classifier: sanity, overfit, coarse, fine, final.")
-    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+                     "classifier: sanity, overfit, coarse, fine, final.",
+                     epilog="`babysit VERB --help` shows a verb's flags and examples.")
+    parser.add_argument("--version", action="version", version=f"babysit {version()}")
+    sub = parser.add_subparsers(dest="command", title="verbs", metavar="VERB",
+                                parser_class=_Parser)
 
-    p = sub.add_parser("run", help="run the whole protocol (resumes a run of the same name)")
+    p = add_verb(sub, "run")
     _run_flags(p)
 
-    p = sub.add_parser("check", help="sanity and overfit only, in seconds: is this model and "
-                       "data ready for a run? (`babysit run` with the same name goes on)")
+    p = add_verb(sub, "check")
     _check_flags(p)
 
-    p = sub.add_parser("worker", help="join a run's searches from another process or machine")
+    p = add_verb(sub, "worker")
     p.add_argument("--name", required=True)
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--data-dir")
@@ -103,42 +108,41 @@ def build_parser() -> argparse.ArgumentParser:
     _final_procs_flag(p)
     _storage_flags(p)
 
-    p = sub.add_parser("status", help="where each stage of a run stands")
+    p = add_verb(sub, "status")
     p.add_argument("--name")
     p.add_argument("--json", action="store_true", help="machine output on stdout")
     _storage_flags(p)
 
-    p = sub.add_parser("datasets", help="list the datasets and whether their files are here")
+    p = add_verb(sub, "datasets")
     p.add_argument("--data-dir")
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("dashboard", help="optuna-dashboard on the storage, with artifacts")
+    p = add_verb(sub, "dashboard")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: the "
                    "dashboard has no login and can delete studies)")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--quiet", action="store_true")
     _storage_flags(p)
 
-    p = sub.add_parser("report", help="a self-contained HTML report and its Markdown twin")
+    p = add_verb(sub, "report")
     p.add_argument("--name", required=True)
     p.add_argument("--out", type=Path, help="folder to write into (default: report-<name>)")
     _storage_flags(p)
 
-    p = sub.add_parser("export", help="every trial of every stage as one table")
+    p = add_verb(sub, "export")
     p.add_argument("--name", required=True)
     p.add_argument("--format", choices=("csv", "parquet"), default="csv")
     p.add_argument("--out", type=Path, help="file to write (default: <name>-trials.<format>)")
     _storage_flags(p)
 
-    p = sub.add_parser("copy", help="move a run (studies, attrs, artifacts) between storages")
+    p = add_verb(sub, "copy")
     p.add_argument("--name", required=True)
     p.add_argument("--from", dest="src", required=True, metavar="URL")
     p.add_argument("--to", dest="dst", required=True, metavar="URL")
     p.add_argument("--from-artifact-dir", help="artifact store of the source storage")
     p.add_argument("--to-artifact-dir", help="artifact store of the target storage")
 
-    p = sub.add_parser("storage-proxy", help="Optuna's gRPC storage proxy: many workers "
-                       "share its database connections (they use --storage grpc://HOST:PORT)")
+    p = add_verb(sub, "storage-proxy")
     p.add_argument("--storage", help="the database it serves (default: $BABYSIT_STORAGE, "
                    "else sqlite:///babysit.db)")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; the "
@@ -147,7 +151,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=10, help="requests served at once "
                    "(Optuna's default 10)")
 
-    p = sub.add_parser("ablate", help="one run per variant of a base spec, and their table")
+    p = add_verb(sub, "ablate")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
@@ -172,12 +176,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
                              "optimizer": args.optimizer, "seed": args.seed}
     # The spec is checked before torch and optuna are imported: a bad input costs no wait.
     spec = build_spec(args.config, args.sets, flags)
+    if args.print_config:
+        return _print_config(args, flags, spec)
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     from babysit.protocol import prepare
     from babysit.protocol import run_protocol
 
-    with _nothing_left_if_rejected(args.storage):
+    with nothing_left_if_rejected(args.storage):
         storage = _open(args)
         ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
                       download=args.download, force=args.force, quiet=args.quiet,
@@ -202,44 +208,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return code
 
 
-def _sqlite_file(url: str | None) -> Path | None:
-    """The file an SQLite storage URL names (None for a server database or a bad URL)."""
-    from sqlalchemy.engine import make_url
+def _print_config(args: argparse.Namespace, flags: dict[str, Any], spec: Any) -> int:
+    from babysit.spec_view import spec_lines
 
-    from babysit.storage import resolve_url
-
-    try:
-        parsed = make_url(resolve_url(url))
-    except Exception:  # noqa: BLE001 - open_storage reports a bad URL in its own words
-        return None
-    if parsed.get_backend_name() != "sqlite" or not parsed.database:
-        return None
-    return Path(parsed.database)
-
-
-@contextmanager
-def _nothing_left_if_rejected(url: str | None) -> Iterator[None]:
-    """A command refused as bad input (exit 2) leaves no database behind: opening an SQLite
-    storage creates its file before the dataset or the model has been checked, and an empty
-    babysit.db in the working directory looked like a run had started. Removed only when
-    this command created it and it holds no study (nothing stored is ever lost)."""
-    path = _sqlite_file(url)
-    existed = path is None or path.exists()
-    try:
-        yield
-    except UsageError:
-        if not existed and path is not None and path.exists():
-            import sqlite3
-
-            try:
-                with closing(sqlite3.connect(path)) as db:
-                    empty = db.execute("SELECT count(*) FROM studies").fetchone()[0] == 0
-            except sqlite3.Error:  # not Optuna's tables, or unreadable: leave it alone
-                empty = False
-            if empty:
-                for suffix in ("", "-journal", "-wal", "-shm"):
-                    Path(f"{path}{suffix}").unlink(missing_ok=True)
-        raise
+    print("\n".join(spec_lines(spec, args.config, args.sets, flags)))
+    return 0
 
 
 def _cmd_check(args: argparse.Namespace) -> int:
@@ -252,7 +225,9 @@ def _cmd_check(args: argparse.Namespace) -> int:
     flags: dict[str, Any] = {"name": args.name, "dataset": args.dataset, "model": args.model,
                              "optimizer": args.optimizer, "seed": args.seed}
     spec = build_spec(args.config, args.sets, flags)
-    with _nothing_left_if_rejected(args.storage):
+    if args.print_config:
+        return _print_config(args, flags, spec)
+    with nothing_left_if_rejected(args.storage):
         storage = _open(args)
         ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
                       download=args.download, force=args.force, quiet=args.quiet)
@@ -473,8 +448,13 @@ def main(argv: list[str] | None = None) -> int:
     # with it ignored, and an interrupt must still stop a run cleanly.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    install_warning_format()
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:  # bare `babysit`: the verbs, as `pip` with no arguments
+            parser.print_help()
+            return 0
         return COMMANDS[args.command](args)
     except BabysitError as err:
         print(f"babysit: {err}", file=sys.stderr)
