@@ -15,6 +15,7 @@ from babysit.errors import UsageError
 from babysit.rejected import nothing_left_if_rejected
 from babysit.terminal import install_warning_format
 from babysit.terminal import plural
+from babysit.verbs import VerbListFormat
 from babysit.verbs import add_verb
 from babysit.verbs import version
 
@@ -88,7 +89,8 @@ def _check_flags(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="babysit", description="Babysit the training of an image "
                      "classifier: sanity, overfit, coarse, fine, final.",
-                     epilog="`babysit VERB --help` shows a verb's flags and examples.")
+                     epilog="`babysit VERB --help` shows a verb's flags and examples.",
+                     formatter_class=VerbListFormat)
     parser.add_argument("--version", action="version", version=f"babysit {version()}")
     sub = parser.add_subparsers(dest="command", title="verbs", metavar="VERB",
                                 parser_class=_Parser)

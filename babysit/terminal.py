@@ -83,15 +83,16 @@ class Progress:
             return  # a poll while other processes run the last trials: nothing new
         first = self.shown is None
         self.shown = (n, total)
+        if first:
+            self.t0 = time.perf_counter()  # the time since work started, not construction
         if self._tty():
             self._draw(n, total)
             return
+        said = f"{n}/{plural(total, self.unit)}"
         if first and n > 0:
-            said = f"{n}/{total} {self.unit}s already done"
-        else:
-            said = f"{n}/{total} {self.unit}s"
-            if not first:
-                said += f" ({time.perf_counter() - self.t0:.0f} s)"
+            said += " already done"
+        elif not first:
+            said += f" ({time.perf_counter() - self.t0:.0f} s)"
         print(f"{self.desc}: {said}", file=self.stream, flush=True)
 
     def _draw(self, n: int, total: int) -> None:

@@ -8,7 +8,7 @@ import argparse
 # verb: (one line for the verb list and the top of its --help; the end of its --help:
 # what more there is to say, then examples)
 VERBS: dict[str, tuple[str, str]] = {
-    "run": ("sanity, overfit, coarse, fine, final; resumes a run by name", """\
+    "run": ("sanity, overfit, coarse, fine, final (resumes by name)", """\
 Run the whole protocol. A run is stored under its name (default: the dataset's); running
 the same command again skips the stages already done and goes on where it stopped.
 
@@ -86,6 +86,16 @@ def add_verb(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentPar
     summary, examples = VERBS[name]
     return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
                           epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+class VerbListFormat(argparse.HelpFormatter):
+    """`babysit --help`: every verb's line beside its name. argparse measures the verbs'
+    names at the indent of the options, two short, and so put storage-proxy's line below
+    it; the column starts past the longest name instead."""
+
+    def __init__(self, prog: str) -> None:
+        super().__init__(prog, max_help_position=32)
+        self._action_max_length = 4 + max(len(v) for v in VERBS) + 2
 
 
 def version() -> str:
