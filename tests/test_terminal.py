@@ -296,6 +296,5 @@ def test_a_resumed_run_counts_progress_from_the_stored_trials(tmp_path: Path) ->
     again = babysit(*args, cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     coarse = _progress(again.stderr, "coarse")
-    assert coarse[0] == f"coarse: {stored}/6 trials"
-    assert f"coarse: {stored}/6 trials already done" in again.stderr
+    assert coarse[0] == f"coarse: {stored}/6 trials already done"  # not 0/6
     assert coarse[1:] == [f"coarse: {n}/6 trials" for n in range(stored + 1, 7)]
