@@ -103,7 +103,8 @@ def _bar(quiet: bool, total: int | None, initial: int, desc: str) -> Any:
         unit="B",
         unit_scale=True,
         unit_divisor=1024,
-        disable=quiet,
+        # None: tqdm draws only on a terminal; a log or a pipe gets no carriage-return frames.
+        disable=True if quiet else None,
         file=sys.stderr,
         leave=False,
     )
@@ -281,7 +282,7 @@ def unpack_tar(path: Path, parent: Path, *, quiet: bool = False) -> Path:
             tqdm(
                 desc=f"unpack {path.name}",
                 unit=" files",
-                disable=quiet,
+                disable=True if quiet else None,  # drawn on a terminal only
                 file=sys.stderr,
                 leave=False,
             ) as bar,
