@@ -469,6 +469,9 @@ def main(argv: list[str] | None = None) -> int:
     # with it ignored, and an interrupt must still stop a run cleanly.
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
+    from babysit.coordination import quiet_optuna
+
+    quiet_optuna()  # Optuna's logging and warnings, set once for every command
     try:
         args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)

@@ -20,11 +20,11 @@ from conftest import cli_env
 from conftest import wait_for
 from optuna.trial import TrialState
 
+from babysit.checkpoint import checkpoint_due
 from babysit.distributed import check_procs
 from babysit.distributed import helper_env
 from babysit.errors import UsageError
 from babysit.spec import build_spec
-from babysit.stages import checkpoint_due
 from babysit.storage import open_storage
 
 # Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
@@ -183,10 +183,10 @@ def test_plateau_stops_the_final_and_the_best_epoch_is_tested(tmp_path: Path) ->
     """Patience 1 over a 20-epoch budget: the final stops at the first epoch that does not
     improve (epoch 7 of 20 when measured); the stored model is the best epoch's (its val
     accuracy is the best of the curve, not the last)."""
+    from babysit.final import final
     from babysit.models import build_model
     from babysit.protocol import prepare
     from babysit.protocol import summarize
-    from babysit.stages import final
     from babysit.train import evaluate
 
     url = f"sqlite:///{tmp_path / 'p.db'}"
