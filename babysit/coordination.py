@@ -65,30 +65,45 @@ def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     return trial._trial_id
 
 
-def _study_id(study: optuna.Study) -> int:
+def study_id(study: optuna.Study) -> int:
+    """The study's storage id: what the storage API and the dashboard's artifact URLs use."""
     return study._study_id
 
 
-def _storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage a study writes through (Optuna's cache in front of an RDB storage)."""
     return study._storage
 
 
 def _heartbeat_on(study: optuna.Study) -> bool:
-    return bool(getattr(_storage_of(study), "get_heartbeat_interval", lambda: None)())
+    return bool(getattr(storage_of(study), "get_heartbeat_interval", lambda: None)())
 
 
 def _stale_trial_ids(study: optuna.Study) -> list[int]:
     """What ``optuna.storages.fail_stale_trials`` would fail: RUNNING trials whose heartbeat
     is older than the grace period."""
-    return list(_storage_of(study)._get_stale_trial_ids(_study_id(study)))
+    return list(storage_of(study)._get_stale_trial_ids(study_id(study)))
 
 
 def _orphaned_trial_ids(study: optuna.Study) -> list[int]:
     """RUNNING trials that never wrote a heartbeat (babysit's storage.orphaned_trial_ids;
-    behind the gRPC proxy that storage sits at ``_backend``)."""
-    storage = _storage_of(study)
+    behind Optuna's cache of an RDB storage, or the gRPC proxy, it sits at ``_backend``)."""
+    storage = storage_of(study)
     orphaned = getattr(getattr(storage, "_backend", storage), "orphaned_trial_ids", None)
-    return list(orphaned(_study_id(study))) if orphaned else []
+    return list(orphaned(study_id(study))) if orphaned else []
+
+
+def _told_a_failed_trial(err: BaseException) -> bool:
+    """Whether ``err`` comes from Optuna telling a trial that another process had failed.
+
+    Optuna 5.0 raises the ValueError, then its own post-processing raises an AssertionError
+    ("Should not reach.") over it, so the ValueError is looked for down the chain."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ValueError) and str(cause).startswith(_TELL_FAILED):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 def _trial_number(record: logging.LogRecord) -> str:
@@ -240,7 +255,7 @@ def reclaim(study: optuna.Study) -> None:
 
 
 def _fail(study: optuna.Study, tid: int, reason: str) -> None:
-    storage = _storage_of(study)
+    storage = storage_of(study)
     try:
         storage.set_trial_user_attr(tid, "reason", reason)
         storage.set_trial_state_values(tid, state=TrialState.FAIL)
@@ -272,7 +287,7 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) ->
             if isinstance(cause, (StorageLost, StorageRefused)):
                 raise cause from None
             cause = cause.__cause__ or cause.__context__
-        if isinstance(err, ValueError) and str(err).startswith(_TELL_FAILED):
+        if _told_a_failed_trial(err):
             # Its heartbeat went stale (a long database outage) and another worker failed it
             # and runs a replacement; this process carries on with the next trial.
             return
