@@ -353,6 +353,18 @@ def fill(study: optuna.Study, target: int, objective: Callable[[optuna.Trial], f
         _run_one(study, objective)
 
 
+def stage_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    """A stage's trials counted as the protocol counts them: surplus trials are not its."""
+    real = [t for t in trials if t.user_attrs.get("reason") != "surplus"]
+    return {
+        "trials": sum(t.state in FINISHED for t in real),
+        "complete": sum(t.state == TrialState.COMPLETE for t in real),
+        "pruned": sum(t.state == TrialState.PRUNED for t in real),
+        "diverged": sum(t.user_attrs.get("reason") == "diverged" for t in real),
+        "failed": sum(t.state == TrialState.FAIL for t in real),
+    }
+
+
 def holders(study: optuna.Study, wait: float = 10.0) -> list[str]:
     """Who runs the study's RUNNING trials. A trial is RUNNING a moment before its process
     writes its "worker" attr (Optuna starts it, then the objective's first line names the

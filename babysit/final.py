@@ -13,6 +13,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
@@ -80,6 +81,49 @@ def _synced_stats(stats: EpochStats, world: int) -> EpochStats:
                                val_loss=val_loss, val_acc=val_acc)
 
 
+@dataclass
+class _Carried:
+    """What the final carries from epoch to epoch, and so in its checkpoint."""
+
+    start: int
+    curves: dict[str, list[float]]
+    best: dict[str, Any]
+    best_state: dict[str, torch.Tensor] | None
+
+
+def _restore(ckpt: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
+             gen: torch.Generator, augment: torch.Generator | None, rank: int,
+             world: int) -> None:
+    """Weights, optimiser state and random streams as the checkpoint left them (a rank's own
+    streams when it was written by as many ranks)."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    gen.set_state(ckpt["generator"].to(gen.device) if gen.device.type == "cpu"
+                  else ckpt["generator"].cpu())
+    ranks = ckpt.get("ranks") or []
+    if world == 1:
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+    elif len(ranks) == world and augment is not None:
+        torch.set_rng_state(ranks[rank]["torch_rng"].cpu())
+        augment.set_state(ranks[rank]["augment"].cpu())
+
+
+def _carried(ckpt: dict[str, Any] | None, model: torch.nn.Module, epochs: int) -> _Carried:
+    """A fresh start, or the curves and best epoch so far from ``ckpt`` (with ``model``
+    restored from it)."""
+    if ckpt is None:
+        return _Carried(0, {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
+                        {"epoch": 0, "val_acc": -math.inf, "val_loss": math.inf}, None)
+    start = int(ckpt["epoch"])
+    curves = {k: list(map(float, v)) for k, v in ckpt["curves"].items()}
+    best = dict(ckpt.get("best") or {"epoch": start, "val_acc": curves["val_acc"][-1],
+                                      "val_loss": curves["val_loss"][-1]})
+    best_state = ckpt.get("best_model")
+    if best_state is None and start < epochs:
+        best_state = copy_weights(model)
+    return _Carried(start, curves, best, best_state)
+
+
 def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | None,
                 lr: float, wd: float, ckpt: dict[str, Any] | None,
                 progress: Callable[[int, int], None] | None = None,
@@ -106,31 +150,13 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
         torch.manual_seed(seed + 1 + rank)
         augment = generator_for(ctx, seed + 1 + rank)
     opt = make_optimizer(spec.optimizer, net.parameters(), lr, wd, spec.momentum)
-    curves: dict[str, list[float]] = {k: [] for k in
-                                      ("train_loss", "train_acc", "val_loss", "val_acc")}
-    start = 0
-    best: dict[str, Any] = {"epoch": 0, "val_acc": -math.inf, "val_loss": math.inf}
-    best_state: dict[str, torch.Tensor] | None = None  # None: the current weights are best
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        gen.set_state(ckpt["generator"].to(gen.device) if gen.device.type == "cpu"
-                      else ckpt["generator"].cpu())
-        ranks = ckpt.get("ranks") or []
-        if world == 1:
-            torch.set_rng_state(ckpt["torch_rng"].cpu())
-        elif len(ranks) == world:
-            torch.set_rng_state(ranks[rank]["torch_rng"].cpu())
-            augment.set_state(ranks[rank]["augment"].cpu())
-        start = int(ckpt["epoch"])
-        curves = {k: list(map(float, v)) for k, v in ckpt["curves"].items()}
-        best = dict(ckpt.get("best") or {"epoch": start, "val_acc": curves["val_acc"][-1],
-                                          "val_loss": curves["val_loss"][-1]})
-        best_state = ckpt.get("best_model")
-        if best_state is None and start < spec.final.epochs:
-            best_state = copy_weights(model)
-        if main:
-            trial.set_user_attr("resumed_from_epoch", start)
+        _restore(ckpt, model, opt, gen, augment, rank, world)
+    carried = _carried(ckpt, model, spec.final.epochs)
+    start, curves, best = carried.start, carried.curves, carried.best
+    best_state = carried.best_state  # None: the current weights are best
+    if main and ckpt is not None:
+        trial.set_user_attr("resumed_from_epoch", start)
     if main:
         trial.set_user_attr("final_procs", world)
         monitor = Monitor(model)  # diagnostics
@@ -234,9 +260,18 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
     if outcome["stopped"] == "diverged":
         trial.set_user_attr("verdict", "the final training diverged (loss NaN/inf)")
         return {"diverged": True}
-    epochs_run = outcome["epochs"]
     if best_state is not None:
         model.load_state_dict(best_state)
+    return _test_and_store(ctx, trial, model, best, int(outcome["epochs"]),
+                           str(outcome["stopped"]), lr, wd, world, per_rank)
+
+
+def _test_and_store(ctx: Context, trial: optuna.Trial, model: torch.nn.Module,
+                    best: dict[str, Any], epochs_run: int, stopped: str, lr: float, wd: float,
+                    world: int, per_rank: int) -> dict[str, Any]:
+    """The best epoch's weights (loaded in ``model``) on the test split; the verdict, the
+    model and its first-layer filters stored on the final trial."""
+    spec = ctx.spec
     test_loss, test_acc = evaluate(model, ctx.data, "test", spec.loss)
     val_acc = float(best["val_acc"])
     saved = spec.final.epochs - epochs_run
@@ -245,7 +280,7 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
     trial.set_user_attr("val_accuracy", val_acc)
     trial.set_user_attr("best_epoch", best["epoch"])
     trial.set_user_attr("epochs_saved", saved)
-    trial.set_user_attr("stopped", outcome["stopped"] or "budget")
+    trial.set_user_attr("stopped", stopped or "budget")
     if world > 1:
         trial.set_user_attr("batch", {"global": per_rank * world, "per_rank": per_rank,
                                       "ranks": world})

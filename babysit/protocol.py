@@ -16,9 +16,11 @@ from optuna.trial import TrialState
 
 from babysit.context import Context
 from babysit.context import StageResult
+from babysit.coordination import FINISHED
 from babysit.coordination import check_spec
 from babysit.coordination import open_stage
 from babysit.coordination import quiet_optuna
+from babysit.coordination import stage_counts
 from babysit.data import DataRequest
 from babysit.data import default_data_dir
 from babysit.data import load_dataset
@@ -36,13 +38,11 @@ from babysit.models import input_size
 from babysit.report import publish_stage
 from babysit.spec import Spec
 from babysit.spec import default_run_name
-from babysit.stages import FINISHED
 from babysit.stages import best_of
 from babysit.stages import narrow_stage
 from babysit.stages import overfit
 from babysit.stages import sanity
 from babysit.stages import search
-from babysit.stages import stage_counts
 from babysit.storage import STAGES
 from babysit.storage import Storage
 from babysit.storage import find_study

@@ -26,7 +26,6 @@ from babysit.context import StageResult
 from babysit.context import fresh_model
 from babysit.context import generator_for
 from babysit.context import seed_for
-from babysit.coordination import FINISHED
 from babysit.coordination import HALVING_FACTOR
 from babysit.coordination import HALVING_STARTUP
 from babysit.coordination import claim
@@ -35,6 +34,7 @@ from babysit.coordination import fixed_trial
 from babysit.coordination import open_stage
 from babysit.coordination import pruner_for
 from babysit.coordination import sampler_for
+from babysit.coordination import stage_counts
 from babysit.diagnostics import Monitor
 from babysit.diagnostics import record_diagnostics
 from babysit.errors import ProtocolError
@@ -46,13 +46,6 @@ from babysit.train import fit
 from babysit.train import forward_loss
 from babysit.train import make_optimizer
 from babysit.train import memorise
-
-# ---------------------------------------------------------------------------- every stage
-
-
-def _examples(t: FrozenTrial) -> int:
-    return int(t.user_attrs.get("examples", 0))
-
 
 # ---------------------------------------------------------------------------- sanity
 
@@ -270,17 +263,6 @@ def _overfit_verdict(trials: list[FrozenTrial], n: int) -> str:
 # ---------------------------------------------------------------------------- searches
 
 
-def stage_counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    real = [t for t in trials if t.user_attrs.get("reason") != "surplus"]
-    return {
-        "trials": sum(t.state in FINISHED for t in real),
-        "complete": sum(t.state == TrialState.COMPLETE for t in real),
-        "pruned": sum(t.state == TrialState.PRUNED for t in real),
-        "diverged": sum(t.user_attrs.get("reason") == "diverged" for t in real),
-        "failed": sum(t.state == TrialState.FAIL for t in real),
-    }
-
-
 def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, list[float]],
            *, initial_loss: float,
            progress: Callable[[int, int, FrozenTrial | None], None] | None = None) -> StageResult:
@@ -293,93 +275,111 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
     and a trial whose number comes after the target count of live trials closes itself
     untrained, so the stage ends with exactly its target of finished trials.
     """
-    spec = ctx.spec
-    target = search_spec.trials
     probe = open_stage(ctx, stage)
-    study = open_stage(ctx, stage, sampler=sampler_for(search_spec, seed_for(
-        spec, stage, len(probe.get_trials(deepcopy=False)))), pruner=pruner_for(search_spec))
-    if "ranges" not in study.user_attrs:
-        study.set_user_attr("ranges", ranges)
-        study.set_user_attr("pruner", search_spec.pruner)
-        study.set_user_attr("sampler", search_spec.sampler)
-        if search_spec.pruner == "halving":
-            study.set_user_attr("pruner_rule", (
-                f"successive halving after {HALVING_STARTUP} finished trials: rungs at "
-                f"epochs 1, {HALVING_FACTOR}, "
-                f"{HALVING_FACTOR**2}, ...; a trial goes on past a rung only when its val "
-                f"accuracy is in the top 1/{HALVING_FACTOR} of the trials that reached it; "
-                "never pruned after its last epoch"))
-    initial = initial_loss
-    diverge_above = search_spec.diverge_factor * initial
+    # The sampler's seed counts the trials already there: a rerun draws new points.
+    seed = seed_for(ctx.spec, stage, len(probe.get_trials(deepcopy=False)))
+    study = open_stage(ctx, stage, sampler=sampler_for(search_spec, seed),
+                       pruner=pruner_for(search_spec))
+    _describe_search(study, search_spec, ranges)
 
     def objective(trial: optuna.Trial) -> float:
-        claim(study, trial, target, stage)
-        lr = trial.suggest_float("lr", *ranges["lr"], log=True)
-        wd = trial.suggest_float("weight_decay", *ranges["weight_decay"], log=True)
-        seed = seed_for(spec, stage, trial.number)
-        model = fresh_model(ctx, seed)
-        opt = make_optimizer(spec.optimizer, model.parameters(), lr, wd, spec.momentum)
-        curves: dict[str, list[float]] = {k: [] for k in
-                                          ("train_loss", "train_acc", "val_loss", "val_acc")}
-        t0 = time.perf_counter()
-        examples_per_epoch = ctx.data.train_size
-        monitor = Monitor(model)  # diagnostics
+        claim(study, trial, search_spec.trials, stage)
+        return _search_trial(ctx, trial, stage, search_spec, ranges, initial_loss)
 
-        def on_epoch(stats: EpochStats) -> None:
-            for k in curves:
-                curves[k].append(getattr(stats, k))
-            trial.set_user_attr("curves", curves)
-            record_diagnostics(trial, monitor, curves, epoch=stats.epoch)  # diagnostics
-            trial.set_user_attr("epochs_run", stats.epoch)
-            trial.set_user_attr("examples", stats.epoch * examples_per_epoch)
-            trial.report(stats.val_acc, stats.epoch)
-            # A trial that has run all its epochs is complete whatever the pruner says:
-            # pruning it would save nothing and hide its result from narrowing.
-            if stats.epoch < search_spec.epochs and trial.should_prune():
-                trial.set_user_attr("reason", "pruned")
-                trial.set_user_attr("verdict", (
-                    f"pruned after epoch {stats.epoch}: val accuracy {stats.val_acc:.3f} "
-                    + (f"not in the top 1/{HALVING_FACTOR} of the trials that reached that "
-                       "epoch (successive halving)" if search_spec.pruner == "halving" else
-                       "below the median of earlier trials at that epoch")))
-                trial.set_user_attr("seconds", time.perf_counter() - t0)
-                raise optuna.TrialPruned()
+    fill(study, search_spec.trials, objective, progress)
+    return _search_result(ctx, stage, study.get_trials(deepcopy=False), ranges)
 
-        history = fit(model, opt, ctx.data, epochs=search_spec.epochs,
-                      batch_size=ctx.batch_size, loss=spec.loss,
-                      generator=generator_for(ctx, seed), diverge_above=diverge_above,
-                      stop_on_divergence=search_spec.diverge_factor > 0,
-                      check_every=ctx.check_every, on_epoch=on_epoch, monitor=monitor)
-        record_diagnostics(trial, monitor, curves)  # diagnostics: a diverged trial's last epoch
-        trial.set_user_attr("seconds", time.perf_counter() - t0)
-        trial.set_user_attr("examples", history.examples)
-        trial.set_user_attr("steps", history.steps)
-        if history.stopped == "diverged":
-            trial.set_user_attr("reason", "diverged")
-            trial.set_user_attr("diverged_at_step", history.stopped_at_step)
-            trial.set_user_attr("verdict", (
-                f"diverged at step {history.stopped_at_step}: loss {history.last_loss:.3g} "
-                f"(NaN/inf or above {search_spec.diverge_factor:g}x the initial "
-                f"{initial:.2f}); LR too high"))
-            raise optuna.TrialPruned("diverged")
-        first, last = history.first_loss, history.last_loss
-        if first and last is not None and abs(first - last) < search_spec.flat_tolerance * first:
-            trial.set_user_attr("reason", "lr too low")
-            trial.set_user_attr("verdict", (
-                f"lr too low: the train loss moved {abs(first - last) / first:.1%} "
-                f"({first:.3f} -> {last:.3f}) in {history.steps} steps"))
-        else:
-            trial.set_user_attr("verdict", (
-                f"val accuracy {history.epochs[-1].val_acc:.3f} after {len(history.epochs)} "
-                f"epochs (train {history.epochs[-1].train_acc:.3f})"))
-        return history.epochs[-1].val_acc
 
-    fill(study, target, objective, progress)
-    trials = study.get_trials(deepcopy=False)
+def _describe_search(study: optuna.Study, search_spec: SearchSpec,
+                     ranges: dict[str, list[float]]) -> None:
+    """The ranges, sampler and pruner, stored once on the study for the report."""
+    if "ranges" in study.user_attrs:
+        return
+    study.set_user_attr("ranges", ranges)
+    study.set_user_attr("pruner", search_spec.pruner)
+    study.set_user_attr("sampler", search_spec.sampler)
+    if search_spec.pruner == "halving":
+        study.set_user_attr("pruner_rule", (
+            f"successive halving after {HALVING_STARTUP} finished trials: rungs at "
+            f"epochs 1, {HALVING_FACTOR}, "
+            f"{HALVING_FACTOR**2}, ...; a trial goes on past a rung only when its val "
+            f"accuracy is in the top 1/{HALVING_FACTOR} of the trials that reached it; "
+            "never pruned after its last epoch"))
+
+
+def _search_trial(ctx: Context, trial: optuna.Trial, stage: str, search_spec: SearchSpec,
+                  ranges: dict[str, list[float]], initial: float) -> float:
+    """One search trial: draw lr and weight_decay, train ``search_spec.epochs`` epochs
+    (pruned or stopped on divergence on the way), return the last val accuracy."""
+    spec = ctx.spec
+    lr = trial.suggest_float("lr", *ranges["lr"], log=True)
+    wd = trial.suggest_float("weight_decay", *ranges["weight_decay"], log=True)
+    seed = seed_for(spec, stage, trial.number)
+    model = fresh_model(ctx, seed)
+    opt = make_optimizer(spec.optimizer, model.parameters(), lr, wd, spec.momentum)
+    curves: dict[str, list[float]] = {k: [] for k in
+                                      ("train_loss", "train_acc", "val_loss", "val_acc")}
+    t0 = time.perf_counter()
+    monitor = Monitor(model)  # diagnostics
+
+    def on_epoch(stats: EpochStats) -> None:
+        for k in curves:
+            curves[k].append(getattr(stats, k))
+        trial.set_user_attr("curves", curves)
+        record_diagnostics(trial, monitor, curves, epoch=stats.epoch)  # diagnostics
+        trial.set_user_attr("epochs_run", stats.epoch)
+        trial.set_user_attr("examples", stats.epoch * ctx.data.train_size)
+        trial.report(stats.val_acc, stats.epoch)
+        # A trial that has run all its epochs is complete whatever the pruner says:
+        # pruning it would save nothing and hide its result from narrowing.
+        if stats.epoch < search_spec.epochs and trial.should_prune():
+            trial.set_user_attr("reason", "pruned")
+            trial.set_user_attr("verdict", (
+                f"pruned after epoch {stats.epoch}: val accuracy {stats.val_acc:.3f} "
+                + (f"not in the top 1/{HALVING_FACTOR} of the trials that reached that "
+                   "epoch (successive halving)" if search_spec.pruner == "halving" else
+                   "below the median of earlier trials at that epoch")))
+            trial.set_user_attr("seconds", time.perf_counter() - t0)
+            raise optuna.TrialPruned()
+
+    history = fit(model, opt, ctx.data, epochs=search_spec.epochs,
+                  batch_size=ctx.batch_size, loss=spec.loss,
+                  generator=generator_for(ctx, seed),
+                  diverge_above=search_spec.diverge_factor * initial,
+                  stop_on_divergence=search_spec.diverge_factor > 0,
+                  check_every=ctx.check_every, on_epoch=on_epoch, monitor=monitor)
+    record_diagnostics(trial, monitor, curves)  # diagnostics: a diverged trial's last epoch
+    trial.set_user_attr("seconds", time.perf_counter() - t0)
+    trial.set_user_attr("examples", history.examples)
+    trial.set_user_attr("steps", history.steps)
+    if history.stopped == "diverged":
+        trial.set_user_attr("reason", "diverged")
+        trial.set_user_attr("diverged_at_step", history.stopped_at_step)
+        trial.set_user_attr("verdict", (
+            f"diverged at step {history.stopped_at_step}: loss {history.last_loss:.3g} "
+            f"(NaN/inf or above {search_spec.diverge_factor:g}x the initial "
+            f"{initial:.2f}); LR too high"))
+        raise optuna.TrialPruned("diverged")
+    first, last = history.first_loss, history.last_loss
+    if first and last is not None and abs(first - last) < search_spec.flat_tolerance * first:
+        trial.set_user_attr("reason", "lr too low")
+        trial.set_user_attr("verdict", (
+            f"lr too low: the train loss moved {abs(first - last) / first:.1%} "
+            f"({first:.3f} -> {last:.3f}) in {history.steps} steps"))
+    else:
+        trial.set_user_attr("verdict", (
+            f"val accuracy {history.epochs[-1].val_acc:.3f} after {len(history.epochs)} "
+            f"epochs (train {history.epochs[-1].train_acc:.3f})"))
+    return history.epochs[-1].val_acc
+
+
+def _search_result(ctx: Context, stage: str, trials: list[FrozenTrial],
+                   ranges: dict[str, list[float]]) -> StageResult:
+    """The stage's counts, best trial and verdict; a fine stage worse than coarse says so."""
     counts = stage_counts(trials)
     best = best_of(trials)
     values: dict[str, Any] = {**counts, "best": best, "range": ranges}
-    values["examples"] = sum(_examples(t) for t in trials)
+    values["examples"] = sum(int(t.user_attrs.get("examples", 0)) for t in trials)
     if best is None:
         verdict = (f"{stage}: none of {counts['trials']} trials completed "
                    f"({counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
