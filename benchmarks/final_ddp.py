@@ -22,6 +22,7 @@ is the same and the accuracies should agree within noise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -65,7 +66,7 @@ def one(procs: int, args: argparse.Namespace) -> dict[str, float]:
             quiet=True,
             final_procs=procs,
         )
-        ctx.log = lambda _m: None
+        ctx = dataclasses.replace(ctx, log=lambda _m: None)  # the Context is frozen
         t0 = time.perf_counter()
         result = final(ctx, params={"lr": args.lr, "weight_decay": args.weight_decay})
         wall = time.perf_counter() - t0

@@ -3,6 +3,7 @@ the plateau stop, the checkpoint rule and the `--jobs` device spread."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -203,7 +204,7 @@ def test_plateau_stops_the_final_and_the_best_epoch_is_tested(tmp_path: Path) ->
     )
     storage = open_storage(url)
     ctx = prepare(spec, storage, device="cpu", quiet=True)
-    ctx.log = lambda _m: None
+    ctx = dataclasses.replace(ctx, log=lambda _m: None)  # the Context is frozen
     result = final(ctx, params={"lr": 1e-2, "weight_decay": 1e-4})
     assert result.status == "passed"
     v = result.values
