@@ -265,11 +265,11 @@ def _finished(storage: Storage, run: str) -> bool:
 def _train(ablation: Ablation, variant: Variant, spec: Spec, storage: Storage, device: str,
            data_dir: str | None, quiet: bool) -> None:
     """One run: the final training at fixed params, or the whole protocol."""
+    from babysit.final import final
     from babysit.protocol import prepare
     from babysit.protocol import record_data_facts
     from babysit.protocol import run_protocol
     from babysit.report import publish_stage
-    from babysit.stages import final
 
     ctx = prepare(spec, storage, device=device, data_dir=data_dir, quiet=quiet)
     if ablation.mode == "full":
@@ -293,7 +293,7 @@ def run_ablation(config: Path, storage: Storage, sets: list[str] | tuple[str, ..
                  quiet: bool = False) -> int:
     """Train every variant not yet finished, then print and write the table. Exit code:
     0 when every run finished, 1 when one failed (its row says why)."""
-    from babysit.stages import check_spec
+    from babysit.coordination import check_spec
 
     ablation = load_ablation(Path(config), sets)
     for _, _, spec in ablation.runs:

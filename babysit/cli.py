@@ -451,6 +451,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _interrupt)
     signal.signal(signal.SIGINT, _interrupt)
     install_warning_format()
+    from babysit.coordination import quiet_optuna
+
+    quiet_optuna()  # Optuna's logging and warnings, set once for every command
     try:
         parser = build_parser()
         args = parser.parse_args(argv)

@@ -5,18 +5,18 @@ Networks" name the signals: the ratio of each update to its weights, gradient no
 ReLUs, activation statistics, a loss that does not move, a train/val gap. ``Monitor`` samples
 them every few steps (the first step, every ``every``-th step and the first step of each
 epoch), so a run pays a few percent at most; ``readings`` turns them into plain words.
-``lr_range_test`` is Leslie Smith's test for the coarse learning-rate range, and
-``first_layer_filters_png`` draws what the first conv learnt.
+``lr_range_test`` is Leslie Smith's test for the coarse learning-rate range. Readings only:
+every figure (the LR range test's curve, the first-layer filters) is drawn in babysit/plots.py.
 """
 
 from __future__ import annotations
 
 import math
-import os
 import statistics
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 import torch
@@ -26,9 +26,14 @@ from babysit.storage import Storage
 from babysit.storage import find_study
 from babysit.terminal import plural
 from babysit.train import DeviceData
-from babysit.train import autocast
-from babysit.train import loss_fn
+from babysit.train import diverged
 from babysit.train import make_optimizer
+from babysit.train import train_step
+
+if TYPE_CHECKING:
+    import optuna
+
+    from babysit.context import Context
 
 # Sample every 20 steps and the first: on digits (~20 steps an epoch) that is one or two
 # samples per epoch, on CIFAR-10 at batch 128 about 18; each costs a weight copy and a sync.
@@ -312,7 +317,7 @@ def narrowing_warnings(storage: Storage, run: str) -> list[str]:
     return list(narrowed.get("warnings", [])) if narrowed else []
 
 
-def record_diagnostics(trial: Any, monitor: Monitor, curves: dict[str, list[float]], *,
+def record_diagnostics(trial: optuna.Trial, monitor: Monitor, curves: dict[str, list[float]], *,
                        epoch: int | None = None, warnings: Sequence[str] = ()) -> None:
     """Close the epoch's samples and store "diagnostics" and "readings" on the trial.
 
@@ -383,14 +388,9 @@ def lr_range_test(model: nn.Module, data: DeviceData, *, optimizer: str = "adam"
             batches = data.train_batches(batch_size, gen)
             xraw, yb = next(batches)
         xb = data.pre(xraw, train=True, generator=gen)
-        opt.zero_grad(set_to_none=True)
-        with autocast(data.device):
-            logits = model(xb)
-        batch_loss = loss_fn(loss, logits.float(), yb)
-        batch_loss.backward()
-        opt.step()
-        value = float(batch_loss.detach())
-        if not math.isfinite(value):
+        batch_loss, _ = train_step(model, opt, xb, yb, loss)
+        value = float(batch_loss)
+        if diverged(value):
             stopped = "nan"
             break
         # Debiased exponential average, as fastai's lr_find: raw batch losses are too noisy
@@ -417,32 +417,9 @@ def _suggest(lrs: list[float], losses: list[float]) -> list[float]:
     return [low, high]
 
 
-def lr_range_png(result: dict[str, Any], path: str | Path) -> Path:
-    """The LR range test's curve, log LR against smoothed loss, the proposed range shaded."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(result["lrs"], result["losses"])
-    low, high = result["suggested"]
-    ax.axvspan(low, high, alpha=0.15, color="tab:green", label="proposed coarse lr")
-    ax.set_xscale("log")
-    ax.set_xlabel("learning rate")
-    ax.set_ylabel("smoothed train loss")
-    ax.set_title(f"LR range test: [{low:.2g}, {high:.2g}] ({result.get('stopped', '')})")
-    ax.legend()
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def propose_coarse_lr(ctx: Any, steps: int = 300) -> dict[str, Any]:
-    """The LR range test on a fresh copy of the run's network (``ctx``: a stages.Context);
-    ``suggested`` is the proposed ``coarse.lr``."""
+def propose_coarse_lr(ctx: Context, steps: int = 300) -> dict[str, Any]:
+    """The LR range test on a fresh copy of the run's network; ``suggested`` is the
+    proposed ``coarse.lr``."""
     from babysit.models import build_model
     from babysit.models import fit_head_to_data
 
@@ -460,57 +437,19 @@ def propose_coarse_lr(ctx: Any, steps: int = 300) -> dict[str, Any]:
 # ---------------------------------------------------------------------------- filters
 
 
-def first_layer_filters_png(model: nn.Module, path: str | Path) -> Path:
-    """The first conv's filters as a grid of tiles, each scaled to its own range (RGB for
-    3 input channels, grey otherwise): smooth, varied filters mean a trained first layer,
-    noise means it barely learnt (cs231n, "visualizing the first-layer weights")."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot as plt
-
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    if conv is None:
-        raise ValueError("the model has no Conv2d layer to draw")
-    w = conv.weight.detach().float().cpu()
-    if w.shape[1] != 3:
-        w = w.mean(dim=1, keepdim=True)
-    lo = w.amin(dim=(1, 2, 3), keepdim=True)
-    hi = w.amax(dim=(1, 2, 3), keepdim=True)
-    w = (w - lo) / (hi - lo).clamp_min(1e-12)
-    n, c, kh, kw = w.shape
-    cols = math.ceil(math.sqrt(n))
-    rows = math.ceil(n / cols)
-    # One mosaic, tiles one pixel apart on white, drawn by a single imshow: a subplot per
-    # filter costs seconds for AlexNet's 64-96 filters.
-    mosaic = torch.ones(c, rows * (kh + 1) + 1, cols * (kw + 1) + 1)
-    for i in range(n):
-        r, q = divmod(i, cols)
-        top, left = 1 + r * (kh + 1), 1 + q * (kw + 1)
-        mosaic[:, top:top + kh, left:left + kw] = w[i]
-    image = mosaic.permute(1, 2, 0).numpy()
-    fig, ax = plt.subplots(figsize=(6, 6))
-    if c == 1:
-        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
-    else:
-        ax.imshow(image, interpolation="nearest")
-    ax.axis("off")
-    ax.set_title(f"first-layer filters: {n} x {tuple(conv.weight.shape[1:])}", fontsize=8)
-    path = Path(path)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def upload_filters(storage: Storage, trial: Any, model: nn.Module) -> str | None:
+def upload_filters(storage: Storage, trial: optuna.Trial, model: nn.Module) -> str | None:
     """The first-layer filters as a PNG artifact of ``trial`` (user attr
     "filters_artifact"); None for a model without a conv layer."""
     import optuna
 
+    from babysit.plots import first_layer_filters
+    from babysit.plots import png
+
     if not any(isinstance(m, nn.Conv2d) for m in model.modules()):
         return None
     with tempfile.TemporaryDirectory() as tmp:
-        path = first_layer_filters_png(model, os.path.join(tmp, "first_layer_filters.png"))
+        path = Path(tmp) / "first_layer_filters.png"
+        path.write_bytes(png(first_layer_filters(model)))
         artifact_id = optuna.artifacts.upload_artifact(
             artifact_store=storage.artifacts, file_path=str(path), study_or_trial=trial,
             mimetype="image/png")

@@ -24,6 +24,7 @@ import sys
 import tempfile
 import uuid
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from typing import Any
 
 import optuna
@@ -33,6 +34,9 @@ from torch import nn
 
 from babysit.errors import INTERRUPTED
 from babysit.errors import UsageError
+
+if TYPE_CHECKING:
+    from babysit.context import Context
 
 
 def backend_for(device_type: str) -> str:
@@ -76,13 +80,14 @@ class _Job:
 
 
 def launch_final(
-    ctx: Any, study: optuna.Study, trial: optuna.Trial, lr: float, wd: float
+    ctx: Context, study: optuna.Study, trial: optuna.Trial, lr: float, wd: float
 ) -> dict[str, Any]:
     """Train the final on ``ctx.final_procs`` processes; rank 0's result."""
     from torch.distributed.launcher.api import LaunchConfig
     from torch.distributed.launcher.api import elastic_launch
 
-    from babysit.stages import _load_checkpoint
+    from babysit.checkpoint import load_checkpoint
+    from babysit.coordination import trial_id
     from babysit.train import DeviceData
 
     procs = ctx.final_procs
@@ -92,19 +97,15 @@ def launch_final(
             "final: streamed data trains on one process (--final-procs needs the "
             "splits as tensors)"
         )
-        ctx.final_procs = 1
-        try:
-            from babysit.stages import train_final
+        from babysit.final import train_final
 
-            ckpt = _load_checkpoint(ctx, study)
-            return train_final(ctx, study, trial, lr, wd, ckpt)
-        finally:
-            ctx.final_procs = procs
+        one = dataclasses.replace(ctx, final_procs=1)
+        return train_final(one, study, trial, lr, wd, load_checkpoint(one, study))
     with tempfile.TemporaryDirectory(prefix="babysit-ddp-") as tmp:
         path = None
         # The launcher reads the checkpoint once from the artifact store; the ranks load it
         # from a local file (one node).
-        ckpt = _load_checkpoint(ctx, study, map_location="cpu")
+        ckpt = load_checkpoint(ctx, study, map_location="cpu")
         if ckpt is not None:
             path = os.path.join(tmp, "resume.pt")
             torch.save(ckpt, path)
@@ -117,7 +118,7 @@ def launch_final(
             artifact_dir=str(ctx.storage.artifact_dir),
             artifact_store=ctx.storage.artifact_store,
             study_name=study.study_name,
-            trial_id=trial._trial_id,
+            trial_id=trial_id(trial),
             lr=lr,
             weight_decay=wd,
             checkpoint=path,
@@ -192,9 +193,9 @@ def _die_with_parent() -> None:
 def _rank_main(job: _Job) -> dict[str, Any]:
     """One rank: join the process group, rebuild the context, train its shard."""
     _die_with_parent()
+    from babysit.context import Context
+    from babysit.final import train_final
     from babysit.spec import Spec
-    from babysit.stages import Context
-    from babysit.stages import train_final
     from babysit.storage import open_storage
     from babysit.train import DeviceData
     from babysit.train import configure_device

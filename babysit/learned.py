@@ -23,12 +23,12 @@ from typing import Any
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
+from babysit.context import Context
+from babysit.context import StageResult
+from babysit.coordination import open_stage
 from babysit.spec import CoarseSpec
 from babysit.spec import Spec
-from babysit.stages import Context
-from babysit.stages import StageResult
 from babysit.stages import best_of
-from babysit.stages import open_stage
 from babysit.stages import search
 
 # Decades below and above the LR that memorised. Asymmetric because the overfit check
@@ -105,7 +105,7 @@ def edges(best: dict[str, Any], ranges: dict[str, list[float]], edge: float) -> 
     return out
 
 
-def extend_coarse(ctx: Context,
+def extend_coarse(ctx: Context, initial_loss: float,
                   progress: Callable[[int, int, FrozenTrial | None], None] | None = None,
                   ) -> StageResult | None:
     """After the coarse search: when its best value sits on an edge, widen that side by
@@ -145,7 +145,8 @@ def extend_coarse(ctx: Context,
     ctx.log(f"coarse: best {shown}; {plan['extra_trials']} extra trials in "
             + ", ".join(f"{k} [{a:.3g}, {b:.3g}]" for k, (a, b) in plan["strip"].items()))
     bigger = dataclasses.replace(spec.coarse, trials=spec.coarse.trials + plan["extra_trials"])
-    result = search(ctx, "coarse", bigger, plan["strip"], progress=progress)
+    result = search(ctx, "coarse", bigger, plan["strip"], initial_loss=initial_loss,
+                    progress=progress)
     result.verdict += (f"; the first round's best had {shown}, so "
                        f"{plan['extra_trials']} extra trials looked {EDGE_DECADES:g} decades "
                        "further out")

@@ -157,3 +157,57 @@ def final_curves(trial: FrozenTrial) -> Figure:
         title += f": lr {lr:.3g}, weight_decay {wd:.3g}"
     fig.suptitle(title)
     return fig
+
+
+def lr_range_figure(result: dict[str, Any]) -> Figure:
+    """The LR range test's curve (diagnostics.lr_range_test): log LR against smoothed loss,
+    the proposed coarse range shaded."""
+    fig = Figure(figsize=(6, 4), dpi=_DPI, layout=_LAYOUT)
+    ax = fig.subplots()
+    ax.plot(result["lrs"], result["losses"])
+    low, high = result["suggested"]
+    ax.axvspan(low, high, alpha=0.15, color="tab:green", label="proposed coarse lr")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate")
+    ax.set_ylabel("smoothed train loss")
+    ax.set_title(f"LR range test: [{low:.2g}, {high:.2g}] ({result.get('stopped', '')})")
+    ax.legend()
+    return fig
+
+
+def first_layer_filters(model: Any) -> Figure:
+    """The first conv's filters of ``model`` (a torch module) as a grid of tiles, each scaled
+    to its own range (RGB for 3 input channels, grey otherwise): smooth, varied filters mean
+    a trained first layer, noise means it barely learnt (cs231n, "visualizing the
+    first-layer weights")."""
+    import torch  # here, not on import: the dashboard and report draw without torch's weights
+
+    conv = next((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), None)
+    if conv is None:
+        raise ValueError("the model has no Conv2d layer to draw")
+    w = conv.weight.detach().float().cpu()
+    if w.shape[1] != 3:
+        w = w.mean(dim=1, keepdim=True)
+    lo = w.amin(dim=(1, 2, 3), keepdim=True)
+    hi = w.amax(dim=(1, 2, 3), keepdim=True)
+    w = (w - lo) / (hi - lo).clamp_min(1e-12)
+    n, c, kh, kw = w.shape
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    # One mosaic, tiles one pixel apart on white, drawn by a single imshow: a subplot per
+    # filter costs seconds for AlexNet's 64-96 filters.
+    mosaic = torch.ones(c, rows * (kh + 1) + 1, cols * (kw + 1) + 1)
+    for i in range(n):
+        r, q = divmod(i, cols)
+        top, left = 1 + r * (kh + 1), 1 + q * (kw + 1)
+        mosaic[:, top:top + kh, left:left + kw] = w[i]
+    image = mosaic.permute(1, 2, 0).numpy()
+    fig = Figure(figsize=(6, 6), dpi=_DPI)
+    ax = fig.subplots()
+    if c == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+    else:
+        ax.imshow(image, interpolation="nearest")
+    ax.axis("off")
+    ax.set_title(f"first-layer filters: {n} x {tuple(conv.weight.shape[1:])}", fontsize=8)
+    return fig

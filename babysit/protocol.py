@@ -14,6 +14,13 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from babysit.context import Context
+from babysit.context import StageResult
+from babysit.coordination import FINISHED
+from babysit.coordination import check_spec
+from babysit.coordination import open_stage
+from babysit.coordination import quiet_optuna
+from babysit.coordination import stage_counts
 from babysit.data import DataRequest
 from babysit.data import default_data_dir
 from babysit.data import load_dataset
@@ -24,24 +31,18 @@ from babysit.data.streaming import data_facts
 from babysit.data.streaming import stream_if_asked
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
+from babysit.final import final
 from babysit.lifeline import die_with_parent
 from babysit.models import build_model
 from babysit.models import input_size
 from babysit.report import publish_stage
 from babysit.spec import Spec
 from babysit.spec import default_run_name
-from babysit.stages import FINISHED
-from babysit.stages import Context
-from babysit.stages import StageResult
 from babysit.stages import best_of
-from babysit.stages import check_spec
-from babysit.stages import final
 from babysit.stages import narrow_stage
-from babysit.stages import open_stage
 from babysit.stages import overfit
 from babysit.stages import sanity
 from babysit.stages import search
-from babysit.stages import stage_counts
 from babysit.storage import STAGES
 from babysit.storage import Storage
 from babysit.storage import find_study
@@ -50,8 +51,6 @@ from babysit.terminal import plural
 from babysit.train import DeviceData
 from babysit.train import configure_device
 from babysit.train import device_for
-
-optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def _log(message: str) -> None:
@@ -64,6 +63,7 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
             owner: bool = True, compile: bool = False, final_procs: int = 1) -> Context:
     """Check the spec against storage, load the data onto the device: everything before
     the first trial. Raises UsageError (exit 2) before anything is written."""
+    quiet_optuna()
     if not spec.name:
         spec.name = default_run_name(spec.dataset)
     check_spec(storage, spec)
@@ -142,12 +142,13 @@ def run_protocol(ctx: Context, jobs: int = 1) -> dict[str, Any]:
             f"storage {ctx.storage.shown}")
     record_data_facts(ctx)
 
-    _gate(ctx, sanity(ctx))
+    checked = sanity(ctx)
+    _gate(ctx, checked)
     _gate(ctx, overfit(ctx))
 
     helpers = _spawn_workers(ctx, jobs)
     try:
-        summary = _searches_and_final(ctx, t0)
+        summary = _searches_and_final(ctx, checked.initial_loss, t0)
     except BaseException:
         _stop(helpers)
         raise
@@ -250,19 +251,22 @@ def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
     return ranges
 
 
-def _searches_and_final(ctx: Context, t0: float) -> dict[str, Any]:
+def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[str, Any]:
+    """Coarse (and its extra round at an edge), narrow, fine, final. ``initial_loss``: the
+    sanity stage's, which the searches' divergence check is measured against."""
     spec = ctx.spec
     # The bar starts at the search's first report: after the LR range test or the anchoring
     # has said its piece, and at the trials a previous run stored.
     ranges = _coarse_ranges(ctx)
     bar = Progress("coarse", "trial", ctx.quiet)
-    coarse = search(ctx, "coarse", spec.coarse, ranges, progress=bar.to)
+    coarse = search(ctx, "coarse", spec.coarse, ranges, initial_loss=initial_loss,
+                    progress=bar.to)
     bar.close()
     _gate(ctx, coarse)
     from babysit.learned import extend_coarse
 
     bar = Progress("coarse", "trial", ctx.quiet)
-    extended = extend_coarse(ctx, progress=bar.to)
+    extended = extend_coarse(ctx, initial_loss, progress=bar.to)
     bar.close()
     if extended is not None:
         _gate(ctx, extended)
@@ -274,7 +278,8 @@ def _searches_and_final(ctx: Context, t0: float) -> dict[str, Any]:
         ctx.log(f"warning: {warning}")
 
     bar = Progress("fine", "trial", ctx.quiet)
-    fine = search(ctx, "fine", spec.fine, narrowed["ranges"], progress=bar.to)
+    fine = search(ctx, "fine", spec.fine, narrowed["ranges"], initial_loss=initial_loss,
+                  progress=bar.to)
     bar.close()
     _gate(ctx, fine)
 

@@ -1,4 +1,6 @@
-"""One plain training loop, read top to bottom: zero grads, forward, loss, backward, step.
+"""One plain training step, read top to bottom: zero grads, forward, loss, backward, step
+(:func:`train_step`), and the loops built on it: :func:`fit` (epochs of minibatches),
+:func:`memorise` (full-batch steps on a small subset); diagnostics.lr_range_test uses it too.
 
 The splits live on the training device as uint8 tensors; a batch is an index slice of a
 permutation drawn on that device; augmentation and normalisation run batched there too.
@@ -187,6 +189,42 @@ def expected_initial_loss(kind: str, num_classes: int) -> float:
     return math.log(2.0) if kind == "bce" else math.log(num_classes)
 
 
+def forward_loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss: str, *,
+                 mixed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean loss, logits as float32) of one batch. ``mixed``: under :func:`autocast` (bf16
+    on CUDA); the sanity check reads the untrained network in full precision."""
+    with autocast(xb.device) if mixed else nullcontext():
+        logits = model(xb)
+    logits = logits.float()
+    return loss_fn(loss, logits, yb), logits
+
+
+def train_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    loss: str,
+    monitor: Callable[[int, nn.Module, torch.optim.Optimizer, torch.Tensor], None] | None = None,
+    step: int = 0,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One step: zero grads, forward, loss, backward, ``monitor`` (diagnostics, before the
+    weights move), optimizer step. Returns the batch's loss and logits, detached and still
+    on the device: reading them is a sync, left to the caller (see :func:`diverged`)."""
+    optimizer.zero_grad(set_to_none=True)
+    batch_loss, logits = forward_loss(model, xb, yb, loss)
+    batch_loss.backward()
+    if monitor is not None:  # diagnostics
+        monitor(step, model, optimizer, batch_loss)
+    optimizer.step()
+    return batch_loss.detach(), logits.detach()
+
+
+def diverged(value: float, above: float | None = None) -> bool:
+    """The divergence check on a loss read off the device: NaN/inf, or above ``above``."""
+    return not math.isfinite(value) or (above is not None and value > above)
+
+
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
@@ -243,6 +281,7 @@ def fit(
     """
     history = History()
     dev = data.device
+    # The loss is read every ``check_every`` steps (1 on the CPU, 8 on a GPU: protocol.prepare).
     model.train()
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
@@ -254,29 +293,21 @@ def fit(
                    else data.train_batches(batch_size, generator, shard=shard))
         for xraw, yb in batches:
             xb = data.pre(xraw, train=True, generator=augment_generator or generator)
-            optimizer.zero_grad(set_to_none=True)
-            with autocast(dev):
-                logits = model(xb)
-            batch_loss = loss_fn(loss, logits.float(), yb)
-            batch_loss.backward()
-            if monitor is not None:  # diagnostics
-                monitor(history.steps + 1, model, optimizer, batch_loss)
-            optimizer.step()
+            batch_loss, logits = train_step(model, optimizer, xb, yb, loss, monitor,
+                                            history.steps + 1)
             raise_if_interrupted()
             history.steps += 1
             history.examples += yb.shape[0]
             seen += yb.shape[0]
-            run_loss += batch_loss.detach() * yb.shape[0]
-            run_correct += (logits.detach().argmax(dim=1) == yb).sum()
+            run_loss += batch_loss * yb.shape[0]
+            run_correct += (logits.argmax(dim=1) == yb).sum()
             # Reading the loss forces a device sync, so on a GPU it is read every few steps.
             if history.steps % check_every == 0 or history.first_loss is None:
-                value = float(batch_loss.detach())
+                value = float(batch_loss)
                 if history.first_loss is None:
                     history.first_loss = value
                 history.last_loss = value
-                if stop_on_divergence and (not math.isfinite(value) or (
-                    diverge_above is not None and value > diverge_above
-                )):
+                if stop_on_divergence and diverged(value, diverge_above):
                     history.stopped = "diverged"
                     history.stopped_at_step = history.steps
                     return history
@@ -327,16 +358,11 @@ def memorise(
     acc = 0.0
     model.train()
     for step in range(1, steps + 1):
-        optimizer.zero_grad(set_to_none=True)
-        with autocast(x.device):
-            logits = model(xb)
-        batch_loss = loss_fn(loss, logits.float(), y)
-        batch_loss.backward()
-        optimizer.step()
+        batch_loss, _ = train_step(model, optimizer, xb, y, loss)
         if step % eval_every == 0 or step == steps:
-            value = float(batch_loss.detach())
+            value = float(batch_loss)
             acc = _accuracy(model, xb, y)
             curve.append({"step": step, "loss": value, "train_acc": acc})
-            if not math.isfinite(value) or acc >= 1.0:
+            if diverged(value) or acc >= 1.0:
                 return acc, curve, step
     return acc, curve, steps

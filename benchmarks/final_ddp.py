@@ -5,7 +5,7 @@
     python benchmarks/final_ddp.py --procs 1 2 --device cpu --epochs 4 --small   # gloo
 
 For each process count: a fresh SQLite file and run, then babysit's own final stage
-(``babysit.stages.final`` with fixed parameters, as `babysit ablate` mode "final" runs
+(``babysit.final.final`` with fixed parameters, as `babysit ablate` mode "final" runs
 it), the same seed and spec each time, patience off so every count trains the same
 epochs. Printed per count:
 
@@ -22,6 +22,7 @@ is the same and the accuracies should agree within noise.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 import platform
@@ -40,9 +41,9 @@ SMALL = ["model.fc_width=64", "model.conv_layers=3", "model.fc_layers=1"]
 def one(procs: int, args: argparse.Namespace) -> dict[str, float]:
     import optuna
 
+    from babysit.final import final
     from babysit.protocol import prepare
     from babysit.spec import build_spec
-    from babysit.stages import final
     from babysit.storage import open_storage
 
     sets = [
@@ -65,7 +66,7 @@ def one(procs: int, args: argparse.Namespace) -> dict[str, float]:
             quiet=True,
             final_procs=procs,
         )
-        ctx.log = lambda _m: None
+        ctx = dataclasses.replace(ctx, log=lambda _m: None)  # the Context is frozen
         t0 = time.perf_counter()
         result = final(ctx, params={"lr": args.lr, "weight_decay": args.weight_decay})
         wall = time.perf_counter() - t0

@@ -17,12 +17,12 @@ from pathlib import Path
 
 import torch
 
+from babysit.context import fresh_model
+from babysit.context import seed_for
 from babysit.models import build_model
 from babysit.protocol import prepare
 from babysit.spec import build_spec
-from babysit.stages import _fresh_model
 from babysit.stages import _sanity_verdict
-from babysit.stages import _seed_for
 from babysit.stages import read_untrained
 from babysit.storage import open_storage
 
@@ -46,9 +46,9 @@ def main() -> None:
             cells = []
             for scaled in (False, True):
                 if scaled:
-                    model = _fresh_model(ctx, _seed_for(ctx.spec, "sanity", 0))
+                    model = fresh_model(ctx, seed_for(ctx.spec, "sanity", 0))
                 else:
-                    torch.manual_seed(_seed_for(ctx.spec, "sanity", 0))
+                    torch.manual_seed(seed_for(ctx.spec, "sanity", 0))
                     model = build_model(
                         "alexnet",
                         spec.arch,

@@ -579,10 +579,10 @@ def test_final_without_any_complete_search_trial_is_a_verdict(tmp_path: Path) ->
 
     from optuna.trial import TrialState
 
+    from babysit.coordination import open_stage
     from babysit.errors import ProtocolError
+    from babysit.final import best_params
     from babysit.spec import Spec
-    from babysit.stages import best_params
-    from babysit.stages import open_stage
     from babysit.storage import open_storage
 
     ctx = SimpleNamespace(

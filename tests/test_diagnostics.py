@@ -13,18 +13,19 @@ import torch
 
 from babysit.diagnostics import DEAD_FRACTION
 from babysit.diagnostics import Monitor
-from babysit.diagnostics import first_layer_filters_png
-from babysit.diagnostics import lr_range_png
 from babysit.diagnostics import lr_range_test
 from babysit.diagnostics import narrowing_warnings
 from babysit.diagnostics import propose_coarse_lr
 from babysit.diagnostics import readings
 from babysit.diagnostics import record_diagnostics
 from babysit.diagnostics import trial_readings
+from babysit.final import final
 from babysit.models import AlexNet
+from babysit.plots import first_layer_filters
+from babysit.plots import lr_range_figure
+from babysit.plots import png
 from babysit.protocol import prepare
 from babysit.spec import build_spec
-from babysit.stages import final
 from babysit.stages import search
 from babysit.storage import open_storage
 from babysit.train import DeviceData
@@ -165,7 +166,8 @@ def test_nan_loss_and_edge_warnings_pass_through() -> None:
 
 def test_stages_store_diagnostics_readings_and_filters(ctx) -> None:  # noqa: ANN001
     result = search(ctx, "coarse", ctx.spec.coarse, {"lr": [1e-3, 1e-3],
-                                                      "weight_decay": [1e-6, 1e-6]})
+                                                      "weight_decay": [1e-6, 1e-6]},
+                    initial_loss=math.log(10))
     assert result.status == "passed"
     study = optuna.load_study(study_name="diag/coarse", storage=ctx.storage.rdb)
     trial = study.trials[0]
@@ -200,8 +202,7 @@ def test_lr_range_test_grows_the_lr_stops_on_divergence_and_proposes_a_range(
     low, high = out["suggested"]
     assert 1e-6 <= low <= high / 100 and 1e-4 <= high <= 1.0
     assert losses[lrs.index(high)] == min(losses)
-    png = lr_range_png(out, tmp_path / "lr.png")
-    assert png.read_bytes()[:8] == PNG
+    assert png(lr_range_figure(out))[:8] == PNG
     # The same on the run's own network and data, as the coarse stage would use it.
     proposed = propose_coarse_lr(ctx, steps=20)
     assert len(proposed["lrs"]) == 20 and proposed["suggested"][0] < proposed["suggested"][1]
@@ -210,7 +211,8 @@ def test_lr_range_test_grows_the_lr_stops_on_divergence_and_proposes_a_range(
 @pytest.mark.parametrize("channels", [1, 3])
 def test_first_layer_filters_png(tmp_path: Path, channels: int) -> None:
     model = AlexNet(10, in_channels=channels, fc_width=32)
-    path = first_layer_filters_png(model, tmp_path / "filters.png")
+    path = tmp_path / "filters.png"
+    path.write_bytes(png(first_layer_filters(model)))
     image = matplotlib.image.imread(path)
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 

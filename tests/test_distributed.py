@@ -3,6 +3,7 @@ the plateau stop, the checkpoint rule and the `--jobs` device spread."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -20,11 +21,11 @@ from conftest import cli_env
 from conftest import wait_for
 from optuna.trial import TrialState
 
+from babysit.checkpoint import checkpoint_due
 from babysit.distributed import check_procs
 from babysit.distributed import helper_env
 from babysit.errors import UsageError
 from babysit.spec import build_spec
-from babysit.stages import checkpoint_due
 from babysit.storage import open_storage
 
 # Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
@@ -183,10 +184,10 @@ def test_plateau_stops_the_final_and_the_best_epoch_is_tested(tmp_path: Path) ->
     """Patience 1 over a 20-epoch budget: the final stops at the first epoch that does not
     improve (epoch 7 of 20 when measured); the stored model is the best epoch's (its val
     accuracy is the best of the curve, not the last)."""
+    from babysit.final import final
     from babysit.models import build_model
     from babysit.protocol import prepare
     from babysit.protocol import summarize
-    from babysit.stages import final
     from babysit.train import evaluate
 
     url = f"sqlite:///{tmp_path / 'p.db'}"
@@ -203,7 +204,7 @@ def test_plateau_stops_the_final_and_the_best_epoch_is_tested(tmp_path: Path) ->
     )
     storage = open_storage(url)
     ctx = prepare(spec, storage, device="cpu", quiet=True)
-    ctx.log = lambda _m: None
+    ctx = dataclasses.replace(ctx, log=lambda _m: None)  # the Context is frozen
     result = final(ctx, params={"lr": 1e-2, "weight_decay": 1e-4})
     assert result.status == "passed"
     v = result.values

@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from babysit.context import fresh_model
+from babysit.context import seed_for
 from babysit.data import DataError
 from babysit.data import DataRequest
 from babysit.models import HEAD_LOGIT_STD
@@ -26,9 +28,7 @@ from babysit.plugins import load_user_dataset
 from babysit.protocol import prepare
 from babysit.spec import DataSpec
 from babysit.spec import build_spec
-from babysit.stages import _fresh_model
 from babysit.stages import _sanity_verdict
-from babysit.stages import _seed_for
 from babysit.stages import read_untrained
 from babysit.stages import sanity
 from babysit.storage import open_storage
@@ -159,7 +159,7 @@ def test_babysits_own_model_passes_sanity_on_any_data_and_seed(
         base.spec, seed=seed, sanity=dataclasses.replace(base.spec.sanity, batches=1)
     )
     ctx = dataclasses.replace(base, spec=spec)
-    r = read_untrained(ctx, _fresh_model(ctx, _seed_for(spec, "sanity", 0)))
+    r = read_untrained(ctx, fresh_model(ctx, seed_for(spec, "sanity", 0)))
     expected = math.log(ctx.data.num_classes)
     status, verdict = _sanity_verdict(
         r["initial_loss"],
@@ -224,7 +224,7 @@ def test_only_babysits_own_model_is_rescaled_and_the_same_seed_gives_the_same_mo
     contexts,
 ) -> None:
     ctx = contexts("faces")
-    one, two = _fresh_model(ctx, 7), _fresh_model(ctx, 7)
+    one, two = fresh_model(ctx, 7), fresh_model(ctx, 7)
     for (k, a), b in zip(one.state_dict().items(), two.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
     # A user's network is diagnosed, never re-initialised, even when it is babysit's class.

@@ -74,9 +74,9 @@ def digits_ctx(tmp_path: Path):
 
 def test_divergence_stops_on_the_step_it_happens(digits_ctx) -> None:
     ctx = digits_ctx
-    ctx.initial_loss = math.log(10)
     result = search(ctx, "coarse", ctx.spec.coarse, {"lr": [50.0, 500.0],
-                                                     "weight_decay": [1e-6, 1e-5]})
+                                                     "weight_decay": [1e-6, 1e-5]},
+                    initial_loss=math.log(10))
     study = optuna.load_study(study_name="div/coarse", storage=ctx.storage.rdb)
     trials = study.get_trials()
     assert len(trials) == 3
@@ -95,8 +95,8 @@ def test_divergence_stops_on_the_step_it_happens(digits_ctx) -> None:
 @pytest.mark.slow
 def test_flat_loss_is_labelled_lr_too_low(digits_ctx) -> None:
     ctx = digits_ctx
-    ctx.initial_loss = math.log(10)
-    search(ctx, "coarse", ctx.spec.coarse, {"lr": [1e-9, 2e-9], "weight_decay": [1e-6, 2e-6]})
+    search(ctx, "coarse", ctx.spec.coarse, {"lr": [1e-9, 2e-9], "weight_decay": [1e-6, 2e-6]},
+           initial_loss=math.log(10))
     study = optuna.load_study(study_name="div/coarse", storage=ctx.storage.rdb)
     reasons = {t.user_attrs.get("reason") for t in study.get_trials()}
     assert reasons == {"lr too low"}

@@ -1,0 +1,349 @@
+"""The final stage: train with the chosen parameters for the long budget, keep the best
+epoch's weights, evaluate them on the test split, store the model.
+
+Resumable: a checkpoint (babysit/checkpoint.py) is written by the rule of
+``final.checkpoint_share``, and a rerun or another worker goes on from it. One process or
+``--final-procs`` ranks of DistributedDataParallel (babysit/distributed.py) run
+:func:`train_final`; only rank 0 writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from babysit.checkpoint import checkpoint_due
+from babysit.checkpoint import copy_weights
+from babysit.checkpoint import load_checkpoint
+from babysit.checkpoint import save_checkpoint
+from babysit.checkpoint import save_model
+from babysit.context import Context
+from babysit.context import StageResult
+from babysit.context import fresh_model
+from babysit.context import generator_for
+from babysit.context import seed_for
+from babysit.coordination import fixed_trial
+from babysit.coordination import holders
+from babysit.coordination import open_stage
+from babysit.diagnostics import Monitor
+from babysit.diagnostics import narrowing_warnings
+from babysit.diagnostics import record_diagnostics
+from babysit.diagnostics import upload_filters
+from babysit.errors import ProtocolError
+from babysit.stages import best_of
+from babysit.terminal import plural
+from babysit.train import EpochStats
+from babysit.train import evaluate
+from babysit.train import fit
+from babysit.train import make_optimizer
+
+# ---------------------------------------------------------------------------- final
+
+
+def best_params(ctx: Context) -> dict[str, float]:
+    # The best trial of coarse and fine together, by validation accuracy (a fine trial
+    # first on a tie: it trained longer). A fine stage that did worse than coarse does not
+    # hand the final its worse parameters.
+    found = [best_of(open_stage(ctx, stage).get_trials(deepcopy=False))
+             for stage in ("fine", "coarse")]
+    found = [b for b in found if b is not None]
+    if found:
+        return max(found, key=lambda b: b["value"])["params"]
+    raise ProtocolError("final cannot start: neither the fine nor the coarse search has a "
+                        "complete trial to take lr and weight_decay from (every trial "
+                        "diverged, was pruned or failed); lower the upper end of coarse.lr or "
+                        "give the searches more epochs, and rerun under a new --name")
+
+
+
+class _StopFinal(Exception):
+    """Raised from the epoch callback to leave ``fit``: plateau or divergence."""
+
+
+def _synced_stats(stats: EpochStats, world: int) -> EpochStats:
+    """Data parallel: train loss and accuracy averaged over the ranks' shards; validation
+    (each rank evaluates the whole split) and the flags below as rank 0 has them."""
+    if world == 1:
+        return stats
+    from babysit.distributed import all_mean
+    from babysit.distributed import from_rank0
+
+    train_loss, train_acc = all_mean([stats.train_loss, stats.train_acc])
+    val_loss, val_acc = from_rank0([stats.val_loss, stats.val_acc])
+    return dataclasses.replace(stats, train_loss=train_loss, train_acc=train_acc,
+                               val_loss=val_loss, val_acc=val_acc)
+
+
+@dataclass
+class _Carried:
+    """What the final carries from epoch to epoch, and so in its checkpoint."""
+
+    start: int
+    curves: dict[str, list[float]]
+    best: dict[str, Any]
+    best_state: dict[str, torch.Tensor] | None
+
+
+def _restore(ckpt: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
+             gen: torch.Generator, augment: torch.Generator | None, rank: int,
+             world: int) -> None:
+    """Weights, optimiser state and random streams as the checkpoint left them (a rank's own
+    streams when it was written by as many ranks)."""
+    model.load_state_dict(ckpt["model"])
+    opt.load_state_dict(ckpt["optimizer"])
+    gen.set_state(ckpt["generator"].to(gen.device) if gen.device.type == "cpu"
+                  else ckpt["generator"].cpu())
+    ranks = ckpt.get("ranks") or []
+    if world == 1:
+        torch.set_rng_state(ckpt["torch_rng"].cpu())
+    elif len(ranks) == world and augment is not None:
+        torch.set_rng_state(ranks[rank]["torch_rng"].cpu())
+        augment.set_state(ranks[rank]["augment"].cpu())
+
+
+def _carried(ckpt: dict[str, Any] | None, model: torch.nn.Module, epochs: int) -> _Carried:
+    """A fresh start, or the curves and best epoch so far from ``ckpt`` (with ``model``
+    restored from it)."""
+    if ckpt is None:
+        return _Carried(0, {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
+                        {"epoch": 0, "val_acc": -math.inf, "val_loss": math.inf}, None)
+    start = int(ckpt["epoch"])
+    curves = {k: list(map(float, v)) for k, v in ckpt["curves"].items()}
+    best = dict(ckpt.get("best") or {"epoch": start, "val_acc": curves["val_acc"][-1],
+                                      "val_loss": curves["val_loss"][-1]})
+    best_state = ckpt.get("best_model")
+    if best_state is None and start < epochs:
+        best_state = copy_weights(model)
+    return _Carried(start, curves, best, best_state)
+
+
+def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | None,
+                lr: float, wd: float, ckpt: dict[str, Any] | None,
+                progress: Callable[[int, int], None] | None = None,
+                rank: int = 0, world: int = 1) -> dict[str, Any]:
+    """The final training of one process, or of one rank of ``world`` (DistributedDataParallel
+    over an initialised process group; babysit.distributed launches it).
+
+    Only rank 0 has ``study`` and ``trial`` and writes anything: curves, checkpoints, the
+    model. Every rank starts from ``ckpt`` when resuming. Returns rank 0's results.
+    """
+    spec = ctx.spec
+    main = rank == 0
+    seed = seed_for(spec, "final", 0)
+    model = fresh_model(ctx, seed)
+    net: torch.nn.Module = model
+    gen = generator_for(ctx, seed)  # the permutation: the same on every rank
+    augment = None
+    if world > 1:
+        from babysit.distributed import wrap
+
+        net = wrap(model)
+        # Dropout and augmentation of their own per rank; one shared stream would give
+        # example i of every rank's batch the same flip and the same mask.
+        torch.manual_seed(seed + 1 + rank)
+        augment = generator_for(ctx, seed + 1 + rank)
+    opt = make_optimizer(spec.optimizer, net.parameters(), lr, wd, spec.momentum)
+    if ckpt is not None:
+        _restore(ckpt, model, opt, gen, augment, rank, world)
+    carried = _carried(ckpt, model, spec.final.epochs)
+    start, curves, best = carried.start, carried.curves, carried.best
+    best_state = carried.best_state  # None: the current weights are best
+    if main and ckpt is not None:
+        trial.set_user_attr("resumed_from_epoch", start)
+    if main:
+        trial.set_user_attr("final_procs", world)
+        monitor = Monitor(model)  # diagnostics
+        edge = narrowing_warnings(ctx.storage, spec.name)  # diagnostics
+    batch = ctx.batch_size
+    per_rank = max(1, batch // world)
+    t0 = time.perf_counter()
+    clock = {"since": time.perf_counter(), "write": None, "writes": 0}
+    outcome = {"stopped": "", "epochs": start}
+
+    def on_epoch(stats: EpochStats) -> None:
+        nonlocal best_state
+        stats = _synced_stats(stats, world)
+        for k in curves:
+            curves[k].append(getattr(stats, k))
+        outcome["epochs"] = stats.epoch
+        diverged = not (math.isfinite(stats.train_loss) and math.isfinite(stats.val_loss))
+        if not diverged and (stats.val_acc > best["val_acc"] or (
+                stats.val_acc == best["val_acc"] and stats.val_loss < best["val_loss"])):
+            best.update(epoch=stats.epoch, val_acc=stats.val_acc, val_loss=stats.val_loss)
+            best_state = None
+        plateau = (spec.final.patience > 0
+                   and stats.epoch - best["epoch"] >= spec.final.patience)
+        last = diverged or plateau or stats.epoch >= spec.final.epochs
+        due = 0.0
+        if main:
+            trial.set_user_attr("curves", curves)
+            record_diagnostics(trial, monitor, curves, epoch=stats.epoch, warnings=edge)
+            trial.set_user_attr("epochs_run", stats.epoch)
+            trial.set_user_attr("best_epoch", best["epoch"])
+            trial.set_user_attr("examples", (stats.epoch - start) * ctx.data.train_size)
+            trial.report(stats.val_acc, stats.epoch)
+            # No checkpoint of diverged weights: a rerun would resume into NaN.
+            due = float(not diverged and checkpoint_due(
+                stats.epoch, last, time.perf_counter() - clock["since"], clock["write"],
+                spec.final.checkpoint_share))
+        if world > 1:
+            from babysit.distributed import from_rank0
+
+            due = from_rank0([due])[0]
+        if due:
+            rng = {"torch_rng": torch.get_rng_state(),
+                   "augment": augment.get_state() if augment is not None else None}
+            if world > 1:
+                from babysit.distributed import gather_to_rank0
+
+                ranks = gather_to_rank0(rng)
+            else:
+                ranks = None
+            if main:
+                w0 = time.perf_counter()
+                save_checkpoint(ctx, study, trial, {
+                    "model": model.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "generator": gen.get_state(),
+                    "torch_rng": torch.get_rng_state(),
+                    "ranks": ranks,
+                    "epoch": stats.epoch,
+                    "curves": curves,
+                    "best": dict(best),
+                    "best_model": best_state,
+                }, stats.epoch)
+                clock["write"] = time.perf_counter() - w0
+                clock["since"] = time.perf_counter()
+                clock["writes"] += 1
+        if best_state is None and not last:
+            best_state = copy_weights(model)
+        if progress is not None:
+            progress(stats.epoch, spec.final.epochs)
+        if diverged or plateau:
+            outcome["stopped"] = "diverged" if diverged else "plateau"
+            raise _StopFinal
+
+    budget = spec.final.epochs
+    if spec.final.patience > 0 and start - best["epoch"] >= spec.final.patience:
+        budget = start  # killed after the plateau stop's checkpoint: nothing left to train
+    kwargs: dict[str, Any] = {}
+    if world > 1:
+        kwargs = {"shard": (rank, world), "augment_generator": augment}
+    if progress is not None:
+        progress(start, spec.final.epochs)  # the display starts at a resumed epoch
+    history = None
+    try:
+        history = fit(net, opt, ctx.data, epochs=budget, batch_size=per_rank,
+                      loss=spec.loss, generator=gen, start_epoch=start, diverge_above=None,
+                      # Ranks must leave together: a step-level NaN stop on one rank would
+                      # leave the others waiting in the next gradient all-reduce, so data
+                      # parallel training checks divergence at the end of each epoch.
+                      stop_on_divergence=world == 1, check_every=ctx.check_every,
+                      on_epoch=on_epoch,
+                      monitor=(lambda s, _m, o, v: monitor(s, model, o, v)) if main else None,
+                      **kwargs)
+    except _StopFinal:
+        pass
+    if history is not None and history.stopped == "diverged":
+        outcome["stopped"] = "diverged"
+    if not main:
+        return {}
+    record_diagnostics(trial, monitor, curves, warnings=edge)  # diagnostics
+    trial.set_user_attr("seconds", time.perf_counter() - t0)
+    trial.set_user_attr("examples", (outcome["epochs"] - start) * ctx.data.train_size)
+    trial.set_user_attr("checkpoints_written", clock["writes"])
+    if outcome["stopped"] == "diverged":
+        trial.set_user_attr("verdict", "the final training diverged (loss NaN/inf)")
+        return {"diverged": True}
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return _test_and_store(ctx, trial, model, best, int(outcome["epochs"]),
+                           str(outcome["stopped"]), lr, wd, world, per_rank)
+
+
+def _test_and_store(ctx: Context, trial: optuna.Trial, model: torch.nn.Module,
+                    best: dict[str, Any], epochs_run: int, stopped: str, lr: float, wd: float,
+                    world: int, per_rank: int) -> dict[str, Any]:
+    """The best epoch's weights (loaded in ``model``) on the test split; the verdict, the
+    model and its first-layer filters stored on the final trial."""
+    spec = ctx.spec
+    test_loss, test_acc = evaluate(model, ctx.data, "test", spec.loss)
+    val_acc = float(best["val_acc"])
+    saved = spec.final.epochs - epochs_run
+    trial.set_user_attr("test_accuracy", test_acc)
+    trial.set_user_attr("test_loss", test_loss)
+    trial.set_user_attr("val_accuracy", val_acc)
+    trial.set_user_attr("best_epoch", best["epoch"])
+    trial.set_user_attr("epochs_saved", saved)
+    trial.set_user_attr("stopped", stopped or "budget")
+    if world > 1:
+        trial.set_user_attr("batch", {"global": per_rank * world, "per_rank": per_rank,
+                                      "ranks": world})
+    stop = (f"stopped after epoch {epochs_run} of {spec.final.epochs}: no better validation "
+            f"for {plural(spec.final.patience, 'epoch')}; " if saved > 0
+            else f"{plural(epochs_run, 'epoch')}; ")
+    trial.set_user_attr("verdict", (
+        f"{stop}best epoch {best['epoch']} at lr {lr:.3g}, weight_decay {wd:.3g}: val "
+        f"accuracy {val_acc:.3f}, test accuracy {test_acc:.3f} (loss {test_loss:.3f})"
+        + (f"; {world} processes" if world > 1 else "")))
+    save_model(ctx, trial, model)
+    upload_filters(ctx.storage, trial, model)  # diagnostics: first-layer filters PNG
+    return {"diverged": False, "val_acc": val_acc}
+
+
+def final(ctx: Context, progress: Callable[[int, int], None] | None = None,
+          params: dict[str, float] | None = None) -> StageResult:
+    """Train with the best parameters for the long budget, then evaluate on the test split.
+
+    ``params`` ({"lr", "weight_decay"}) skips the searches' choice: `babysit ablate`'s
+    mode "final" trains each variant with fixed parameters, as seed 000 did.
+    ``ctx.final_procs`` > 1 trains on that many processes (babysit.distributed)."""
+    study = open_stage(ctx, "final")
+    params = params if params is not None else best_params(ctx)
+
+    def objective(trial: optuna.Trial) -> float:
+        lr = trial.suggest_float("lr", params["lr"], params["lr"], log=True)
+        wd = trial.suggest_float("weight_decay", params["weight_decay"],
+                                 params["weight_decay"], log=True)
+        if ctx.final_procs > 1:
+            from babysit.distributed import launch_final
+
+            result = launch_final(ctx, study, trial, lr, wd)
+        else:
+            ckpt = load_checkpoint(ctx, study)
+            if ckpt is not None:
+                ctx.log(f"final: resuming from the checkpoint of epoch {int(ckpt['epoch'])}")
+            result = train_final(ctx, study, trial, lr, wd, ckpt, progress)
+        if result["diverged"]:
+            raise ProtocolError("the final training diverged: loss NaN/inf with the chosen "
+                                f"lr {lr:.3g}; rerun the fine search or lower fine's range")
+        return result["val_acc"]
+
+    # A worker (not the run's owner) that finds the final held by another process stops.
+    trial = fixed_trial(study, "final", {}, objective, wait=ctx.owner)
+    if trial is None:
+        holder = holders(study)
+        return StageResult("final", "skipped",
+                           f"final training is held by {', '.join(holder) or 'another worker'}",
+                           {"held_by": holder})
+    if trial.state != TrialState.COMPLETE:
+        return StageResult("final", "failed", trial.user_attrs.get("verdict", "final failed"),
+                           {})
+    a = trial.user_attrs
+    return StageResult("final", "passed", a["verdict"], {
+        "params": params,
+        "epochs": a.get("epochs_run"),
+        "best_epoch": a.get("best_epoch"),
+        "epochs_saved": a.get("epochs_saved"),
+        "val_accuracy": a.get("val_accuracy"),
+        "test_accuracy": a.get("test_accuracy"),
+        "test_loss": a.get("test_loss"),
+    })
