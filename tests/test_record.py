@@ -6,7 +6,6 @@ with a trial still RUNNING); one slow test reads a TINY run stored by today's co
 
 from __future__ import annotations
 
-import dataclasses
 import datetime
 import json
 import subprocess
@@ -199,7 +198,7 @@ def test_a_run_stored_today_reads_back_through_record(tmp_path: Path) -> None:
         for t in rec.trials:  # every stored key is one record.py knows
             assert record.trial_attrs(t).extra == {}, (rec.stage, t.user_attrs.keys())
         assert rec.attrs.extra == {}, (rec.stage, rec.study.user_attrs.keys())
-        assert dataclasses.replace(rec.attrs).to_attrs() == rec.study.user_attrs
+        assert rec.attrs.to_attrs() == rec.study.user_attrs
 
     status = json.loads(babysit("status", "--name", "today", "--storage", url, "--json",
                                 cwd=tmp_path, check=True).stdout)
