@@ -38,10 +38,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from optuna.trial import TrialState
-
+from babysit import record
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
+from babysit.record import Param
+from babysit.record import trial_attrs
 from babysit.spec import Spec
 from babysit.spec import apply_set
 from babysit.spec import build_spec
@@ -49,14 +50,13 @@ from babysit.spec import load_toml
 from babysit.spec import validate
 from babysit.storage import STAGES
 from babysit.storage import Storage
-from babysit.storage import find_study
 from babysit.terminal import Progress
 from babysit.terminal import plural
 
 _MODES = ("final", "full")
 _ABLATION_KEYS = ("name", "mode", "params", "repeats")
 _VARIANT_KEYS = ("name", "set", "params", "description", "reported")
-_PARAM_KEYS = ("lr", "weight_decay")
+_PARAM_KEYS = (Param.LR, Param.WEIGHT_DECAY)
 # Variant names become study names (<ablation>/<variant>/final) and folder names.
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -257,9 +257,7 @@ def load_ablation(config: Path, sets: list[str] | tuple[str, ...] = ()) -> Ablat
 
 
 def _finished(storage: Storage, run: str) -> bool:
-    study = find_study(storage, run, "final")
-    return study is not None and any(
-        t.state == TrialState.COMPLETE for t in study.get_trials(deepcopy=False))
+    return bool(record.load_stage(storage, run, "final").complete)
 
 
 def _train(ablation: Ablation, variant: Variant, spec: Spec, storage: Storage, device: str,
@@ -328,43 +326,38 @@ def run_ablation(config: Path, storage: Storage, sets: list[str] | tuple[str, ..
 
 def _run_facts(storage: Storage, run: str) -> dict[str, Any] | None:
     """Test accuracy and loss, params, epochs and seconds of one run, from storage."""
-    study = find_study(storage, run, "final")
-    if study is None:
-        return _earlier_failure(storage, run)
-    trials = study.get_trials(deepcopy=False)
-    done = [t for t in trials if t.state == TrialState.COMPLETE]
-    seconds = 0.0
-    for stage in STAGES:
-        s = study if stage == "final" else find_study(storage, run, stage)
-        if s is not None:
-            seconds += sum(float(t.user_attrs.get("seconds", 0.0))
-                           for t in s.get_trials(deepcopy=False))
-    if not done:
-        reasons = [t.user_attrs.get("verdict") for t in trials if t.user_attrs.get("verdict")]
+    stages = record.load_run(storage, run)
+    final = stages["final"]
+    if final.study is None:
+        return _earlier_failure(storage, run, stages)
+    seconds = sum(float(trial_attrs(t).seconds or 0.0)
+                  for rec in stages.values() for t in rec.trials)
+    if not final.complete:
+        reasons = [v for v in (trial_attrs(t).verdict for t in final.trials) if v]
         return {"done": False, "status": f"failed: {reasons[-1]}" if reasons else "not finished",
                 "seconds": seconds}
-    t = done[0]
-    a = t.user_attrs
+    t = final.complete[0]
+    a = trial_attrs(t)
     return {
         "done": True,
         "status": "done",
         "params": dict(t.params),
-        "test_accuracy": a.get("test_accuracy"),
-        "test_loss": a.get("test_loss"),
-        "val_accuracy": a.get("val_accuracy"),
-        "epochs": a.get("epochs_run"),
+        "test_accuracy": a.test_accuracy,
+        "test_loss": a.test_loss,
+        "val_accuracy": a.val_accuracy,
+        "epochs": a.epochs_run,
         "seconds": seconds,
-        "readings": list(a.get("readings", [])),
+        "readings": list(a.readings or []),
+        "epochs_spent": record.summary(storage, run, stages)["epochs_spent"],
     }
 
 
-def _earlier_failure(storage: Storage, run: str) -> dict[str, Any] | None:
+def _earlier_failure(storage: Storage, run: str,
+                     records: dict[str, record.StageRecord]) -> dict[str, Any] | None:
     """Mode "full": a run that stopped before final (sanity or overfit failed) says where."""
-    from babysit.protocol import summarize
-
-    if not any(find_study(storage, run, stage) for stage in STAGES):
+    if not any(rec.study is not None for rec in records.values()):
         return None
-    stages = summarize(storage, run)["stages"]
+    stages = record.summary(storage, run, records)["stages"]
     for stage in STAGES:
         if stages[stage].get("status") == "failed":
             verdict = stages[stage].get("verdict") or ""
@@ -380,8 +373,6 @@ def _mean(values: list[float]) -> float | None:
 def table_rows(storage: Storage, ablation: Ablation) -> list[dict[str, Any]]:
     """One row per variant: means over its finished repeats, the spread of test accuracy
     (sample standard deviation), and the status of any repeat not finished."""
-    from babysit.protocol import summarize
-
     rows: list[dict[str, Any]] = []
     for variant in ablation.variants:
         names = [spec.name for v, _, spec in ablation.runs if v is variant]
@@ -390,10 +381,7 @@ def table_rows(storage: Storage, ablation: Ablation) -> list[dict[str, Any]]:
         accs = [f["test_accuracy"] for f in done if f["test_accuracy"] is not None]
         losses = [f["test_loss"] for f in done if f["test_loss"] is not None]
         params = [f["params"] for f in done]
-        spent = []
-        for name, f in facts:
-            if f is not None and f["done"]:
-                spent.append(summarize(storage, name)["epochs_spent"])
+        spent = [f["epochs_spent"] for f in done]
         readings = list(dict.fromkeys(r for f in done for r in f["readings"]))
         problems = [f"{name}: {f['status'] if f else 'not run'}" for name, f in facts
                     if f is None or not f["done"]]
@@ -402,8 +390,8 @@ def table_rows(storage: Storage, ablation: Ablation) -> list[dict[str, Any]]:
             "change": variant.change,
             "runs": len(names),
             "runs_done": len(done),
-            "lr": params[0]["lr"] if params else None,
-            "weight_decay": params[0]["weight_decay"] if params else None,
+            "lr": params[0].get(Param.LR) if params else None,
+            "weight_decay": params[0].get(Param.WEIGHT_DECAY) if params else None,
             "same_params": all(p == params[0] for p in params),
             "test_accuracy_mean": _mean(accs),
             "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None,

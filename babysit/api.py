@@ -189,27 +189,29 @@ class Run:
 
     @property
     def spec(self) -> Spec:
-        from babysit.protocol import stored_spec
+        from babysit import record
 
-        return stored_spec(self.storage, self.name)
+        return record.stored_spec(self.storage, self.name)
 
     @property
     def summary(self) -> dict[str, Any]:
         """The same dict as ``--summary-json`` (``wall_seconds`` is None: not stored)."""
-        from babysit.protocol import summarize
+        from babysit import record
 
-        return summarize(self.storage, self.name)
+        return record.summary(self.storage, self.name)
 
     @property
     def data(self) -> dict[str, Any]:
         """How the data was loaded: loader path, image geometry, skipped files."""
+        from babysit.record import StudyAttrs
+
         sanity = self.studies.get("sanity")
-        return dict(sanity.user_attrs.get("data") or {}) if sanity else {}
+        return dict(StudyAttrs.from_attrs(sanity.user_attrs).data or {}) if sanity else {}
 
     @property
     def best_params(self) -> dict[str, float] | None:
         """The final training's parameters, else the best search trial's, else None."""
-        from babysit.stages import best_of
+        from babysit.record import best_of
 
         final = self.summary["stages"]["final"]
         if final.get("params"):

@@ -135,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--format", choices=("csv", "parquet"), default="csv")
     p.add_argument("--out", type=Path, help="file to write (default: <name>-trials.<format>)")
+    p.add_argument("--curves", type=Path, nargs="?", const=True, metavar="FILE",
+                   help="also write every curve point (run, stage, trial, epoch, step, "
+                   "metric, value) to FILE (default: <name>-curves.<format> beside --out)")
     _storage_flags(p)
 
     p = add_verb(sub, "copy")
@@ -291,12 +294,12 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    from babysit.protocol import summarize
-    from babysit.storage import run_names
+    # babysit.status reads storage without torch: it answers in well under a second.
+    from babysit.status import status_lines
+    from babysit.status import statuses
 
     storage = _open(args, create=False)
-    names = [args.name] if args.name else run_names(storage)
-    summaries = [summarize(storage, n) for n in names]
+    summaries = statuses(storage, args.name)
     if args.json:
         print(json.dumps(summaries[0] if args.name else summaries, indent=2))
         return 0
@@ -304,22 +307,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"no runs in {storage.shown}; start one with `babysit run`")
         return 0
     for s in summaries:
-        print(f"run {s['name']}  ({s['dataset']}, {s['optimizer']}; "
-              f"{s['epochs_spent']:.1f} epochs spent)")
-        for stage, v in s["stages"].items():
-            line = f"  {stage:<8} {v['status']:<8}"
-            if stage in ("coarse", "fine"):
-                line += (f" {v['trials']}/{v['target']} finished: {v['complete']} complete, "
-                         f"{v['pruned']} pruned ({v['diverged']} diverged), {v['failed']} failed")
-                if v["best"]:
-                    line += f"; best {v['best']['value']:.4f}"
-            elif stage == "sanity" and v["initial_loss"] is not None:
-                line += f" initial loss {v['initial_loss']:.3f} (expected {v['expected_loss']:.3f})"
-            elif stage == "overfit" and v["train_accuracy"] is not None:
-                line += f" train accuracy {v['train_accuracy']:.3f}"
-            elif stage == "final" and v.get("test_accuracy") is not None:
-                line += f" test accuracy {v['test_accuracy']:.4f}, val {v['val_accuracy']:.4f}"
-            print(line)
+        print("\n".join(status_lines(s)))
     return 0
 
 
@@ -360,11 +348,18 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from babysit.report import export_trials
+    # babysit.export, not babysit.report: no torch, no matplotlib, pandas only here.
+    from babysit.export import export_trials
 
     out = args.out or Path(f"{args.name.replace('/', '-')}-trials.{args.format}")
-    path, rows = export_trials(_open(args, create=False), args.name, args.format, out)
+    curves = args.curves
+    if curves is True:
+        curves = out.with_name(f"{out.stem.removesuffix('-trials')}-curves{out.suffix}")
+    path, rows = export_trials(_open(args, create=False), args.name, args.format, out,
+                               curves=curves)
     print(f"exported {plural(rows, 'trial')} to {path}", file=sys.stderr)
+    if curves is not None:
+        print(f"exported the curves to {curves}", file=sys.stderr)
     return 0
 
 

@@ -18,6 +18,13 @@ from matplotlib.ticker import MaxNLocator
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
+from babysit import record
+from babysit.record import FINISHED
+from babysit.record import Param
+from babysit.record import Reason
+from babysit.record import trial_attrs
+from babysit.storage import Storage
+
 # Small and at 100 dpi: a figure renders in a few hundred milliseconds at most and a PNG
 # stays ~30-60 kB, so every stage can publish its plots without slowing the run.
 _DPI = 100
@@ -43,15 +50,15 @@ def overfit_curve(trials: list[FrozenTrial], samples: int | None = None) -> Figu
     ax_loss, ax_acc = fig.subplots(1, 2)
     losses: list[float] = []
     drawn = 0
-    for t in sorted(trials, key=lambda t: t.params.get("lr", 0.0)):
-        curve = t.user_attrs.get("curve") or []
+    for t in sorted(trials, key=lambda t: t.params.get(Param.LR, 0.0)):
+        curve = trial_attrs(t).curve or []
         if not curve:
             continue
         steps = [c["step"] for c in curve]
         loss = _finite([c["loss"] for c in curve])
         # A short curve (a run stopped after a few steps) would be invisible as a line alone.
         style = {"marker": "o", "markersize": 3} if len(curve) <= 20 else {}
-        label = f"lr {t.params.get('lr', float('nan')):.3g}"
+        label = f"lr {t.params.get(Param.LR, float('nan')):.3g}"
         ax_loss.plot(steps, loss, label=label, **style)
         ax_acc.plot(steps, _finite([c["train_acc"] for c in curve]), label=label, **style)
         losses += [v for v in loss if v > 0 and math.isfinite(v)]
@@ -77,14 +84,14 @@ def search_scatter(trials: list[FrozenTrial], stage: str, bounds: dict[str, list
     diverged ones as red crosses, pruned and failed ones grey; ``box`` is the narrowed range."""
     fig = Figure(figsize=_SQUARE, dpi=_DPI, layout=_LAYOUT)
     ax = fig.subplots()
-    real = [t for t in trials if t.user_attrs.get("reason") != "surplus"
-            and "lr" in t.params and "weight_decay" in t.params]
+    lr, wd = Param.LR, Param.WEIGHT_DECAY
+    real = [t for t in record.real(trials) if lr in t.params and wd in t.params]
 
     def xy(ts: list[FrozenTrial]) -> tuple[list[float], list[float]]:
-        return [t.params["lr"] for t in ts], [t.params["weight_decay"] for t in ts]
+        return [t.params[lr] for t in ts], [t.params[wd] for t in ts]
 
     complete = [t for t in real if t.state == TrialState.COMPLETE and t.value is not None]
-    diverged = [t for t in real if t.user_attrs.get("reason") == "diverged"]
+    diverged = [t for t in real if trial_attrs(t).reason == Reason.DIVERGED]
     pruned = [t for t in real if t.state == TrialState.PRUNED and t not in diverged]
     failed = [t for t in real if t.state == TrialState.FAIL]
     if pruned:
@@ -99,17 +106,17 @@ def search_scatter(trials: list[FrozenTrial], stage: str, bounds: dict[str, list
                         edgecolors="black", linewidths=0.5, label="complete", zorder=4)
         fig.colorbar(sc, ax=ax, label="val accuracy")
         best = max(complete, key=lambda t: (t.value, -t.number))
-        ax.scatter([best.params["lr"]], [best.params["weight_decay"]], s=220, marker="*",
+        ax.scatter([best.params[lr]], [best.params[wd]], s=220, marker="*",
                    c="none", edgecolors="tab:orange", linewidths=1.5, label="best", zorder=5)
     if box is not None:
-        (x0, x1), (y0, y1) = box["lr"], box["weight_decay"]
+        (x0, x1), (y0, y1) = box[lr], box[wd]
         ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="tab:blue",
                                linestyle="--", linewidth=1.5, label="narrowed", zorder=1))
     ax.set_xscale("log")
     ax.set_yscale("log")
     if bounds:
-        ax.set_xlim(*_padded(bounds["lr"]))
-        ax.set_ylim(*_padded(bounds["weight_decay"]))
+        ax.set_xlim(*_padded(bounds[lr]))
+        ax.set_ylim(*_padded(bounds[wd]))
     ax.set_xlabel("lr")
     ax.set_ylabel("weight_decay")
     ax.set_title(f"{stage} search: {len(real)} trials")
@@ -129,7 +136,8 @@ def final_curves(trial: FrozenTrial) -> Figure:
     """Loss and accuracy per epoch, train and validation; the test result as a marker."""
     fig = Figure(figsize=_WIDE, dpi=_DPI, layout=_LAYOUT)
     ax_loss, ax_acc = fig.subplots(1, 2)
-    curves = trial.user_attrs.get("curves") or {}
+    a = trial_attrs(trial)
+    curves = a.curves or {}
     epochs = list(range(1, len(curves.get("train_loss", [])) + 1))
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
         if curves.get(key):
@@ -137,21 +145,20 @@ def final_curves(trial: FrozenTrial) -> Figure:
     for key, label in (("train_acc", "train"), ("val_acc", "val")):
         if curves.get(key):
             ax_acc.plot(epochs, _finite(curves[key]), marker="o", markersize=3, label=label)
-    a = trial.user_attrs
-    if a.get("test_loss") is not None and epochs:
-        ax_loss.scatter([epochs[-1]], [a["test_loss"]], marker="D", c="tab:red", zorder=5,
-                        label=f"test {a['test_loss']:.3f}")
-    if a.get("test_accuracy") is not None and epochs:
-        ax_acc.scatter([epochs[-1]], [a["test_accuracy"]], marker="D", c="tab:red", zorder=5,
-                       label=f"test {a['test_accuracy']:.3f}")
+    if a.test_loss is not None and epochs:
+        ax_loss.scatter([epochs[-1]], [a.test_loss], marker="D", c="tab:red", zorder=5,
+                        label=f"test {a.test_loss:.3f}")
+    if a.test_accuracy is not None and epochs:
+        ax_acc.scatter([epochs[-1]], [a.test_accuracy], marker="D", c="tab:red", zorder=5,
+                       label=f"test {a.test_accuracy:.3f}")
     for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if epochs:
             ax.legend(fontsize="small")
-    lr = trial.params.get("lr")
-    wd = trial.params.get("weight_decay")
+    lr = trial.params.get(Param.LR)
+    wd = trial.params.get(Param.WEIGHT_DECAY)
     title = "final training"
     if lr is not None and wd is not None:
         title += f": lr {lr:.3g}, weight_decay {wd:.3g}"
@@ -211,3 +218,31 @@ def first_layer_filters(model: Any) -> Figure:
     ax.axis("off")
     ax.set_title(f"first-layer filters: {n} x {tuple(conv.weight.shape[1:])}", fontsize=8)
     return fig
+
+
+def stage_figure(storage: Storage, run: str, stage: str) -> Figure | None:
+    """The stage's plot drawn from its stored trials, or None when there is nothing to draw."""
+    rec = record.load_stage(storage, run, stage)
+    trials = rec.trials
+    if rec.study is None:
+        return None
+    if stage == "overfit":
+        found = [trial_attrs(t) for t in trials]
+        if not any(a.curve for a in found):
+            return None
+        return overfit_curve(trials, next((a.samples for a in found if a.samples is not None),
+                                          None))
+    if stage in ("coarse", "fine"):
+        if not any(t.state in FINISHED for t in trials):
+            return None
+        coarse = rec if stage == "coarse" else record.load_stage(storage, run, "coarse")
+        fine = rec if stage == "fine" else record.load_stage(storage, run, "fine")
+        bounds = coarse.attrs.ranges or rec.attrs.ranges or {}
+        narrowed = fine.attrs.narrowed
+        return search_scatter(trials, stage, bounds, narrowed["ranges"] if narrowed else None)
+    if stage == "final":
+        done = rec.complete
+        if not done or not trial_attrs(done[0]).curves:
+            return None
+        return final_curves(done[0])
+    return None

@@ -10,17 +10,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-import optuna
 import torch
-from optuna.trial import TrialState
 
+from babysit import record
 from babysit.context import Context
 from babysit.context import StageResult
-from babysit.coordination import FINISHED
 from babysit.coordination import check_spec
 from babysit.coordination import open_stage
 from babysit.coordination import quiet_optuna
-from babysit.coordination import stage_counts
 from babysit.data import DataRequest
 from babysit.data import default_data_dir
 from babysit.data import load_dataset
@@ -35,17 +32,17 @@ from babysit.final import final
 from babysit.lifeline import die_with_parent
 from babysit.models import build_model
 from babysit.models import input_size
+from babysit.record import Param
+from babysit.record import StudyAttrs
+from babysit.record import StudyKey
 from babysit.report import publish_stage
 from babysit.spec import Spec
 from babysit.spec import default_run_name
-from babysit.stages import best_of
 from babysit.stages import narrow_stage
 from babysit.stages import overfit
 from babysit.stages import sanity
 from babysit.stages import search
-from babysit.storage import STAGES
 from babysit.storage import Storage
-from babysit.storage import find_study
 from babysit.terminal import Progress
 from babysit.terminal import plural
 from babysit.train import DeviceData
@@ -233,10 +230,12 @@ def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
     anchored on the overfit LR (babysit/learned.py); read back from the coarse study once a
     search stored them, so every worker and every rerun uses the same."""
     spec = ctx.spec
-    ranges = {"lr": list(spec.coarse.lr), "weight_decay": list(spec.coarse.weight_decay)}
+    ranges = {Param.LR: list(spec.coarse.lr),
+              Param.WEIGHT_DECAY: list(spec.coarse.weight_decay)}
     study = open_stage(ctx, "coarse")
-    if "ranges" in study.user_attrs:
-        return study.user_attrs["ranges"]
+    stored = StudyAttrs.from_attrs(study.user_attrs).ranges
+    if stored is not None:
+        return stored
     if not spec.coarse.lr_range_test:
         from babysit.learned import anchored_ranges
 
@@ -244,10 +243,11 @@ def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
     from babysit.diagnostics import propose_coarse_lr
 
     test = propose_coarse_lr(ctx)
-    study.set_user_attr("lr_range_test", {k: test[k] for k in ("lrs", "losses", "suggested")})
-    ranges["lr"] = [float(v) for v in test["suggested"]]
-    ctx.log(f"LR range test: loss fell fastest around lr {ranges['lr'][0]:.3g} .. "
-            f"{ranges['lr'][1]:.3g}; that is the coarse lr range")
+    study.set_user_attr(StudyKey.LR_RANGE_TEST,
+                        {k: test[k] for k in ("lrs", "losses", "suggested")})
+    lr = ranges[Param.LR] = [float(v) for v in test["suggested"]]
+    ctx.log(f"LR range test: loss fell fastest around lr {lr[0]:.3g} .. "
+            f"{lr[1]:.3g}; that is the coarse lr range")
     return ranges
 
 
@@ -295,136 +295,23 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
     return summary
 
 
-def _trials(storage: Storage, run: str, stage: str) -> tuple[optuna.Study | None, list]:
-    study = find_study(storage, run, stage)
-    if study is None:
-        return None, []
-    return study, study.get_trials(deepcopy=False)
-
-
 def stored_spec(storage: Storage, run: str) -> Spec:
     """The run's spec as its studies carry it, so a worker needs no flags."""
-    for stage in STAGES:
-        study = find_study(storage, run, stage)
-        if study is not None and "spec" in study.user_attrs:
-            return Spec.from_dict(study.user_attrs["spec"])
-    raise UsageError(f"no run named '{run}' in storage {storage.shown}; "
-                     "start it with `babysit run --name RUN` first")
+    return record.stored_spec(storage, run)
 
 
 def summarize(storage: Storage, run: str) -> dict[str, Any]:
-    """The summary JSON (DESIGN.md section 2), read from storage alone."""
-    spec = stored_spec(storage, run)
-    stages: dict[str, Any] = {}
-    examples_total = 0
-    examples_by_stage: dict[str, float] = {}
-    num_classes = None
-    train_size = None
-
-    study, trials = _trials(storage, run, "sanity")
-    done = [t for t in trials if t.state in FINISHED]
-    if done:
-        a = done[0].user_attrs
-        stages["sanity"] = {"status": a["status"], "initial_loss": a["initial_loss"],
-                            "expected_loss": a["expected_loss"],
-                            "loss_with_reg": a["loss_with_reg"], "verdict": a["verdict"],
-                            "logit_std": a.get("logit_std"),
-                            "top_class_share": a.get("top_class_share")}
-    else:
-        stages["sanity"] = {"status": "skipped", "initial_loss": None, "expected_loss": None}
-    loaded = None
-    if study is not None:
-        train_size = study.user_attrs.get("train_size")
-        num_classes = study.user_attrs.get("num_classes")
-        loaded = study.user_attrs.get("data")
-
-    study, trials = _trials(storage, run, "overfit")
-    done = [t for t in trials if t.state in FINISHED]
-    if done:
-        best = max(done, key=lambda t: t.value or 0.0)
-        status = "passed" if (best.value or 0.0) >= 1.0 else (
-            "failed" if study and "verdict" in study.user_attrs else "running")
-        stages["overfit"] = {"status": status, "train_accuracy": best.value,
-                             "lr": best.params.get("lr"),
-                             "verdict": study.user_attrs.get("verdict") if study else None}
-    else:
-        stages["overfit"] = {"status": "skipped", "train_accuracy": None}
-    examples_by_stage["overfit"] = sum(int(t.user_attrs.get("examples", 0)) for t in trials)
-
-    for stage in ("coarse", "fine"):
-        study, trials = _trials(storage, run, stage)
-        counts = stage_counts(trials)
-        target = getattr(spec, stage).trials
-        best = best_of(trials)
-        if not trials:
-            # A fine stage that narrowing refused to start carries that verdict.
-            status = "failed" if study is not None and "verdict" in study.user_attrs \
-                else "skipped"
-        elif counts["trials"] >= target:
-            status = "passed" if best is not None else "failed"
-        else:
-            status = "running"
-        entry: dict[str, Any] = {"status": status, "trials": counts["trials"],
-                                 "complete": counts["complete"], "pruned": counts["pruned"],
-                                 "failed": counts["failed"], "diverged": counts["diverged"],
-                                 "target": target, "best": best}
-        if stage == "fine":
-            narrowed = study.user_attrs.get("narrowed") if study else None
-            entry["range"] = narrowed["ranges"] if narrowed else None
-            entry["narrowing"] = narrowed
-        else:
-            entry["range"] = (study.user_attrs.get("ranges") if study else None) or {
-                "lr": spec.coarse.lr, "weight_decay": spec.coarse.weight_decay}
-        stages[stage] = entry
-        examples_by_stage[stage] = sum(int(t.user_attrs.get("examples", 0)) for t in trials)
-
-    study, trials = _trials(storage, run, "final")
-    complete = [t for t in trials if t.state == TrialState.COMPLETE]
-    if complete:
-        t = complete[0]
-        a = t.user_attrs
-        stages["final"] = {"status": "passed", "params": dict(t.params),
-                           "epochs": a.get("epochs_run"), "val_accuracy": a.get("val_accuracy"),
-                           "test_accuracy": a.get("test_accuracy"),
-                           "test_loss": a.get("test_loss"),
-                           "model_artifact": a.get("model_artifact"),
-                           # The plateau stop: the epoch whose weights were tested, the
-                           # epochs of the budget not run, and why training ended.
-                           "best_epoch": a.get("best_epoch"),
-                           "epochs_saved": a.get("epochs_saved"),
-                           "stopped": a.get("stopped"),
-                           "procs": a.get("final_procs", 1)}
-    else:
-        stages["final"] = {"status": "running" if trials else "skipped", "params": None,
-                           "epochs": None, "val_accuracy": None, "test_accuracy": None,
-                           "test_loss": None}
-    examples_by_stage["final"] = sum(int(t.user_attrs.get("examples", 0)) for t in trials)
-    examples_by_stage["sanity"] = 0
-    examples_total = sum(examples_by_stage.values())
-    train_size = train_size or 1
-    return {
-        "name": run,
-        "dataset": spec.dataset,
-        "num_classes": num_classes,
-        "model": spec.model,
-        "optimizer": spec.optimizer,
-        "storage": storage.shown,
-        "wall_seconds": None,
-        "epochs_spent": examples_total / train_size,
-        "epochs_by_stage": {k: examples_by_stage[k] / train_size for k in STAGES},
-        # How the data was loaded: "loader" (tensor or streaming), skipped_files, ...
-        "data": loaded,
-        "stages": stages,
-    }
+    """The summary JSON (DESIGN.md section 2), read from storage alone (babysit.record)."""
+    return record.summary(storage, run)
 
 
 def record_data_facts(ctx: Context) -> None:
     """What the summary needs to know of the data, stored once on the sanity study."""
     study = open_stage(ctx, "sanity", direction="minimize")
-    if "train_size" not in study.user_attrs:
-        study.set_user_attr("train_size", ctx.data.train_size)
-        study.set_user_attr("num_classes", ctx.data.num_classes)
-        study.set_user_attr("data", ctx.data_info)
-        study.set_user_attr("sizes", {"train": ctx.data.train_size,
-                                      "val": ctx.data.size("val"),
-                                      "test": ctx.data.size("test")})
+    if StudyAttrs.from_attrs(study.user_attrs).train_size is None:
+        facts = StudyAttrs(train_size=ctx.data.train_size, num_classes=ctx.data.num_classes,
+                           data=ctx.data_info,
+                           sizes={"train": ctx.data.train_size, "val": ctx.data.size("val"),
+                                  "test": ctx.data.size("test")})
+        for key, value in facts.to_attrs().items():
+            study.set_user_attr(key, value)

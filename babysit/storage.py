@@ -25,7 +25,6 @@ from urllib.parse import unquote
 
 import optuna
 import sqlalchemy
-from optuna.artifacts import FileSystemArtifactStore
 from optuna.storages._rdb import models as _models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial
@@ -523,6 +522,10 @@ class Storage:
 
                 self._s3 = S3ArtifactStore(self.artifact_store)
             return self._s3
+        # Imported here: optuna.artifacts pulls in boto3 (~0.1 s), which `babysit status`
+        # and `export` never need.
+        from optuna.artifacts import FileSystemArtifactStore
+
         self.artifact_dir.mkdir(parents=True, exist_ok=True)
         return FileSystemArtifactStore(str(self.artifact_dir))
 

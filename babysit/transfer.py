@@ -27,11 +27,15 @@ import optuna
 from optuna.trial import TrialState
 
 from babysit.errors import UsageError
+from babysit.record import ARTIFACT_PREFIX
+from babysit.record import Reason
+from babysit.record import StudyAttrs
+from babysit.record import TrialKey
+from babysit.record import trial_attrs
 from babysit.storage import STAGES
 from babysit.storage import Storage
 from babysit.storage import study_name
 
-_ARTIFACT_PREFIX = "artifacts:"
 _TRIAL_NOTE = re.compile(r"^dashboard:(\d+):(note_ver|note_str:\d+)$")
 
 
@@ -81,7 +85,7 @@ def _close_running(study: optuna.Study) -> int:
     storage = study._storage
     closed = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(t._trial_id, "reason", "running when copied")
+        storage.set_trial_user_attr(t._trial_id, TrialKey.REASON, Reason.RUNNING_WHEN_COPIED)
         storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
         closed += 1
     return closed
@@ -115,13 +119,14 @@ def _artifact_ids(study: optuna.Study) -> list[str]:
     attrs += [t.system_attrs for t in study.get_trials(deepcopy=False)]
     for system_attrs in attrs:
         for key, value in system_attrs.items():
-            if key.startswith(_ARTIFACT_PREFIX):
+            if key.startswith(ARTIFACT_PREFIX):
                 meta = json.loads(value) if isinstance(value, str) else value
-                ids.append(meta.get("artifact_id") or key[len(_ARTIFACT_PREFIX):])
+                ids.append(meta.get("artifact_id") or key[len(ARTIFACT_PREFIX):])
     for t in study.get_trials(deepcopy=False):
-        if isinstance(t.user_attrs.get("model_artifact"), str):
-            ids.append(t.user_attrs["model_artifact"])
-    checkpoint = study.user_attrs.get("checkpoint")
+        model = trial_attrs(t).model_artifact
+        if isinstance(model, str):
+            ids.append(model)
+    checkpoint = StudyAttrs.from_attrs(study.user_attrs).checkpoint
     if isinstance(checkpoint, dict) and checkpoint.get("artifact_id"):
         ids.append(checkpoint["artifact_id"])
     return list(dict.fromkeys(ids))

@@ -59,6 +59,7 @@ examples:
 examples:
   babysit export --name digits
   babysit export --name digits --format parquet --out digits.parquet
+  babysit export --name digits --curves   # and the curves in digits-curves.csv
 """),
     "copy": ("move a run (studies, attrs, artifacts) between storages", """\
 examples:

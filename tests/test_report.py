@@ -169,30 +169,41 @@ def test_export_csv_and_parquet_hold_every_trial_and_agree(finished: Finished) -
     rows = _trial_count(finished.url)
     assert f"exported {rows} trials to {csv_path}" in proc.stderr
     babysit("export", "--name", RUN, "--storage", finished.url, "--format", "parquet",
-            "--out", str(pq_path), cwd=finished.tmp, check=True)
-    csv = pd.read_csv(csv_path)
+            "--out", str(pq_path), "--curves", str(finished.tmp / "curves.parquet"),
+            cwd=finished.tmp, check=True)
+    csv = pd.read_csv(csv_path, dtype_backend="numpy_nullable")
     pq = pd.read_parquet(pq_path)
     assert len(csv) == len(pq) == rows
     assert list(csv.columns) == list(pq.columns)
     assert sorted(set(pq["study"])) == sorted(f"{RUN}/{s}" for s in STAGES)
-    for col in ("stage", "number", "state", "value", "params_lr", "params_weight_decay",
-                "datetime_start", "datetime_complete", "duration_s", "user_attrs_curves"):
-        assert col in pq.columns
+    # One column per meaning: no `value` whose meaning changes with the stage.
+    for col in ("run", "stage", "trial", "state", "lr", "weight_decay", "initial_loss",
+                "train_accuracy", "val_accuracy", "test_accuracy", "datetime_start",
+                "datetime_complete", "duration_s", "worker", "examples", "epochs_run"):
+        assert col in pq.columns, col
+    assert "value" not in pq.columns and "curves" not in pq.columns
+    for col in ("trial", "examples", "epochs_run", "steps"):
+        assert pd.api.types.is_integer_dtype(pq[col]) and pd.api.types.is_integer_dtype(csv[col])
     for col in pq.columns:
         if col.startswith("datetime_"):
             assert pd.to_datetime(csv[col]).equals(pq[col]), col
         elif pd.api.types.is_numeric_dtype(pq[col]):
             for a, b in zip(csv[col], pq[col], strict=True):
-                assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=1e-12), \
-                    col
+                assert (pd.isna(a) and pd.isna(b)) or math.isclose(a, b, rel_tol=1e-12), col
         else:
             assert csv[col].fillna("").astype(str).tolist() == \
                 pq[col].fillna("").astype(str).tolist(), col
-    # Lists and dicts are JSON text: the final trial's curves read back as they were stored.
     final = pq[pq["stage"] == "final"].iloc[0]
     stored = _study(finished.url, "final").trials[0]
-    assert json.loads(final["user_attrs_curves"]) == stored.user_attrs["curves"]
+    assert final["val_accuracy"] == stored.user_attrs["val_accuracy"]
     assert final["duration_s"] == pytest.approx(stored.duration.total_seconds())
+    # The curves table holds the final trial's curves as they were stored.
+    curves = pd.read_parquet(finished.tmp / "curves.parquet")
+    mine = curves[(curves["stage"] == "final") & (curves["trial"] == stored.number)]
+    for metric, values in stored.user_attrs["curves"].items():
+        got = mine[mine["metric"] == metric].sort_values("epoch")
+        assert list(got["epoch"]) == list(range(1, len(values) + 1))
+        assert list(got["value"]) == pytest.approx(values, nan_ok=True), metric
 
 
 def test_unknown_run_is_one_line_and_exit_2(finished: Finished) -> None:

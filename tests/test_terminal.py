@@ -209,7 +209,7 @@ def test_progress_without_a_tty_is_one_plain_line_per_step() -> None:
 def test_a_resumed_stage_starts_counting_from_its_stored_trials() -> None:
     """fill() reports the finished trials a previous run stored before it runs one, so the
     display starts there: one line for them, then one per new trial."""
-    from babysit.stages import fill
+    from babysit.coordination import fill
 
     study = optuna.create_study(direction="maximize")
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}

@@ -1,0 +1,468 @@
+"""The schema of everything a run stores in its Optuna studies, and the readers of it.
+
+A run is five studies ``<run>/<stage>``. What babysit keeps on them:
+
+- study user attrs: the keys in :class:`StudyKey`, typed as :class:`StudyAttrs`;
+- trial user attrs: the keys in :class:`TrialKey`, typed as :class:`TrialAttrs`; the values
+  of ``reason`` in :class:`Reason`;
+- trial params: :class:`Param` (``lr``, ``weight_decay``);
+- system attrs babysit reads: :data:`ARTIFACT_PREFIX` (Optuna's artifact records).
+
+Writers use the constants, ``trial.set_user_attr(TrialKey.REASON, Reason.DIVERGED)``;
+every constant's value is also the name of its dataclass field, so
+``TrialAttrs(reason=Reason.DIVERGED).to_attrs()`` gives the same dict. Readers go through
+``StudyAttrs.from_attrs(study.user_attrs)`` and ``TrialAttrs.from_attrs(t.user_attrs)``,
+which accept any stored dict: a key a run of an older babysit did not write reads as
+None, and a key this module does not know is kept in ``extra``, so old runs stay readable
+and nothing stored is dropped. None means "not stored": ``to_attrs`` leaves it out.
+
+The readers (``load_stage``, ``counts``, ``best_trial``, ``stage_result``, ``summary``,
+``progress``) are what `babysit status`, `export`, `report`, `ablate` and the Python API
+use. This module imports neither torch nor matplotlib nor pandas, so those verbs start fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from typing import TypeVar
+
+import optuna
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+from babysit.errors import UsageError
+from babysit.spec import Spec
+from babysit.storage import STAGES
+from babysit.storage import Storage
+from babysit.storage import find_study
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Optuna's own system attrs for uploaded artifacts: ``artifacts:<id>`` -> JSON metadata.
+ARTIFACT_PREFIX = "artifacts:"
+
+
+class Param:
+    """The searched parameters' names (trial params)."""
+
+    LR = "lr"
+    WEIGHT_DECAY = "weight_decay"
+
+
+class Reason:
+    """Values of the trial attr ``reason``: why a trial ended the way it did."""
+
+    SURPLUS = "surplus"
+    DIVERGED = "diverged"
+    PRUNED = "pruned"
+    LR_TOO_LOW = "lr too low"
+    RUNNING_WHEN_COPIED = "running when copied"
+
+
+class StudyKey:
+    """Study user attrs. ``SPEC``, ``RUN``, ``STAGE`` on every study; the data facts on
+    sanity's; ``RANGES`` and the search settings on coarse/fine; ``NARROWED`` on fine;
+    ``CHECKPOINT`` on final; ``PUBLISHED`` (notes and plots uploaded) on each."""
+
+    SPEC = "spec"
+    RUN = "run"
+    STAGE = "stage"
+    VERDICT = "verdict"
+    TRAIN_SIZE = "train_size"
+    NUM_CLASSES = "num_classes"
+    DATA = "data"
+    SIZES = "sizes"
+    RANGES = "ranges"
+    PRUNER = "pruner"
+    SAMPLER = "sampler"
+    PRUNER_RULE = "pruner_rule"
+    LR_RANGE_TEST = "lr_range_test"
+    LR_ANCHOR = "lr_anchor"
+    EXTENSION = "extension"
+    NARROWED = "narrowed"
+    CHECKPOINT = "checkpoint"
+    PUBLISHED = "published"
+
+
+class TrialKey:
+    """Trial user attrs, by the stage that writes them (most are on some stages only)."""
+
+    # every trial: who ran it, and how it ended
+    STAGE = "stage"
+    WORKER = "worker"
+    KEY = "key"
+    REASON = "reason"
+    NOTE = "note"
+    VERDICT = "verdict"
+    SECONDS = "seconds"
+    EXAMPLES = "examples"
+    # sanity
+    STATUS = "status"
+    INITIAL_LOSS = "initial_loss"
+    EXPECTED_LOSS = "expected_loss"
+    LOSS_WITH_REG = "loss_with_reg"
+    REG = "reg"
+    TOLERANCE = "tolerance"
+    TOLERANCE_UNIT = "tolerance_unit"
+    MAX_LOGIT_STD = "max_logit_std"
+    LOGIT_STD = "logit_std"
+    TOP_CLASS_SHARE = "top_class_share"
+    TOP_CLASS = "top_class"
+    NONFINITE_OUTPUTS = "nonfinite_outputs"
+    NONFINITE_FIRST_BATCH = "nonfinite_first_batch"
+    OUTPUTS = "outputs"
+    # overfit
+    CURVE = "curve"
+    STEPS = "steps"
+    SAMPLES = "samples"
+    TRAIN_ACCURACY = "train_accuracy"
+    # searches and final
+    CURVES = "curves"
+    EPOCHS_RUN = "epochs_run"
+    DIVERGED_AT_STEP = "diverged_at_step"
+    DIAGNOSTICS = "diagnostics"
+    READINGS = "readings"
+    FILTERS_ARTIFACT = "filters_artifact"
+    # final
+    RESUMED_FROM_EPOCH = "resumed_from_epoch"
+    FINAL_PROCS = "final_procs"
+    BEST_EPOCH = "best_epoch"
+    EPOCHS_SAVED = "epochs_saved"
+    STOPPED = "stopped"
+    CHECKPOINTS_WRITTEN = "checkpoints_written"
+    VAL_ACCURACY = "val_accuracy"
+    TEST_ACCURACY = "test_accuracy"
+    TEST_LOSS = "test_loss"
+    BATCH = "batch"
+    MODEL_ARTIFACT = "model_artifact"
+
+
+_A = TypeVar("_A", bound="_Attrs")
+
+
+class _Attrs:
+    """to_attrs/from_attrs for a dataclass whose field names are the stored keys."""
+
+    extra: dict[str, Any]
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")  # type: ignore[arg-type]
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The dict to store: every field that is not None, then ``extra``."""
+        out = {k: getattr(self, k) for k in self.keys() if getattr(self, k) is not None}
+        out.update({k: v for k, v in self.extra.items() if k not in out})
+        return out
+
+    @classmethod
+    def from_attrs(cls: type[_A], attrs: Mapping[str, Any] | None) -> _A:
+        """Read a stored dict; missing keys are None, unknown ones go to ``extra``."""
+        attrs = attrs or {}
+        known = set(cls.keys())
+        return cls(**{k: v for k, v in attrs.items() if k in known},  # type: ignore[call-arg]
+                   extra={k: v for k, v in attrs.items() if k not in known})
+
+
+@dataclass
+class StudyAttrs(_Attrs):
+    """A stage study's user attrs (see :class:`StudyKey`)."""
+
+    spec: dict[str, Any] | None = None
+    run: str | None = None
+    stage: str | None = None
+    verdict: str | None = None
+    train_size: int | None = None
+    num_classes: int | None = None
+    data: dict[str, Any] | None = None
+    sizes: dict[str, int] | None = None
+    ranges: dict[str, list[float]] | None = None
+    pruner: str | None = None
+    sampler: str | None = None
+    pruner_rule: str | None = None
+    lr_range_test: dict[str, Any] | None = None
+    lr_anchor: dict[str, Any] | None = None
+    extension: dict[str, Any] | None = None
+    narrowed: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+    published: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrialAttrs(_Attrs):
+    """A trial's user attrs (see :class:`TrialKey`)."""
+
+    stage: str | None = None
+    worker: str | None = None
+    key: str | None = None
+    reason: str | None = None
+    note: str | None = None
+    verdict: str | None = None
+    seconds: float | None = None
+    examples: int | None = None
+    status: str | None = None
+    initial_loss: float | None = None
+    expected_loss: float | None = None
+    loss_with_reg: float | None = None
+    reg: float | None = None
+    tolerance: float | None = None
+    tolerance_unit: str | None = None
+    max_logit_std: float | None = None
+    logit_std: float | None = None
+    top_class_share: float | None = None
+    top_class: int | None = None
+    nonfinite_outputs: int | None = None
+    nonfinite_first_batch: int | None = None
+    outputs: int | None = None
+    curve: list[dict[str, float]] | None = None
+    steps: int | None = None
+    samples: int | None = None
+    train_accuracy: float | None = None
+    curves: dict[str, list[float]] | None = None
+    epochs_run: int | None = None
+    diverged_at_step: int | None = None
+    diagnostics: list[dict[str, Any]] | None = None
+    readings: list[str] | None = None
+    filters_artifact: str | None = None
+    resumed_from_epoch: int | None = None
+    final_procs: int | None = None
+    best_epoch: int | None = None
+    epochs_saved: int | None = None
+    stopped: str | None = None
+    checkpoints_written: int | None = None
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    batch: dict[str, int] | None = None
+    model_artifact: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def trial_attrs(t: FrozenTrial) -> TrialAttrs:
+    return TrialAttrs.from_attrs(t.user_attrs)
+
+
+# ---------------------------------------------------------------------------- one stage
+
+
+@dataclass
+class StageRecord:
+    """One stage as stored: its study (None when never opened), attrs and trials."""
+
+    stage: str
+    study: optuna.Study | None
+    attrs: StudyAttrs
+    trials: list[FrozenTrial]
+
+    @property
+    def finished(self) -> list[FrozenTrial]:
+        return [t for t in self.trials if t.state in FINISHED]
+
+    @property
+    def complete(self) -> list[FrozenTrial]:
+        return [t for t in self.trials if t.state == TrialState.COMPLETE]
+
+
+def load_stage(storage: Storage, run: str, stage: str) -> StageRecord:
+    """The stage's study read once; an empty record when the study does not exist."""
+    study = find_study(storage, run, stage)
+    if study is None:
+        return StageRecord(stage, None, StudyAttrs(), [])
+    return StageRecord(stage, study, StudyAttrs.from_attrs(study.user_attrs),
+                       study.get_trials(deepcopy=False))
+
+
+def load_run(storage: Storage, run: str) -> dict[str, StageRecord]:
+    """Every stage of the run, in protocol order (absent stages as empty records)."""
+    return {stage: load_stage(storage, run, stage) for stage in STAGES}
+
+
+def stored_spec(storage: Storage, run: str) -> Spec:
+    """The run's spec as its studies carry it, so a worker needs no flags."""
+    for stage in STAGES:
+        study = find_study(storage, run, stage)
+        spec = StudyAttrs.from_attrs(study.user_attrs).spec if study is not None else None
+        if spec is not None:
+            return Spec.from_dict(spec)
+    raise UsageError(f"no run named '{run}' in storage {storage.shown}; "
+                     "start it with `babysit run --name RUN` first")
+
+
+def real(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that count: not the surplus ones a worker closed at once."""
+    return [t for t in trials if trial_attrs(t).reason != Reason.SURPLUS]
+
+
+def counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    """Trials that count, by outcome; ``finished`` is complete + pruned."""
+    live = real(trials)
+    return {
+        "finished": sum(t.state in FINISHED for t in live),
+        "complete": sum(t.state == TrialState.COMPLETE for t in live),
+        "pruned": sum(t.state == TrialState.PRUNED for t in live),
+        "diverged": sum(trial_attrs(t).reason == Reason.DIVERGED for t in live),
+        "failed": sum(t.state == TrialState.FAIL for t in live),
+        "running": sum(t.state == TrialState.RUNNING for t in live),
+    }
+
+
+def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The complete trial of highest value; the earlier one on a tie."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def best_of(trials: list[FrozenTrial]) -> dict[str, Any] | None:
+    """The best trial as the summary shows it: number, value, params."""
+    t = best_trial(trials)
+    return None if t is None else {"number": t.number, "value": t.value, "params": dict(t.params)}
+
+
+def examples(trials: list[FrozenTrial]) -> int:
+    """Training examples the trials processed (what "epochs spent" is made of)."""
+    return sum(int(trial_attrs(t).examples or 0) for t in trials)
+
+
+def timing(trials: list[FrozenTrial], now: datetime.datetime | None = None,
+           ) -> tuple[float | None, float | None]:
+    """(sum of trial durations, wall from the first start to the last end), in seconds.
+
+    From Optuna's own trial times, so every run has them, old ones too. A RUNNING trial
+    ends ``now`` (default: the present), so a stage in progress shows its time so far.
+    """
+    now = now or datetime.datetime.now()
+    spans = [(t.datetime_start, t.datetime_complete or now) for t in trials
+             if t.datetime_start is not None
+             and (t.datetime_complete is not None or t.state == TrialState.RUNNING)]
+    if not spans:
+        return None, None
+    busy = sum((b - a).total_seconds() for a, b in spans)
+    wall = (max(b for _, b in spans) - min(a for a, _ in spans)).total_seconds()
+    return busy, wall
+
+
+# ---------------------------------------------------------------------------- the summary
+
+
+def stage_result(storage: Storage, run: str, stage: str, spec: Spec | None = None,
+                 rec: StageRecord | None = None) -> dict[str, Any]:
+    """The summary's entry for one stage (its status, numbers and verdict)."""
+    spec = spec or stored_spec(storage, run)
+    rec = rec or load_stage(storage, run, stage)
+    attrs, done = rec.attrs, rec.finished
+    if stage == "sanity":
+        if not done:
+            return {"status": "skipped", "initial_loss": None, "expected_loss": None}
+        a = trial_attrs(done[0])
+        return {"status": a.status, "initial_loss": a.initial_loss,
+                "expected_loss": a.expected_loss, "loss_with_reg": a.loss_with_reg,
+                "verdict": a.verdict, "logit_std": a.logit_std,
+                "top_class_share": a.top_class_share}
+    if stage == "overfit":
+        if not done:
+            return {"status": "skipped", "train_accuracy": None}
+        best = max(done, key=lambda t: t.value or 0.0)
+        status = "passed" if (best.value or 0.0) >= 1.0 else (
+            "failed" if attrs.verdict is not None else "running")
+        return {"status": status, "train_accuracy": best.value,
+                "lr": best.params.get(Param.LR), "verdict": attrs.verdict}
+    if stage in ("coarse", "fine"):
+        n = counts(rec.trials)
+        target = getattr(spec, stage).trials
+        best = best_of(rec.trials)
+        if not rec.trials:
+            # A fine stage that narrowing refused to start carries that verdict.
+            status = "failed" if attrs.verdict is not None else "skipped"
+        elif n["finished"] >= target:
+            status = "passed" if best is not None else "failed"
+        else:
+            status = "running"
+        entry: dict[str, Any] = {"status": status, "trials": n["finished"],
+                                 "complete": n["complete"], "pruned": n["pruned"],
+                                 "failed": n["failed"], "diverged": n["diverged"],
+                                 "target": target, "best": best}
+        if stage == "fine":
+            entry["range"] = attrs.narrowed["ranges"] if attrs.narrowed else None
+            entry["narrowing"] = attrs.narrowed
+        else:
+            entry["range"] = attrs.ranges or {Param.LR: spec.coarse.lr,
+                                              Param.WEIGHT_DECAY: spec.coarse.weight_decay}
+        return entry
+    complete = rec.complete
+    if not complete:
+        return {"status": "running" if rec.trials else "skipped", "params": None,
+                "epochs": None, "val_accuracy": None, "test_accuracy": None, "test_loss": None}
+    t = complete[0]
+    a = trial_attrs(t)
+    return {"status": "passed", "params": dict(t.params), "epochs": a.epochs_run,
+            "val_accuracy": a.val_accuracy, "test_accuracy": a.test_accuracy,
+            "test_loss": a.test_loss, "model_artifact": a.model_artifact,
+            # The plateau stop: the epoch whose weights were tested, the epochs of the
+            # budget not run, and why training ended.
+            "best_epoch": a.best_epoch, "epochs_saved": a.epochs_saved, "stopped": a.stopped,
+            "procs": 1 if a.final_procs is None else a.final_procs}
+
+
+def summary(storage: Storage, run: str,
+            stages: dict[str, StageRecord] | None = None) -> dict[str, Any]:
+    """The summary JSON (DESIGN.md section 2), read from storage alone.
+
+    ``wall_seconds`` is None here: the process that ran the protocol fills it in with its
+    own clock; `babysit status` shows the time from the trials' stored times instead.
+    """
+    spec = stored_spec(storage, run)
+    stages = stages or load_run(storage, run)
+    sanity = stages["sanity"].attrs
+    by_stage = {stage: float(examples(stages[stage].trials)) for stage in STAGES}
+    by_stage["sanity"] = 0
+    train_size = sanity.train_size or 1
+    return {
+        "name": run,
+        "dataset": spec.dataset,
+        "num_classes": sanity.num_classes,
+        "model": spec.model,
+        "optimizer": spec.optimizer,
+        "storage": storage.shown,
+        "wall_seconds": None,
+        "epochs_spent": sum(by_stage.values()) / train_size,
+        "epochs_by_stage": {k: by_stage[k] / train_size for k in STAGES},
+        # How the data was loaded: "loader" (tensor or streaming), skipped_files, ...
+        "data": sanity.data,
+        "stages": {stage: stage_result(storage, run, stage, spec, stages[stage])
+                   for stage in STAGES},
+    }
+
+
+def _target(spec: Spec, stage: str) -> int:
+    if stage in ("coarse", "fine"):
+        return int(getattr(spec, stage).trials)
+    if stage == "overfit":
+        return len(spec.overfit.lrs.get(spec.optimizer, []))  # at most: it stops at a pass
+    return 1
+
+
+def progress(storage: Storage, run: str,
+             stages: dict[str, StageRecord] | None = None) -> dict[str, Any]:
+    """Where the run is, for `babysit status`: per stage the trials finished of the
+    target, the time spent (wall: first trial start to last end; busy: the trials'
+    durations summed) and the RUNNING trials with the worker that holds each; in total the
+    sum of the stages' wall times (the time between stages, a run left stopped, is not in it).
+    """
+    spec = stored_spec(storage, run)
+    stages = stages or load_run(storage, run)
+    out: dict[str, Any] = {}
+    total = 0.0
+    for stage, rec in stages.items():
+        busy, wall = timing(rec.trials)
+        total += wall or 0.0
+        out[stage] = {"finished": counts(rec.trials)["finished"],
+                      "target": _target(spec, stage), "wall_seconds": wall,
+                      "busy_seconds": busy,
+                      "running": [{"trial": t.number, "worker": trial_attrs(t).worker}
+                                  for t in rec.trials if t.state == TrialState.RUNNING]}
+    return {"wall_seconds": total, "stages": out}
