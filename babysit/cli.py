@@ -15,6 +15,12 @@ from typing import Any
 from babysit.errors import INTERRUPTED
 from babysit.errors import BabysitError
 from babysit.errors import UsageError
+from babysit.spec_rules import DATASETS
+from babysit.spec_rules import DEVICES
+from babysit.spec_rules import EXPORT_FORMATS
+from babysit.spec_rules import MODELS
+from babysit.spec_rules import OPTIMIZERS
+from babysit.spec_rules import either
 
 
 class _Parser(argparse.ArgumentParser):
@@ -41,15 +47,14 @@ def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
     """The flags that make a run's spec and find its data: shared by `run` and `check`."""
     p.add_argument("--config", type=Path, help="a TOML spec, e.g. studies/digits.toml")
     p.add_argument("--name", help="run name; studies are <name>/<stage> (default: the dataset)")
-    p.add_argument("--dataset", help="digits, faces, cifar10, fddb, imagefolder, or "
-                   "module:callable")
+    p.add_argument("--dataset", help=f"{', '.join(DATASETS)}, or module:callable")
     p.add_argument("--data-dir", help="where dataset files live (default: $BABYSIT_DATA, else "
                    "~/.cache/babysit)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing "
                    "(needs internet)")
-    p.add_argument("--model", help="alexnet or module:callable")
-    p.add_argument("--optimizer", help="sgd (momentum 0.9) or adam")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--model", help=f"{either(MODELS)} or module:callable")
+    p.add_argument("--optimizer", help=f"{either(OPTIMIZERS)} (sgd with momentum 0.9)")
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--seed", type=int)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set coarse.trials=20 (repeatable)")
@@ -95,7 +100,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="join a run's searches from another process or machine")
     p.add_argument("--name", required=True)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--data-dir")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--compile", action="store_true")
@@ -125,7 +130,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="every trial of every stage as one table")
     p.add_argument("--name", required=True)
-    p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.add_argument("--format", choices=EXPORT_FORMATS, default="csv")
     p.add_argument("--out", type=Path, help="file to write (default: <name>-trials.<format>)")
     _storage_flags(p)
 
@@ -149,7 +154,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="one run per variant of a base spec, and their table")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=DEVICES)
     p.add_argument("--data-dir")
     p.add_argument("--out", type=Path, help="folder for the table (default: ablation-<name>)")
     p.add_argument("--quiet", action="store_true")
@@ -347,21 +352,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
     from babysit.data import default_data_dir
+    from babysit.data import describe_dataset
     from babysit.data import registered
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    rows = []
-    for name, entry in sorted(registered().items()):
-        info = entry.describe(data_dir)
-        rows.append({"name": name, "summary": entry.summary, **info})
+    # The sizes are those a run with the default spec stores: each dataset is loaded as a
+    # run loads it (see describe_dataset).
+    rows = [describe_dataset(name, data_dir) for name in sorted(registered())]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     for r in rows:
-        present = "present" if r.get("present") else "missing"
-        sizes = r.get("sizes") or {}
-        split = "/".join(str(sizes.get(k, "?")) for k in ("train", "val", "test"))
-        print(f"{r['name']:<12} {present:<8} {r.get('image', '?'):<9} train/val/test {split}")
+        if r["sizes"] is None:
+            print(f"{r['name']:<12} {r['missing']}")
+        else:
+            split = "/".join(str(r["sizes"][k]) for k in ("train", "val", "test"))
+            print(f"{r['name']:<12} present  {r['image']:<9} train/val/test {split}")
         print(f"{'':<12} {r['summary']}; looks in {r.get('where')}")
     return 0
 

@@ -47,11 +47,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from babysit.data import DataError
-from babysit.data import DataRequest
-from babysit.data import DatasetEntry
-from babysit.data import Splits
-from babysit.data import register
+from babysit.data.core import DataError
+from babysit.data.core import DataRequest
+from babysit.data.core import DatasetEntry
+from babysit.data.core import Splits
+from babysit.data.core import register
 from babysit.data.fddb_annotations import FOLDS_DIR
 from babysit.data.fddb_annotations import PICS_DIR
 from babysit.data.fddb_annotations import Face  # noqa: F401
@@ -324,8 +324,6 @@ def describe(data_dir: Path) -> dict[str, Any]:
         "present": (data_dir / PICS_DIR).is_dir() and bool(folds),
         "where": str(data_dir),
         "folds": folds,
-        # Patch counts depend on data.negatives_per_face and on which folds feed which split.
-        "sizes": {"train": None, "val": None, "test": None},
         "image": "3x32x32",
         "files": files,
     }

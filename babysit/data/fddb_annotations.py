@@ -17,7 +17,7 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-from babysit.data import DataError
+from babysit.data.core import DataError
 
 PICS_DIR = "originalPics"
 FOLDS_DIR = "FDDB-folds"

@@ -10,7 +10,7 @@ import os
 import shutil
 from pathlib import Path
 
-from babysit.data import DataError
+from babysit.data.core import DataError
 from babysit.data.download import Archive
 from babysit.data.download import ChecksumError
 from babysit.data.download import DownloadError
