@@ -12,15 +12,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from babysit import spec_rules as rules
 from babysit.errors import INTERRUPTED
 from babysit.errors import BabysitError
 from babysit.errors import UsageError
-from babysit.spec_rules import DATASETS
-from babysit.spec_rules import DEVICES
-from babysit.spec_rules import EXPORT_FORMATS
-from babysit.spec_rules import MODELS
-from babysit.spec_rules import OPTIMIZERS
-from babysit.spec_rules import either
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,14 +42,14 @@ def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
     """The flags that make a run's spec and find its data: shared by `run` and `check`."""
     p.add_argument("--config", type=Path, help="a TOML spec, e.g. studies/digits.toml")
     p.add_argument("--name", help="run name; studies are <name>/<stage> (default: the dataset)")
-    p.add_argument("--dataset", help=f"{', '.join(DATASETS)}, or module:callable")
+    p.add_argument("--dataset", help=f"{', '.join(rules.DATASETS)}, or module:callable")
     p.add_argument("--data-dir", help="where dataset files live (default: $BABYSIT_DATA, else "
                    "~/.cache/babysit)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing "
                    "(needs internet)")
-    p.add_argument("--model", help=f"{either(MODELS)} or module:callable")
-    p.add_argument("--optimizer", help=f"{either(OPTIMIZERS)} (sgd with momentum 0.9)")
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--model", help=f"{rules.either(rules.MODELS)} or module:callable")
+    p.add_argument("--optimizer", help=f"{rules.either(rules.OPTIMIZERS)} (sgd with momentum 0.9)")
+    p.add_argument("--device", default="auto", choices=rules.DEVICES)
     p.add_argument("--seed", type=int)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set coarse.trials=20 (repeatable)")
@@ -100,7 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="join a run's searches from another process or machine")
     p.add_argument("--name", required=True)
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--device", default="auto", choices=rules.DEVICES)
     p.add_argument("--data-dir")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--compile", action="store_true")
@@ -130,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="every trial of every stage as one table")
     p.add_argument("--name", required=True)
-    p.add_argument("--format", choices=EXPORT_FORMATS, default="csv")
+    p.add_argument("--format", choices=rules.EXPORT_FORMATS, default="csv")
     p.add_argument("--out", type=Path, help="file to write (default: <name>-trials.<format>)")
     _storage_flags(p)
 
@@ -154,7 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("ablate", help="one run per variant of a base spec, and their table")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", default="auto", choices=DEVICES)
+    p.add_argument("--device", default="auto", choices=rules.DEVICES)
     p.add_argument("--data-dir")
     p.add_argument("--out", type=Path, help="folder for the table (default: ablation-<name>)")
     p.add_argument("--quiet", action="store_true")
