@@ -2,6 +2,10 @@
 
 Every entry yields uint8 images (N, C, H, W) and int64 labels, so the training loop can
 hold a split as one tensor on the device and take batches as index slices.
+
+The shared types (Splits, DataRequest, DatasetEntry, DataError) live in babysit.data.core,
+which the loaders and babysit.plugins import, so nothing the registry loads imports the
+registry back; they are importable from here as before.
 """
 
 from __future__ import annotations
