@@ -264,8 +264,6 @@ class Spec:
         return self.model
 
 
-
-
 def all_keys(spec: Spec | None = None) -> list[str]:
     """Every settable key, dotted, as TOML and --set spell them."""
     return keys_of(spec or Spec())
