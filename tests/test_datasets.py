@@ -13,6 +13,7 @@ from babysit import models
 from babysit import spec_rules
 from babysit.cli import build_parser
 from babysit.data import DataRequest
+from babysit.data import describe_dataset
 from babysit.data import load_dataset
 from babysit.data import registered
 from babysit.errors import UsageError
@@ -30,31 +31,35 @@ CHEAP_CHECK = ["--set", "model.fc_width=64", "--set", "model.conv_layers=3",
                "--set", "overfit.steps=60", "--quiet"]
 
 
-def test_datasets_lists_the_digits_sizes_a_run_stores(tmp_path: Path) -> None:
+def test_datasets_lists_the_digits_sizes_loading_gives(tmp_path: Path) -> None:
+    listing = babysit("datasets", "--json", "--data-dir", str(tmp_path), cwd=tmp_path,
+                      env=cli_env())
+    assert listing.returncode == 0, listing.stderr
+    rows = {r["name"]: r for r in json.loads(listing.stdout)}
+    loaded = load_dataset("digits", DataRequest(tmp_path, 0, False, DataSpec())).sizes()
+    assert rows["digits"]["sizes"] == loaded and rows["digits"]["image"] == "1x8x8"
+    from sklearn.datasets import load_digits
+
+    assert sum(loaded.values()) == load_digits().target.size  # every image, once
+    # Nothing of FDDB or CIFAR-10 is in this folder: the listing says so instead of None.
+    for name in ("fddb", "cifar10", "imagefolder"):
+        assert rows[name]["sizes"] is None
+        assert rows[name]["missing"].startswith("not downloaded: ")
+    text = babysit("datasets", "--data-dir", str(tmp_path), cwd=tmp_path, env=cli_env())
+    split = "/".join(str(loaded[k]) for k in ("train", "val", "test"))
+    assert f"train/val/test {split}" in text.stdout
+    assert "fddb         not downloaded: FDDB not found in" in text.stdout
+
+
+@pytest.mark.slow
+def test_the_listed_digits_sizes_are_the_ones_a_run_stores(tmp_path: Path) -> None:
     db = tmp_path / "d.db"
     proc = babysit("check", "--name", "d", "--storage", f"sqlite:///{db}", *CHEAP_CHECK,
                    cwd=tmp_path, env=cli_env())
     assert proc.returncode == 0, proc.stderr
     stored = optuna.load_study(study_name="d/sanity",
                                storage=f"sqlite:///{db}").user_attrs["sizes"]
-    listing = babysit("datasets", "--json", "--data-dir", str(tmp_path), cwd=tmp_path,
-                      env=cli_env())
-    assert listing.returncode == 0, listing.stderr
-    rows = {r["name"]: r for r in json.loads(listing.stdout)}
-    assert rows["digits"]["sizes"] == stored
-    loaded = load_dataset("digits", DataRequest(tmp_path, 0, False, DataSpec())).sizes()
-    assert stored == loaded
-    from sklearn.datasets import load_digits
-
-    assert sum(stored.values()) == load_digits().target.size  # every image, once
-    # Nothing of FDDB or CIFAR-10 is in this folder: the listing says so instead of None.
-    for name in ("fddb", "cifar10", "imagefolder"):
-        assert rows[name]["sizes"] is None
-        assert rows[name]["missing"].startswith("not downloaded: ")
-    text = babysit("datasets", "--data-dir", str(tmp_path), cwd=tmp_path, env=cli_env())
-    split = "/".join(str(stored[k]) for k in ("train", "val", "test"))
-    assert f"train/val/test {split}" in text.stdout
-    assert "fddb         not downloaded: FDDB not found in" in text.stdout
+    assert describe_dataset("digits", tmp_path)["sizes"] == stored
 
 
 def test_registered_datasets_are_the_listed_ones() -> None:
