@@ -250,7 +250,7 @@ class Run:
             raise UsageError(f"run '{self.name}' predates stored image geometry; rebuild its "
                              "network by hand and load the model artifact")
         spec = self.spec
-        net = build_model(spec.model, spec.arch, self.summary["num_classes"],
+        net = build_model(spec.model, self.summary["num_classes"],
                           facts["in_channels"], facts["input_size"])
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.pt")

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from babysit import spec_rules as rules
 from babysit.errors import INTERRUPTED
 from babysit.errors import BabysitError
 from babysit.errors import UsageError
@@ -44,15 +45,14 @@ def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
     """The flags that make a run's spec and find its data: shared by `run` and `check`."""
     p.add_argument("--config", type=Path, help="a TOML spec, e.g. studies/digits.toml")
     p.add_argument("--name", help="run name; studies are <name>/<stage> (default: the dataset)")
-    p.add_argument("--dataset", help="digits, faces, cifar10, fddb, imagefolder, or "
-                   "module:callable")
+    p.add_argument("--dataset", help=f"{', '.join(rules.DATASETS)}, or module:callable")
     p.add_argument("--data-dir", help="where dataset files live (default: $BABYSIT_DATA, else "
                    "~/.cache/babysit)")
     p.add_argument("--download", action="store_true", help="download the dataset if missing "
                    "(needs internet)")
-    p.add_argument("--model", help="alexnet or module:callable")
-    p.add_argument("--optimizer", help="sgd (momentum 0.9) or adam")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--model", help=f"{rules.either(rules.MODELS)} or module:callable")
+    p.add_argument("--optimizer", help=f"{rules.either(rules.OPTIMIZERS)} (sgd with momentum 0.9)")
+    p.add_argument("--device", default="auto", choices=rules.DEVICES)
     p.add_argument("--seed", type=int)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set coarse.trials=20 (repeatable)")
@@ -103,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_verb(sub, "worker")
     p.add_argument("--name", required=True)
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=rules.DEVICES)
     p.add_argument("--data-dir")
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--compile", action="store_true")
@@ -133,7 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add_verb(sub, "export")
     p.add_argument("--name", required=True)
-    p.add_argument("--format", choices=("csv", "parquet"), default="csv")
+    p.add_argument("--format", choices=rules.EXPORT_FORMATS, default="csv")
     p.add_argument("--out", type=Path, help="file to write (default: <name>-trials.<format>)")
     p.add_argument("--curves", type=Path, nargs="?", const=True, metavar="FILE",
                    help="also write every curve point (run, stage, trial, epoch, step, "
@@ -159,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add_verb(sub, "ablate")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--device", default="auto", choices=rules.DEVICES)
     p.add_argument("--data-dir")
     p.add_argument("--out", type=Path, help="folder for the table (default: ablation-<name>)")
     p.add_argument("--quiet", action="store_true")
@@ -313,21 +313,22 @@ def _cmd_status(args: argparse.Namespace) -> int:
 
 def _cmd_datasets(args: argparse.Namespace) -> int:
     from babysit.data import default_data_dir
+    from babysit.data import describe_dataset
     from babysit.data import registered
 
     data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    rows = []
-    for name, entry in sorted(registered().items()):
-        info = entry.describe(data_dir)
-        rows.append({"name": name, "summary": entry.summary, **info})
+    # The sizes are those a run with the default spec stores: each dataset is loaded as a
+    # run loads it (see describe_dataset).
+    rows = [describe_dataset(name, data_dir) for name in sorted(registered())]
     if args.json:
         print(json.dumps(rows, indent=2, default=str))
         return 0
     for r in rows:
-        present = "present" if r.get("present") else "missing"
-        sizes = r.get("sizes") or {}
-        split = "/".join(str(sizes.get(k, "?")) for k in ("train", "val", "test"))
-        print(f"{r['name']:<12} {present:<8} {r.get('image', '?'):<9} train/val/test {split}")
+        if r["sizes"] is None:
+            print(f"{r['name']:<12} {r['missing']}")
+        else:
+            split = "/".join(str(r["sizes"][k]) for k in ("train", "val", "test"))
+            print(f"{r['name']:<12} present  {r['image']:<9} train/val/test {split}")
         print(f"{'':<12} {r['summary']}; looks in {r.get('where')}")
     return 0
 

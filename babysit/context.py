@@ -98,13 +98,13 @@ def fresh_model(ctx: Context, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     data = ctx.data
     model = build_model(
-        ctx.spec.model, ctx.spec.arch, data.num_classes, data.in_channels,
+        ctx.spec.model, data.num_classes, data.in_channels,
         data.pre.resize or data.image_size,
     )
     model = model.to(ctx.device)
     # babysit's own network only: a user's model is diagnosed by sanity, never re-initialised.
-    fit_head_to_data(model, ctx.spec.model, data, ctx.spec.loss)
-    if channels_last_pays(ctx.device, ctx.spec.model):
+    fit_head_to_data(model, ctx.spec.model.name, data, ctx.spec.loss)
+    if channels_last_pays(ctx.device, ctx.spec.model.name):
         model = model.to(memory_format=torch.channels_last)
     if ctx.compile:
         model.compile()  # in place: state_dict keys stay those of the plain module

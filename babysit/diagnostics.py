@@ -426,9 +426,9 @@ def propose_coarse_lr(ctx: Context, steps: int = 300) -> dict[str, Any]:
     spec = ctx.spec
     torch.manual_seed(spec.seed)
     data = ctx.data
-    model = build_model(spec.model, spec.arch, data.num_classes, data.in_channels,
+    model = build_model(spec.model, data.num_classes, data.in_channels,
                         data.pre.resize or data.image_size).to(ctx.device)
-    fit_head_to_data(model, spec.model, data, spec.loss)  # as every trial's network is
+    fit_head_to_data(model, spec.model.name, data, spec.loss)  # as every trial's network is
     return lr_range_test(model, data, optimizer=spec.optimizer, loss=spec.loss,
                          batch_size=ctx.batch_size, steps=steps, momentum=spec.momentum,
                          seed=spec.seed)

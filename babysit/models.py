@@ -14,6 +14,14 @@ import torch
 from torch import nn
 
 from babysit.errors import UsageError
+from babysit.spec_rules import ACTIVATIONS
+from babysit.spec_rules import BATCH_NORMS
+from babysit.spec_rules import CONV_LAYERS
+from babysit.spec_rules import FC_LAYERS
+from babysit.spec_rules import GEOMETRIES
+from babysit.spec_rules import INITS
+from babysit.spec_rules import MODELS
+from babysit.spec_rules import either
 
 # Channels of the five convs. Seed 003 (3x3 convs on 32x32) used torchvision's plan:
 # 64, 192, 384, 256, 256. Seed 000 (227x227) used the paper's: 96, 256, 384, 384, 256 -- its
@@ -36,13 +44,15 @@ _MIN_SIDE_227 = 63
 HEAD_LOGIT_STD = 0.05
 # Examples measured for that scale: one batch; 64 x C logits pin a std within a few %.
 _CALIBRATION_EXAMPLES = 64
-_KNOBS = {
-    "conv_layers": (3, 4, 5),
-    "fc_layers": (1, 2, 3),
-    "activation": ("relu", "leaky_relu"),
-    "batch_norm": ("none", "first2", "all"),
-    "init": ("he", "default"),
-    "geometry": ("cifar32", "alexnet227"),
+# The knobs' allowed values: the spec's choices (babysit/spec_rules.py), checked again here
+# for AlexNet built directly.
+_KNOBS: dict[str, tuple[Any, ...]] = {
+    "conv_layers": CONV_LAYERS,
+    "fc_layers": FC_LAYERS,
+    "activation": ACTIVATIONS,
+    "batch_norm": BATCH_NORMS,
+    "init": INITS,
+    "geometry": GEOMETRIES,
 }
 
 
@@ -203,38 +213,39 @@ def fit_head_to_data(model: nn.Module, name: str, data: Any, loss: str = "ce") -
     calibrate_head(model, data.pre(x, train=False), loss)
 
 
-def build_model(
-    name: str, arch: Any, num_classes: int, in_channels: int, image_size: int
-) -> nn.Module:
-    """``alexnet`` with the spec's knobs, or a user's ``module:callable``."""
+def build_model(model: Any, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
+    """The spec's ``model`` table built: ``alexnet`` with its knobs, or the user's
+    ``module:callable`` named by ``model.name``."""
+    name = model.name
     if name == "alexnet":
-        if arch.geometry == "alexnet227" and image_size < _MIN_SIDE_227:
+        if model.geometry == "alexnet227" and image_size < _MIN_SIDE_227:
             raise UsageError(
                 f"model.geometry alexnet227 needs inputs of at least {_MIN_SIDE_227} px, got "
                 f"{image_size}; set data.resize=227 (or 0 for automatic) or use cifar32")
         return AlexNet(
             num_classes,
             in_channels=in_channels,
-            conv_layers=arch.conv_layers,
-            fc_layers=arch.fc_layers,
-            fc_width=arch.fc_width,
-            activation=arch.activation,
-            batch_norm=arch.batch_norm,
-            dropout=arch.dropout,
-            init=arch.init,
-            geometry=arch.geometry,
+            conv_layers=model.conv_layers,
+            fc_layers=model.fc_layers,
+            fc_width=model.fc_width,
+            activation=model.activation,
+            batch_norm=model.batch_norm,
+            dropout=model.dropout,
+            init=model.init,
+            geometry=model.geometry,
         )
     if ":" in name:
         from babysit.plugins import build_user_model
 
         return build_user_model(name, num_classes, in_channels, image_size)
-    raise UsageError(f"unknown model '{name}'; use 'alexnet' or module:callable")
+    raise UsageError(f"unknown model '{name}'; use {either(tuple(repr(m) for m in MODELS))} "
+                     "or module:callable")
 
 
-def input_size(name: str, arch: Any, image_size: int, resize: int) -> int:
+def input_size(model: Any, image_size: int, resize: int) -> int:
     """The side the network sees: seed 000's geometry needs 227x227 inputs."""
     if resize:
         return resize
-    if name == "alexnet" and arch.geometry == "alexnet227":
+    if model.name == "alexnet" and model.geometry == "alexnet227":
         return 227
     return image_size

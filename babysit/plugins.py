@@ -29,9 +29,9 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from babysit.data import DataError
-from babysit.data import DataRequest
-from babysit.data import Splits
+from babysit.data.core import DataError
+from babysit.data.core import DataRequest
+from babysit.data.core import Splits
 from babysit.data.streaming import DatasetSplits
 from babysit.errors import INTERRUPTED
 from babysit.errors import UsageError

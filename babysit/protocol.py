@@ -82,12 +82,12 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
     splits = stream_if_asked(load_dataset(spec.dataset, request), spec.dataset)
     streamed = isinstance(splits, DatasetSplits)
     pre = build_preprocess(splits.sample if streamed else splits.train_x, spec.data)
-    pre.resize = input_size(spec.model, spec.arch, splits.image_size, spec.data.resize)
+    pre.resize = input_size(spec.model, splits.image_size, spec.data.resize)
     if pre.resize == splits.image_size:
         pre.resize = 0
     # Build the network once now: a user's model that cannot be imported or gives the wrong
     # output shape is an input error before any trial is written.
-    build_model(spec.model, spec.arch, splits.num_classes, splits.in_channels,
+    build_model(spec.model, splits.num_classes, splits.in_channels,
                 pre.resize or splits.image_size)
     if streamed:
         data = StreamingData.from_splits(splits, pre, dev)
@@ -134,7 +134,7 @@ def run_protocol(ctx: Context, jobs: int = 1) -> dict[str, Any]:
     spec = ctx.spec
     t0 = time.perf_counter()
     ctx.log(f"run {spec.name}: dataset {spec.dataset} ({ctx.data.num_classes} classes, "
-            f"{ctx.data.train_size} train images), model {spec.model}, optimizer "
+            f"{ctx.data.train_size} train images), model {spec.model.name}, optimizer "
             f"{spec.optimizer}, batch {ctx.batch_size}, device {ctx.device.type}, "
             f"storage {ctx.storage.shown}")
     record_data_facts(ctx)
@@ -159,7 +159,7 @@ def run_check(ctx: Context) -> dict[str, Any]:
     spec = ctx.spec
     t0 = time.perf_counter()
     ctx.log(f"check {spec.name}: dataset {spec.dataset} ({ctx.data.num_classes} classes, "
-            f"{ctx.data.train_size} train images), model {spec.model}, optimizer "
+            f"{ctx.data.train_size} train images), model {spec.model.name}, optimizer "
             f"{spec.optimizer}, device {ctx.device.type}, storage {ctx.storage.shown}")
     record_data_facts(ctx)
     _gate(ctx, sanity(ctx))

@@ -110,7 +110,7 @@ def _retrying(name: str) -> Callable[..., Any]:
     def call(self: HeartbeatGrpcProxy, *args: Any, **kwargs: Any) -> Any:
         import grpc
 
-        from babysit.storage import StorageLost
+        from babysit.storage_errors import StorageLost
 
         delay = 0.25
         while True:

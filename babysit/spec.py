@@ -4,194 +4,94 @@ One place holds the defaults (the dataclasses below); a TOML file (``--config``)
 them, ``--set KEY=VALUE`` overrides the file, and explicit flags override ``--set``.
 The spec is stored on every stage study as user attrs, so any machine can rebuild the run
 from storage alone.
+
+What each field allows (the choices, the rules, run names) is in babysit/spec_rules.py, and
+reading TOML, --set and mappings in babysit/spec_parse.py; their public names are importable
+from here.
 """
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
-import math
-import re
-import tomllib
-from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
 from pathlib import Path
 from typing import Any
 
 from babysit.errors import UsageError
-
-# ---------------------------------------------------------------------------- rules
-# What each field allows is stated beside it (``rule=`` in its metadata) and enforced by
-# validate() for every way a spec is built: flags, --set, TOML, babysit.run(), a stored spec.
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A field's allowed values: ``ok(value)`` and the words that say what is allowed."""
-
-    ok: Callable[[Any], bool]
-    allowed: str
-
-
-def _real(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _at_least(n: int) -> Rule:
-    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n,
-                f"a whole number >= {n}")
-
-
-def _whole(low: int, high: int) -> Rule:
-    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
-                f"a whole number from {low} to {high}")
-
-
-def _number(low: float, high: float = math.inf, *, low_open: bool = False,
-            high_open: bool = True) -> Rule:
-    def ok(v: Any) -> bool:
-        if not _real(v):
-            return False
-        above = v > low if low_open else v >= low
-        below = v < high if high_open else v <= high
-        return above and below
-
-    if high == math.inf:
-        words = f"a finite number {'>' if low_open else '>='} {low:g}"
-    else:
-        words = (f"a number in {'(' if low_open else '['}{low:g}, {high:g}"
-                 f"{')' if high_open else ']'}")
-    return Rule(ok, words)
-
-
-def _one_of(*choices: Any) -> Rule:
-    shown = [str(c) for c in choices]
-    words = ", ".join(shown[:-1]) + f" or {shown[-1]}" if len(shown) > 1 else shown[0]
-    return Rule(lambda v: type(v) is type(choices[0]) and v in choices, words)
-
-
-def _choice(*choices: str) -> Rule:
-    # Worded as the old messages were: "choose one of: a, b".
-    return Rule(lambda v: v in choices, "choose one of: " + ", ".join(choices))
-
-
-def _log_range() -> Rule:
-    return Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(_real(x) for x in v)
-                and 0 < v[0] < v[1],
-                "[low, high], two finite numbers with 0 < low < high")
-
-
-def _folds() -> Rule:
-    return Rule(lambda v: isinstance(v, list) and len(v) >= 1 and len(set(v)) == len(v)
-                and all(isinstance(x, int) and 1 <= x <= 10 for x in v),
-                "a non-empty list of distinct FDDB folds, each 1-10")
-
-
-def _text() -> Rule:
-    return Rule(lambda v: isinstance(v, str) and 0 < len(v) <= 1000 and v.isprintable(),
-                "a non-empty printable string (no newline or control characters)")
-
-
-def _lr_lists() -> Rule:
-    return Rule(lambda v: isinstance(v, dict) and len(v) > 0 and all(
-        k in _OPTIMIZERS and isinstance(lrs, list) and len(lrs) > 0
-        and all(_real(x) and x > 0 for x in lrs) for k, lrs in v.items()),
-        "a table {optimizer = [lr, ...]} with optimizer sgd or adam and each list a "
-        "non-empty list of finite numbers > 0")
-
-
-def _run_name() -> Rule:
-    return Rule(lambda v: isinstance(v, str) and (v == "" or valid_run_name(v)),
-                f"{NAME_RULE} (or empty: named after the dataset)")
-
-
-def _f(default: Any, rule: Rule) -> Any:
-    """A field with its rule; mutable defaults are copied per instance."""
-    if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: copy.deepcopy(default), metadata={"rule": rule})
-    return field(default=default, metadata={"rule": rule})
-
-
-_OPTIMIZERS = ("sgd", "adam")
-
-# Run names. A name becomes: study names "<name>/<stage>" (Optuna's study_name column is
-# VARCHAR(512) on PostgreSQL and MySQL), file names "<name>-final-epoch<E>-<N>" in the
-# artifact store and report-<name>/ folders (255 bytes on ext4, APFS, NTFS), argv of
-# worker processes and shell commands printed for the user. ASCII letters, digits and
-# . _ + - are safe in all of these without quoting; a first letter or digit keeps a name
-# from reading as a flag (-x) or a hidden file (.x); 128 characters leave room for every
-# suffix babysit adds (the longest, an ablation's "/<variant>/r<k>" and an artifact's
-# "-final-epoch<E>-<N>", stay far below 255). '/' is kept for ablations, whose runs are
-# named <ablation>/<variant>[/r<k>], so a run given --name never collides with them.
-NAME_MAX = 128
-_NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-NAME_RULE = (f"1-{NAME_MAX} characters: ASCII letters, digits and . _ + -, starting with a "
-             "letter or digit")
-
-
-def valid_run_name(name: str, composed: bool = False) -> bool:
-    """``name`` follows NAME_RULE; ``composed`` also allows '/' between parts (ablations)."""
-    if not isinstance(name, str) or not 0 < len(name) <= NAME_MAX:
-        return False
-    parts = name.split("/") if composed else [name]
-    return all(_NAME_PART.fullmatch(p) for p in parts)
-
-
-def check_run_name(name: str, composed: bool = False) -> None:
-    """UsageError (one line) unless ``name`` is a valid run name."""
-    if not valid_run_name(name, composed):
-        raise UsageError(f"run name {_show(name)} is not allowed; a run name is {NAME_RULE}")
-
-
-def default_run_name(dataset: str) -> str:
-    """The name of a run given no --name: the dataset reference with other characters as '-'."""
-    name = re.sub(r"[^A-Za-z0-9_.+-]+", "-", dataset).strip("-._+")[:NAME_MAX]
-    return name or "run"
-
-
-def _show(value: Any) -> str:
-    """A value for a one-line message: repr (so a newline shows as \\n), cut to 80."""
-    text = repr(value)
-    return text if len(text) <= 80 else text[:77] + "..."
-
-
-
-_ZERO_OR_SIDE = Rule(lambda v: isinstance(v, int) and not isinstance(v, bool)
-                     and (v == 0 or 8 <= v <= 1024), "0 (keep) or a whole number from 8 to 1024")
-_FLAG = Rule(lambda v: isinstance(v, bool), "true or false")
-_DIVERGE = Rule(lambda v: _real(v) and (v == 0 or v > 1), "0 (off) or a finite number > 1")
+from babysit.spec_parse import all_keys as keys_of
+from babysit.spec_parse import apply_mapping
+from babysit.spec_parse import apply_set
+from babysit.spec_parse import dotted
+from babysit.spec_parse import known_keys_hint  # noqa: F401
+from babysit.spec_parse import load_toml
+from babysit.spec_parse import parse_value  # noqa: F401
+from babysit.spec_rules import _DIVERGE
+from babysit.spec_rules import _FLAG
+from babysit.spec_rules import _ZERO_OR_SIDE
+from babysit.spec_rules import ACTIVATIONS
+from babysit.spec_rules import BATCH_NORMS
+from babysit.spec_rules import CONV_LAYERS
+from babysit.spec_rules import FC_LAYERS
+from babysit.spec_rules import GEOMETRIES
+from babysit.spec_rules import INITS
+from babysit.spec_rules import LOSSES
+from babysit.spec_rules import NAME_MAX  # noqa: F401
+from babysit.spec_rules import NAME_RULE  # noqa: F401
+from babysit.spec_rules import NORMALIZATIONS
+from babysit.spec_rules import OPTIMIZERS
+from babysit.spec_rules import PRUNERS
+from babysit.spec_rules import SAMPLERS
+from babysit.spec_rules import Rule  # noqa: F401
+from babysit.spec_rules import _at_least
+from babysit.spec_rules import _choice
+from babysit.spec_rules import _f
+from babysit.spec_rules import _folds
+from babysit.spec_rules import _log_range
+from babysit.spec_rules import _lr_lists
+from babysit.spec_rules import _number
+from babysit.spec_rules import _one_of
+from babysit.spec_rules import _run_name
+from babysit.spec_rules import _text
+from babysit.spec_rules import _whole
+from babysit.spec_rules import check_rules
+from babysit.spec_rules import check_run_name  # noqa: F401
+from babysit.spec_rules import default_run_name  # noqa: F401
+from babysit.spec_rules import valid_run_name  # noqa: F401
 
 
 @dataclass
 class ModelSpec:
+    # The network: babysit's "alexnet" (the knobs below) or a user's module:callable, which
+    # the knobs do not touch. TOML, --set and --model may give it as `model = "..."`.
+    name: str = _f("alexnet", _text())
     # The seed's AlexNet for 32x32 inputs (seeds/003): five convs, three FC layers.
-    conv_layers: int = _f(5, _one_of(3, 4, 5))
+    conv_layers: int = _f(5, _one_of(*CONV_LAYERS))
     # Seed 000 compared 1, 2 and 3 FC layers; 3 is the original.
-    fc_layers: int = _f(3, _one_of(1, 2, 3))
+    fc_layers: int = _f(3, _one_of(*FC_LAYERS))
     # Width of the hidden FC layers: 4096 in AlexNet and in both seeds.
     # At most 4x AlexNet's: a 16384-wide layer already holds 16384^2 weights (1 GiB as
     # float32); a width of 1e8 failed allocating memory with a traceback.
     fc_width: int = _f(4096, _whole(1, 16384))
     # relu or leaky_relu (seed 000 tried LeakyReLU and lost ~7 points).
-    activation: str = _f("relu", _choice("relu", "leaky_relu"))
+    activation: str = _f("relu", _choice(*ACTIVATIONS))
     # none, "first2" (after the first two convs, as seed 000 did) or "all".
-    batch_norm: str = _f("none", _choice("none", "first2", "all"))
+    batch_norm: str = _f("none", _choice(*BATCH_NORMS))
     # Dropout before the hidden FC layers, p=0.5 as in AlexNet.
     dropout: float = _f(0.5, _number(0, 1))
     # he (seed 000) or default (PyTorch's own). He keeps the signal alive through AlexNet's
     # eight layers; with PyTorch's default init the 8x8 digits net still predicts one class
     # after 200 overfit steps at every LR tried, with He it memorises 20 examples in 90.
-    init: str = _f("he", _choice("he", "default"))
+    init: str = _f("he", _choice(*INITS))
     # cifar32 (seed 003: 3x3 convs, stride 2 first) or alexnet227 (11x11 stride 4 on 227x227).
-    geometry: str = _f("cifar32", _choice("cifar32", "alexnet227"))
+    geometry: str = _f("cifar32", _choice(*GEOMETRIES))
 
 
 @dataclass
 class DataSpec:
     # Per-dataset mean/std from the train split; "imagenet" is what seed 003 used.
-    normalize: str = _f("dataset", _choice("dataset", "imagenet", "none"))
+    normalize: str = _f("dataset", _choice(*NORMALIZATIONS))
     # Seed 003's augmentation: horizontal + vertical flips and brightness jitter.
     hflip: bool = _f(False, _FLAG)
     vflip: bool = _f(False, _FLAG)
@@ -251,11 +151,11 @@ class SearchSpec:
     trials: int = _f(8, _at_least(1))
     epochs: int = _f(4, _at_least(1))
     # "random" (the protocol's coarse search) or "tpe" (model-based, where it helps).
-    sampler: str = _f("tpe", _choice("random", "tpe"))
+    sampler: str = _f("tpe", _choice(*SAMPLERS))
     # "median" stops a trial whose val accuracy is below the median of earlier trials at
     # the same epoch; "halving" is successive halving (the top third of the trials that
     # reached epoch 1, 3, 9, ... go on); "none" runs every trial in full.
-    pruner: str = _f("median", _choice("median", "halving", "none"))
+    pruner: str = _f("median", _choice(*PRUNERS))
     # Divergence: loss NaN/inf or above this multiple of the initial loss (cs231n's 3x).
     # 0 turns stopping off: every trial runs all its epochs, NaN or not, as the seeds did.
     # Between 0 and 1 every trial would stop at its first step (the loss starts at 1x).
@@ -268,10 +168,10 @@ class SearchSpec:
 class CoarseSpec(SearchSpec):
     trials: int = _f(12, _at_least(1))
     epochs: int = _f(3, _at_least(1))
-    sampler: str = _f("random", _choice("random", "tpe"))
+    sampler: str = _f("random", _choice(*SAMPLERS))
     # Successive halving: a coarse search only has to find the region, so most trials get
     # one epoch and the best third run on (measured in docs/benchmarks.md).
-    pruner: str = _f("halving", _choice("median", "halving", "none"))
+    pruner: str = _f("halving", _choice(*PRUNERS))
     # [low, high] for a log-uniform draw. The fine stage's ranges come from narrowing these.
     lr: list[float] = _f([1e-5, 1.0], _log_range())
     weight_decay: list[float] = _f([1e-6, 1e-2], _log_range())
@@ -320,18 +220,17 @@ class FinalSpec:
 class Spec:
     name: str = _f("", _run_name())
     dataset: str = _f("digits", _text())
-    model: str = _f("alexnet", _text())
     # Adam: the seed's better optimizer (FDDB 94 % vs 91 % with SGD), and on the 8x8 digits
     # it reaches 94 % validation accuracy in 6 epochs where SGD (momentum 0.9) needs ~3x more.
-    optimizer: str = _f("adam", _choice(*_OPTIMIZERS))
+    optimizer: str = _f("adam", _choice(*OPTIMIZERS))
     # "ce": softmax cross-entropy (expects ln C at init); "bce": one-hot BCE (expects ln 2).
-    loss: str = _f("ce", _choice("ce", "bce"))
+    loss: str = _f("ce", _choice(*LOSSES))
     seed: int = _f(0, _at_least(0))
     # 0 = auto: 128 as in the seeds, halved (down to 8) until an epoch has >= 8 steps.
     batch_size: int = _f(0, _at_least(0))
     # SGD momentum (the seeds used 0.9).
     momentum: float = _f(0.9, _number(0, 1))
-    arch: ModelSpec = field(default_factory=ModelSpec)
+    model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     sanity: SanitySpec = field(default_factory=SanitySpec)
     overfit: OverfitSpec = field(default_factory=OverfitSpec)
@@ -348,141 +247,26 @@ class Spec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Spec:
+        """The spec a mapping describes: to_dict()'s output, or a spec stored by an earlier
+        version (``"model": "alexnet", "arch": {...}``, read as the ``model`` table)."""
         spec = cls()
-        _apply_mapping(spec, data, prefix="")
+        apply_mapping(spec, data)
         return spec
 
     def identity(self) -> dict[str, Any]:
         """The fields that define a run; two specs with equal identity are the same run."""
         return self.to_dict()
 
-
-# TOML and --set name the architecture table "model" (model.conv_layers = 3) while the
-# top-level "model" key names the network (alexnet, or module:callable).
-_TABLE_ALIASES = {"model": "arch"}
-
-
-def _field_types(obj: Any) -> dict[str, Any]:
-    return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
-
-
-def _coerce(key: str, value: Any, current: Any) -> Any:
-    """Check ``value`` against the type of the default it replaces."""
-    if isinstance(current, bool):
-        if isinstance(value, bool):
-            return value
-    elif isinstance(current, int):
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif isinstance(current, float):
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif isinstance(current, str):
-        if isinstance(value, str):
-            return value
-    elif isinstance(current, list):
-        if isinstance(value, list) and all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
-        ):
-            if current and all(isinstance(v, int) for v in current):
-                if all(isinstance(v, int) for v in value):
-                    return list(value)
-            else:
-                return [float(v) for v in value]
-    elif isinstance(current, dict):
-        if isinstance(value, dict):
-            return dict(value)
-    expected = type(current).__name__
-    raise UsageError(
-        f"config key '{key}' expects {expected} (like {current!r}), got {value!r}"
-    )
-
-
-def _apply_mapping(obj: Any, data: dict[str, Any], prefix: str) -> None:
-    fields = _field_types(obj)
-    if isinstance(obj, Spec) and isinstance(data.get("model"), dict) and "name" in data["model"]:
-        # TOML cannot hold both `model = "x"` and a [model] table, so the table takes the
-        # network's name as `name`.
-        data = dict(data)
-        table = dict(data["model"])
-        name = table.pop("name")
-        if not isinstance(name, str):
-            raise UsageError(f"config key 'model.name' expects str, got {name!r}")
-        obj.model = name
-        data["model"] = table
-    for raw_key, value in data.items():
-        key = raw_key
-        if dataclasses.is_dataclass(obj) and isinstance(obj, Spec) and isinstance(value, dict):
-            key = _TABLE_ALIASES.get(raw_key, raw_key)
-        full = f"{prefix}{raw_key}"
-        if key not in fields:
-            raise UsageError(f"unknown config key '{full}'; known keys: {known_keys_hint(obj)}")
-        current = fields[key]
-        if dataclasses.is_dataclass(current):
-            if not isinstance(value, dict):
-                raise UsageError(f"config key '{full}' is a table; set its fields as {full}.X")
-            _apply_mapping(current, value, prefix=f"{full}.")
-        else:
-            setattr(obj, key, _coerce(full, value, current))
-
-
-def known_keys_hint(obj: Any) -> str:
-    names = []
-    for f in dataclasses.fields(obj):
-        if dataclasses.is_dataclass(getattr(obj, f.name)):
-            shown = "model" if f.name == "arch" else f.name
-            names.append(f"{shown}.*")
-        else:
-            names.append(f.name)
-    return ", ".join(names)
+    @property
+    def arch(self) -> ModelSpec:
+        """The ``model`` table under the name earlier versions used, for code not yet
+        renamed; new code reads ``spec.model``."""
+        return self.model
 
 
 def all_keys(spec: Spec | None = None) -> list[str]:
     """Every settable key, dotted, as TOML and --set spell them."""
-    spec = spec or Spec()
-    keys: list[str] = []
-    for f in dataclasses.fields(spec):
-        value = getattr(spec, f.name)
-        if dataclasses.is_dataclass(value):
-            table = "model" if f.name == "arch" else f.name
-            keys.extend(f"{table}.{g.name}" for g in dataclasses.fields(value))
-            if table == "model":
-                keys.append("model.name")
-        else:
-            keys.append(f.name)
-    return keys
-
-
-def parse_value(text: str) -> Any:
-    """Parse the VALUE of --set KEY=VALUE as a TOML value, falling back to a bare string."""
-    try:
-        return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
-        return text
-
-
-def apply_set(spec: Spec, assignment: str) -> None:
-    key, sep, text = assignment.partition("=")
-    key = key.strip()
-    if not sep or not key:
-        raise UsageError(f"--set expects KEY=VALUE, got '{assignment}'")
-    nested: dict[str, Any] = {}
-    cursor = nested
-    parts = key.split(".")
-    for part in parts[:-1]:
-        cursor = cursor.setdefault(part, {})
-    cursor[parts[-1]] = parse_value(text.strip())
-    _apply_mapping(spec, nested, prefix="")
-
-
-def load_toml(path: Path) -> dict[str, Any]:
-    try:
-        with open(path, "rb") as fh:
-            return tomllib.load(fh)
-    except FileNotFoundError:
-        raise UsageError(f"config file not found: {path}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UsageError(f"config file {path} is not valid TOML: {err}") from None
+    return keys_of(spec or Spec())
 
 
 def build_spec(
@@ -497,15 +281,15 @@ def build_spec(
         data = load_toml(config)
         data.pop("ablation", None)
         data.pop("variants", None)
-        _apply_mapping(spec, data, prefix="")
-        explicit.update(_dotted(data))
+        apply_mapping(spec, data)
+        explicit.update(dotted(spec, data))
     for assignment in sets:
         apply_set(spec, assignment)
         explicit.add(assignment.partition("=")[0].strip())
     for key, value in (flags or {}).items():
         if value is not None:
-            _apply_mapping(spec, {key: value}, prefix="")
-            explicit.update(_dotted({key: value}))
+            apply_mapping(spec, {key: value})
+            explicit.update(dotted(spec, {key: value}))
     validate(spec)
     # Which keys the user gave (not a field: it is not part of the run's identity), so a
     # rule that adapts a default (the coarse lr anchored on the overfit LR) leaves them be.
@@ -513,43 +297,10 @@ def build_spec(
     return spec
 
 
-def _dotted(data: dict[str, Any], prefix: str = "") -> list[str]:
-    keys: list[str] = []
-    for key, value in data.items():
-        if isinstance(value, dict) and key not in ("lrs",):
-            keys.extend(_dotted(value, f"{prefix}{key}."))
-        else:
-            keys.append(f"{prefix}{key}")
-    return keys
-
-
-def _rule_errors(obj: Any, prefix: str) -> None:
-    """Every field of ``obj`` (and its tables) against the rule stated beside it."""
-    for f in dataclasses.fields(obj):
-        value = getattr(obj, f.name)
-        table = "model" if f.name == "arch" else f.name
-        if dataclasses.is_dataclass(value):
-            _rule_errors(value, f"{prefix}{table}.")
-            continue
-        rule = f.metadata.get("rule")
-        if rule is None:
-            continue
-        try:
-            ok = rule.ok(value)
-        except (TypeError, ValueError):
-            ok = False
-        if not ok:
-            key = f"{prefix}{f.name}"
-            if rule.allowed.startswith("choose one of"):
-                raise UsageError(f"unknown {key} {_show(value)}; {rule.allowed}")
-            raise UsageError(f"{key} = {_show(value)} is not allowed; {key} must be "
-                             f"{rule.allowed}")
-
-
 def validate(spec: Spec) -> None:
     """Every field's type and range, then the rules that join fields; the first problem is
     a UsageError of one line naming the field, the value and what is allowed."""
-    _rule_errors(spec, "")
+    check_rules(spec)
     if spec.data.val_fraction + spec.data.test_fraction >= 1:
         raise UsageError(
             f"data.val_fraction + data.test_fraction = {spec.data.val_fraction:g} + "

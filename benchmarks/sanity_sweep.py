@@ -50,8 +50,7 @@ def main() -> None:
                 else:
                     torch.manual_seed(seed_for(ctx.spec, "sanity", 0))
                     model = build_model(
-                        "alexnet",
-                        spec.arch,
+                        spec.model,
                         ctx.data.num_classes,
                         ctx.data.in_channels,
                         ctx.data.image_size,

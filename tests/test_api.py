@@ -125,7 +125,7 @@ def test_references_and_datasets_stream_through_the_api(
     assert summary["data"]["in_channels"] == 1
     assert summary["stages"]["final"]["status"] == "passed"
     spec = babysit.load_run(summary["name"], tmp_path / "b.db").spec
-    assert spec.model == "usermods_api:build" and spec.dataset == "usermods_api:pil_blobs"
+    assert spec.model.name == "usermods_api:build" and spec.dataset == "usermods_api:pil_blobs"
     # The loader's worker processes ended with the run, not with this Python session.
     assert multiprocessing.active_children() == []
 
@@ -234,4 +234,4 @@ def test_the_documented_example_runs_as_written(tmp_path: Path) -> None:
     assert "lr" in proc.stdout and "weight_decay" in proc.stdout
     run = optuna.load_study(study_name="shapes-py/final",
                             storage=f"sqlite:///{tmp_path / 'examples' / 'babysit.db'}")
-    assert run.user_attrs["spec"]["model"] == "tinynet:build"  # importable: workers can join
+    assert run.user_attrs["spec"]["model"]["name"] == "tinynet:build"  # importable: workers can join

@@ -17,6 +17,7 @@ import torch
 from babysit.data import DataError
 from babysit.data import DataRequest
 from babysit.data import cifar10
+from babysit.data import describe_dataset
 from babysit.data import registered
 from babysit.spec import DataSpec
 
@@ -313,9 +314,22 @@ def test_registered_with_a_describe_that_reports_presence(tmp_path: Path) -> Non
     assert missing["present"] is False
     assert missing["where"] == str(tmp_path / cifar10.PY_FOLDER)
     assert missing["image"] == "3x32x32"
-    assert missing["sizes"] == {"train": 45000, "val": 5000, "test": 10000}
     assert "cifar-10-batches-py/data_batch_1" in missing["files"]
     _write_bin(tmp_path, _batches())
     present = entry.describe(tmp_path)
     assert present["present"] is True
     assert present["where"] == str(tmp_path / cifar10.BIN_FOLDER)
+    # `babysit datasets` reports the sizes a run stores: those loading gives.
+    listed = describe_dataset("cifar10", tmp_path, options=DataSpec(val_size=10))
+    assert listed["sizes"] == _load(tmp_path, val_size=10).sizes()
+    assert listed["image"] == "3x32x32"
+
+
+def test_the_listing_says_why_it_has_no_sizes(tmp_path: Path) -> None:
+    listed = describe_dataset("cifar10", tmp_path)
+    assert listed["sizes"] is None
+    assert listed["missing"].startswith("not downloaded: ") and "--download" in listed["missing"]
+    folder = _write_bin(tmp_path, _batches())
+    (folder / "data_batch_1.bin").write_bytes(b"not a batch")  # here, but unreadable
+    listed = describe_dataset("cifar10", tmp_path)
+    assert listed["sizes"] is None and listed["missing"].startswith("cannot be loaded: ")

@@ -22,6 +22,7 @@ from PIL import ImageDraw
 
 from babysit.data import DataError
 from babysit.data import DataRequest
+from babysit.data import describe_dataset
 from babysit.data import fddb
 from babysit.data import registered
 from babysit.spec import DataSpec
@@ -523,5 +524,11 @@ def test_registered_with_a_describe(tree: Path, tmp_path: Path) -> None:
     assert here["present"] is True and here["folds"] == [1, 2, 3]
     assert here["where"] == str(tree)
     assert "FDDB-folds/FDDB-fold-10-ellipseList.txt" in here["files"]
-    assert set(here["sizes"]) == {"train", "val", "test"}
     assert entry.describe(tmp_path)["present"] is False
+    # `babysit datasets` reports the patch counts a run stores: those loading gives.
+    listed = describe_dataset("fddb", tree, options=_options())
+    assert listed["sizes"] == fddb.load(_request(tree)).sizes()
+    assert listed["image"] == "3x32x32"
+    missing = describe_dataset("fddb", tmp_path)
+    assert missing["sizes"] is None
+    assert missing["missing"].startswith("not downloaded: FDDB not found in ")

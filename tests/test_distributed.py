@@ -216,7 +216,7 @@ def test_plateau_stops_the_final_and_the_best_epoch_is_tested(tmp_path: Path) ->
     assert v["val_accuracy"] == max(curve) == curve[v["best_epoch"] - 1]
     assert trial.user_attrs["stopped"] == "plateau"
     # The stored weights are the best epoch's: they give its validation accuracy again.
-    model = build_model(spec.model, spec.arch, 10, 1, 8)
+    model = build_model(spec.model, 10, 1, 8)
     path = tmp_path / "p.db.artifacts" / trial.user_attrs["model_artifact"]
     model.load_state_dict(torch.load(path, weights_only=True))
     _, val_acc = evaluate(model, ctx.data, "val", spec.loss)

@@ -162,11 +162,11 @@ def test_bad_knobs_are_rejected() -> None:
         AlexNet(10, conv_layers=2)
     with pytest.raises(ValueError, match="activation"):
         AlexNet(10, activation="gelu")
-    spec = ModelSpec(geometry="alexnet227")
+    spec = ModelSpec(name="alexnet", geometry="alexnet227")
     with pytest.raises(UsageError, match="at least 63 px"):
-        build_model("alexnet", spec, 10, 3, 32)
-    assert build_model("alexnet", spec, 10, 3, 63)(torch.randn(1, 3, 63, 63)).shape == (1, 10)
-    assert input_size("alexnet", spec, 32, 0) == 227
+        build_model(spec, 10, 3, 32)
+    assert build_model(spec, 10, 3, 63)(torch.randn(1, 3, 63, 63)).shape == (1, 10)
+    assert input_size(spec, 32, 0) == 227
 
 
 @pytest.mark.parametrize(("loss", "expected"), [("bce", math.log(2)), ("ce", math.log(10))])

@@ -169,7 +169,7 @@ def test_user_model_and_tensor_dataset_then_a_worker_without_the_module(
     assert s["stages"]["final"]["status"] == "passed"
     # The spec in storage names the reference, so another machine imports the same thing.
     study = optuna.load_study(study_name="mine/coarse", storage=f"sqlite:///{db}")
-    assert study.user_attrs["spec"]["model"] == "usermods:build"
+    assert study.user_attrs["spec"]["model"]["name"] == "usermods:build"
 
     elsewhere = tmp_path / "other-machine"
     elsewhere.mkdir()

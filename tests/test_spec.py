@@ -28,7 +28,7 @@ def test_set_is_typed() -> None:
                             "sanity.tolerance=0.1", "batch_size=64"])
     assert spec.coarse.lr == [1e-4, 1.0]
     assert spec.data.hflip is True
-    assert spec.arch.conv_layers == 4
+    assert spec.model.conv_layers == 4
     assert spec.sanity.tolerance == 0.1
     assert spec.batch_size == 64
 
@@ -73,3 +73,31 @@ def test_contract_keys_exist() -> None:
 def test_every_bundled_study_parses(path: Path) -> None:
     spec = build_spec(path)
     assert spec.coarse.trials >= 1
+
+
+def test_a_spec_stored_with_the_old_arch_key_reads_as_the_model_table() -> None:
+    # Stored runs of earlier versions hold {"model": "<network>", "arch": {...}}; they must
+    # load as the same run as one written today, so resuming them is not a new spec.
+    spec = build_spec(sets=["model.conv_layers=4", "model.fc_width=64"],
+                      flags={"model": "mine:build"})
+    new = spec.to_dict()
+    assert new["model"]["name"] == "mine:build" and "arch" not in new
+    old = {k: v for k, v in new.items() if k != "model"}
+    old["model"] = "mine:build"
+    old["arch"] = {k: v for k, v in new["model"].items() if k != "name"}
+    again = Spec.from_dict(old)
+    assert again.identity() == spec.identity()
+    assert again.model.name == "mine:build" and again.model.conv_layers == 4
+    assert again.arch is again.model  # code not yet renamed reads the same table
+
+
+def test_the_network_is_model_name_however_it_is_given(tmp_path: Path) -> None:
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[model]\nname = "a:b"\nfc_width = 64\n')
+    assert build_spec(cfg).model.name == "a:b"
+    assert build_spec(sets=['model="c:d"']).model.name == "c:d"
+    assert build_spec(sets=['model.name="e:f"']).model.name == "e:f"
+    assert build_spec(flags={"model": "g:h"}).model.name == "g:h"
+    assert "model.name" in all_keys() and "model" not in all_keys()
+    with pytest.raises(UsageError, match="config key 'model.name' expects str"):
+        build_spec(sets=["model=3"])

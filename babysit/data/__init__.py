@@ -2,111 +2,36 @@
 
 Every entry yields uint8 images (N, C, H, W) and int64 labels, so the training loop can
 hold a split as one tensor on the device and take batches as index slices.
+
+The shared types (Splits, DataRequest, DatasetEntry, DataError) live in babysit.data.core,
+which the loaders and babysit.plugins import, so nothing the registry loads imports the
+registry back; they are importable from here as before.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable
-from dataclasses import dataclass
-from dataclasses import field
+import warnings
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from babysit.data.core import _REGISTRY
+from babysit.data.core import DataError
+from babysit.data.core import DataRequest
+from babysit.data.core import DatasetEntry
+from babysit.data.core import Splits
+from babysit.data.core import default_data_dir
+from babysit.data.core import register
+from babysit.data.core import seeded_split
 from babysit.errors import UsageError
+from babysit.spec import DataSpec
 
-
-class DataError(UsageError):
-    """Missing, corrupt or unsafe data: exit 2 with a line that says what to do."""
-
-
-@dataclass
-class Splits:
-    classes: list[str]
-    train_x: torch.Tensor
-    train_y: torch.Tensor
-    val_x: torch.Tensor
-    val_y: torch.Tensor
-    test_x: torch.Tensor
-    test_y: torch.Tensor
-    # Counts and warnings from loading (skipped files, checksum mismatches), for the summary.
-    info: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.classes)
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.train_x.shape[1])
-
-    @property
-    def image_size(self) -> int:
-        return int(self.train_x.shape[-1])
-
-    def sizes(self) -> dict[str, int]:
-        return {
-            "train": int(self.train_x.shape[0]),
-            "val": int(self.val_x.shape[0]),
-            "test": int(self.test_x.shape[0]),
-        }
-
-    def check(self, source: str) -> None:
-        """Reject splits that would train on nonsense: wrong dtypes, shapes, labels."""
-        for part in ("train", "val", "test"):
-            x = getattr(self, f"{part}_x")
-            y = getattr(self, f"{part}_y")
-            if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
-                raise DataError(f"dataset {source}: {part} images must be a uint8 tensor (N, C, H, W)")
-            if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
-                raise DataError(f"dataset {source}: {part} labels must be a 1-D tensor, one per image")
-            if x.shape[0] == 0:
-                raise DataError(f"dataset {source}: the {part} split is empty")
-            if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(self.classes)):
-                raise DataError(
-                    f"dataset {source}: {part} labels fall outside 0..{len(self.classes) - 1} "
-                    f"({len(self.classes)} classes)"
-                )
-
-
-@dataclass(frozen=True)
-class DataRequest:
-    """What a loader is asked for: where files live and the spec's data options."""
-
-    data_dir: Path
-    seed: int
-    download: bool
-    options: Any  # babysit.spec.DataSpec
-    # No progress bars (--quiet), for loaders that download or build at length.
-    quiet: bool = False
-
-
-@dataclass(frozen=True)
-class DatasetEntry:
-    name: str
-    summary: str
-    load: Callable[[DataRequest], Splits]
-    # Files present and where they are looked for, for `babysit datasets`.
-    describe: Callable[[Path], dict[str, Any]]
-
-
-_REGISTRY: dict[str, DatasetEntry] = {}
-
-
-def register(entry: DatasetEntry) -> None:
-    _REGISTRY[entry.name] = entry
+__all__ = ["DataError", "DataRequest", "DatasetEntry", "Splits", "default_data_dir",
+           "describe_dataset", "load_dataset", "register", "registered", "seeded_split"]
 
 
 def registered() -> dict[str, DatasetEntry]:
     _load_builtins()
     return dict(_REGISTRY)
-
-
-def default_data_dir() -> Path:
-    env = os.environ.get("BABYSIT_DATA")
-    return Path(env) if env else Path.home() / ".cache" / "babysit"
 
 
 def _load_builtins() -> None:
@@ -139,23 +64,27 @@ def load_dataset(name: str, request: DataRequest) -> Splits:
     return splits
 
 
-def seeded_split(
-    x: torch.Tensor, y: torch.Tensor, val_fraction: float, test_fraction: float, seed: int
-) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
-    """Stratified train / val / test split that depends only on ``seed``."""
-    gen = torch.Generator().manual_seed(seed)
-    parts: list[list[torch.Tensor]] = [[], [], []]
-    for label in torch.unique(y):
-        idx = torch.nonzero(y == label).flatten()
-        idx = idx[torch.randperm(idx.numel(), generator=gen)]
-        n_val = max(1, round(idx.numel() * val_fraction))
-        n_test = max(1, round(idx.numel() * test_fraction))
-        parts[1].append(idx[:n_val])
-        parts[2].append(idx[n_val : n_val + n_test])
-        parts[0].append(idx[n_val + n_test :])
-    out = []
-    for chunks in parts:
-        idx = torch.cat(chunks)
-        idx = idx[torch.randperm(idx.numel(), generator=gen)]
-        out.append((x[idx].contiguous(), y[idx].contiguous()))
-    return tuple(out)
+def describe_dataset(name: str, data_dir: Path, options: Any = None, seed: int = 0
+                     ) -> dict[str, Any]:
+    """What `babysit datasets` says of a registered dataset: its files (the entry's
+    describe) and, when they are here, the split sizes a run with ``options`` (default: the
+    spec's data defaults) and ``seed`` stores, by loading it as a run does: one computation,
+    so the listing cannot drift from the runs. When the data cannot be loaded, ``sizes`` is
+    None and ``missing`` says why: ``not downloaded: ...`` when its files are not here,
+    ``cannot be loaded: ...`` when they are but loading them fails."""
+    entry = registered()[name]
+    info: dict[str, Any] = {"name": name, "summary": entry.summary, **entry.describe(data_dir)}
+    request = DataRequest(data_dir=Path(data_dir), seed=seed, download=False,
+                          options=options if options is not None else DataSpec(), quiet=True)
+    try:
+        with warnings.catch_warnings():
+            # Skipped files are a run's business; the listing only counts what loads.
+            warnings.simplefilter("ignore")
+            splits = load_dataset(name, request)
+    except UsageError as err:
+        why = "cannot be loaded" if info.get("present") else "not downloaded"
+        info.update(present=False, sizes=None, missing=f"{why}: {err}")
+        return info
+    info.update(present=True, sizes=splits.sizes(),
+                image=f"{splits.in_channels}x{splits.image_size}x{splits.image_size}")
+    return info

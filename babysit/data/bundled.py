@@ -8,11 +8,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from babysit.data import DataRequest
-from babysit.data import DatasetEntry
-from babysit.data import Splits
-from babysit.data import register
-from babysit.data import seeded_split
+from babysit.data.core import DataRequest
+from babysit.data.core import DatasetEntry
+from babysit.data.core import Splits
+from babysit.data.core import register
+from babysit.data.core import seeded_split
 
 
 def _to_uint8(images: np.ndarray, scale: float) -> torch.Tensor:
@@ -47,9 +47,9 @@ def load_faces(request: DataRequest) -> Splits:
     return _split(x, y, ["non-face", "face"], request)
 
 
-def _describe_bundled(package: str, sizes: dict[str, int], shape: str) -> Any:
+def _describe_bundled(package: str) -> Any:
     def describe(_data_dir: Path) -> dict[str, Any]:
-        return {"present": True, "where": f"bundled with {package}", "sizes": sizes, "image": shape}
+        return {"present": True, "where": f"bundled with {package}"}
 
     return describe
 
@@ -59,9 +59,7 @@ register(
         name="digits",
         summary="scikit-learn's 8x8 handwritten digits, 10 classes (bundled, offline)",
         load=load_digits,
-        describe=_describe_bundled(
-            "scikit-learn", {"train": 1257, "val": 270, "test": 270}, "1x8x8"
-        ),
+        describe=_describe_bundled("scikit-learn"),
     )
 )
 register(
@@ -69,6 +67,6 @@ register(
         name="faces",
         summary="scikit-image's LFW subset: 100 faces vs 100 non-faces, 2 classes (bundled)",
         load=load_faces,
-        describe=_describe_bundled("scikit-image", {"train": 140, "val": 30, "test": 30}, "1x25x25"),
+        describe=_describe_bundled("scikit-image"),
     )
 )

@@ -20,11 +20,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from babysit.data import DataError
-from babysit.data import DataRequest
-from babysit.data import DatasetEntry
-from babysit.data import Splits
-from babysit.data import register
+from babysit.data.core import DataError
+from babysit.data.core import DataRequest
+from babysit.data.core import DatasetEntry
+from babysit.data.core import Splits
+from babysit.data.core import register
 
 PY_FOLDER = "cifar-10-batches-py"
 BIN_FOLDER = "cifar-10-batches-bin"
@@ -342,7 +342,6 @@ def describe(data_dir: Path) -> dict[str, Any]:
         "present": found is not None,
         "where": str(folder),
         "format": found[0] if found else None,
-        "sizes": {"train": 45000, "val": 5000, "test": 10000},
         "image": "3x32x32",
         "files": [f"{PY_FOLDER}/{name}" for name in TRAIN_BATCHES + [TEST_BATCH]]
         + [f"{BIN_FOLDER}/{name}.bin" for name in TRAIN_BATCHES + [TEST_BATCH]],

@@ -36,7 +36,7 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any
 
-from babysit.data import DataError
+from babysit.data.core import DataError
 
 _CHUNK = 1 << 20
 # Seconds without a byte before a connection counts as dropped; long enough for a slow

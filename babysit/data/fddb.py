@@ -26,563 +26,58 @@ Building the patches decodes every photo with PIL once; the result is cached as 
 ``.npz`` under ``DATA_DIR/.babysit-cache/`` keyed by everything it depends on, so the
 training loop never touches PIL. A changed photo (same annotations) is not detected:
 delete the cache folder after editing ``originalPics/``.
+
+This module is the loader and its cache; babysit.data.fddb_annotations reads the folds and
+ellipses, babysit.data.fddb_patches cuts the patches and babysit.data.fddb_download fetches
+the archives. Their public names are importable from here.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
-import math
 import os
-import re
-import shutil
 import tempfile
 import time
 import warnings
 import zipfile
-import zlib
-from dataclasses import dataclass
 from pathlib import Path
-from pathlib import PurePosixPath
 from typing import Any
 
 import numpy as np
 import torch
 
-from babysit.data import DataError
-from babysit.data import DataRequest
-from babysit.data import DatasetEntry
-from babysit.data import Splits
-from babysit.data import register
-from babysit.data.download import Archive
-from babysit.data.download import ChecksumError
-from babysit.data.download import DownloadError
-from babysit.data.download import fetch
-from babysit.data.download import parse_digest
-from babysit.data.download import unpack_tar
+from babysit.data.core import DataError
+from babysit.data.core import DataRequest
+from babysit.data.core import DatasetEntry
+from babysit.data.core import Splits
+from babysit.data.core import register
+from babysit.data.fddb_annotations import FOLDS_DIR
+from babysit.data.fddb_annotations import PICS_DIR
+from babysit.data.fddb_annotations import Face  # noqa: F401
+from babysit.data.fddb_annotations import Photo
+from babysit.data.fddb_annotations import _folds_present
+from babysit.data.fddb_annotations import box_iou  # noqa: F401
+from babysit.data.fddb_annotations import clip_box  # noqa: F401
+from babysit.data.fddb_annotations import ellipse_box  # noqa: F401
+from babysit.data.fddb_annotations import fold_files
+from babysit.data.fddb_annotations import parse_ellipse_file  # noqa: F401
+from babysit.data.fddb_annotations import read_fold
+from babysit.data.fddb_annotations import square_box  # noqa: F401
+from babysit.data.fddb_download import DOWNLOAD_DIR  # noqa: F401
+from babysit.data.fddb_download import FOLDS_URL  # noqa: F401
+from babysit.data.fddb_download import PICS_URL  # noqa: F401
+from babysit.data.fddb_download import _how_to_get
+from babysit.data.fddb_download import download
+from babysit.data.fddb_patches import IOU_LIMIT
+from babysit.data.fddb_patches import PatchSet
+from babysit.data.fddb_patches import build_split
 
 CLASSES = ["non-face", "face"]
-PICS_DIR = "originalPics"
-FOLDS_DIR = "FDDB-folds"
 CACHE_DIR = ".babysit-cache"
-# The usual "not a face" threshold for detection windows.
-IOU_LIMIT = 0.3
 # Bumped whenever the patches a given input builds change, so old caches are not reused.
 _CACHE_VERSION = 1
-# Negative windows are drawn in rounds of this many candidates; a photo that yields no
-# clean window in _NEG_ROUNDS rounds (a close-up filling the frame) is given up on.
-_NEG_BATCH = 64
-_NEG_ROUNDS = 16
-# Smallest negative window side in photo pixels (FDDB's smallest annotated faces are ~20).
-_NEG_MIN_SIDE = 16
 _SPLITS = ("train", "val", "test")
-_HOW_TO_GET = (
-    "{first}, or get {pics_url} and {folds_url}, then "
-    "`mkdir -p {data_dir}/originalPics && tar -xzf originalPics.tar.gz -C "
-    "{data_dir}/originalPics && tar -xzf FDDB-folds.tgz -C {data_dir}`"
-)
-PICS_URL = "http://tamaraberg.com/faceDataset/originalPics.tar.gz"
-FOLDS_URL = "http://vis-www.cs.umass.edu/fddb/FDDB-folds.tgz"
-# Checksums of the published archives. Not measured here (this machine has no internet):
-# they are the ones other projects pin for the same URLs, and a first real download should
-# confirm them and add a SHA-256. originalPics.tar.gz: md5 from the get_data.sh of
-# github.com/penolove/FDDB_DataSet_4_faster_rcnn (a wget of the vis-www.cs.umass.edu copy
-# reports 579061091 bytes). FDDB-folds.tgz: md5 from that script and sha1 from vipy's
-# dataset/fddb.py, two independent sources. Should a copy differ, the error says how to
-# name another checksum (BABYSIT_FDDB_PICS_SUM / BABYSIT_FDDB_FOLDS_SUM).
-PICS_DIGESTS = {"md5": "cf414253ac596cd858daae0cc321d793"}
-FOLDS_DIGESTS = {
-    "md5": "4cf9badc939a3398a0d6f3a3c8540f55",
-    "sha1": "94ce19ba3348425dfbb8bcbe55802490f8f152f8",
-}
-DOWNLOAD_DIR = ".babysit-download"
-_DRIVE = re.compile(r"^[A-Za-z]:")
-
-
-@dataclass(frozen=True)
-class Face:
-    major: float
-    minor: float
-    angle: float
-    cx: float
-    cy: float
-    line: int  # in the ellipse file, for messages
-
-
-@dataclass(frozen=True)
-class Photo:
-    path: str  # relative to originalPics/, without .jpg
-    fold: int
-    faces: tuple[Face, ...]
-    listed: str  # "FDDB-fold-XX.txt:LINE", for messages
-    ellipse_file: str
-
-
-@dataclass
-class PatchSet:
-    """One split's patches and where each came from (for checks and for the curious)."""
-
-    images: np.ndarray  # (N, 3, P, P) uint8
-    labels: np.ndarray  # (N,) int64, 1 = face
-    photo: np.ndarray  # (N,) int32: index into ``photos``
-    face: np.ndarray  # (N,) int32: index of the ellipse in its photo, -1 for non-faces
-    boxes: np.ndarray  # (N, 4) float32: x0, y0, x1, y1 of the crop in photo pixels
-    photos: list[str]
-
-
-# ---- geometry ---------------------------------------------------------------------------
-
-
-def ellipse_box(major: float, minor: float, angle: float, cx: float, cy: float) -> np.ndarray:
-    """Exact axis-aligned bounding box ``[x0, y0, x1, y1]`` of a rotated ellipse.
-
-    With the major semi-axis along ``angle``: the extremes of
-    ``x = cx + a cos(s) cos(t) - b sin(s) sin(t)`` over ``s`` are ``cx +- sqrt(a^2 cos^2 t
-    + b^2 sin^2 t)``, and likewise for y with sin and cos swapped.
-    """
-    c = math.cos(angle)
-    s = math.sin(angle)
-    half_w = math.sqrt((major * c) ** 2 + (minor * s) ** 2)
-    half_h = math.sqrt((major * s) ** 2 + (minor * c) ** 2)
-    return np.array([cx - half_w, cy - half_h, cx + half_w, cy + half_h], dtype=np.float64)
-
-
-def square_box(box: np.ndarray) -> np.ndarray:
-    """Grow the shorter side around the centre so the box is square."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    half = max(x1 - x0, y1 - y0) / 2.0
-    cx = (x0 + x1) / 2.0
-    cy = (y0 + y1) / 2.0
-    return np.array([cx - half, cy - half, cx + half, cy + half], dtype=np.float64)
-
-
-def clip_box(box: np.ndarray, width: int, height: int) -> np.ndarray:
-    x0, y0, x1, y1 = (float(v) for v in box)
-    return np.array(
-        [min(max(x0, 0.0), width), min(max(y0, 0.0), height),
-         min(max(x1, 0.0), width), min(max(y1, 0.0), height)],
-        dtype=np.float64,
-    )
-
-
-def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of every box in ``a`` (N, 4) with every box in ``b`` (M, 4): an (N, M) array."""
-    a = np.asarray(a, dtype=np.float64).reshape(-1, 4)
-    b = np.asarray(b, dtype=np.float64).reshape(-1, 4)
-    ix0 = np.maximum(a[:, None, 0], b[None, :, 0])
-    iy0 = np.maximum(a[:, None, 1], b[None, :, 1])
-    ix1 = np.minimum(a[:, None, 2], b[None, :, 2])
-    iy1 = np.minimum(a[:, None, 3], b[None, :, 3])
-    inter = np.clip(ix1 - ix0, 0, None) * np.clip(iy1 - iy0, 0, None)
-    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
-    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
-    union = area_a[:, None] + area_b[None, :] - inter
-    return np.where(union > 0, inter / np.where(union > 0, union, 1.0), 0.0)
-
-
-def face_boxes(faces: tuple[Face, ...] | list[Face]) -> np.ndarray:
-    """Every box a negative must stay clear of: each face's tight box and its square crop."""
-    boxes = []
-    for f in faces:
-        tight = ellipse_box(f.major, f.minor, f.angle, f.cx, f.cy)
-        boxes.extend([tight, square_box(tight)])
-    return np.array(boxes, dtype=np.float64).reshape(-1, 4)
-
-
-# ---- annotation files ------------------------------------------------------------------
-
-
-def fold_files(folds_dir: Path, fold: int) -> tuple[Path, Path]:
-    return (
-        folds_dir / f"FDDB-fold-{fold:02d}.txt",
-        folds_dir / f"FDDB-fold-{fold:02d}-ellipseList.txt",
-    )
-
-
-def _read_lines(path: Path) -> list[str]:
-    try:
-        return path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise DataError(f"{path} is not a text file ({err.reason} at byte {err.start})") from None
-    except OSError as err:
-        raise DataError(f"cannot read {path}: {err.strerror or err}") from None
-
-
-def _safe_relpath(text: str, where: str) -> str:
-    """A photo path that stays inside originalPics/, or a DataError naming file and line."""
-    rel = text.strip()
-    if rel.lower().endswith(".jpg"):
-        rel = rel[:-4]
-    parts = PurePosixPath(rel).parts
-    if (
-        not rel
-        or rel.startswith(("/", "~", "\\"))
-        or _DRIVE.match(rel)
-        or "\\" in rel
-        or ".." in parts
-    ):
-        raise DataError(
-            f"{where}: photo path '{text.strip()}' leaves the data folder; paths must be "
-            f"relative to {PICS_DIR}/, like 2002/08/11/big/img_591"
-        )
-    return "/".join(p for p in parts if p != ".")
-
-
-def _is_numbers(text: str) -> bool:
-    fields = text.split()
-    try:
-        [float(f) for f in fields]
-    except ValueError:
-        return False
-    return bool(fields)
-
-
-def parse_ellipse_file(path: Path) -> dict[str, tuple[list[Face], int]]:
-    """Photo path -> (faces, line of its path), checking every line against the format."""
-    lines = _read_lines(path)
-    name = path.name
-    entries: dict[str, tuple[list[Face], int]] = {}
-    pos = 0
-
-    def next_line() -> tuple[int, str] | None:
-        nonlocal pos
-        while pos < len(lines):
-            pos += 1
-            if lines[pos - 1].strip():
-                return pos, lines[pos - 1].strip()
-        return None
-
-    last: tuple[str, int, int] | None = None  # path, count line, count
-    while (item := next_line()) is not None:
-        path_line, text = item
-        if _is_numbers(text):
-            hint = ""
-            if last is not None:
-                hint = (
-                    f"; the count at line {last[1]} says {last[2]} face(s) for {last[0]} "
-                    "but more ellipse lines follow"
-                )
-            raise DataError(f"{name}:{path_line}: expected a photo path, found '{text}'{hint}")
-        rel = _safe_relpath(text, f"{name}:{path_line}")
-        if rel in entries:
-            raise DataError(
-                f"{name}:{path_line}: {rel} is annotated twice (first at line {entries[rel][1]})"
-            )
-        item = next_line()
-        if item is None:
-            raise DataError(
-                f"{name}:{path_line}: the file ends after photo path {rel} without a face "
-                "count (truncated?)"
-            )
-        count_line, count_text = item
-        try:
-            count = int(count_text)
-        except ValueError:
-            raise DataError(
-                f"{name}:{count_line}: expected the face count of {rel}, found '{count_text}'"
-            ) from None
-        if count < 0:
-            raise DataError(f"{name}:{count_line}: negative face count {count} for {rel}")
-        faces: list[Face] = []
-        for k in range(count):
-            item = next_line()
-            if item is None:
-                raise DataError(
-                    f"{name}:{count_line}: the count says {count} face(s) for {rel} but the "
-                    f"file ends after {k} (truncated?)"
-                )
-            faces.append(_parse_face(item, name, rel, k, count, count_line))
-        entries[rel] = (faces, path_line)
-        last = (rel, count_line, count)
-    return entries
-
-
-def _parse_face(
-    item: tuple[int, str], name: str, rel: str, k: int, count: int, count_line: int
-) -> Face:
-    line, text = item
-    fields = text.split()
-    where = f"{name}:{line}: face {k + 1} of {count} for {rel}"
-    try:
-        values = [float(f) for f in fields]
-    except ValueError:
-        values = []
-    if len(fields) not in (5, 6) or len(values) != len(fields):
-        hint = ""
-        if not _is_numbers(text):
-            hint = f"; the count at line {count_line} says {count} but fewer faces follow"
-        raise DataError(
-            f"{where}: expected 'major_radius minor_radius angle center_x center_y 1', "
-            f"found '{text}'{hint}"
-        )
-    major, minor, angle, cx, cy = values[:5]
-    if not all(math.isfinite(v) for v in values[:5]) or major <= 0 or minor <= 0:
-        raise DataError(f"{where}: radii must be positive and all values finite, found '{text}'")
-    return Face(major, minor, angle, cx, cy, line)
-
-
-def read_fold(folds_dir: Path, fold: int) -> tuple[list[Photo], int]:
-    """The photos of one fold in listed order, and how many repeated listings were dropped.
-
-    The fold list and the ellipse list must name the same photos. The published fold-01
-    list names two photos twice; a repeat adds nothing, so it is dropped.
-    """
-    list_path, ellipse_path = fold_files(folds_dir, fold)
-    annotated = parse_ellipse_file(ellipse_path)
-    photos: list[Photo] = []
-    seen: set[str] = set()
-    repeats = 0
-    for number, text in enumerate(_read_lines(list_path), start=1):
-        if not text.strip():
-            continue
-        where = f"{list_path.name}:{number}"
-        rel = _safe_relpath(text, where)
-        if rel in seen:
-            repeats += 1
-            continue
-        if rel not in annotated:
-            raise DataError(f"{where}: {rel} has no entry in {ellipse_path.name}")
-        seen.add(rel)
-        photos.append(Photo(rel, fold, tuple(annotated[rel][0]), where, ellipse_path.name))
-    for rel, (_faces, line) in annotated.items():
-        if rel not in seen:
-            raise DataError(f"{ellipse_path.name}:{line}: {rel} is not listed in {list_path.name}")
-    return photos, repeats
-
-
-# ---- building patches -------------------------------------------------------------------
-
-
-def _photo_rng(seed: int, rel: str) -> np.random.Generator:
-    # Per photo, so one photo's negatives do not depend on which photos came before it.
-    return np.random.default_rng([seed % (1 << 32), zlib.crc32(rel.encode())])
-
-
-def _negative_windows(
-    rng: np.random.Generator, width: int, height: int, avoid: np.ndarray, want: int
-) -> list[np.ndarray]:
-    short = min(width, height)
-    lo = min(short, _NEG_MIN_SIDE)
-    found: list[np.ndarray] = []
-    for _ in range(_NEG_ROUNDS):
-        if len(found) >= want or short < 2:
-            break
-        # Log-uniform sizes: as many small windows as large ones, like the faces.
-        side = np.exp(rng.uniform(math.log(lo), math.log(short), _NEG_BATCH))
-        side = np.clip(np.rint(side), lo, short).astype(np.int64)
-        x0 = (rng.random(_NEG_BATCH) * (width - side + 1)).astype(np.int64)
-        y0 = (rng.random(_NEG_BATCH) * (height - side + 1)).astype(np.int64)
-        cand = np.stack([x0, y0, x0 + side, y0 + side], axis=1).astype(np.float64)
-        if avoid.size:
-            clean = box_iou(cand, avoid).max(axis=1) < IOU_LIMIT
-            cand = cand[clean]
-        found.extend(cand[: want - len(found)])
-    return found
-
-
-@dataclass
-class BuiltSplit:
-    """A split's patches and what building them found (for ``info`` and the tests)."""
-
-    patches: PatchSet
-    positives: int
-    negatives: int
-    target_negatives: int
-    skipped_images: list[str]
-    skipped_faces: list[str]
-
-
-def build_split(
-    data_dir: Path, photos: list[Photo], patch_size: int, negatives_per_face: float, seed: int
-) -> BuiltSplit:
-    """Decode each photo once and cut its face and non-face patches."""
-    from PIL import Image
-    from PIL import UnidentifiedImageError
-
-    pics = data_dir / PICS_DIR
-    images: list[np.ndarray] = []
-    labels: list[int] = []
-    photo_idx: list[int] = []
-    face_idx: list[int] = []
-    boxes: list[np.ndarray] = []
-    kept: list[str] = []
-    skipped_images: list[str] = []
-    skipped_faces: list[str] = []
-    positives = 0
-    negatives = 0
-    size = (patch_size, patch_size)
-    for photo in photos:
-        file = pics / f"{photo.path}.jpg"
-        try:
-            with warnings.catch_warnings():
-                # A photo over PIL's pixel limit is skipped by name, not decoded after a raw
-                # DecompressionBombWarning.
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
-                with Image.open(file) as raw:
-                    # Grey and CMYK photos become RGB so every patch has three channels.
-                    img = raw.convert("RGB")
-        except FileNotFoundError:
-            skipped_images.append(f"{photo.listed} ({PICS_DIR}/{photo.path}.jpg is missing)")
-            continue
-        except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
-            skipped_images.append(
-                f"{photo.listed} ({PICS_DIR}/{photo.path}.jpg is oversized, not decoded as it "
-                f"may be a decompression bomb: {err})"
-            )
-            continue
-        except (UnidentifiedImageError, OSError, ValueError) as err:
-            skipped_images.append(
-                f"{photo.listed} ({PICS_DIR}/{photo.path}.jpg unreadable: {err})"
-            )
-            continue
-        width, height = img.size
-        index = len(kept)
-        kept.append(photo.path)
-        for k, face in enumerate(photo.faces):
-            tight = ellipse_box(face.major, face.minor, face.angle, face.cx, face.cy)
-            crop = clip_box(square_box(tight), width, height)
-            if crop[2] - crop[0] < 2 or crop[3] - crop[1] < 2:
-                skipped_faces.append(
-                    f"{photo.ellipse_file}:{face.line} (face {k + 1} of {photo.path} lies "
-                    f"outside its {width}x{height} photo)"
-                )
-                continue
-            patch = img.resize(size, Image.Resampling.BILINEAR, box=tuple(crop))
-            images.append(np.asarray(patch, dtype=np.uint8).transpose(2, 0, 1))
-            labels.append(1)
-            photo_idx.append(index)
-            face_idx.append(k)
-            boxes.append(crop)
-            positives += 1
-        # Cumulative target, so a photo that could not give its share passes it on.
-        want = round(positives * negatives_per_face) - negatives
-        if want <= 0:
-            continue
-        rng = _photo_rng(seed, photo.path)
-        for window in _negative_windows(rng, width, height, face_boxes(photo.faces), want):
-            patch = img.resize(size, Image.Resampling.BILINEAR, box=tuple(window))
-            images.append(np.asarray(patch, dtype=np.uint8).transpose(2, 0, 1))
-            labels.append(0)
-            photo_idx.append(index)
-            face_idx.append(-1)
-            boxes.append(window)
-            negatives += 1
-    n = len(labels)
-    patches = PatchSet(
-        images=np.stack(images) if n else np.zeros((0, 3, *size), dtype=np.uint8),
-        labels=np.asarray(labels, dtype=np.int64),
-        photo=np.asarray(photo_idx, dtype=np.int32),
-        face=np.asarray(face_idx, dtype=np.int32),
-        boxes=np.asarray(boxes, dtype=np.float32).reshape(n, 4),
-        photos=kept,
-    )
-    return BuiltSplit(
-        patches, positives, negatives, round(positives * negatives_per_face),
-        skipped_images, skipped_faces,
-    )
-
-
-# ---- download ----------------------------------------------------------------------------
-
-
-def _archives() -> tuple[Archive, Archive]:
-    """The photos and the folds archives, with the URL and checksum overrides applied.
-
-    ``BABYSIT_FDDB_PICS_URL`` / ``BABYSIT_FDDB_FOLDS_URL`` point at a mirror (or a test
-    server); ``BABYSIT_FDDB_PICS_SUM`` / ``BABYSIT_FDDB_FOLDS_SUM`` (``sha256:HEX``,
-    ``sha1:HEX`` or ``md5:HEX``) replace the pinned checksums. A URL override alone keeps the
-    pinned checksums: a mirror must serve the published bytes.
-    """
-    out = []
-    for name, url, digests, var in (
-        ("originalPics.tar.gz", PICS_URL, PICS_DIGESTS, "BABYSIT_FDDB_PICS"),
-        ("FDDB-folds.tgz", FOLDS_URL, FOLDS_DIGESTS, "BABYSIT_FDDB_FOLDS"),
-    ):
-        url = os.environ.get(f"{var}_URL") or url
-        given = os.environ.get(f"{var}_SUM")
-        if given:
-            algorithm, hexdigest = parse_digest(given, f"{var}_SUM")
-            digests = {algorithm: hexdigest}
-        out.append(Archive(name, url, dict(digests)))
-    return out[0], out[1]
-
-
-def _how_to_get(data_dir: Path, downloading: bool = False) -> str:
-    try:
-        pics, folds = _archives()
-        urls = {"pics_url": pics.url, "folds_url": folds.url}
-    except DataError:
-        urls = {"pics_url": PICS_URL, "folds_url": FOLDS_URL}
-    first = "check the connection and run again" if downloading else "pass --download"
-    return _HOW_TO_GET.format(data_dir=data_dir, first=first, **urls)
-
-
-def _place(root: Path, target: Path) -> None:
-    """Move the unpacked tree into place in one rename: the loader sees all of it or none."""
-    try:
-        os.rename(root, target)
-    except OSError:
-        if not target.is_dir():
-            raise
-        # Another run placed the same tree first; theirs is as good as ours.
-
-
-def download(data_dir: Path, quiet: bool = False) -> None:
-    """Fetch, check and unpack whichever of ``originalPics/`` and ``FDDB-folds/`` is missing.
-
-    The photos archive holds ``2002/``, ``2003/`` at its top (it unpacks *into*
-    ``originalPics/``); the folds archive holds ``FDDB-folds/``. Either wrapping is accepted.
-    """
-    data_dir = Path(data_dir)
-    pics, folds = _archives()
-    work = data_dir / DOWNLOAD_DIR
-    for archive, target in ((pics, data_dir / PICS_DIR), (folds, data_dir / FOLDS_DIR)):
-        if target.is_dir():
-            continue
-        try:
-            path = fetch(archive, work, quiet=quiet)
-            staging = unpack_tar(path, work, quiet=quiet)
-            try:
-                root = staging / target.name if (staging / target.name).is_dir() else staging
-                if target.name == PICS_DIR and next(root.rglob("*.jpg"), None) is None:
-                    raise DownloadError(f"{archive.name} from {archive.url} holds no .jpg photos")
-                if target.name == FOLDS_DIR and not _folds_present(root):
-                    raise DownloadError(
-                        f"{archive.name} from {archive.url} holds no FDDB-fold-XX.txt with its "
-                        "FDDB-fold-XX-ellipseList.txt"
-                    )
-                _place(root, target)
-            finally:
-                shutil.rmtree(staging, ignore_errors=True)
-        except ChecksumError as err:
-            _drop_if_empty(work)
-            var = "BABYSIT_FDDB_PICS_SUM" if target.name == PICS_DIR else "BABYSIT_FDDB_FOLDS_SUM"
-            raise DataError(
-                f"FDDB download failed: {err}; retry with --download, or, if you trust this "
-                f"copy, name its checksum with {var}=sha256:<hex>; "
-                + _how_to_get(data_dir, downloading=True)
-            ) from None
-        except DataError as err:
-            _drop_if_empty(work)
-            raise DataError(
-                f"FDDB download failed: {err}; {_how_to_get(data_dir, downloading=True)}"
-            ) from None
-        except OSError as err:
-            _drop_if_empty(work)
-            raise DataError(
-                f"FDDB download failed: cannot write under {work} ({err.strerror or err}); "
-                + _how_to_get(data_dir, downloading=True)
-            ) from None
-        # The archive is only a means; 550 MB kept beside the unpacked photos helps no one.
-        path.unlink(missing_ok=True)
-    _drop_if_empty(work)
-
-
-def _drop_if_empty(folder: Path) -> None:
-    # A .part worth resuming keeps the folder; an empty one is clutter in the data folder.
-    with contextlib.suppress(OSError):
-        folder.rmdir()
 
 
 # ---- folds, cache, splits ---------------------------------------------------------------
@@ -598,9 +93,6 @@ def _check_tree(data_dir: Path) -> None:
             + _how_to_get(data_dir)
         )
 
-
-def _folds_present(folds_dir: Path) -> list[int]:
-    return [n for n in range(1, 100) if all(p.is_file() for p in fold_files(folds_dir, n))]
 
 
 def _split_folds(options: Any, folds_dir: Path) -> dict[str, list[int]]:
@@ -832,8 +324,6 @@ def describe(data_dir: Path) -> dict[str, Any]:
         "present": (data_dir / PICS_DIR).is_dir() and bool(folds),
         "where": str(data_dir),
         "folds": folds,
-        # Patch counts depend on data.negatives_per_face and on which folds feed which split.
-        "sizes": {"train": None, "val": None, "test": None},
         "image": "3x32x32",
         "files": files,
     }

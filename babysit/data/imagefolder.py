@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from babysit.data import DataError
-from babysit.data import DataRequest
-from babysit.data import DatasetEntry
-from babysit.data import Splits
-from babysit.data import register
-from babysit.data import seeded_split
+from babysit.data.core import DataError
+from babysit.data.core import DataRequest
+from babysit.data.core import DatasetEntry
+from babysit.data.core import Splits
+from babysit.data.core import register
+from babysit.data.core import seeded_split
 
 # torchvision's IMG_EXTENSIONS.
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
@@ -239,14 +239,12 @@ def load(request: DataRequest) -> Splits:
 
 def describe(data_dir: Path) -> dict[str, Any]:
     root = Path(data_dir)
-    sizes: dict[str, int | None] = {"train": None, "val": None, "test": None}
     try:
         layout = _layout(root)
     except DataError:
-        return {"present": False, "where": str(root), "sizes": sizes, "image": "Cx32x32"}
-    for split, folder in layout.items():
-        sizes[split] = len(_images(folder))
-    return {"present": True, "where": str(root), "sizes": sizes,
+        return {"present": False, "where": str(root), "image": "Cx32x32"}
+    return {"present": True, "where": str(root),
+            "folders": {split: str(folder) for split, folder in layout.items()},
             "classes": [f.name for f in _class_folders(layout["train"])],
             "image": "Cx32x32"}
 

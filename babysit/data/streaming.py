@@ -29,9 +29,9 @@ from torch.utils.data import Dataset
 from torch.utils.data import IterableDataset
 from torch.utils.data import Sampler
 
-from babysit.data import DataError
-from babysit.data import Splits
 from babysit.data.augment import Preprocess
+from babysit.data.core import DataError
+from babysit.data.core import Splits
 
 STREAM_ENV = "BABYSIT_STREAM"
 WORKERS_ENV = "BABYSIT_LOADER_WORKERS"
