@@ -263,6 +263,7 @@ def _finished(storage: Storage, run: str) -> bool:
 def _train(ablation: Ablation, variant: Variant, spec: Spec, storage: Storage, device: str,
            data_dir: str | None, quiet: bool) -> None:
     """One run: the final training at fixed params, or the whole protocol."""
+    from babysit.distributed import launch_final
     from babysit.final import final
     from babysit.protocol import prepare
     from babysit.protocol import record_data_facts
@@ -276,7 +277,7 @@ def _train(ablation: Ablation, variant: Variant, spec: Spec, storage: Storage, d
     record_data_facts(ctx)
     bar = Progress(spec.name, "epoch", quiet)
     try:
-        result = final(ctx, progress=bar.to, params=variant.params)
+        result = final(ctx, progress=bar.to, params=variant.params, launch=launch_final)
     finally:
         bar.close()
     publish_stage(ctx, result)

@@ -73,8 +73,8 @@ def _synced_stats(stats: EpochStats, world: int) -> EpochStats:
     (each rank evaluates the whole split) and the flags below as rank 0 has them."""
     if world == 1:
         return stats
-    from babysit.distributed import all_mean
-    from babysit.distributed import from_rank0
+    from babysit.ddp import all_mean
+    from babysit.ddp import from_rank0
 
     train_loss, train_acc = all_mean([stats.train_loss, stats.train_acc])
     val_loss, val_acc = from_rank0([stats.val_loss, stats.val_acc])
@@ -143,7 +143,7 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
     gen = generator_for(ctx, seed)  # the permutation: the same on every rank
     augment = None
     if world > 1:
-        from babysit.distributed import wrap
+        from babysit.ddp import wrap
 
         net = wrap(model)
         # Dropout and augmentation of their own per rank; one shared stream would give
@@ -195,14 +195,14 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
                 stats.epoch, last, time.perf_counter() - clock["since"], clock["write"],
                 spec.final.checkpoint_share))
         if world > 1:
-            from babysit.distributed import from_rank0
+            from babysit.ddp import from_rank0
 
             due = from_rank0([due])[0]
         if due:
             rng = {"torch_rng": torch.get_rng_state(),
                    "augment": augment.get_state() if augment is not None else None}
             if world > 1:
-                from babysit.distributed import gather_to_rank0
+                from babysit.ddp import gather_to_rank0
 
                 ranks = gather_to_rank0(rng)
             else:
@@ -300,12 +300,15 @@ def _test_and_store(ctx: Context, trial: optuna.Trial, model: torch.nn.Module,
 
 
 def final(ctx: Context, progress: Callable[[int, int], None] | None = None,
-          params: dict[str, float] | None = None) -> StageResult:
+          params: dict[str, float] | None = None,
+          launch: Callable[..., dict[str, Any]] | None = None) -> StageResult:
     """Train with the best parameters for the long budget, then evaluate on the test split.
 
     ``params`` ({"lr", "weight_decay"}) skips the searches' choice: `babysit ablate`'s
     mode "final" trains each variant with fixed parameters, as seed 000 did.
-    ``ctx.final_procs`` > 1 trains on that many processes (babysit.distributed)."""
+    ``ctx.final_procs`` > 1 trains on that many processes through ``launch``
+    (babysit.distributed.launch_final, passed in by the caller: the launcher imports this
+    module to run each rank, so this module does not import it back)."""
     study = open_stage(ctx, "final")
     params = params if params is not None else best_params(ctx)
 
@@ -314,9 +317,10 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None,
         wd = trial.suggest_float("weight_decay", params["weight_decay"],
                                  params["weight_decay"], log=True)
         if ctx.final_procs > 1:
-            from babysit.distributed import launch_final
-
-            result = launch_final(ctx, study, trial, lr, wd)
+            if launch is None:
+                raise ProtocolError(f"final.procs {ctx.final_procs} needs a launcher: call "
+                                    "final() with launch=babysit.distributed.launch_final")
+            result = launch(ctx, study, trial, lr, wd)
         else:
             ckpt = load_checkpoint(ctx, study)
             if ckpt is not None:

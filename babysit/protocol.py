@@ -26,6 +26,7 @@ from babysit.data.streaming import DatasetSplits
 from babysit.data.streaming import StreamingData
 from babysit.data.streaming import data_facts
 from babysit.data.streaming import stream_if_asked
+from babysit.distributed import launch_final
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
 from babysit.final import final
@@ -284,7 +285,7 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
     _gate(ctx, fine)
 
     bar = Progress("final", "epoch", ctx.quiet)
-    result = final(ctx, progress=bar.to)
+    result = final(ctx, progress=bar.to, launch=launch_final)
     bar.close()
     if result.status == "skipped":
         ctx.log(f"final: {result.verdict}; this process stops here")

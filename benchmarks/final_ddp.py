@@ -41,6 +41,7 @@ SMALL = ["model.fc_width=64", "model.conv_layers=3", "model.fc_layers=1"]
 def one(procs: int, args: argparse.Namespace) -> dict[str, float]:
     import optuna
 
+    from babysit.distributed import launch_final
     from babysit.final import final
     from babysit.protocol import prepare
     from babysit.spec import build_spec
@@ -68,7 +69,8 @@ def one(procs: int, args: argparse.Namespace) -> dict[str, float]:
         )
         ctx = dataclasses.replace(ctx, log=lambda _m: None)  # the Context is frozen
         t0 = time.perf_counter()
-        result = final(ctx, params={"lr": args.lr, "weight_decay": args.weight_decay})
+        result = final(ctx, params={"lr": args.lr, "weight_decay": args.weight_decay},
+                       launch=launch_final)
         wall = time.perf_counter() - t0
         if result.status != "passed":
             raise SystemExit(f"{procs} processes: final {result.status}: {result.verdict}")

@@ -141,14 +141,13 @@ def test_the_graph_sees_the_imports_it_should() -> None:
     assert cycles({"a": {"b"}, "b": set()}) == []
 
 
-def test_no_module_level_import_circles() -> None:
+def test_no_import_circles() -> None:
+    # Imports inside functions count too: a deferred import hides a circle from Python, not
+    # from a reader, and the layering (cli -> protocol -> stages -> train/record/storage ->
+    # data/models, docs/design.md) holds for both.
     top, every = import_graphs()
-    later = [c for c in cycles(every) if c not in cycles(top)]
-    if later:
-        print("\nimport circles through imports inside functions:")
-        for component in later:
-            print("  " + " <-> ".join(component))
     assert cycles(top) == []
+    assert cycles(every) == []
 
 
 def test_data_and_plugins_do_not_import_each_other() -> None:
