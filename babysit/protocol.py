@@ -302,7 +302,7 @@ def stored_spec(storage: Storage, run: str) -> Spec:
 
 
 def summarize(storage: Storage, run: str) -> dict[str, Any]:
-    """The summary JSON (DESIGN.md section 2), read from storage alone (babysit.record)."""
+    """The summary JSON (README.md, "Commands"; docs/design.md), read from storage alone (babysit.record)."""
     return record.summary(storage, run)
 
 

@@ -410,7 +410,7 @@ def stage_result(storage: Storage, run: str, stage: str, spec: Spec | None = Non
 
 def summary(storage: Storage, run: str,
             stages: dict[str, StageRecord] | None = None) -> dict[str, Any]:
-    """The summary JSON (DESIGN.md section 2), read from storage alone.
+    """The summary JSON (README.md, "Commands"; docs/design.md), read from storage alone.
 
     ``wall_seconds`` is None here: the process that ran the protocol fills it in with its
     own clock; `babysit status` shows the time from the trials' stored times instead.
