@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from typing import Any
+from typing import Literal
 
 import torch
 from torch import nn
@@ -132,15 +133,18 @@ class AlexNet(nn.Module):
             self._he_init(activation)
 
     def _he_init(self, activation: str) -> None:
-        nonlinearity = "leaky_relu" if activation == "leaky_relu" else "relu"
+        nonlinearity: Literal["leaky_relu", "relu"] = (
+            "leaky_relu" if activation == "leaky_relu" else "relu")
         # kaiming_normal_'s gain for leaky_relu reads the slope from `a` (default 0).
         slope = _LEAKY_SLOPE if activation == "leaky_relu" else 0.0
         last = self.classifier[-1]
+        assert isinstance(last, nn.Linear)  # __init__ ends the head with the class layer
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not last:
                 nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_in",
                                         nonlinearity=nonlinearity)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:  # every layer here is built with one
+                    nn.init.zeros_(m.bias)
         # The last layer stays small (AlexNet's N(0, 0.01)) so the initial loss is ~ln C.
         nn.init.normal_(last.weight, std=0.01)
         nn.init.zeros_(last.bias)
@@ -180,6 +184,7 @@ def calibrate_head(model: AlexNet, x: torch.Tensor, loss: str = "ce",
     larger counts. Running statistics are restored, so the model is as built.
     Returns the factor applied (1.0 when the head was already small enough)."""
     head = model.classifier[-1]
+    assert isinstance(head, nn.Linear)  # AlexNet's head ends with the class layer
     x = x[:_CALIBRATION_EXAMPLES]
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     saved = [{k: v.clone() for k, v in m.state_dict().items()} for m in norms]

@@ -238,20 +238,19 @@ def _from_mapping(ref: str, result: Mapping[str, Any]) -> Splits | DatasetSplits
     if any(isinstance(p, Dataset) for p in parts.values()):
         from babysit.data.streaming import TensorItems
 
-        datasets = {}
+        datasets: dict[str, Dataset] = {}
         for part, value in parts.items():
             if isinstance(value, Dataset):
                 datasets[part] = value
             else:
                 x, y = _pair(ref, part, value)
                 datasets[part] = TensorItems(x, y)
-        return DatasetSplits(classes=classes, num_workers=workers, **datasets)
-    tensors = {}
-    for part, value in parts.items():
-        x, y = _pair(ref, part, value)
-        tensors[f"{part}_x"] = x
-        tensors[f"{part}_y"] = y
-    splits = Splits(classes=classes, **tensors)
+        return DatasetSplits(classes=classes, train=datasets["train"], val=datasets["val"],
+                             test=datasets["test"], num_workers=workers)
+    pairs = {part: _pair(ref, part, value) for part, value in parts.items()}
+    splits = Splits(classes=classes, train_x=pairs["train"][0], train_y=pairs["train"][1],
+                    val_x=pairs["val"][0], val_y=pairs["val"][1],
+                    test_x=pairs["test"][0], test_y=pairs["test"][1])
     if result.get("stream"):
         splits.check(ref)
         streamed = DatasetSplits.from_tensors(splits)

@@ -238,6 +238,9 @@ class Spec:
     narrow: NarrowSpec = field(default_factory=NarrowSpec)
     fine: SearchSpec = field(default_factory=SearchSpec)
     final: FinalSpec = field(default_factory=FinalSpec)
+    # The keys build_spec was given. Unannotated on purpose: a class attribute, not a field,
+    # so it is no part of the run's identity (to_dict); a spec rebuilt elsewhere has none.
+    explicit_keys = frozenset[str]()
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from datetime import timedelta
 from typing import Any
+from typing import cast
 
 import optuna
 import sqlalchemy
@@ -141,12 +142,26 @@ class _ReconnectingRDBStorage(optuna.storages.RDBStorage):
         return _retrying_call(self, _create_trial_once, study_id, template_trial)
 
 
+# Optuna's ORM models declare their columns as ``Column(...)``, so the type checker sees a
+# Column where a loaded row holds the value; these read a TrialModel row's values as such.
+def _row_id(trial: _models.TrialModel) -> int:
+    return cast(int, trial.trial_id)
+
+
+def _row_number(trial: _models.TrialModel) -> int:
+    return cast(int, trial.number)
+
+
+def _row_state(trial: _models.TrialModel) -> TrialState:
+    return cast(TrialState, trial.state)
+
+
 def _claim(storage: _ReconnectingRDBStorage, trial_id: int, token: str) -> bool:
     """Optuna's WAITING -> RUNNING (RDBStorage.set_trial_state_values), plus the claim."""
     try:
         with _create_scoped_session(storage.scoped_session) as session:
             trial = _models.TrialModel.find_or_raise_by_id(trial_id, session, for_update=True)
-            storage.check_trial_is_updatable(trial_id, trial.state)
+            storage.check_trial_is_updatable(trial_id, _row_state(trial))
             if trial.state != TrialState.WAITING:
                 return False
             trial.state = TrialState.RUNNING
@@ -195,7 +210,7 @@ def _orphaned_trial_ids(storage: _ReconnectingRDBStorage, study_id: int) -> list
             .filter(_models.TrialModel.state == TrialState.RUNNING)
             .all()
         )
-        return [t.trial_id for t in running
+        return [_row_id(t) for t in running
                 if not t.heartbeats and t.datetime_start is not None
                 and t.datetime_start < cutoff]
 
@@ -213,15 +228,15 @@ def _create_trial_once(storage: _ReconnectingRDBStorage, study_id: int,
         trial = storage._get_prepared_new_trial(study_id, template_trial, session)
         if template_trial:
             frozen = copy.deepcopy(template_trial)
-            frozen.number = trial.number
+            frozen.number = _row_number(trial)
             frozen.datetime_start = trial.datetime_start
-            frozen._trial_id = trial.trial_id
+            frozen._trial_id = _row_id(trial)
             return frozen
         return FrozenTrial(
-            number=trial.number, state=trial.state, value=None, values=None,
+            number=_row_number(trial), state=_row_state(trial), value=None, values=None,
             datetime_start=trial.datetime_start, datetime_complete=None, params={},
             distributions={}, user_attrs={}, system_attrs={}, intermediate_values={},
-            trial_id=trial.trial_id,
+            trial_id=_row_id(trial),
         )
 
 

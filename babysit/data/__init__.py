@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 from babysit.data.core import _REGISTRY
@@ -24,6 +25,9 @@ from babysit.data.core import register
 from babysit.data.core import seeded_split
 from babysit.errors import UsageError
 from babysit.spec import DataSpec
+
+if TYPE_CHECKING:
+    from babysit.data.streaming import DatasetSplits
 
 __all__ = ["DataError", "DataRequest", "DatasetEntry", "Splits", "default_data_dir",
            "describe_dataset", "load_dataset", "register", "registered", "seeded_split"]
@@ -46,8 +50,9 @@ def _load_builtins() -> None:
                 raise
 
 
-def load_dataset(name: str, request: DataRequest) -> Splits:
-    """Resolve ``name`` (a registered name or ``module:callable``) and load its splits."""
+def load_dataset(name: str, request: DataRequest) -> Splits | DatasetSplits:
+    """Resolve ``name`` (a registered name or ``module:callable``) and load its splits
+    (a ``module:callable`` may return Datasets, streamed rather than preloaded)."""
     _load_builtins()
     if ":" in name:
         from babysit.plugins import load_user_dataset

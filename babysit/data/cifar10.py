@@ -10,6 +10,7 @@ checksum check rejects any tree that is not byte-for-byte the published one, and
 from __future__ import annotations
 
 import hashlib
+import importlib
 import pickle
 import shutil
 import tempfile
@@ -51,10 +52,10 @@ _RECORD = 1 + _PIXELS
 def _numpy_reconstruct() -> Any:
     # numpy 2 moved the module to numpy._core; touching numpy.core there warns.
     try:
-        from numpy._core.multiarray import _reconstruct
+        multiarray = importlib.import_module("numpy._core.multiarray")
     except ImportError:  # numpy < 2
-        from numpy.core.multiarray import _reconstruct
-    return _reconstruct
+        multiarray = importlib.import_module("numpy.core.multiarray")
+    return multiarray._reconstruct
 
 
 # Everything a CIFAR pickle references: numpy array reconstruction, nothing that runs code.

@@ -157,7 +157,8 @@ def _save_cache(path: Path, sets: dict[str, PatchSet], info: dict[str, Any]) -> 
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}-", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez_compressed(fh, **arrays)
+            # The reader refuses pickles (allow_pickle=False), so the writer does too.
+            np.savez_compressed(fh, allow_pickle=False, **arrays)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -102,8 +102,8 @@ def _decode(path: Path, mode: str, size: int) -> np.ndarray | str:
     from PIL import Image
 
     try:
-        with Image.open(path) as img:
-            img = img.convert(mode)
+        with Image.open(path) as opened:
+            img = opened.convert(mode)
             if img.size != (size, size):
                 img = img.resize((size, size), Image.Resampling.BILINEAR)
             return np.array(img, dtype=np.uint8)
@@ -133,8 +133,8 @@ def load_folder(root: Path, size: int, seed: int, val_fraction: float,
     listed = {"train": (files, labels)}
     for split in ("val", "test"):
         if split in layout:
-            _, f, y = _list(layout[split], classes)
-            listed[split] = (f, y)
+            _, split_files, split_labels = _list(layout[split], classes)
+            listed[split] = (split_files, split_labels)
     everything = [p for f, _ in listed.values() for p in f]
     from PIL import Image
 
@@ -155,14 +155,14 @@ def load_folder(root: Path, size: int, seed: int, val_fraction: float,
     for split, (paths, ys) in listed.items():
         keep_x: list[np.ndarray] = []
         keep_y: list[int] = []
-        for path, y in zip(paths, ys, strict=True):
+        for path, label in zip(paths, ys, strict=True):
             out = decoded[at]
             at += 1
             if isinstance(out, str):
                 skipped.append(f"{path.relative_to(root)} ({out})")
             else:
                 keep_x.append(out)
-                keep_y.append(y)
+                keep_y.append(label)
         arrays[split] = (keep_x, keep_y)
     if skipped:
         shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5

@@ -18,6 +18,7 @@ import numbers
 import os
 from collections.abc import Iterator
 from collections.abc import Sequence
+from collections.abc import Sized
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
@@ -68,6 +69,13 @@ def _workers(asked: int | None) -> int:
             raise DataError(f"{WORKERS_ENV} must be 0 or more, got {value}")
         return value
     return _default_workers() if asked is None else asked
+
+
+def _length(ds: Dataset) -> int:
+    # torch's Dataset declares no __len__ (iterable ones have none); check() has refused
+    # any split without one, so every Dataset that gets here is Sized.
+    assert isinstance(ds, Sized), f"{type(ds).__name__} has no len()"
+    return len(ds)
 
 
 def _is_image(obj: Any) -> bool:
@@ -220,9 +228,9 @@ class DatasetSplits:
                 raise DataError(f"dataset {source}: the {part} split is empty")
         gen = torch.Generator().manual_seed(_HEAD_SEED)
         picks = {
-            "train": torch.randperm(len(self.train), generator=gen)[:STATS_SAMPLE].tolist(),
-            "val": list(range(min(CHECK_SAMPLE, len(self.val)))),
-            "test": list(range(min(CHECK_SAMPLE, len(self.test)))),
+            "train": torch.randperm(_length(self.train), generator=gen)[:STATS_SAMPLE].tolist(),
+            "val": list(range(min(CHECK_SAMPLE, _length(self.val)))),
+            "test": list(range(min(CHECK_SAMPLE, _length(self.test)))),
         }
         items = {part: [_fetch(getattr(self, part), i, source, part) for i in idx]
                  for part, idx in picks.items()}
@@ -296,7 +304,7 @@ class StreamingData:
                                     else splits.num_workers)
         self._device = device
         self._loaders: dict[tuple[str, int], DataLoader] = {}
-        self._sampler = _EpochSampler(len(splits.train))
+        self._sampler = _EpochSampler(_length(splits.train))
         self._head: tuple[torch.Tensor, torch.Tensor] | None = None
         self._val_labels: torch.Tensor | None = None
 
@@ -311,7 +319,7 @@ class StreamingData:
 
     @property
     def train_size(self) -> int:
-        return len(self.splits.train)
+        return _length(self.splits.train)
 
     @property
     def in_channels(self) -> int:
