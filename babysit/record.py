@@ -61,6 +61,8 @@ class Reason:
     PRUNED = "pruned"
     LR_TOO_LOW = "lr too low"
     RUNNING_WHEN_COPIED = "running when copied"
+    # Ctrl-C or SIGTERM stopped the process while the trial trained; a rerun replaces it.
+    INTERRUPTED = "interrupted"
 
 
 class StudyKey:
@@ -86,6 +88,17 @@ class StudyKey:
     NARROWED = "narrowed"
     CHECKPOINT = "checkpoint"
     PUBLISHED = "published"
+
+
+class CheckpointKey:
+    """Keys of the final study's ``checkpoint`` attr. While the final trains it names the
+    newest checkpoint (``ARTIFACT_ID``); once the final passed the file is removed and the
+    attr keeps ``EPOCH`` and ``TRIAL`` with the removed id under ``DELETED`` instead."""
+
+    ARTIFACT_ID = "artifact_id"
+    EPOCH = "epoch"
+    TRIAL = "trial"
+    DELETED = "deleted"
 
 
 class TrialKey:
@@ -139,6 +152,21 @@ class TrialKey:
     TEST_LOSS = "test_loss"
     BATCH = "batch"
     MODEL_ARTIFACT = "model_artifact"
+    # Where the trained weights were written: a file path, or the object store's URL.
+    MODEL_PATH = "model_path"
+
+
+# The final's trained weights are the artifact ``<run>/model.pt`` (TrialKey.MODEL_ARTIFACT),
+# with what builds their network in ``<run>/model.json`` beside them.
+MODEL_FILE = "model.pt"
+MODEL_INFO_FILE = "model.json"
+
+
+def model_info_id(model_id: str) -> str | None:
+    """The artifact id of the JSON beside a model's weights; None for a model stored under
+    a bare id (runs of an older babysit: one UUID, no JSON)."""
+    folder, _, name = model_id.rpartition("/")
+    return f"{folder}/{MODEL_INFO_FILE}" if folder and name == MODEL_FILE else None
 
 
 _A = TypeVar("_A", bound="_Attrs")
@@ -240,6 +268,7 @@ class TrialAttrs(_Attrs):
     test_loss: float | None = None
     batch: dict[str, int] | None = None
     model_artifact: str | None = None
+    model_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -402,6 +431,7 @@ def stage_result(storage: Storage, run: str, stage: str, spec: Spec | None = Non
     return {"status": "passed", "params": dict(t.params), "epochs": a.epochs_run,
             "val_accuracy": a.val_accuracy, "test_accuracy": a.test_accuracy,
             "test_loss": a.test_loss, "model_artifact": a.model_artifact,
+            "model_path": a.model_path,
             # The plateau stop: the epoch whose weights were tested, the epochs of the
             # budget not run, and why training ended.
             "best_epoch": a.best_epoch, "epochs_saved": a.epochs_saved, "stopped": a.stopped,
