@@ -13,6 +13,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,10 @@ from babysit.storage import Storage
 _CKPT_ATTR = StudyKey.CHECKPOINT
 
 
+def _checkpoint_prefix(run: str) -> str:
+    return f"{run.replace('/', '_')}-final-epoch"
+
+
 def save_checkpoint(ctx: Context, study: optuna.Study, trial: optuna.Trial,
                     state: dict[str, Any], epoch: int) -> None:
     """Write the newest checkpoint to the artifact store and drop the one before it.
@@ -42,7 +47,7 @@ def save_checkpoint(ctx: Context, study: optuna.Study, trial: optuna.Trial,
     is ~200 MB.
     """
     store = ctx.storage.artifacts
-    artifact_id = f"{ctx.spec.name.replace('/', '_')}-final-epoch{epoch}-{trial.number}"
+    artifact_id = f"{_checkpoint_prefix(ctx.spec.name)}{epoch}-{trial.number}"
     # Through a temporary file, not a BytesIO: one copy of the state in memory, not two.
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "checkpoint.pt")
@@ -65,6 +70,7 @@ def delete_checkpoint(ctx: Context, study: optuna.Study) -> None:
     model (the checkpoint adds the optimiser state and a second copy of the weights, ~279 MB
     for the digits AlexNet with Adam). The attr keeps the epoch and names the removed file
     under ``deleted``. Safe to call again: a rerun of a finished run finds nothing to do."""
+    _remove_orphans(ctx)
     meta = study.user_attrs.get(_CKPT_ATTR)
     if not meta or not meta.get(CheckpointKey.ARTIFACT_ID):
         return
@@ -75,6 +81,19 @@ def delete_checkpoint(ctx: Context, study: optuna.Study) -> None:
         pass
     kept = {k: v for k, v in meta.items() if k != CheckpointKey.ARTIFACT_ID}
     study.set_user_attr(_CKPT_ATTR, {**kept, CheckpointKey.DELETED: artifact_id})
+
+
+def _remove_orphans(ctx: Context) -> None:
+    """Checkpoints of the run no attr names: a kill between writing a checkpoint and
+    removing the one before leaves one behind. Looked for in an artifact folder only (an
+    object store is not listed); ``<run>-final-epoch<E>-<N>`` exactly, so another run's
+    files, even of a name that starts alike, stay."""
+    if ctx.storage.artifact_store or not ctx.storage.artifact_dir.is_dir():
+        return
+    name = re.compile(re.escape(_checkpoint_prefix(ctx.spec.name)) + r"\d+-\d+")
+    for path in ctx.storage.artifact_dir.iterdir():
+        if name.fullmatch(path.name) and path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def load_checkpoint(ctx: Context, study: optuna.Study,
