@@ -425,7 +425,8 @@ def stage_result(storage: Storage, run: str, stage: str, spec: Spec | None = Non
     complete = rec.complete
     if not complete:
         return {"status": "running" if rec.trials else "skipped", "params": None,
-                "epochs": None, "val_accuracy": None, "test_accuracy": None, "test_loss": None}
+                "epochs": None, "val_accuracy": None, "test_accuracy": None, "test_loss": None,
+                "model_path": None}
     t = complete[0]
     a = trial_attrs(t)
     return {"status": "passed", "params": dict(t.params), "epochs": a.epochs_run,
