@@ -24,12 +24,13 @@ import torch
 
 from babysit.context import Context
 from babysit.errors import UsageError
-from babysit.record import MODEL_FILE
-from babysit.record import MODEL_INFO_FILE
+from babysit.model_file import MODEL_FILE
+from babysit.model_file import MODEL_INFO_FILE
+from babysit.model_file import artifact_location
+from babysit.model_file import model_info_id
 from babysit.record import CheckpointKey
 from babysit.record import StudyKey
 from babysit.record import TrialKey
-from babysit.record import model_info_id
 from babysit.storage import Storage
 
 _CKPT_ATTR = StudyKey.CHECKPOINT
@@ -135,14 +136,6 @@ def model_artifact_id(run: str) -> str:
     return f"{run}/{MODEL_FILE}"
 
 
-def model_location(storage: Storage, artifact_id: str) -> str:
-    """Where an artifact lies, for people: an absolute file path for an artifact folder,
-    the ``s3://`` URL for an object store."""
-    if storage.artifact_store:
-        return f"{storage.artifact_store.rstrip('/')}/{artifact_id}"
-    return str((storage.artifact_dir / artifact_id).resolve())
-
-
 def _write(storage: Storage, artifact_id: str, body: BinaryIO) -> None:
     if not storage.artifact_store:
         # Optuna's file store writes into existing folders only; <run>/ is new.
@@ -171,7 +164,7 @@ def save_model(ctx: Context, trial: optuna.Trial, model: torch.nn.Module) -> str
             "mean": data.pre.mean.flatten().tolist(), "std": data.pre.std.flatten().tolist()}
     _write(ctx.storage, str(model_info_id(artifact_id)),
            io.BytesIO((json.dumps(info, indent=2) + "\n").encode()))
-    where = model_location(ctx.storage, artifact_id)
+    where = artifact_location(ctx.storage, artifact_id)
     trial.set_user_attr(TrialKey.MODEL_ARTIFACT, artifact_id)
     trial.set_user_attr(TrialKey.MODEL_PATH, where)
     return where

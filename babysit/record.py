@@ -36,6 +36,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from babysit.errors import UsageError
+from babysit.model_file import model_path
 from babysit.spec import Spec
 from babysit.storage import STAGES
 from babysit.storage import Storage
@@ -154,19 +155,6 @@ class TrialKey:
     MODEL_ARTIFACT = "model_artifact"
     # Where the trained weights were written: a file path, or the object store's URL.
     MODEL_PATH = "model_path"
-
-
-# The final's trained weights are the artifact ``<run>/model.pt`` (TrialKey.MODEL_ARTIFACT),
-# with what builds their network in ``<run>/model.json`` beside them.
-MODEL_FILE = "model.pt"
-MODEL_INFO_FILE = "model.json"
-
-
-def model_info_id(model_id: str) -> str | None:
-    """The artifact id of the JSON beside a model's weights; None for a model stored under
-    a bare id (runs of an older babysit: one UUID, no JSON)."""
-    folder, _, name = model_id.rpartition("/")
-    return f"{folder}/{MODEL_INFO_FILE}" if folder and name == MODEL_FILE else None
 
 
 _A = TypeVar("_A", bound="_Attrs")
@@ -432,7 +420,7 @@ def stage_result(storage: Storage, run: str, stage: str, spec: Spec | None = Non
     return {"status": "passed", "params": dict(t.params), "epochs": a.epochs_run,
             "val_accuracy": a.val_accuracy, "test_accuracy": a.test_accuracy,
             "test_loss": a.test_loss, "model_artifact": a.model_artifact,
-            "model_path": a.model_path,
+            "model_path": model_path(storage, a.model_artifact, a.model_path),
             # The plateau stop: the epoch whose weights were tested, the epochs of the
             # budget not run, and why training ended.
             "best_epoch": a.best_epoch, "epochs_saved": a.epochs_saved, "stopped": a.stopped,

@@ -27,11 +27,11 @@ import optuna
 from optuna.trial import TrialState
 
 from babysit.errors import UsageError
+from babysit.model_file import model_info_id
 from babysit.record import ARTIFACT_PREFIX
 from babysit.record import Reason
 from babysit.record import StudyAttrs
 from babysit.record import TrialKey
-from babysit.record import model_info_id
 from babysit.record import trial_attrs
 from babysit.storage import STAGES
 from babysit.storage import Storage

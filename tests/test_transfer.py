@@ -276,3 +276,9 @@ def test_copy_moves_a_model_file_and_its_json_into_the_run_folder(tmp_path: Path
     for name in ("model.pt", "model.json"):
         assert (tmp_path / "dst-art" / "r" / name).read_bytes() == (
             tmp_path / "src-art" / "r" / name).read_bytes()
+    # The copy's summary points at the copy's file, not at the path stored where it trained.
+    from babysit.model_file import model_path
+
+    assert model_path(dst, "r/model.pt", str(tmp_path / "src-art" / "r" / "model.pt")) == str(
+        (tmp_path / "dst-art" / "r" / "model.pt").resolve())
+    assert model_path(dst, "3f2a-uuid", "/old/place") == "/old/place"  # an older run's model
