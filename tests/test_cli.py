@@ -276,7 +276,11 @@ def test_resume_after_a_stop_in_the_middle_of_coarse(tmp_path: Path, sig: int) -
             "--set", "coarse.pruner=\"none\""]
     proc = popen(*args, cwd=tmp_path)
     # Stopped while a trial trains: two finished and a third under way.
-    _wait_for(lambda: _finished_coarse(db) >= 2 and _running_coarse(db))
+    def mid_trial() -> bool:
+        assert proc.poll() is None, proc.communicate()[1]  # the run ended before the stop
+        return _finished_coarse(db) >= 2 and _running_coarse(db)
+
+    _wait_for(mid_trial, timeout=300)  # sanity, overfit and two trials on a busy machine
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if sig == signal.SIGINT:
