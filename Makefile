@@ -34,7 +34,9 @@ test-slow: setup system
 	$(BIN)/python -m pytest -q -m slow tests
 
 lint: setup
+	$(BIN)/ruff format --check babysit tests benchmarks
 	$(BIN)/ruff check babysit tests benchmarks
+	$(BIN)/mypy babysit
 
 bench: setup
 	$(BIN)/python benchmarks/protocol_budget.py

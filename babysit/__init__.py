@@ -9,8 +9,8 @@ from babysit.spec import Spec
 
 __version__ = "0.1.0"
 
-__all__ = ["BabysitError", "ProtocolError", "Spec", "UsageError", "__version__", "load_run",
-           "run"]
+__all__ = ["BabysitError", "ProtocolError", "Spec", "UsageError", "__version__", "load_model",
+           "load_run", "run"]
 
 
 def __getattr__(name: str) -> object:
@@ -20,4 +20,8 @@ def __getattr__(name: str) -> object:
         from babysit import api
 
         return getattr(api, name)
+    if name == "load_model":  # a finished run's model.pt, rebuilt into its network
+        from babysit.checkpoint import load_model
+
+        return load_model
     raise AttributeError(f"module 'babysit' has no attribute {name!r}")

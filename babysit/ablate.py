@@ -122,8 +122,7 @@ def _table_valued_keys() -> set[str]:
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
         if dataclasses.is_dataclass(value):
-            table = "model" if f.name == "arch" else f.name
-            out.update(f"{table}.{g.name}" for g in dataclasses.fields(value)
+            out.update(f"{f.name}.{g.name}" for g in dataclasses.fields(value)
                        if isinstance(getattr(value, g.name), dict))
     return out
 

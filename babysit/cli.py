@@ -267,9 +267,15 @@ def _closing_lines(summary: dict[str, Any], storage: Any) -> None:
     if final["status"] == "passed":
         params = ", ".join(f"{k}={v:.3g}" for k, v in final["params"].items())
         print(f"chosen: {params}", file=out)
-        print(f"test accuracy {final['test_accuracy']:.4f}, test loss {final['test_loss']:.4f} "
-              f"after {plural(final['epochs'], 'epoch')}; {summary['epochs_spent']:.1f} epochs spent in "
-              "all stages", file=out)
+        # The test accuracy is the run's result; validation (which chose the epoch) beside it.
+        val = final.get("val_accuracy")
+        beside = f" (val {val:.4f})" if val is not None else ""
+        print(f"test accuracy {final['test_accuracy']:.4f}{beside}, test loss "
+              f"{final['test_loss']:.4f} after {plural(final['epochs'], 'epoch', 'epochs')}; "
+              f"{summary['epochs_spent']:.1f} epochs spent in all stages", file=out)
+        if final.get("model_path"):
+            print(f"model: {final['model_path']} (babysit.load_model(PATH) rebuilds the "
+                  "network)", file=out)
     url = storage.shown
     flag = "" if url == "sqlite:///babysit.db" else f" --storage '{url}'"
     print(f"storage: {url}; studies {summary['name']}/<stage>; dashboard: babysit "

@@ -34,6 +34,8 @@ from optuna.trial import TrialState
 
 from babysit.errors import UsageError
 from babysit.errors import raise_if_interrupted
+from babysit.interrupts import marking_interrupts
+from babysit.interrupts import say_interrupted
 from babysit.spec import SearchSpec
 from babysit.spec import Spec
 from babysit.spec import check_run_name
@@ -177,6 +179,8 @@ def open_stage(ctx: Context, stage: str, sampler: optuna.samplers.BaseSampler | 
         study.set_user_attr("spec", ctx.spec.to_dict())
         study.set_user_attr("run", ctx.spec.name)
         study.set_user_attr("stage", stage)
+    if ctx.owner:
+        say_interrupted(ctx, study, stage)
     return study
 
 
@@ -210,7 +214,7 @@ def _diff_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[s
         if isinstance(va, dict) and isinstance(vb, dict) and key not in ("lrs",):
             out.extend(_diff_keys(va, vb, f"{prefix}{key}."))
         elif va != vb:
-            out.append(f"{prefix}{'model' if key == 'arch' else key}")
+            out.append(f"{prefix}{key}")
     return out
 
 
@@ -280,7 +284,7 @@ def _surplus(trial: optuna.Trial, reason: str) -> None:
 
 def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> None:
     try:
-        study.optimize(objective, n_trials=1, catch=(_Surplus,))
+        study.optimize(marking_interrupts(objective), n_trials=1, catch=(_Surplus,))
     except Exception as err:
         # Optuna buries a lost database under its own post-processing errors; say it plainly.
         cause: BaseException | None = err

@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 
 from babysit.checkpoint import checkpoint_due
 from babysit.checkpoint import copy_weights
+from babysit.checkpoint import delete_checkpoint
 from babysit.checkpoint import load_checkpoint
 from babysit.checkpoint import save_checkpoint
 from babysit.checkpoint import save_model
@@ -38,6 +39,7 @@ from babysit.diagnostics import narrowing_warnings
 from babysit.diagnostics import record_diagnostics
 from babysit.diagnostics import upload_filters
 from babysit.errors import ProtocolError
+from babysit.record import TrialKey
 from babysit.stages import best_of
 from babysit.terminal import plural
 from babysit.train import EpochStats
@@ -287,12 +289,13 @@ def _test_and_store(ctx: Context, trial: optuna.Trial, model: torch.nn.Module,
     if world > 1:
         trial.set_user_attr("batch", {"global": per_rank * world, "per_rank": per_rank,
                                       "ranks": world})
+    # Test accuracy first: the number the run is for; validation chose the epoch.
     stop = (f"stopped after epoch {epochs_run} of {spec.final.epochs}: no better validation "
-            f"for {plural(spec.final.patience, 'epoch')}; " if saved > 0
-            else f"{plural(epochs_run, 'epoch')}; ")
-    trial.set_user_attr("verdict", (
-        f"{stop}best epoch {best['epoch']} at lr {lr:.3g}, weight_decay {wd:.3g}: val "
-        f"accuracy {val_acc:.3f}, test accuracy {test_acc:.3f} (loss {test_loss:.3f})"
+            f"for {plural(spec.final.patience, 'epoch', 'epochs')}" if saved > 0
+            else plural(epochs_run, "epoch", "epochs"))
+    trial.set_user_attr(TrialKey.VERDICT, (
+        f"test accuracy {test_acc:.3f} (loss {test_loss:.3f}), val accuracy {val_acc:.3f}; "
+        f"best epoch {best['epoch']} at lr {lr:.3g}, weight_decay {wd:.3g}; {stop}"
         + (f"; {world} processes" if world > 1 else "")))
     save_model(ctx, trial, model)
     upload_filters(ctx.storage, trial, model)  # diagnostics: first-layer filters PNG
@@ -341,6 +344,9 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None,
     if trial.state != TrialState.COMPLETE:
         return StageResult("final", "failed", trial.user_attrs.get("verdict", "final failed"),
                            {})
+    # Only the model is kept of a passed final: its resumable checkpoint goes (here, and
+    # on a rerun that finds it left by a process killed in between).
+    delete_checkpoint(ctx, study)
     a = trial.user_attrs
     return StageResult("final", "passed", a["verdict"], {
         "params": params,
@@ -350,4 +356,5 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None,
         "val_accuracy": a.get("val_accuracy"),
         "test_accuracy": a.get("test_accuracy"),
         "test_loss": a.get("test_loss"),
+        "model_path": a.get(TrialKey.MODEL_PATH),
     })

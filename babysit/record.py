@@ -36,6 +36,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from babysit.errors import UsageError
+from babysit.model_file import model_path
 from babysit.spec import Spec
 from babysit.storage import STAGES
 from babysit.storage import Storage
@@ -61,6 +62,8 @@ class Reason:
     PRUNED = "pruned"
     LR_TOO_LOW = "lr too low"
     RUNNING_WHEN_COPIED = "running when copied"
+    # Ctrl-C or SIGTERM stopped the process while the trial trained; a rerun replaces it.
+    INTERRUPTED = "interrupted"
 
 
 class StudyKey:
@@ -86,6 +89,17 @@ class StudyKey:
     NARROWED = "narrowed"
     CHECKPOINT = "checkpoint"
     PUBLISHED = "published"
+
+
+class CheckpointKey:
+    """Keys of the final study's ``checkpoint`` attr. While the final trains it names the
+    newest checkpoint (``ARTIFACT_ID``); once the final passed the file is removed and the
+    attr keeps ``EPOCH`` and ``TRIAL`` with the removed id under ``DELETED`` instead."""
+
+    ARTIFACT_ID = "artifact_id"
+    EPOCH = "epoch"
+    TRIAL = "trial"
+    DELETED = "deleted"
 
 
 class TrialKey:
@@ -139,6 +153,8 @@ class TrialKey:
     TEST_LOSS = "test_loss"
     BATCH = "batch"
     MODEL_ARTIFACT = "model_artifact"
+    # Where the trained weights were written: a file path, or the object store's URL.
+    MODEL_PATH = "model_path"
 
 
 _A = TypeVar("_A", bound="_Attrs")
@@ -240,6 +256,7 @@ class TrialAttrs(_Attrs):
     test_loss: float | None = None
     batch: dict[str, int] | None = None
     model_artifact: str | None = None
+    model_path: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -396,12 +413,14 @@ def stage_result(storage: Storage, run: str, stage: str, spec: Spec | None = Non
     complete = rec.complete
     if not complete:
         return {"status": "running" if rec.trials else "skipped", "params": None,
-                "epochs": None, "val_accuracy": None, "test_accuracy": None, "test_loss": None}
+                "epochs": None, "val_accuracy": None, "test_accuracy": None, "test_loss": None,
+                "model_path": None}
     t = complete[0]
     a = trial_attrs(t)
     return {"status": "passed", "params": dict(t.params), "epochs": a.epochs_run,
             "val_accuracy": a.val_accuracy, "test_accuracy": a.test_accuracy,
             "test_loss": a.test_loss, "model_artifact": a.model_artifact,
+            "model_path": model_path(storage, a.model_artifact, a.model_path),
             # The plateau stop: the epoch whose weights were tested, the epochs of the
             # budget not run, and why training ended.
             "best_epoch": a.best_epoch, "epochs_saved": a.epochs_saved, "stopped": a.stopped,

@@ -260,12 +260,6 @@ class Spec:
         """The fields that define a run; two specs with equal identity are the same run."""
         return self.to_dict()
 
-    @property
-    def arch(self) -> ModelSpec:
-        """The ``model`` table under the name earlier versions used, for code not yet
-        renamed; new code reads ``spec.model``."""
-        return self.model
-
 
 def all_keys(spec: Spec | None = None) -> list[str]:
     """Every settable key, dotted, as TOML and --set spell them."""

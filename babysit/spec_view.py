@@ -47,7 +47,7 @@ def _comments(cls: type) -> dict[str, str]:
 def _fields(spec: Spec) -> list[tuple[str, Any, Any, str]]:
     """(dotted key, value, rule, reason) for every settable key, as TOML and --set spell it."""
     rows = []
-    tables = {"model" if f.name == "arch" else f.name: f.name for f in dataclasses.fields(spec)}
+    tables = {f.name: f.name for f in dataclasses.fields(spec)}
     for key in all_keys(spec):
         if key == "model.name":
             continue  # the same field as the top-level `model`

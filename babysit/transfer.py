@@ -27,6 +27,7 @@ import optuna
 from optuna.trial import TrialState
 
 from babysit.errors import UsageError
+from babysit.model_file import model_info_id
 from babysit.record import ARTIFACT_PREFIX
 from babysit.record import Reason
 from babysit.record import StudyAttrs
@@ -126,6 +127,9 @@ def _artifact_ids(study: optuna.Study) -> list[str]:
         model = trial_attrs(t).model_artifact
         if isinstance(model, str):
             ids.append(model)
+            info = model_info_id(model)  # the JSON babysit.load_model rebuilds it from
+            if info is not None:
+                ids.append(info)
     checkpoint = StudyAttrs.from_attrs(study.user_attrs).checkpoint
     if isinstance(checkpoint, dict) and checkpoint.get("artifact_id"):
         ids.append(checkpoint["artifact_id"])
@@ -141,6 +145,8 @@ def _copy_artifacts(src: Storage, dst: Storage, ids: list[str]) -> tuple[int, li
         return len(present), missing  # one shared store: writing a file onto itself empties it
     source, target = src.artifacts, dst.artifacts
     for artifact_id in present:
+        if not dst.artifact_store:  # <run>/model.pt: the file store writes into folders only
+            (dst.artifact_dir / artifact_id).parent.mkdir(parents=True, exist_ok=True)
         with source.open_reader(artifact_id) as fh:
             target.write(artifact_id, fh)
     return len(present), missing

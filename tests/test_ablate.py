@@ -195,9 +195,9 @@ def test_run_names_seeds_and_override_order(tmp_path: Path) -> None:
     base = ablation.runs[0][2]
     bce = ablation.runs[3][2]
     # --set beats the file; the variant's own change beats --set.
-    assert base.arch.fc_width == bce.arch.fc_width == 64
-    assert (base.loss, base.arch.fc_layers) == ("ce", 3)
-    assert (bce.loss, bce.arch.fc_layers) == ("bce", 2)
+    assert base.model.fc_width == bce.model.fc_width == 64
+    assert (base.loss, base.model.fc_layers) == ("ce", 3)
+    assert (bce.loss, bce.model.fc_layers) == ("bce", 2)
     assert ablation.variants[1].sets == {"loss": "bce", "model.fc_layers": 2}
     assert ablation.variants[0].change == "baseline"
 
@@ -211,12 +211,12 @@ def test_seed_000_study_file() -> None:
     for variant, spec in by_name.values():
         assert variant.params == {"lr": 1e-4, "weight_decay": 5e-4}
         assert (spec.dataset, spec.optimizer, spec.batch_size) == ("cifar10", "adam", 128)
-        assert spec.arch.geometry == "alexnet227" and spec.final.epochs == 10
-    assert by_name["4-conv"][1].arch.conv_layers == 4
-    assert by_name["1-fc"][1].arch.fc_layers == 1
-    assert by_name["leaky-relu"][1].arch.activation == "leaky_relu"
+        assert spec.model.geometry == "alexnet227" and spec.final.epochs == 10
+    assert by_name["4-conv"][1].model.conv_layers == 4
+    assert by_name["1-fc"][1].model.fc_layers == 1
+    assert by_name["leaky-relu"][1].model.activation == "leaky_relu"
     best = by_name["3-conv-bce"][1]
-    assert (best.arch.conv_layers, best.loss) == (3, "bce")
+    assert (best.model.conv_layers, best.loss) == (3, "bce")
     assert by_name["3-conv-bce"][0].reported == pytest.approx(0.8137)
     assert by_name["baseline"][0].reported == pytest.approx(0.70)
 

@@ -1,8 +1,11 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -10,8 +13,10 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from tests.conftest import ROOT
 from tests.conftest import TINY
 from tests.conftest import babysit
+from tests.conftest import cli_env
 from tests.conftest import popen
 
 BROKEN_MODEL = '''
@@ -93,7 +98,32 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     assert s["epochs_spent"] > 0
     # The verdicts and the way to the dashboard are printed for people.
     assert "sanity passed" in proc.stderr and "dashboard" in proc.stderr
-    assert "test accuracy" in proc.stderr
+    # The closing lines headline the test accuracy, validation beside it, then the model.
+    final = st["final"]
+    assert (f"test accuracy {final['test_accuracy']:.4f} (val {final['val_accuracy']:.4f}), "
+            f"test loss {final['test_loss']:.4f} after 2 epochs;") in proc.stderr
+    assert "final passed: test accuracy" in proc.stderr
+    store = tmp_path / "babysit.db.artifacts"
+    model_path = store / "digits" / "model.pt"
+    assert final["model_path"] == str(model_path.resolve())
+    assert f"model: {final['model_path']} " in proc.stderr
+    # Only the model is left of the final: its checkpoint is removed once the final passed.
+    final_study = optuna.load_study(study_name="digits/final",
+                                    storage=f"sqlite:///{tmp_path / 'babysit.db'}")
+    checkpoint = final_study.user_attrs["checkpoint"]
+    assert "artifact_id" not in checkpoint and checkpoint["epoch"] == 2
+    assert not (store / checkpoint["deleted"]).exists()
+    assert not list(store.glob("digits-final-*"))
+    # The README's example loads it as written, in a fresh process, as a user would.
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### The result and the model"):]
+    example = re.search(r"```python\n(.*?)```", section, re.S)
+    assert example and "babysit.load_model(\"babysit.db.artifacts/digits/model.pt\")" in (
+        example.group(1))
+    loaded = subprocess.run([sys.executable, "-c", example.group(1)], cwd=tmp_path,
+                            env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert loaded.returncode == 0, loaded.stderr
+    assert re.fullmatch(r"tensor\(\[\d\]\)", loaded.stdout.strip()), loaded.stdout
 
     # Every stage study carries the spec, so storage alone rebuilds the run.
     study = optuna.load_study(study_name="digits/coarse",
@@ -111,7 +141,10 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
              for stage in ("sanity", "overfit", "coarse", "fine", "final")}
     assert after == before  # nothing ran twice
     assert time.perf_counter() - t0 < 60
-    assert _summary(summary_path)["stages"]["final"]["test_accuracy"] == st["final"]["test_accuracy"]
+    rerun = _summary(summary_path)["stages"]["final"]
+    assert rerun["test_accuracy"] == st["final"]["test_accuracy"]
+    # The rerun needed no checkpoint: the finished final is read from storage.
+    assert rerun["model_path"] == final["model_path"] and model_path.is_file()
 
     status = babysit("status", "--name", "digits", cwd=tmp_path)
     assert status.returncode == 0
@@ -229,6 +262,12 @@ def _finished_coarse(db: Path) -> int:
     return sum(t.state in (TrialState.COMPLETE, TrialState.PRUNED) for t in s.get_trials())
 
 
+def _running_coarse(db: Path) -> bool:
+    s = optuna.load_study(study_name="k/coarse", storage=f"sqlite:///{db}")
+    return any(t.state == TrialState.RUNNING and "worker" in t.user_attrs
+               for t in s.get_trials())
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
 def test_resume_after_a_stop_in_the_middle_of_coarse(tmp_path: Path, sig: int) -> None:
@@ -236,7 +275,12 @@ def test_resume_after_a_stop_in_the_middle_of_coarse(tmp_path: Path, sig: int) -
     args = ["run", "--name", "k", *TINY, "--set", "coarse.trials=6", "--set", "coarse.epochs=2",
             "--set", "coarse.pruner=\"none\""]
     proc = popen(*args, cwd=tmp_path)
-    _wait_for(lambda: _finished_coarse(db) >= 2)
+    # Stopped while a trial trains: two finished and a third under way.
+    def mid_trial() -> bool:
+        assert proc.poll() is None, proc.communicate()[1]  # the run ended before the stop
+        return _finished_coarse(db) >= 2 and _running_coarse(db)
+
+    _wait_for(mid_trial, timeout=300)  # sanity, overfit and two trials on a busy machine
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     if sig == signal.SIGINT:
@@ -247,9 +291,21 @@ def test_resume_after_a_stop_in_the_middle_of_coarse(tmp_path: Path, sig: int) -
     kept = {t.number: (t.state, t.params, t.value) for t in stopped
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
     assert len(kept) >= 2
+    cut = [t for t in stopped if t.state != TrialState.COMPLETE and t.number not in kept]
+    if sig == signal.SIGINT:
+        # Ctrl-C: the trial it stopped is stored FAIL with its reason, at once.
+        assert [(t.state, t.user_attrs.get("reason")) for t in cut] == [
+            (TrialState.FAIL, "interrupted")]
 
     again = babysit(*args, "--summary-json", str(tmp_path / "s.json"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
+    said = [ln for ln in again.stderr.splitlines() if "was interrupted" in ln]
+    if sig == signal.SIGINT:
+        # The resume says so, once.
+        assert said == [f"coarse: trial {cut[0].number} was interrupted; a new trial takes "
+                        "its place"]
+    else:
+        assert said == []  # a killed process's trial is reclaimed as "worker died"
     trials = optuna.load_study(study_name="k/coarse", storage=storage).get_trials()
     finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 6  # topped up to the target, not beyond
@@ -283,3 +339,40 @@ def test_jobs_share_the_searches_between_processes(tmp_path: Path) -> None:
     assert [t.state for t in final if t.user_attrs.get("reason") != "surplus"] == [
         TrialState.COMPLETE]
     assert _summary(summary_path)["stages"]["coarse"]["trials"] == 6
+
+
+def test_an_interrupt_in_a_trial_is_its_stored_reason_and_said_once_on_resume() -> None:
+    from types import SimpleNamespace
+
+    from babysit.coordination import claim
+    from babysit.coordination import fill
+    from babysit.interrupts import interrupted_last
+    from babysit.interrupts import say_interrupted
+
+    study = optuna.create_study(direction="maximize")
+    calls = {"n": 0}
+
+    def objective(trial: optuna.Trial) -> float:
+        claim(study, trial, 3, "coarse")
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt  # what the CLI's SIGINT handler raises
+        return 0.5
+
+    with pytest.raises(KeyboardInterrupt):
+        fill(study, 3, objective)
+    trials = study.get_trials()
+    assert [(t.state, t.user_attrs.get("reason")) for t in trials] == [
+        (TrialState.COMPLETE, None), (TrialState.FAIL, "interrupted")]
+    assert [t.number for t in interrupted_last(trials)] == [1]
+
+    lines: list[str] = []
+    ctx = SimpleNamespace(storage=SimpleNamespace(url="memory:test-interrupt"), log=lines.append)
+    say_interrupted(ctx, study, "coarse")
+    say_interrupted(ctx, study, "coarse")  # the stage opened again in the same run
+    assert lines == ["coarse: trial 1 was interrupted; a new trial takes its place"]
+
+    fill(study, 3, objective)  # the resume tops the stage up with new trials
+    trials = study.get_trials()
+    assert sum(t.state == TrialState.COMPLETE for t in trials) == 3
+    assert interrupted_last(trials) == []  # later trials replaced it: nothing to say again

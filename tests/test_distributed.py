@@ -21,6 +21,7 @@ from conftest import cli_env
 from conftest import wait_for
 from optuna.trial import TrialState
 
+import babysit as babysit_api
 from babysit.checkpoint import checkpoint_due
 from babysit.distributed import check_procs
 from babysit.distributed import helper_env
@@ -215,16 +216,28 @@ def test_plateau_stops_the_final_and_the_best_epoch_is_tested(tmp_path: Path) ->
     assert len(curve) == v["epochs"]
     assert v["val_accuracy"] == max(curve) == curve[v["best_epoch"] - 1]
     assert trial.user_attrs["stopped"] == "plateau"
-    # The stored weights are the best epoch's: they give its validation accuracy again.
-    model = build_model(spec.model, 10, 1, 8)
-    path = tmp_path / "p.db.artifacts" / trial.user_attrs["model_artifact"]
-    model.load_state_dict(torch.load(path, weights_only=True))
+    # The stored weights are the best epoch's: they give its validation accuracy again,
+    # loaded the way the README says: one call on the printed path.
+    path = tmp_path / "p.db.artifacts" / "p" / "model.pt"
+    assert trial.user_attrs["model_artifact"] == "p/model.pt"
+    assert trial.user_attrs["model_path"] == str(path.resolve()) == v["model_path"]
+    model = babysit_api.load_model(path)  # the README's call
+    assert not model.training
+    plain = build_model(spec.model, 10, 1, 8)  # the file is a plain state_dict
+    plain.load_state_dict(torch.load(path, weights_only=True))
+    for name, tensor in plain.state_dict().items():
+        assert torch.equal(tensor, model.state_dict()[name])
     _, val_acc = evaluate(model, ctx.data, "val", spec.loss)
     assert val_acc == pytest.approx(curve[v["best_epoch"] - 1], abs=1e-6)
     test_loss, test_acc = evaluate(model, ctx.data, "test", spec.loss)
     assert test_acc == pytest.approx(v["test_accuracy"], abs=1e-6)
-    # The last checkpoint is the stopping epoch's: a rerun has nothing left to train.
-    assert _final(url, "p").user_attrs["checkpoint"]["epoch"] == v["epochs"]
+    # The passed final keeps its model only: the last checkpoint (the stopping epoch's) is
+    # removed from the store and the attr says so.
+    ckpt = _final(url, "p").user_attrs["checkpoint"]
+    assert ckpt["epoch"] == v["epochs"] and "artifact_id" not in ckpt
+    assert not (tmp_path / "p.db.artifacts" / ckpt["deleted"]).exists()
+    assert sorted(p.name for p in (tmp_path / "p.db.artifacts" / "p").iterdir()) == [
+        "model.json", "model.pt"]
     summary = summarize(storage, "p")
     assert summary["stages"]["final"]["best_epoch"] == v["best_epoch"]
     assert summary["stages"]["final"]["epochs_saved"] == v["epochs_saved"]

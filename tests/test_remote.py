@@ -370,6 +370,12 @@ def test_final_killed_on_one_host_resumes_on_another_sharing_only_db_and_bucket(
     assert done[0].user_attrs["epochs_run"] == epochs
     keys = _bucket_keys(s3_server)
     assert f"runs/team/{done[0].user_attrs['model_artifact']}" in keys
+    # The model is <run>/model.pt under the bucket's prefix, its URL printed and stored; the
+    # checkpoint is gone once the final passed.
+    assert {"runs/team/s3/model.pt", "runs/team/s3/model.json"} <= set(keys)
+    assert done[0].user_attrs["model_path"] == f"{store}/s3/model.pt"
+    assert f"model: {store}/s3/model.pt " in second.stderr
+    assert not [k for k in keys if "-final-epoch" in k]
     assert all(k.startswith("runs/team/") for k in keys)
     # Nothing went to a local artifact folder on either host.
     for d in (shared, host_a, host_b):

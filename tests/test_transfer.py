@@ -253,8 +253,32 @@ def test_run_stopped_in_sqlite_goes_on_in_postgres(tmp_path: Path, postgres_url:
     final = optuna.load_study(study_name="m/final", storage=postgres_url)
     (trial,) = [t for t in final.trials if t.state == TrialState.COMPLETE]
     assert (tmp_path / "shared" / trial.user_attrs["model_artifact"]).is_file()
-    assert (tmp_path / "shared" / final.user_attrs["checkpoint"]["artifact_id"]).is_file()
+    # The passed final keeps its model only: the copied checkpoint was resumed, then removed.
+    assert not (tmp_path / "shared" / final.user_attrs["checkpoint"]["deleted"]).exists()
     stages = json.loads(summary.read_text())["stages"]
     assert stages["fine"]["trials"] == 2 and stages["final"]["status"] == "passed"
     # The laptop's copy stays as it was left: nothing ran there after the kill.
     assert "m/final" not in optuna.get_all_study_names(laptop)
+
+
+def test_copy_moves_a_model_file_and_its_json_into_the_run_folder(tmp_path: Path) -> None:
+    src = open_storage(f"sqlite:///{tmp_path / 'src.db'}", tmp_path / "src-art")
+    final = optuna.create_study(study_name="r/final", storage=src.rdb, direction="maximize")
+    trial = final.ask({"lr": FloatDistribution(1e-4, 1e-1, log=True)})
+    (tmp_path / "src-art" / "r").mkdir(parents=True)
+    (tmp_path / "src-art" / "r" / "model.pt").write_bytes(b"weights" * 10)
+    (tmp_path / "src-art" / "r" / "model.json").write_text('{"num_classes": 10}\n')
+    trial.set_user_attr("model_artifact", "r/model.pt")
+    final.tell(trial, 0.9)
+    dst = open_storage(f"sqlite:///{tmp_path / 'dst.db'}", tmp_path / "dst-art")
+    copied = copy_run(src, dst, "r")
+    assert copied["artifacts"] == 2 and copied["missing"] == []
+    for name in ("model.pt", "model.json"):
+        assert (tmp_path / "dst-art" / "r" / name).read_bytes() == (
+            tmp_path / "src-art" / "r" / name).read_bytes()
+    # The copy's summary points at the copy's file, not at the path stored where it trained.
+    from babysit.model_file import model_path
+
+    assert model_path(dst, "r/model.pt", str(tmp_path / "src-art" / "r" / "model.pt")) == str(
+        (tmp_path / "dst-art" / "r" / "model.pt").resolve())
+    assert model_path(dst, "3f2a-uuid", "/old/place") == "/old/place"  # an older run's model

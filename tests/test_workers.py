@@ -257,14 +257,15 @@ def test_two_processes_on_sqlite_and_a_final_killed_midway_resumes(tmp_path: Pat
     assert done.user_attrs["resumed_from_epoch"] > 0
     assert done.user_attrs["epochs_run"] == epochs
     assert all(len(v) == epochs for v in done.user_attrs["curves"].values())
-    # The artifact store sits next to the SQLite file: the model and one checkpoint.
+    # The artifact store sits next to the SQLite file: the model, and no checkpoint once
+    # the final passed (not even one a kill between two writes left behind).
     store = tmp_path / "one.db.artifacts"
     assert (store / done.user_attrs["model_artifact"]).is_file()
-    checkpoints = sorted(p.name for p in store.iterdir() if "-final-epoch" in p.name)
-    assert final.user_attrs["checkpoint"]["artifact_id"] in checkpoints
-    # One kept; a kill between writing a checkpoint and dropping the one before leaves two.
-    assert len(checkpoints) <= 2
-    assert final.user_attrs["checkpoint"]["epoch"] == epochs
+    assert done.user_attrs["model_artifact"] == "s/model.pt"
+    assert not [p.name for p in store.iterdir() if "-final-epoch" in p.name]
+    checkpoint = final.user_attrs["checkpoint"]
+    assert "artifact_id" not in checkpoint and checkpoint["deleted"].startswith("s-final-epoch")
+    assert checkpoint["epoch"] == epochs
 
 
 def test_compose_file_keeps_secrets_out_and_the_dashboard_local(tmp_path: Path) -> None:
