@@ -586,7 +586,9 @@ def test_final_without_any_complete_search_trial_is_a_verdict(tmp_path: Path) ->
     from babysit.storage import open_storage
 
     ctx = SimpleNamespace(
-        spec=Spec(name="nothing"), storage=open_storage(f"sqlite:///{tmp_path / 'f.db'}")
+        spec=Spec(name="nothing"),
+        storage=open_storage(f"sqlite:///{tmp_path / 'f.db'}"),
+        owner=False,
     )
     for stage in ("coarse", "fine"):
         study = open_stage(ctx, stage)
