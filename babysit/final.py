@@ -292,7 +292,7 @@ def _test_and_store(ctx: Context, trial: optuna.Trial, model: torch.nn.Module,
     # Test accuracy first: the number the run is for; validation chose the epoch.
     stop = (f"stopped after epoch {epochs_run} of {spec.final.epochs}: no better validation "
             f"for {plural(spec.final.patience, 'epoch', 'epochs')}" if saved > 0
-            else plural(epochs_run, "epoch", "epochs"))
+            else plural(epochs_run, "epoch"))
     trial.set_user_attr(TrialKey.VERDICT, (
         f"test accuracy {test_acc:.3f} (loss {test_loss:.3f}), val accuracy {val_acc:.3f}; "
         f"best epoch {best['epoch']} at lr {lr:.3g}, weight_decay {wd:.3g}; {stop}"

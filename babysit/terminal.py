@@ -13,7 +13,8 @@ from typing import Any
 from typing import TextIO
 
 # Words whose plural is not the word plus "s" or "es".
-_PLURALS = {"is": "are", "was": "were", "has": "have"}
+# Irregular plurals of the words babysit counts ("epoch" ends in "ch" but takes "s").
+_PLURALS = {"is": "are", "was": "were", "has": "have", "epoch": "epochs"}
 
 
 def plural(n: int | float, word: str, many: str | None = None) -> str:

@@ -181,6 +181,7 @@ def test_the_library_leaves_warnings_alone_until_the_cli_installs_its_format(
 
 def test_plural() -> None:
     assert plural(1, "epoch") == "1 epoch"
+    assert plural(2, "epoch") == "2 epochs" and plural(2, "batch") == "2 batches"
     assert [plural(n, "trial") for n in (0, 2)] == ["0 trials", "2 trials"]
     assert plural(1, "worker process") == "1 worker process"
     assert plural(3, "worker process") == "3 worker processes"
