@@ -14,8 +14,10 @@ import optuna
 import torch
 
 from babysit.context import Context
+from babysit.record import StudyKey
+from babysit.record import TrialKey
 
-_CKPT_ATTR = "checkpoint"
+_CKPT_ATTR = StudyKey.CHECKPOINT
 
 
 def save_checkpoint(ctx: Context, study: optuna.Study, trial: optuna.Trial,
@@ -83,4 +85,4 @@ def save_model(ctx: Context, trial: optuna.Trial, model: torch.nn.Module) -> Non
         torch.save(model.state_dict(), path)
         artifact_id = optuna.artifacts.upload_artifact(
             artifact_store=ctx.storage.artifacts, file_path=path, study_or_trial=trial)
-    trial.set_user_attr("model_artifact", artifact_id)
+    trial.set_user_attr(TrialKey.MODEL_ARTIFACT, artifact_id)

@@ -249,13 +249,14 @@ def _fallback_verdict(stage: str, study: optuna.Study, trials: list[FrozenTrial]
 
 
 def _top(trials: list[FrozenTrial], n: int) -> list[FrozenTrial]:
-    """Complete trials by value, then pruned ones (diverged last), then failed ones."""
+    """Complete trials by value, then pruned ones (diverged last: COMPLETE at chance in
+    this babysit, PRUNED in older runs), then failed ones."""
     order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1}
 
     def key(t: FrozenTrial) -> tuple:
         value = t.value if t.value is not None and math.isfinite(t.value) else -math.inf
-        return (order.get(t.state, 2), trial_attrs(t).reason == record.Reason.DIVERGED,
-                -value, t.number)
+        gone = record.diverged(t)
+        return (1 if gone else order.get(t.state, 2), gone, -value, t.number)
 
     return sorted(record.real(trials), key=key)[:n]
 

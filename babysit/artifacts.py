@@ -1,0 +1,113 @@
+"""JSON artifacts of a run: what is too large for a user attr (see babysit.record).
+
+optuna-dashboard lays every user attr out in full on the trial and study pages, so curves,
+diagnostics, readings, the overfit curve and the spec go to the artifact store as JSON, and
+an attr names them: ``data`` (field -> artifact id) on a trial, ``spec_artifact`` on a
+study. The readers here read both layouts: a run of an older babysit kept them as attrs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+import optuna
+from optuna.trial import FrozenTrial
+
+from babysit.record import DATA_FIELDS
+from babysit.record import MAX_ATTR_BYTES
+from babysit.record import StudyAttrs
+from babysit.record import TrialAttrs
+from babysit.record import TrialKey
+from babysit.record import trial_attrs
+from babysit.spec import Spec
+from babysit.storage import Storage
+
+
+def upload_json(storage: Storage, study_or_trial: optuna.Study | optuna.Trial, name: str,
+                value: Any) -> str:
+    """``value`` as the JSON artifact ``name`` of the study or trial; returns its id."""
+    # Imported here: optuna.artifacts pulls in boto3, which the readers' verbs do without.
+    from optuna.artifacts import upload_artifact
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "w") as fh:
+            json.dump(value, fh)  # NaN/inf as JSON's NaN/Infinity: a diverged curve stays one
+        return upload_artifact(artifact_store=storage.artifacts, file_path=path,
+                               study_or_trial=study_or_trial, mimetype="application/json")
+
+
+def read_json(storage: Storage, artifact_id: str) -> Any:
+    """A JSON artifact's value; None when the store lacks it (a copy without artifacts)."""
+    try:
+        with storage.artifacts.open_reader(artifact_id) as fh:
+            return json.load(fh)
+    except Exception:  # noqa: BLE001 - ArtifactNotFound, a missing folder, an S3 error
+        return None
+
+
+def store_trial_data(storage: Storage, trial: optuna.Trial, **fields: Any) -> None:
+    """Upload each of ``fields`` (names from DATA_FIELDS) as a JSON artifact of the trial
+    and list it under the trial attr ``data``; a field stored before is replaced."""
+    listed = dict(trial.user_attrs.get(TrialKey.DATA) or {})
+    for name, value in fields.items():
+        if name not in DATA_FIELDS:
+            raise ValueError(f"{name} is not an artifact-kept trial field")
+        listed[name] = upload_json(storage, trial, f"{name}.json", value)
+    trial.set_user_attr(TrialKey.DATA, listed)
+
+
+def trial_data(storage: Storage, t: FrozenTrial) -> TrialAttrs:
+    """The trial's attrs with the artifact-kept fields read from their artifacts; an older
+    run's trial, which kept them as attrs, reads the same."""
+    a = trial_attrs(t)
+    for name, artifact_id in (a.data or {}).items():
+        if name in DATA_FIELDS and getattr(a, name) is None:
+            setattr(a, name, read_json(storage, artifact_id))
+    return a
+
+
+def trial_curves(storage: Storage, t: FrozenTrial) -> dict[str, list[float]]:
+    """The per-epoch curves of a search or final trial ({} when it has none)."""
+    return dict(trial_data(storage, t).curves or {})
+
+
+def spec_summary(spec: Spec) -> dict[str, str]:
+    """The few spec keys a study shows as an attr (the whole spec is an artifact)."""
+    return {"name": spec.name, "dataset": str(spec.dataset), "model": str(spec.model),
+            "optimizer": str(spec.optimizer)}
+
+
+def study_spec(storage: Storage, study: optuna.Study) -> dict[str, Any] | None:
+    """The spec dict a study carries: from its spec artifact, or an older run's attr."""
+    attrs = StudyAttrs.from_attrs(study.user_attrs)
+    if attrs.spec_artifact:
+        found = read_json(storage, attrs.spec_artifact)
+        if isinstance(found, dict):
+            return found
+    return attrs.spec
+
+
+def oversized_attrs(attrs: Mapping[str, Any]) -> dict[str, int]:
+    """The attrs over MAX_ATTR_BYTES as JSON, with their sizes (for the tests and checks)."""
+    sizes = {k: len(json.dumps(v)) for k, v in attrs.items()}
+    return {k: n for k, n in sizes.items() if n > MAX_ATTR_BYTES}
+
+
+def spec_artifact(storage: Storage, spec: Spec, study: optuna.Study) -> str:
+    """The id of the run's spec artifact: the one another stage study of the run names when
+    the spec is the same, else ``spec`` uploaded now as ``spec.json`` of ``study``."""
+    from babysit.storage import STAGES
+    from babysit.storage import find_study
+
+    mine = json.loads(json.dumps(spec.to_dict()))  # as read back: tuples are lists
+    for stage in STAGES:
+        other = find_study(storage, spec.name, stage)
+        found = StudyAttrs.from_attrs(other.user_attrs).spec_artifact if other else None
+        if found and read_json(storage, found) == mine:
+            return found
+    return upload_json(storage, study, "spec.json", mine)
