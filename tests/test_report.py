@@ -19,6 +19,8 @@ import pytest
 from optuna_dashboard import get_note
 from optuna_dashboard import save_note
 
+from babysit.artifacts import trial_curves
+from babysit.storage import open_storage
 from tests.conftest import TINY
 from tests.conftest import babysit
 
@@ -200,7 +202,9 @@ def test_export_csv_and_parquet_hold_every_trial_and_agree(finished: Finished) -
     # The curves table holds the final trial's curves as they were stored.
     curves = pd.read_parquet(finished.tmp / "curves.parquet")
     mine = curves[(curves["stage"] == "final") & (curves["trial"] == stored.number)]
-    for metric, values in stored.user_attrs["curves"].items():
+    read = trial_curves(open_storage(finished.url, None, create=False), stored)
+    assert read
+    for metric, values in read.items():
         got = mine[mine["metric"] == metric].sort_values("epoch")
         assert list(got["epoch"]) == list(range(1, len(values) + 1))
         assert list(got["value"]) == pytest.approx(values, nan_ok=True), metric
