@@ -189,7 +189,9 @@ def open_stage(ctx: Context, stage: str, sampler: optuna.samplers.BaseSampler | 
         study.set_user_attr(StudyKey.RUN, ctx.spec.name)
         study.set_user_attr(StudyKey.STAGE, stage)
     if study.metric_names is None:
-        study.set_metric_names([METRICS[stage]])
+        with warnings.catch_warnings():  # experimental in Optuna, and the interface we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRICS[stage]])
     return study
 
 

@@ -81,15 +81,20 @@ def test_divergence_stops_on_the_step_it_happens(digits_ctx) -> None:
     trials = study.get_trials()
     assert len(trials) == 3
     steps_per_epoch = math.ceil(ctx.data.train_size / ctx.batch_size)
+    chance = 1 / ctx.data.num_classes
     for t in trials:
-        assert t.state == TrialState.PRUNED
+        # COMPLETE at chance, reported at the epoch it stopped in: every dashboard plot
+        # draws it (stages._diverged_value says why not PRUNED).
+        assert (t.state, t.value) == (TrialState.COMPLETE, pytest.approx(chance))
+        assert t.intermediate_values == {1: pytest.approx(chance)}
         assert t.user_attrs["reason"] == "diverged"
         # Caught within the first epoch, not after two epochs of NaN.
         assert t.user_attrs["diverged_at_step"] <= steps_per_epoch
         assert t.user_attrs["examples"] < ctx.data.train_size
         assert "LR too high" in t.user_attrs["verdict"]
-    assert result.status == "failed"
-    assert result.values["diverged"] == 3
+    assert result.status == "failed"  # none completed by training: nothing to narrow from
+    assert (result.values["diverged"], result.values["complete"]) == (3, 0)
+    assert result.values["best"] is None
 
 
 @pytest.mark.slow
