@@ -2,8 +2,8 @@
 
 optuna-dashboard lays every user attr out in full on the trial and study pages, so curves,
 diagnostics, readings, the overfit curve and the spec go to the artifact store as JSON, and
-an attr names them: ``data`` (field -> artifact id) on a trial, ``spec_artifact`` on a
-study. The readers here read both layouts: a run of an older babysit kept them as attrs.
+an attr names them: ``data`` (the id of ``trial.json``) on a trial, ``spec_artifact`` on
+a study. The readers here read both layouts: a run of an older babysit kept them as attrs.
 """
 
 from __future__ import annotations
@@ -51,23 +51,31 @@ def read_json(storage: Storage, artifact_id: str) -> Any:
 
 
 def store_trial_data(storage: Storage, trial: optuna.Trial, **fields: Any) -> None:
-    """Upload each of ``fields`` (names from DATA_FIELDS) as a JSON artifact of the trial
-    and list it under the trial attr ``data``; a field stored before is replaced."""
-    listed = dict(trial.user_attrs.get(TrialKey.DATA) or {})
-    for name, value in fields.items():
+    """Store ``fields`` (names from DATA_FIELDS) as the trial's JSON artifact
+    ``trial.json``, named by the trial attr ``data`` (its artifact id); fields stored
+    before are kept, and replaced when given again.
+
+    One artifact and one id per trial: the dashboard shows an attr on one unwrapped line,
+    so ``data`` stays a 36-character id rather than a dict of ids.
+    """
+    for name in fields:
         if name not in DATA_FIELDS:
             raise ValueError(f"{name} is not an artifact-kept trial field")
-        listed[name] = upload_json(storage, trial, f"{name}.json", value)
-    trial.set_user_attr(TrialKey.DATA, listed)
+    before = trial.user_attrs.get(TrialKey.DATA)
+    merged = dict(read_json(storage, before) or {}) if isinstance(before, str) else {}
+    merged.update(fields)
+    # The replaced artifact stays: its record on the trial would point at nothing.
+    trial.set_user_attr(TrialKey.DATA, upload_json(storage, trial, "trial.json", merged))
 
 
 def trial_data(storage: Storage, t: FrozenTrial) -> TrialAttrs:
-    """The trial's attrs with the artifact-kept fields read from their artifacts; an older
-    run's trial, which kept them as attrs, reads the same."""
+    """The trial's attrs with the artifact-kept fields read from its ``data`` artifact; an
+    older run's trial, which kept them as attrs, reads the same."""
     a = trial_attrs(t)
-    for name, artifact_id in (a.data or {}).items():
+    found = read_json(storage, a.data) if isinstance(a.data, str) else None
+    for name, value in (found or {}).items():
         if name in DATA_FIELDS and getattr(a, name) is None:
-            setattr(a, name, read_json(storage, artifact_id))
+            setattr(a, name, value)
     return a
 
 

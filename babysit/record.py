@@ -144,8 +144,7 @@ class TrialKey:
     TEST_LOSS = "test_loss"
     BATCH = "batch"
     MODEL_ARTIFACT = "model_artifact"
-    # field -> JSON artifact id, for the fields in DATA_FIELDS
-    DATA = "data"
+    DATA = "data"  # the id of the JSON artifact that holds the fields in DATA_FIELDS
 
 
 # Trial fields kept as JSON artifacts (older runs: in the attrs of the same name).
@@ -253,7 +252,7 @@ class TrialAttrs(_Attrs):
     test_loss: float | None = None
     batch: dict[str, int] | None = None
     model_artifact: str | None = None
-    data: dict[str, str] | None = None
+    data: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

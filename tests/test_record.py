@@ -189,13 +189,14 @@ def test_curves_and_spec_are_artifacts_named_by_small_attrs(tmp_path: Path) -> N
     curves = {"val_acc": [0.1 * i for i in range(300)], "train_loss": [float("nan")] * 300}
     readings = [f"reading {i}: " + "x" * 80 for i in range(30)]
     store_trial_data(storage, trial, curves=curves, readings=readings)
+    store_trial_data(storage, trial, diagnostics=[{"epoch": 1}])  # added to the rest
     study.tell(trial, 0.5)
     [t] = study.get_trials()
     assert oversized_attrs(t.user_attrs) == {} and oversized_attrs(study.user_attrs) == {}
-    assert record.trial_attrs(t).curves is None and set(t.user_attrs["data"]) == {
-        "curves", "readings"}
+    assert record.trial_attrs(t).curves is None and len(t.user_attrs["data"]) == 36
     data = trial_data(storage, t)
     assert data.readings == readings and data.curves["val_acc"] == curves["val_acc"]
+    assert data.diagnostics == [{"epoch": 1}]
     assert all(math.isnan(v) for v in data.curves["train_loss"])
     assert record.stored_spec(storage, "new").to_dict() == Spec.from_dict(
         spec.to_dict()).to_dict()
