@@ -17,6 +17,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial
 
+from babysit.errors import UsageError
 from babysit.record import DATA_FIELDS
 from babysit.record import MAX_ATTR_BYTES
 from babysit.record import StudyAttrs
@@ -93,10 +94,15 @@ def spec_summary(spec: Spec) -> dict[str, str]:
 def study_spec(storage: Storage, study: optuna.Study) -> dict[str, Any] | None:
     """The spec dict a study carries: from its spec artifact, or an older run's attr."""
     attrs = StudyAttrs.from_attrs(study.user_attrs)
-    if attrs.spec_artifact:
+    if attrs.spec_artifact and attrs.spec is None:
         found = read_json(storage, attrs.spec_artifact)
-        if isinstance(found, dict):
-            return found
+        if not isinstance(found, dict):
+            # A worker on another host with its own artifact store lands here.
+            raise UsageError(
+                f"the spec of {study.study_name} (artifact {attrs.spec_artifact}) is not in "
+                f"the artifact store {storage.artifact_where}; pass the run's store with "
+                "--artifact-dir or --artifact-store")
+        return found
     return attrs.spec
 
 

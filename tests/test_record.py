@@ -26,6 +26,7 @@ from babysit.artifacts import spec_artifact
 from babysit.artifacts import store_trial_data
 from babysit.artifacts import trial_curves
 from babysit.artifacts import trial_data
+from babysit.errors import UsageError
 from babysit.export import curves_frame
 from babysit.export import trials_frame
 from babysit.record import Param
@@ -206,6 +207,8 @@ def test_curves_and_spec_are_artifacts_named_by_small_attrs(tmp_path: Path) -> N
     for path in (tmp_path / "art").iterdir():
         path.unlink()
     assert trial_data(storage, t).curves is None
+    with pytest.raises(UsageError, match="not in the artifact store"):
+        record.stored_spec(storage, "new")
 
 
 def test_old_run_exports_with_one_column_per_meaning(tmp_path: Path) -> None:
