@@ -21,11 +21,15 @@ from babysit.errors import UsageError
 from babysit.record import DATA_FIELDS
 from babysit.record import MAX_ATTR_BYTES
 from babysit.record import StudyAttrs
+from babysit.record import StudyKey
 from babysit.record import TrialAttrs
 from babysit.record import TrialKey
 from babysit.record import trial_attrs
 from babysit.spec import Spec
 from babysit.storage import Storage
+
+# The spec as a study system attr (see store_spec).
+SPEC_SYSTEM_ATTR = "babysit:spec"
 
 
 def upload_json(storage: Storage, study_or_trial: optuna.Study | optuna.Trial, name: str,
@@ -92,18 +96,34 @@ def spec_summary(spec: Spec) -> dict[str, str]:
 
 
 def study_spec(storage: Storage, study: optuna.Study) -> dict[str, Any] | None:
-    """The spec dict a study carries: from its spec artifact, or an older run's attr."""
+    """The spec dict a study carries: an older run's attr, else the system attr, else the
+    spec artifact."""
     attrs = StudyAttrs.from_attrs(study.user_attrs)
-    if attrs.spec_artifact and attrs.spec is None:
-        found = read_json(storage, attrs.spec_artifact)
-        if not isinstance(found, dict):
-            # A worker on another host with its own artifact store lands here.
-            raise UsageError(
-                f"the spec of {study.study_name} (artifact {attrs.spec_artifact}) is not in "
-                f"the artifact store {storage.artifact_where}; pass the run's store with "
-                "--artifact-dir or --artifact-store")
-        return found
-    return attrs.spec
+    if attrs.spec is not None or not attrs.spec_artifact:
+        return attrs.spec
+    system = study._storage.get_study_system_attrs(study._study_id)
+    if isinstance(system.get(SPEC_SYSTEM_ATTR), dict):
+        return dict(system[SPEC_SYSTEM_ATTR])
+    found = read_json(storage, attrs.spec_artifact)
+    if not isinstance(found, dict):
+        raise UsageError(
+            f"the spec of {study.study_name} (artifact {attrs.spec_artifact}) is not in "
+            f"the artifact store {storage.artifact_where}; pass the run's store with "
+            "--artifact-dir or --artifact-store")
+    return found
+
+
+def store_spec(storage: Storage, spec: Spec, study: optuna.Study) -> None:
+    """The spec on a new stage study: the run's ``spec.json`` artifact named by the attr
+    ``spec_artifact``, the few keys of ``spec_summary``, and a copy in a system attr.
+
+    The copy is what the readers use: `babysit status`, export and workers need the spec
+    on a machine without the artifact store, and the dashboard shows no system attr.
+    """
+    study.set_user_attr(StudyKey.SPEC_ARTIFACT, spec_artifact(storage, spec, study))
+    study.set_user_attr(StudyKey.SPEC_SUMMARY, spec_summary(spec))
+    study._storage.set_study_system_attr(study._study_id, SPEC_SYSTEM_ATTR,
+                                         json.loads(json.dumps(spec.to_dict())))
 
 
 def oversized_attrs(attrs: Mapping[str, Any]) -> dict[str, int]:

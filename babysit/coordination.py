@@ -179,13 +179,10 @@ def open_stage(ctx: Context, stage: str, sampler: optuna.samplers.BaseSampler | 
     )
     attrs = StudyAttrs.from_attrs(study.user_attrs)
     if attrs.spec is None and attrs.spec_artifact is None:
-        from babysit.artifacts import spec_artifact
-        from babysit.artifacts import spec_summary
+        from babysit.artifacts import store_spec
 
-        # The whole spec is one JSON artifact per run (as an attr it filled the dashboard's
-        # study page); each study names it and shows a few keys.
-        study.set_user_attr(StudyKey.SPEC_ARTIFACT, spec_artifact(ctx.storage, ctx.spec, study))
-        study.set_user_attr(StudyKey.SPEC_SUMMARY, spec_summary(ctx.spec))
+        # Not the whole spec as an attr: it filled the dashboard's study page.
+        store_spec(ctx.storage, ctx.spec, study)
         study.set_user_attr(StudyKey.RUN, ctx.spec.name)
         study.set_user_attr(StudyKey.STAGE, stage)
     if study.metric_names is None:

@@ -5,8 +5,9 @@ Markdown note on the stage's study (optuna-dashboard shows it on the study page)
 stage's plots as study artifacts; what it uploaded is recorded in the study's user attr
 ``published``, so a rerun of a finished run uploads nothing twice, and a note a person has
 edited in the dashboard since is left as they wrote it. ``write_report`` reads trials back
-through babysit.record and redraws every plot, so it works for a run whose artifact store
-lives on another machine. The tables of ``babysit export`` are built in babysit.export.
+through babysit.record and redraws every plot; for a run whose artifact store lives on
+another machine it draws what the database holds (the search scatters), since the
+curves are the trials' JSON artifacts. The tables of ``babysit export`` are built in babysit.export.
 """
 
 from __future__ import annotations

@@ -23,7 +23,9 @@ from optuna.trial import create_trial
 from babysit import record
 from babysit.artifacts import oversized_attrs
 from babysit.artifacts import spec_artifact
+from babysit.artifacts import store_spec
 from babysit.artifacts import store_trial_data
+from babysit.artifacts import study_spec
 from babysit.artifacts import trial_curves
 from babysit.artifacts import trial_data
 from babysit.errors import UsageError
@@ -182,10 +184,12 @@ def test_curves_and_spec_are_artifacts_named_by_small_attrs(tmp_path: Path) -> N
     spec.name = "new"
     study = optuna.create_study(study_name="new/coarse", storage=storage.rdb,
                                 direction="maximize")
-    first = spec_artifact(storage, spec, study)
-    study.set_user_attr(StudyKey.SPEC_ARTIFACT, first)
+    store_spec(storage, spec, study)
+    first = study.user_attrs[StudyKey.SPEC_ARTIFACT]
+    assert study.user_attrs[StudyKey.SPEC_SUMMARY]["name"] == "new"
     other = optuna.create_study(study_name="new/fine", storage=storage.rdb)
     assert spec_artifact(storage, spec, other) == first  # one per run
+    other.set_user_attr(StudyKey.SPEC_ARTIFACT, first)  # named, without the system copy
     trial = study.ask()
     curves = {"val_acc": [0.1 * i for i in range(300)], "train_loss": [float("nan")] * 300}
     readings = [f"reading {i}: " + "x" * 80 for i in range(30)]
@@ -207,8 +211,11 @@ def test_curves_and_spec_are_artifacts_named_by_small_attrs(tmp_path: Path) -> N
     for path in (tmp_path / "art").iterdir():
         path.unlink()
     assert trial_data(storage, t).curves is None
+    # The spec reads from the study's system attr there (status and export need no store);
+    # a study naming only the artifact says where it looked.
+    assert record.stored_spec(storage, "new").name == "new"
     with pytest.raises(UsageError, match="not in the artifact store"):
-        record.stored_spec(storage, "new")
+        study_spec(storage, other)
 
 
 def test_old_run_exports_with_one_column_per_meaning(tmp_path: Path) -> None:

@@ -113,19 +113,28 @@ def test_plots_are_uploaded_once_even_after_a_rerun(finished: Finished) -> None:
     art_dir = Path(finished.tmp / "babysit.db.artifacts")
     for stage in STAGES:
         first = finished.first_artifacts[stage]
-        assert [name for name, _ in first] == ([PLOTS[stage]] if stage in PLOTS else [])
+        plots = [(name, i) for name, i in first if name.endswith(".png")]
+        assert [name for name, _ in plots] == ([PLOTS[stage]] if stage in PLOTS else [])
+        # Beside the plots, the run's spec: one artifact, on the first study opened.
+        assert [name for name, _ in first if (name, _) not in plots] == (
+            ["spec.json"] if stage == "sanity" else [])
         assert _artifacts(finished.url)[stage] == first, stage
-        for name, artifact_id in first:
+        for name, artifact_id in plots:
             data = (art_dir / artifact_id).read_bytes()
             assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
 
 
 def test_report_html_is_self_contained_and_has_every_verdict(finished: Finished) -> None:
+    # Another artifact folder, empty: the report still comes out, its search scatters
+    # redrawn from the trials' params and values; the curves live in the run's store.
+    away = finished.tmp / "report-away"
+    babysit("report", "--name", RUN, "--storage", finished.url, "--out", str(away),
+            "--artifact-dir", str(finished.tmp / "elsewhere"), cwd=finished.tmp, check=True)
+    assert len(re.findall(r"<img\b", (away / "report.html").read_text())) == 2
     out = finished.tmp / "report"
-    # Another artifact folder, empty: the report redraws its plots from the trials.
+    # The plots are redrawn from the trials (and their JSON artifacts), not copied.
     proc = babysit("report", "--name", RUN, "--storage", finished.url, "--out", str(out),
-                   "--artifact-dir", str(finished.tmp / "elsewhere"), cwd=finished.tmp,
-                   check=True)
+                   cwd=finished.tmp, check=True)
     assert f"report: {out / 'report.html'}" in proc.stderr
     page = (out / "report.html").read_text()
     for stage, verdict in finished.verdicts.items():

@@ -9,6 +9,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from optuna.trial import create_trial
 
+from babysit.artifacts import oversized_attrs
+from babysit.artifacts import read_json
 from babysit.errors import ProtocolError
 from babysit.protocol import prepare
 from babysit.spec import CoarseSpec
@@ -138,7 +140,10 @@ def test_lr_range_test_sets_the_coarse_range(tmp_path: Path, monkeypatch) -> Non
     low, high = ranges["lr"]
     assert 0 < low < high and [low, high] != spec.coarse.lr
     study = optuna.load_study(study_name="lrt/coarse", storage=storage.rdb)
-    assert study.user_attrs["lr_range_test"]["suggested"] == [low, high]
+    stored = study.user_attrs["lr_range_test"]
+    assert stored["suggested"] == [low, high]
+    curve = read_json(storage, stored["artifact"])  # the curve is an artifact, not an attr
+    assert len(curve["lrs"]) == len(curve["losses"]) > 10 and oversized_attrs(stored) == {}
     # Read back, not rerun, the second time (workers and reruns agree).
     study.set_user_attr("ranges", ranges)
     assert _coarse_ranges(ctx) == ranges
