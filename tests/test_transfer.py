@@ -233,7 +233,7 @@ def test_cli_copy_never_shows_the_password(tmp_path: Path, postgres_url: str) ->
             "--to-artifact-dir", str(tmp_path / "dst-art")]
     first = babysit(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "copied run r: 3 studies, 6 trials, 2 artifacts" in first.stderr
+    assert "copied run r: 3 studies, 6 trials, 4 artifacts" in first.stderr
     assert "postgres:***@" in first.stderr
     again = babysit(*args, cwd=tmp_path)
     assert again.returncode == 2
