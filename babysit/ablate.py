@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from babysit import record
+from babysit.artifacts import trial_data
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
 from babysit.record import Param
@@ -337,7 +338,7 @@ def _run_facts(storage: Storage, run: str) -> dict[str, Any] | None:
         return {"done": False, "status": f"failed: {reasons[-1]}" if reasons else "not finished",
                 "seconds": seconds}
     t = final.complete[0]
-    a = trial_attrs(t)
+    a = trial_data(storage, t)  # the readings are an artifact
     return {
         "done": True,
         "status": "done",

@@ -36,6 +36,10 @@ from babysit.errors import UsageError
 from babysit.errors import raise_if_interrupted
 from babysit.interrupts import marking_interrupts
 from babysit.interrupts import say_interrupted
+from babysit.record import Reason
+from babysit.record import StudyAttrs
+from babysit.record import StudyKey
+from babysit.record import TrialKey
 from babysit.spec import SearchSpec
 from babysit.spec import Spec
 from babysit.spec import check_run_name
@@ -175,13 +179,26 @@ def open_stage(ctx: Context, stage: str, sampler: optuna.samplers.BaseSampler | 
         direction=direction,
         load_if_exists=True,
     )
-    if "spec" not in study.user_attrs:
-        study.set_user_attr("spec", ctx.spec.to_dict())
-        study.set_user_attr("run", ctx.spec.name)
-        study.set_user_attr("stage", stage)
+    attrs = StudyAttrs.from_attrs(study.user_attrs)
+    if attrs.spec is None and attrs.spec_artifact is None:
+        from babysit.artifacts import store_spec
+
+        # Not the whole spec as an attr: it filled the dashboard's study page.
+        store_spec(ctx.storage, ctx.spec, study)
+        study.set_user_attr(StudyKey.RUN, ctx.spec.name)
+        study.set_user_attr(StudyKey.STAGE, stage)
+    if study.metric_names is None:
+        with warnings.catch_warnings():  # experimental in Optuna, and the interface we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([METRICS[stage]])
     if ctx.owner:
         say_interrupted(ctx, study, stage)
     return study
+
+
+# What each stage's objective is, as the dashboard names it ("Objective 0" otherwise).
+METRICS = {"sanity": "initial_loss", "overfit": "train_accuracy", "coarse": "val_accuracy",
+           "fine": "val_accuracy", "final": "val_accuracy"}
 
 
 def check_spec(storage: Storage, spec: Spec) -> None:
@@ -194,7 +211,9 @@ def check_spec(storage: Storage, spec: Spec) -> None:
                                       storage=storage.rdb)
         except KeyError:
             continue
-        stored = study.user_attrs.get("spec")
+        from babysit.artifacts import study_spec
+
+        stored = study_spec(storage, study)
         if stored is None:
             continue
         mine = spec.identity()
@@ -246,7 +265,7 @@ def reclaim(study: optuna.Study) -> None:
     """
     host = socket.gethostname()
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = t.user_attrs.get("worker", "")
+        owner = t.user_attrs.get(TrialKey.WORKER, "")
         owner_host, _, pid = owner.rpartition(":")
         if owner_host == host and pid.isdigit() and int(pid) != os.getpid():
             if not _pid_alive(int(pid)):
@@ -262,7 +281,7 @@ def reclaim(study: optuna.Study) -> None:
 def _fail(study: optuna.Study, tid: int, reason: str) -> None:
     storage = storage_of(study)
     try:
-        storage.set_trial_user_attr(tid, "reason", reason)
+        storage.set_trial_user_attr(tid, TrialKey.REASON, reason)
         storage.set_trial_state_values(tid, state=TrialState.FAIL)
     except RuntimeError:
         pass  # finished meanwhile, or another process failed it first
@@ -272,13 +291,13 @@ def _fail(study: optuna.Study, tid: int, reason: str) -> None:
 
 
 def _start_trial(trial: optuna.Trial, stage: str) -> None:
-    trial.set_user_attr("stage", stage)
-    trial.set_user_attr("worker", worker_id())
+    trial.set_user_attr(TrialKey.STAGE, stage)
+    trial.set_user_attr(TrialKey.WORKER, worker_id())
 
 
 def _surplus(trial: optuna.Trial, reason: str) -> None:
-    trial.set_user_attr("reason", "surplus")
-    trial.set_user_attr("note", reason)
+    trial.set_user_attr(TrialKey.REASON, Reason.SURPLUS)
+    trial.set_user_attr(TrialKey.NOTE, reason)
     raise _Surplus(reason)
 
 
@@ -345,7 +364,7 @@ def fill(study: optuna.Study, target: int, objective: Callable[[optuna.Trial], f
     while True:
         reclaim(study)
         trials = study.get_trials(deepcopy=False)
-        live = [t for t in trials if t.user_attrs.get("reason") != "surplus"]
+        live = [t for t in trials if t.user_attrs.get(TrialKey.REASON) != Reason.SURPLUS]
         finished = sum(t.state in FINISHED for t in live)
         active = sum(t.state in ACTIVE for t in live)
         if progress is not None:
@@ -359,15 +378,13 @@ def fill(study: optuna.Study, target: int, objective: Callable[[optuna.Trial], f
 
 
 def stage_counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    """A stage's trials counted as the protocol counts them: surplus trials are not its."""
-    real = [t for t in trials if t.user_attrs.get("reason") != "surplus"]
-    return {
-        "trials": sum(t.state in FINISHED for t in real),
-        "complete": sum(t.state == TrialState.COMPLETE for t in real),
-        "pruned": sum(t.state == TrialState.PRUNED for t in real),
-        "diverged": sum(t.user_attrs.get("reason") == "diverged" for t in real),
-        "failed": sum(t.state == TrialState.FAIL for t in real),
-    }
+    """A stage's trials counted as the protocol counts them (record.counts): surplus trials
+    are not its, and a diverged trial is a pruned one whatever state it was stored in."""
+    from babysit.record import counts
+
+    n = counts(trials)
+    return {"trials": n["finished"], "complete": n["complete"], "pruned": n["pruned"],
+            "diverged": n["diverged"], "failed": n["failed"]}
 
 
 def holders(study: optuna.Study, wait: float = 10.0) -> list[str]:
@@ -377,7 +394,7 @@ def holders(study: optuna.Study, wait: float = 10.0) -> list[str]:
     deadline = time.monotonic() + wait
     while True:
         running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        named = [t.user_attrs.get("worker") for t in running]
+        named = [t.user_attrs.get(TrialKey.WORKER) for t in running]
         if all(named) or time.monotonic() > deadline:
             return [n or "?" for n in named]
         time.sleep(_POLL_SECONDS / 4)
@@ -394,18 +411,18 @@ def fixed_trial(study: optuna.Study, key: str, params: dict[str, Any],
     """
 
     def guarded(trial: optuna.Trial) -> float:
-        if trial.user_attrs.get("key") != key:
+        if trial.user_attrs.get(TrialKey.KEY) != key:
             _surplus(trial, "a stray waiting trial")
         for t in study.get_trials(deepcopy=False):
-            if (t.number < trial.number and t.user_attrs.get("key") == key
+            if (t.number < trial.number and t.user_attrs.get(TrialKey.KEY) == key
                     and t.state != TrialState.FAIL):
                 _surplus(trial, f"trial {t.number} already holds {key}")
-        _start_trial(trial, study.user_attrs.get("stage", ""))
+        _start_trial(trial, study.user_attrs.get(StudyKey.STAGE, ""))
         return objective(trial)
 
     while True:
         reclaim(study)
-        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("key") == key]
+        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(TrialKey.KEY) == key]
         done = [t for t in mine if t.state in FINISHED]
         if done:
             return done[0]
@@ -415,7 +432,7 @@ def fixed_trial(study: optuna.Study, key: str, params: dict[str, Any],
             time.sleep(_POLL_SECONDS)
             continue
         if not any(t.state == TrialState.WAITING for t in mine):
-            study.enqueue_trial(params, user_attrs={"key": key}, skip_if_exists=False)
+            study.enqueue_trial(params, user_attrs={TrialKey.KEY: key}, skip_if_exists=False)
         _run_one(study, guarded)
 
 

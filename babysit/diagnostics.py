@@ -22,6 +22,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from babysit.record import StudyKey
+from babysit.record import TrialKey
 from babysit.storage import Storage
 from babysit.storage import find_study
 from babysit.terminal import plural
@@ -313,13 +315,14 @@ def narrowing_warnings(storage: Storage, run: str) -> list[str]:
     """The narrowing's edge warnings ("best lr ... sits at the upper edge of the coarse
     range ...: widen coarse.lr"), read without creating a study."""
     study = find_study(storage, run, "fine")
-    narrowed = study.user_attrs.get("narrowed") if study is not None else None
+    narrowed = study.user_attrs.get(StudyKey.NARROWED) if study is not None else None
     return list(narrowed.get("warnings", [])) if narrowed else []
 
 
-def record_diagnostics(trial: optuna.Trial, monitor: Monitor, curves: dict[str, list[float]], *,
-                       epoch: int | None = None, warnings: Sequence[str] = ()) -> None:
-    """Close the epoch's samples and store "diagnostics" and "readings" on the trial.
+def record_diagnostics(monitor: Monitor, curves: dict[str, list[float]], *,
+                       epoch: int | None = None, warnings: Sequence[str] = ()) -> dict[str, Any]:
+    """Close the epoch's samples; return the trial's "diagnostics" and "readings" so far
+    (the caller stores them as JSON artifacts, babysit.artifacts.store_trial_data).
 
     With ``epoch=None`` (after ``fit`` returns) it closes a partial epoch, the one a
     diverged trial stopped in, and removes the monitor's hooks from the model.
@@ -328,19 +331,21 @@ def record_diagnostics(trial: optuna.Trial, monitor: Monitor, curves: dict[str, 
         monitor.finish(len(curves.get("train_loss", [])) + 1)
     else:
         monitor.close_epoch(epoch)
-    trial.set_user_attr("diagnostics", monitor.epochs)
-    trial.set_user_attr("readings", readings(monitor.epochs, curves, warnings=warnings))
+    return {TrialKey.DIAGNOSTICS: list(monitor.epochs),
+            TrialKey.READINGS: readings(monitor.epochs, curves, warnings=warnings)}
 
 
 def trial_readings(storage: Storage, run: str) -> dict[str, list[str]]:
     """Every stored reading of a run, by trial ("coarse #3"), for the report."""
+    from babysit.artifacts import trial_data
+
     out: dict[str, list[str]] = {}
     for stage in ("coarse", "fine", "final"):
         study = find_study(storage, run, stage)
         if study is None:
             continue
         for t in study.get_trials(deepcopy=False):
-            found = t.user_attrs.get("readings")
+            found = trial_data(storage, t).readings
             if found:
                 out[f"{stage} #{t.number}"] = list(found)
     warnings = narrowing_warnings(storage, run)
@@ -439,7 +444,7 @@ def propose_coarse_lr(ctx: Context, steps: int = 300) -> dict[str, Any]:
 
 def upload_filters(storage: Storage, trial: optuna.Trial, model: nn.Module) -> str | None:
     """The first-layer filters as a PNG artifact of ``trial`` (user attr
-    "filters_artifact"); None for a model without a conv layer."""
+    ``filters_artifact``); None for a model without a conv layer."""
     import optuna
 
     from babysit.plots import first_layer_filters
@@ -453,5 +458,5 @@ def upload_filters(storage: Storage, trial: optuna.Trial, model: nn.Module) -> s
         artifact_id = optuna.artifacts.upload_artifact(
             artifact_store=storage.artifacts, file_path=str(path), study_or_trial=trial,
             mimetype="image/png")
-    trial.set_user_attr("filters_artifact", artifact_id)
+    trial.set_user_attr(TrialKey.FILTERS_ARTIFACT, artifact_id)
     return artifact_id

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from babysit import record
+from babysit.artifacts import trial_data
 from babysit.errors import UsageError
 from babysit.record import TrialKey
 from babysit.storage import Storage
@@ -35,7 +36,7 @@ OBJECTIVE = {"sanity": TrialKey.INITIAL_LOSS, "overfit": TrialKey.TRAIN_ACCURACY
              "coarse": TrialKey.VAL_ACCURACY, "fine": TrialKey.VAL_ACCURACY,
              "final": TrialKey.VAL_ACCURACY}
 # Attrs that are curves: in the curves table, not in a cell of the trials table.
-_CURVE_KEYS = (TrialKey.CURVE, TrialKey.CURVES, TrialKey.DIAGNOSTICS)
+_CURVE_KEYS = (TrialKey.CURVE, TrialKey.CURVES, TrialKey.DIAGNOSTICS, TrialKey.DATA)
 _LEAD = ["run", "stage", "study", "trial", "state", "datetime_start", "datetime_complete",
          "duration_s", "worker", "reason"]
 CURVE_COLUMNS = ["run", "stage", "trial", "epoch", "step", "metric", "value"]
@@ -96,7 +97,8 @@ def trials_frame(storage: Storage, run: str) -> pd.DataFrame:
             }
             for name, v in t.params.items():
                 row[name if name not in row else f"param_{name}"] = v
-            for key, value in sorted(t.user_attrs.items()):
+            # The readings come from their artifact (an older run's from its attrs).
+            for key, value in sorted(trial_data(storage, t).to_attrs().items()):
                 if key not in _CURVE_KEYS:
                     row.update({k: v for k, v in _cell(key, value) if k not in row})
             if t.value is not None:
@@ -128,7 +130,7 @@ def curves_frame(storage: Storage, run: str) -> pd.DataFrame:
     rows: list[tuple[Any, ...]] = []
     for stage, rec in _stages(storage, run).items():
         for t in sorted(rec.trials, key=lambda t: t.number):
-            a = record.trial_attrs(t)
+            a = trial_data(storage, t)
             for point in a.curve or []:
                 step = point.get("step")
                 rows += [(run, stage, t.number, None, step, k, v) for k, v in point.items()

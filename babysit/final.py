@@ -20,6 +20,7 @@ import optuna
 import torch
 from optuna.trial import TrialState
 
+from babysit.artifacts import store_trial_data
 from babysit.checkpoint import checkpoint_due
 from babysit.checkpoint import copy_weights
 from babysit.checkpoint import delete_checkpoint
@@ -159,11 +160,12 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
     start, curves, best = carried.start, carried.curves, carried.best
     best_state = carried.best_state  # None: the current weights are best
     if main and ckpt is not None:
-        trial.set_user_attr("resumed_from_epoch", start)
+        trial.set_user_attr(TrialKey.RESUMED_FROM_EPOCH, start)
     if main:
-        trial.set_user_attr("final_procs", world)
+        trial.set_user_attr(TrialKey.FINAL_PROCS, world)
         monitor = Monitor(model)  # diagnostics
         edge = narrowing_warnings(ctx.storage, spec.name)  # diagnostics
+    diag: dict[str, Any] = {}  # diagnostics and readings, stored as artifacts at the end
     batch = ctx.batch_size
     per_rank = max(1, batch // world)
     t0 = time.perf_counter()
@@ -186,11 +188,10 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
         last = diverged or plateau or stats.epoch >= spec.final.epochs
         due = 0.0
         if main:
-            trial.set_user_attr("curves", curves)
-            record_diagnostics(trial, monitor, curves, epoch=stats.epoch, warnings=edge)
-            trial.set_user_attr("epochs_run", stats.epoch)
-            trial.set_user_attr("best_epoch", best["epoch"])
-            trial.set_user_attr("examples", (stats.epoch - start) * ctx.data.train_size)
+            diag.update(record_diagnostics(monitor, curves, epoch=stats.epoch, warnings=edge))
+            trial.set_user_attr(TrialKey.EPOCHS_RUN, stats.epoch)
+            trial.set_user_attr(TrialKey.BEST_EPOCH, best["epoch"])
+            trial.set_user_attr(TrialKey.EXAMPLES, (stats.epoch - start) * ctx.data.train_size)
             trial.report(stats.val_acc, stats.epoch)
             # No checkpoint of diverged weights: a rerun would resume into NaN.
             due = float(not diverged and checkpoint_due(
@@ -258,12 +259,13 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
         outcome["stopped"] = "diverged"
     if not main:
         return {}
-    record_diagnostics(trial, monitor, curves, warnings=edge)  # diagnostics
-    trial.set_user_attr("seconds", time.perf_counter() - t0)
-    trial.set_user_attr("examples", (outcome["epochs"] - start) * ctx.data.train_size)
-    trial.set_user_attr("checkpoints_written", clock["writes"])
+    diag.update(record_diagnostics(monitor, curves, warnings=edge))  # diagnostics
+    store_trial_data(ctx.storage, trial, **{TrialKey.CURVES: curves}, **diag)
+    trial.set_user_attr(TrialKey.SECONDS, time.perf_counter() - t0)
+    trial.set_user_attr(TrialKey.EXAMPLES, (outcome["epochs"] - start) * ctx.data.train_size)
+    trial.set_user_attr(TrialKey.CHECKPOINTS_WRITTEN, clock["writes"])
     if outcome["stopped"] == "diverged":
-        trial.set_user_attr("verdict", "the final training diverged (loss NaN/inf)")
+        trial.set_user_attr(TrialKey.VERDICT, "the final training diverged (loss NaN/inf)")
         return {"diverged": True}
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -280,18 +282,18 @@ def _test_and_store(ctx: Context, trial: optuna.Trial, model: torch.nn.Module,
     test_loss, test_acc = evaluate(model, ctx.data, "test", spec.loss)
     val_acc = float(best["val_acc"])
     saved = spec.final.epochs - epochs_run
-    trial.set_user_attr("test_accuracy", test_acc)
-    trial.set_user_attr("test_loss", test_loss)
-    trial.set_user_attr("val_accuracy", val_acc)
-    trial.set_user_attr("best_epoch", best["epoch"])
-    trial.set_user_attr("epochs_saved", saved)
-    trial.set_user_attr("stopped", stopped or "budget")
+    trial.set_user_attr(TrialKey.TEST_ACCURACY, test_acc)
+    trial.set_user_attr(TrialKey.TEST_LOSS, test_loss)
+    trial.set_user_attr(TrialKey.VAL_ACCURACY, val_acc)
+    trial.set_user_attr(TrialKey.BEST_EPOCH, best["epoch"])
+    trial.set_user_attr(TrialKey.EPOCHS_SAVED, saved)
+    trial.set_user_attr(TrialKey.STOPPED, stopped or "budget")
     if world > 1:
-        trial.set_user_attr("batch", {"global": per_rank * world, "per_rank": per_rank,
+        trial.set_user_attr(TrialKey.BATCH, {"global": per_rank * world, "per_rank": per_rank,
                                       "ranks": world})
     # Test accuracy first: the number the run is for; validation chose the epoch.
     stop = (f"stopped after epoch {epochs_run} of {spec.final.epochs}: no better validation "
-            f"for {plural(spec.final.patience, 'epoch', 'epochs')}" if saved > 0
+            f"for {plural(spec.final.patience, 'epoch')}" if saved > 0
             else plural(epochs_run, "epoch"))
     trial.set_user_attr(TrialKey.VERDICT, (
         f"test accuracy {test_acc:.3f} (loss {test_loss:.3f}), val accuracy {val_acc:.3f}; "
@@ -342,7 +344,7 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None,
                            f"final training is held by {', '.join(holder) or 'another worker'}",
                            {"held_by": holder})
     if trial.state != TrialState.COMPLETE:
-        return StageResult("final", "failed", trial.user_attrs.get("verdict", "final failed"),
+        return StageResult("final", "failed", trial.user_attrs.get(TrialKey.VERDICT, "final failed"),
                            {})
     # Only the model is kept of a passed final: its resumable checkpoint goes (here, and
     # on a rerun that finds it left by a process killed in between).

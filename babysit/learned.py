@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from babysit.context import Context
 from babysit.context import StageResult
 from babysit.coordination import open_stage
+from babysit.record import StudyKey
 from babysit.spec import CoarseSpec
 from babysit.spec import Spec
 from babysit.stages import best_of
@@ -80,7 +81,7 @@ def anchored_ranges(ctx: Context, ranges: dict[str, list[float]]) -> dict[str, l
         return ranges
     anchored = [lr / 10**ANCHOR_BELOW, lr * 10**ANCHOR_ABOVE]
     study = open_stage(ctx, "coarse")
-    study.set_user_attr("lr_anchor", {
+    study.set_user_attr(StudyKey.LR_ANCHOR, {
         "overfit_lr": lr, "range": anchored, "replaced": list(ranges["lr"]),
         "rule": ANCHOR_RULE.format(below=f"{ANCHOR_BELOW:g}", above=f"{ANCHOR_ABOVE:g}",
                                    lr=f"{lr:g}"),
@@ -117,10 +118,10 @@ def extend_coarse(ctx: Context, initial_loss: float,
     """
     spec = ctx.spec
     study = open_stage(ctx, "coarse")
-    plan = study.user_attrs.get("extension")
+    plan = study.user_attrs.get(StudyKey.EXTENSION)
     if plan is None:
         best = best_of(study.get_trials(deepcopy=False))
-        ranges = study.user_attrs.get("ranges")
+        ranges = study.user_attrs.get(StudyKey.RANGES)
         if not spec.coarse.extend or best is None or not ranges:
             return None
         found = edges(best, ranges, spec.narrow.edge)
@@ -136,11 +137,11 @@ def extend_coarse(ctx: Context, initial_loss: float,
             plan.update({"strip": strip, "widened": widened,
                          "extra_trials": extra_trials(spec.coarse.trials),
                          "best_before": best})
-        study.set_user_attr("extension", plan)
+        study.set_user_attr(StudyKey.EXTENSION, plan)
     if not plan["edges"]:
         return None
-    if study.user_attrs.get("ranges") != plan["widened"]:
-        study.set_user_attr("ranges", plan["widened"])
+    if study.user_attrs.get(StudyKey.RANGES) != plan["widened"]:
+        study.set_user_attr(StudyKey.RANGES, plan["widened"])
     shown = ", ".join(f"{k} at its {v} edge" for k, v in plan["edges"].items())
     ctx.log(f"coarse: best {shown}; {plan['extra_trials']} extra trials in "
             + ", ".join(f"{k} [{a:.3g}, {b:.3g}]" for k, (a, b) in plan["strip"].items()))

@@ -22,6 +22,7 @@ from babysit import record
 from babysit.record import FINISHED
 from babysit.record import Param
 from babysit.record import Reason
+from babysit.record import TrialAttrs
 from babysit.record import trial_attrs
 from babysit.storage import Storage
 
@@ -44,14 +45,17 @@ def _finite(values: list[Any]) -> list[float]:
     return [float(v) if v is not None and math.isfinite(float(v)) else math.nan for v in values]
 
 
-def overfit_curve(trials: list[FrozenTrial], samples: int | None = None) -> Figure:
-    """Training loss and train accuracy against step, one line per learning rate tried."""
+def overfit_curve(trials: list[FrozenTrial], samples: int | None = None,
+                  attrs: list[TrialAttrs] | None = None) -> Figure:
+    """Training loss and train accuracy against step, one line per learning rate tried;
+    ``attrs`` (one per trial) carry the curves read from their artifacts."""
+    found = {t.number: a for t, a in zip(trials, attrs or [], strict=False)}
     fig = Figure(figsize=_WIDE, dpi=_DPI, layout=_LAYOUT)
     ax_loss, ax_acc = fig.subplots(1, 2)
     losses: list[float] = []
     drawn = 0
     for t in sorted(trials, key=lambda t: t.params.get(Param.LR, 0.0)):
-        curve = trial_attrs(t).curve or []
+        curve = found.get(t.number, trial_attrs(t)).curve or []
         if not curve:
             continue
         steps = [c["step"] for c in curve]
@@ -90,7 +94,7 @@ def search_scatter(trials: list[FrozenTrial], stage: str, bounds: dict[str, list
     def xy(ts: list[FrozenTrial]) -> tuple[list[float], list[float]]:
         return [t.params[lr] for t in ts], [t.params[wd] for t in ts]
 
-    complete = [t for t in real if t.state == TrialState.COMPLETE and t.value is not None]
+    complete = record.scored(real)  # a diverged trial is COMPLETE at chance: drawn as diverged
     diverged = [t for t in real if trial_attrs(t).reason == Reason.DIVERGED]
     pruned = [t for t in real if t.state == TrialState.PRUNED and t not in diverged]
     failed = [t for t in real if t.state == TrialState.FAIL]
@@ -132,11 +136,12 @@ def _padded(bounds: list[float]) -> tuple[float, float]:
     return 10 ** (lo - pad), 10 ** (hi + pad)
 
 
-def final_curves(trial: FrozenTrial) -> Figure:
-    """Loss and accuracy per epoch, train and validation; the test result as a marker."""
+def final_curves(trial: FrozenTrial, attrs: TrialAttrs | None = None) -> Figure:
+    """Loss and accuracy per epoch, train and validation; the test result as a marker.
+    ``attrs``: the trial's, with the curves read from their artifact."""
     fig = Figure(figsize=_WIDE, dpi=_DPI, layout=_LAYOUT)
     ax_loss, ax_acc = fig.subplots(1, 2)
-    a = trial_attrs(trial)
+    a = attrs or trial_attrs(trial)
     curves = a.curves or {}
     epochs = list(range(1, len(curves.get("train_loss", [])) + 1))
     for key, label in (("train_loss", "train"), ("val_loss", "val")):
@@ -222,16 +227,18 @@ def first_layer_filters(model: Any) -> Figure:
 
 def stage_figure(storage: Storage, run: str, stage: str) -> Figure | None:
     """The stage's plot drawn from its stored trials, or None when there is nothing to draw."""
+    from babysit.artifacts import trial_data
+
     rec = record.load_stage(storage, run, stage)
     trials = rec.trials
     if rec.study is None:
         return None
     if stage == "overfit":
-        found = [trial_attrs(t) for t in trials]
+        found = [trial_data(storage, t) for t in trials]
         if not any(a.curve for a in found):
             return None
         return overfit_curve(trials, next((a.samples for a in found if a.samples is not None),
-                                          None))
+                                          None), found)
     if stage in ("coarse", "fine"):
         if not any(t.state in FINISHED for t in trials):
             return None
@@ -242,7 +249,8 @@ def stage_figure(storage: Storage, run: str, stage: str) -> Figure | None:
         return search_scatter(trials, stage, bounds, narrowed["ranges"] if narrowed else None)
     if stage == "final":
         done = rec.complete
-        if not done or not trial_attrs(done[0]).curves:
+        data = trial_data(storage, done[0]) if done else None
+        if data is None or not data.curves:
             return None
-        return final_curves(done[0])
+        return final_curves(done[0], data)
     return None

@@ -244,8 +244,13 @@ def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
     from babysit.diagnostics import propose_coarse_lr
 
     test = propose_coarse_lr(ctx)
-    study.set_user_attr(StudyKey.LR_RANGE_TEST,
+    from babysit.artifacts import upload_json
+
+    # The curve (a few kB) as a JSON artifact; the attr keeps the proposal and names it.
+    curve = upload_json(ctx.storage, study, "lr_range_test.json",
                         {k: test[k] for k in ("lrs", "losses", "suggested")})
+    study.set_user_attr(StudyKey.LR_RANGE_TEST,
+                        {"suggested": list(test["suggested"]), "artifact": curve})
     lr = ranges[Param.LR] = [float(v) for v in test["suggested"]]
     ctx.log(f"LR range test: loss fell fastest around lr {lr[0]:.3g} .. "
             f"{lr[1]:.3g}; that is the coarse lr range")

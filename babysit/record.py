@@ -6,7 +6,9 @@ A run is five studies ``<run>/<stage>``. What babysit keeps on them:
 - trial user attrs: the keys in :class:`TrialKey`, typed as :class:`TrialAttrs`; the values
   of ``reason`` in :class:`Reason`;
 - trial params: :class:`Param` (``lr``, ``weight_decay``);
-- system attrs babysit reads: :data:`ARTIFACT_PREFIX` (Optuna's artifact records).
+- system attrs babysit reads: :data:`ARTIFACT_PREFIX` (Optuna's artifact records);
+- JSON artifacts (babysit.artifacts): what is too large for an attr, which stays at most
+  :data:`MAX_ATTR_BYTES` as JSON (the dashboard lays attrs out in full).
 
 Writers use the constants, ``trial.set_user_attr(TrialKey.REASON, Reason.DIVERGED)``;
 every constant's value is also the name of its dataclass field, so
@@ -45,6 +47,7 @@ from babysit.storage import find_study
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Optuna's own system attrs for uploaded artifacts: ``artifacts:<id>`` -> JSON metadata.
 ARTIFACT_PREFIX = "artifacts:"
+MAX_ATTR_BYTES = 1024  # the most a user attr may take as JSON
 
 
 class Param:
@@ -71,7 +74,9 @@ class StudyKey:
     sanity's; ``RANGES`` and the search settings on coarse/fine; ``NARROWED`` on fine;
     ``CHECKPOINT`` on final; ``PUBLISHED`` (notes and plots uploaded) on each."""
 
-    SPEC = "spec"
+    SPEC = "spec"  # the whole spec: runs of older babysit only; now SPEC_ARTIFACT
+    SPEC_ARTIFACT = "spec_artifact"
+    SPEC_SUMMARY = "spec_summary"
     RUN = "run"
     STAGE = "stage"
     VERDICT = "verdict"
@@ -155,6 +160,11 @@ class TrialKey:
     MODEL_ARTIFACT = "model_artifact"
     # Where the trained weights were written: a file path, or the object store's URL.
     MODEL_PATH = "model_path"
+    DATA = "data"  # the id of the JSON artifact that holds the fields in DATA_FIELDS
+
+
+# Trial fields kept as JSON artifacts (older runs: in the attrs of the same name).
+DATA_FIELDS = (TrialKey.CURVE, TrialKey.CURVES, TrialKey.DIAGNOSTICS, TrialKey.READINGS)
 
 
 _A = TypeVar("_A", bound="_Attrs")
@@ -189,6 +199,8 @@ class StudyAttrs(_Attrs):
     """A stage study's user attrs (see :class:`StudyKey`)."""
 
     spec: dict[str, Any] | None = None
+    spec_artifact: str | None = None
+    spec_summary: dict[str, str] | None = None
     run: str | None = None
     stage: str | None = None
     verdict: str | None = None
@@ -257,10 +269,12 @@ class TrialAttrs(_Attrs):
     batch: dict[str, int] | None = None
     model_artifact: str | None = None
     model_path: str | None = None
+    data: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def trial_attrs(t: FrozenTrial) -> TrialAttrs:
+    """The trial's attrs as stored; the artifact-kept fields are None (see trial_data)."""
     return TrialAttrs.from_attrs(t.user_attrs)
 
 
@@ -303,7 +317,9 @@ def stored_spec(storage: Storage, run: str) -> Spec:
     """The run's spec as its studies carry it, so a worker needs no flags."""
     for stage in STAGES:
         study = find_study(storage, run, stage)
-        spec = StudyAttrs.from_attrs(study.user_attrs).spec if study is not None else None
+        from babysit.artifacts import study_spec  # it imports this module
+
+        spec = study_spec(storage, study) if study is not None else None
         if spec is not None:
             return Spec.from_dict(spec)
     raise UsageError(f"no run named '{run}' in storage {storage.shown}; "
@@ -315,22 +331,37 @@ def real(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     return [t for t in trials if trial_attrs(t).reason != Reason.SURPLUS]
 
 
+def diverged(t: FrozenTrial) -> bool:
+    """A search trial stopped on divergence. Stored COMPLETE with the chance accuracy (see
+    stages._search_trial); a run of an older babysit stored it PRUNED with no value."""
+    return trial_attrs(t).reason == Reason.DIVERGED
+
+
+def scored(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The COMPLETE trials with a value that training earned: not the diverged ones, whose
+    value is the chance accuracy they were given."""
+    return [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
+            and not diverged(t)]
+
+
 def counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    """Trials that count, by outcome; ``finished`` is complete + pruned."""
+    """Trials that count, by outcome; ``finished`` is complete + pruned. A diverged trial
+    counts as pruned (stopped early) whichever state it was stored in."""
     live = real(trials)
     return {
         "finished": sum(t.state in FINISHED for t in live),
-        "complete": sum(t.state == TrialState.COMPLETE for t in live),
-        "pruned": sum(t.state == TrialState.PRUNED for t in live),
-        "diverged": sum(trial_attrs(t).reason == Reason.DIVERGED for t in live),
+        "complete": sum(t.state == TrialState.COMPLETE and not diverged(t) for t in live),
+        "pruned": sum(t.state == TrialState.PRUNED or (t.state == TrialState.COMPLETE
+                                                       and diverged(t)) for t in live),
+        "diverged": sum(diverged(t) for t in live),
         "failed": sum(t.state == TrialState.FAIL for t in live),
         "running": sum(t.state == TrialState.RUNNING for t in live),
     }
 
 
 def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
-    """The complete trial of highest value; the earlier one on a tie."""
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    """The complete trial of highest value; the earlier one on a tie; never a diverged one."""
+    complete = scored(trials)
     return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
 
 

@@ -5,8 +5,9 @@ Markdown note on the stage's study (optuna-dashboard shows it on the study page)
 stage's plots as study artifacts; what it uploaded is recorded in the study's user attr
 ``published``, so a rerun of a finished run uploads nothing twice, and a note a person has
 edited in the dashboard since is left as they wrote it. ``write_report`` reads trials back
-through babysit.record and redraws every plot, so it works for a run whose artifact store
-lives on another machine. The tables of ``babysit export`` are built in babysit.export.
+through babysit.record and redraws every plot; for a run whose artifact store lives on
+another machine it draws what the database holds (the search scatters), since the
+curves are the trials' JSON artifacts. The tables of ``babysit export`` are built in babysit.export.
 """
 
 from __future__ import annotations
@@ -249,13 +250,14 @@ def _fallback_verdict(stage: str, study: optuna.Study, trials: list[FrozenTrial]
 
 
 def _top(trials: list[FrozenTrial], n: int) -> list[FrozenTrial]:
-    """Complete trials by value, then pruned ones (diverged last), then failed ones."""
+    """Complete trials by value, then pruned ones (diverged last: COMPLETE at chance in
+    this babysit, PRUNED in older runs), then failed ones."""
     order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1}
 
     def key(t: FrozenTrial) -> tuple:
         value = t.value if t.value is not None and math.isfinite(t.value) else -math.inf
-        return (order.get(t.state, 2), trial_attrs(t).reason == record.Reason.DIVERGED,
-                -value, t.number)
+        gone = record.diverged(t)
+        return (1 if gone else order.get(t.state, 2), gone, -value, t.number)
 
     return sorted(record.real(trials), key=key)[:n]
 

@@ -18,8 +18,9 @@ from typing import Any
 import optuna
 import torch
 from optuna.trial import FrozenTrial
-from optuna.trial import TrialState
 
+from babysit.artifacts import store_trial_data
+from babysit.artifacts import trial_data
 from babysit.context import Context
 from babysit.context import SanityResult
 from babysit.context import StageResult
@@ -39,6 +40,13 @@ from babysit.coordination import stage_counts
 from babysit.diagnostics import Monitor
 from babysit.diagnostics import record_diagnostics
 from babysit.errors import ProtocolError
+from babysit.record import Param
+from babysit.record import Reason
+from babysit.record import StudyKey
+from babysit.record import TrialKey
+from babysit.record import best_of as record_best_of
+from babysit.record import scored
+from babysit.record import trial_attrs
 from babysit.spec import CoarseSpec
 from babysit.spec import SearchSpec
 from babysit.terminal import plural
@@ -72,30 +80,23 @@ def sanity(ctx: Context) -> SanityResult:
             initial, expected, with_reg, spec.sanity.tolerance, spec.loss,
             ctx.data.num_classes, readings, readings.pop("l2"))
         for k, v in {
-            "initial_loss": initial,
-            "expected_loss": expected,
-            "loss_with_reg": with_reg,
-            "reg": spec.sanity.reg,
-            "tolerance": spec.sanity.tolerance,
-            "tolerance_unit": "nats",
-            "max_logit_std": max_logit_std(spec.sanity.tolerance),
-            **readings,
-            "status": status,
-            "verdict": verdict,
+            TrialKey.INITIAL_LOSS: initial, TrialKey.EXPECTED_LOSS: expected,
+            TrialKey.LOSS_WITH_REG: with_reg, TrialKey.REG: spec.sanity.reg,
+            TrialKey.TOLERANCE: spec.sanity.tolerance, TrialKey.TOLERANCE_UNIT: "nats",
+            TrialKey.MAX_LOGIT_STD: max_logit_std(spec.sanity.tolerance),
+            **readings, TrialKey.STATUS: status, TrialKey.VERDICT: verdict,
         }.items():
             trial.set_user_attr(k, v)
         return initial if math.isfinite(initial) else float("inf")
 
     trial = fixed_trial(study, "sanity", {}, objective)
-    attrs = trial.user_attrs
-    return SanityResult("sanity", attrs["status"], attrs["verdict"], {
-        "initial_loss": attrs["initial_loss"],
-        "expected_loss": attrs["expected_loss"],
-        "loss_with_reg": attrs["loss_with_reg"],
-        "logit_std": attrs.get("logit_std"),
-        "top_class_share": attrs.get("top_class_share"),
-    }, initial_loss=(attrs["initial_loss"] if math.isfinite(attrs["initial_loss"])
-                     else expected))
+    a = trial_attrs(trial)
+    initial_loss = float(a.initial_loss if a.initial_loss is not None else "nan")
+    return SanityResult("sanity", str(a.status), str(a.verdict), {
+        "initial_loss": a.initial_loss, "expected_loss": a.expected_loss,
+        "loss_with_reg": a.loss_with_reg, "logit_std": a.logit_std,
+        "top_class_share": a.top_class_share,
+    }, initial_loss=initial_loss if math.isfinite(initial_loss) else expected)
 
 
 def read_untrained(ctx: Context, model: torch.nn.Module) -> dict[str, Any]:
@@ -210,7 +211,7 @@ def overfit(ctx: Context) -> StageResult:
     for i, lr in enumerate(lrs):
 
         def objective(trial: optuna.Trial, lr: float = lr, i: int = i) -> float:
-            trial.suggest_float("lr", lr, lr, log=True)
+            trial.suggest_float(Param.LR, lr, lr, log=True)
             model = fresh_model(ctx, seed_for(spec, "overfit", i))
             # Dropout is regularisation too: switched off, like weight decay, for this check.
             for module in model.modules():
@@ -220,34 +221,34 @@ def overfit(ctx: Context) -> StageResult:
             t0 = time.perf_counter()
             acc, curve, steps = memorise(model, opt, x, y, data.pre, steps=spec.overfit.steps,
                                          loss=spec.loss)
-            trial.set_user_attr("curve", curve)
-            trial.set_user_attr("steps", steps)
-            trial.set_user_attr("samples", n)
-            trial.set_user_attr("train_accuracy", acc)
-            trial.set_user_attr("examples", steps * n)
-            trial.set_user_attr("seconds", time.perf_counter() - t0)
+            store_trial_data(ctx.storage, trial, **{TrialKey.CURVE: curve})
+            trial.set_user_attr(TrialKey.STEPS, steps)
+            trial.set_user_attr(TrialKey.SAMPLES, n)
+            trial.set_user_attr(TrialKey.TRAIN_ACCURACY, acc)
+            trial.set_user_attr(TrialKey.EXAMPLES, steps * n)
+            trial.set_user_attr(TrialKey.SECONDS, time.perf_counter() - t0)
             return acc
 
-        trial = fixed_trial(study, f"lr={lr:g}", {"lr": lr}, objective)
+        trial = fixed_trial(study, f"lr={lr:g}", {Param.LR: lr}, objective)
         tried.append(trial)
         if trial.value is not None and trial.value >= 1.0:
             verdict = (f"{n} examples memorised (100 % train accuracy) in "
-                       f"{plural(trial.user_attrs['steps'], 'step')} at lr {lr:g}")
-            study.set_user_attr("verdict", verdict)
+                       f"{plural(trial.user_attrs[TrialKey.STEPS], 'step')} at lr {lr:g}")
+            study.set_user_attr(StudyKey.VERDICT, verdict)
             return StageResult("overfit", "passed", verdict,
                                {"train_accuracy": 1.0, "lr": lr,
-                                "steps": trial.user_attrs["steps"]})
-    verdict = _overfit_verdict(tried, n)
-    study.set_user_attr("verdict", verdict)
+                                "steps": trial.user_attrs[TrialKey.STEPS]})
+    verdict = _overfit_verdict(ctx, tried, n)
+    study.set_user_attr(StudyKey.VERDICT, verdict)
     best = max((t.value or 0.0) for t in tried)
     return StageResult("overfit", "failed", verdict, {"train_accuracy": best})
 
 
-def _overfit_verdict(trials: list[FrozenTrial], n: int) -> str:
+def _overfit_verdict(ctx: Context, trials: list[FrozenTrial], n: int) -> str:
     parts = []
     for t in trials:
-        curve = t.user_attrs.get("curve", [])
-        lr = t.params.get("lr")
+        curve = trial_data(ctx.storage, t).curve or []
+        lr = t.params.get(Param.LR)
         acc = t.value or 0.0
         losses = [c["loss"] for c in curve]
         if any(not math.isfinite(v) for v in losses):
@@ -295,13 +296,13 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
 def _describe_search(study: optuna.Study, search_spec: SearchSpec,
                      ranges: dict[str, list[float]]) -> None:
     """The ranges, sampler and pruner, stored once on the study for the report."""
-    if "ranges" in study.user_attrs:
+    if StudyKey.RANGES in study.user_attrs:
         return
-    study.set_user_attr("ranges", ranges)
-    study.set_user_attr("pruner", search_spec.pruner)
-    study.set_user_attr("sampler", search_spec.sampler)
+    study.set_user_attr(StudyKey.RANGES, ranges)
+    study.set_user_attr(StudyKey.PRUNER, search_spec.pruner)
+    study.set_user_attr(StudyKey.SAMPLER, search_spec.sampler)
     if search_spec.pruner == "halving":
-        study.set_user_attr("pruner_rule", HALVING_RULE.format(
+        study.set_user_attr(StudyKey.PRUNER_RULE, HALVING_RULE.format(
             startup=HALVING_STARTUP, factor=HALVING_FACTOR, factor2=HALVING_FACTOR**2))
 
 
@@ -310,8 +311,8 @@ def _search_trial(ctx: Context, trial: optuna.Trial, stage: str, search_spec: Se
     """One search trial: draw lr and weight_decay, train ``search_spec.epochs`` epochs
     (pruned or stopped on divergence on the way), return the last val accuracy."""
     spec = ctx.spec
-    lr = trial.suggest_float("lr", *ranges["lr"], log=True)
-    wd = trial.suggest_float("weight_decay", *ranges["weight_decay"], log=True)
+    lr = trial.suggest_float(Param.LR, *ranges[Param.LR], log=True)
+    wd = trial.suggest_float(Param.WEIGHT_DECAY, *ranges[Param.WEIGHT_DECAY], log=True)
     seed = seed_for(spec, stage, trial.number)
     model = fresh_model(ctx, seed)
     opt = make_optimizer(spec.optimizer, model.parameters(), lr, wd, spec.momentum)
@@ -319,25 +320,26 @@ def _search_trial(ctx: Context, trial: optuna.Trial, stage: str, search_spec: Se
                                       ("train_loss", "train_acc", "val_loss", "val_acc")}
     t0 = time.perf_counter()
     monitor = Monitor(model)  # diagnostics
+    diag: dict[str, Any] = {}
 
     def on_epoch(stats: EpochStats) -> None:
         for k in curves:
             curves[k].append(getattr(stats, k))
-        trial.set_user_attr("curves", curves)
-        record_diagnostics(trial, monitor, curves, epoch=stats.epoch)  # diagnostics
-        trial.set_user_attr("epochs_run", stats.epoch)
-        trial.set_user_attr("examples", stats.epoch * ctx.data.train_size)
+        diag.update(record_diagnostics(monitor, curves, epoch=stats.epoch))  # diagnostics
+        trial.set_user_attr(TrialKey.EPOCHS_RUN, stats.epoch)
+        trial.set_user_attr(TrialKey.EXAMPLES, stats.epoch * ctx.data.train_size)
         trial.report(stats.val_acc, stats.epoch)
         # A trial that has run all its epochs is complete whatever the pruner says:
         # pruning it would save nothing and hide its result from narrowing.
         if stats.epoch < search_spec.epochs and trial.should_prune():
-            trial.set_user_attr("reason", "pruned")
-            trial.set_user_attr("verdict", (
+            store_trial_data(ctx.storage, trial, **{TrialKey.CURVES: curves}, **diag)
+            trial.set_user_attr(TrialKey.REASON, Reason.PRUNED)
+            trial.set_user_attr(TrialKey.VERDICT, (
                 f"pruned after epoch {stats.epoch}: val accuracy {stats.val_acc:.3f} "
                 + (f"not in the top 1/{HALVING_FACTOR} of the trials that reached that "
                    "epoch (successive halving)" if search_spec.pruner == "halving" else
                    "below the median of earlier trials at that epoch")))
-            trial.set_user_attr("seconds", time.perf_counter() - t0)
+            trial.set_user_attr(TrialKey.SECONDS, time.perf_counter() - t0)
             raise optuna.TrialPruned()
 
     history = fit(model, opt, ctx.data, epochs=search_spec.epochs,
@@ -346,29 +348,42 @@ def _search_trial(ctx: Context, trial: optuna.Trial, stage: str, search_spec: Se
                   diverge_above=search_spec.diverge_factor * initial,
                   stop_on_divergence=search_spec.diverge_factor > 0,
                   check_every=ctx.check_every, on_epoch=on_epoch, monitor=monitor)
-    record_diagnostics(trial, monitor, curves)  # diagnostics: a diverged trial's last epoch
-    trial.set_user_attr("seconds", time.perf_counter() - t0)
-    trial.set_user_attr("examples", history.examples)
-    trial.set_user_attr("steps", history.steps)
+    diag.update(record_diagnostics(monitor, curves))  # a diverged trial's last epoch
+    store_trial_data(ctx.storage, trial, **{TrialKey.CURVES: curves}, **diag)
+    trial.set_user_attr(TrialKey.SECONDS, time.perf_counter() - t0)
+    trial.set_user_attr(TrialKey.EXAMPLES, history.examples)
+    trial.set_user_attr(TrialKey.STEPS, history.steps)
     if history.stopped == "diverged":
-        trial.set_user_attr("reason", "diverged")
-        trial.set_user_attr("diverged_at_step", history.stopped_at_step)
-        trial.set_user_attr("verdict", (
+        trial.set_user_attr(TrialKey.REASON, Reason.DIVERGED)
+        trial.set_user_attr(TrialKey.DIVERGED_AT_STEP, history.stopped_at_step)
+        trial.set_user_attr(TrialKey.VERDICT, (
             f"diverged at step {history.stopped_at_step}: loss {history.last_loss:.3g} "
             f"(NaN/inf or above {search_spec.diverge_factor:g}x the initial "
             f"{initial:.2f}); LR too high"))
-        raise optuna.TrialPruned("diverged")
+        return _diverged_value(trial, ctx.data.num_classes, len(curves["val_acc"]) + 1)
     first, last = history.first_loss, history.last_loss
     if first and last is not None and abs(first - last) < search_spec.flat_tolerance * first:
-        trial.set_user_attr("reason", "lr too low")
-        trial.set_user_attr("verdict", (
+        trial.set_user_attr(TrialKey.REASON, Reason.LR_TOO_LOW)
+        trial.set_user_attr(TrialKey.VERDICT, (
             f"lr too low: the train loss moved {abs(first - last) / first:.1%} "
             f"({first:.3f} -> {last:.3f}) in {plural(history.steps, 'step')}"))
     else:
-        trial.set_user_attr("verdict", (
+        trial.set_user_attr(TrialKey.VERDICT, (
             f"val accuracy {history.epochs[-1].val_acc:.3f} after "
             f"{plural(len(history.epochs), 'epoch')} (train {history.epochs[-1].train_acc:.3f})"))
     return history.epochs[-1].val_acc
+
+
+def _diverged_value(trial: optuna.Trial, num_classes: int, step: int) -> float:
+    """A diverged trial ends COMPLETE at chance, 1/C (reported at its last epoch too). Not
+    PRUNED: with no value, optuna-dashboard leaves it out of history and intermediate plots,
+    and its contour pairs COMPLETE values with all trials' params by position
+    (GraphContour.tsx), painting the diverged region best. TPE ranks chance among the worst
+    (as a valueless pruned trial); exact-N counts it finished either way; no pruner is asked.
+    record.scored/counts know it by its reason: never best, counted "pruned"."""
+    chance = 1.0 / max(1, num_classes)
+    trial.report(chance, step)
+    return chance
 
 
 def _search_result(ctx: Context, stage: str, trials: list[FrozenTrial],
@@ -377,7 +392,7 @@ def _search_result(ctx: Context, stage: str, trials: list[FrozenTrial],
     counts = stage_counts(trials)
     best = best_of(trials)
     values: dict[str, Any] = {**counts, "best": best, "range": ranges}
-    values["examples"] = sum(int(t.user_attrs.get("examples", 0)) for t in trials)
+    values["examples"] = sum(int(t.user_attrs.get(TrialKey.EXAMPLES, 0)) for t in trials)
     if best is None:
         verdict = (f"{stage}: none of {plural(counts['trials'], 'trial')} completed "
                    f"({counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
@@ -398,12 +413,7 @@ def _search_result(ctx: Context, stage: str, trials: list[FrozenTrial],
     return StageResult(stage, "passed", verdict, values)
 
 
-def best_of(trials: list[FrozenTrial]) -> dict[str, Any] | None:
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
-    if not complete:
-        return None
-    t = max(complete, key=lambda t: (t.value, -t.number))
-    return {"number": t.number, "value": t.value, "params": dict(t.params)}
+best_of = record_best_of  # the record's rule (never a diverged trial); final imports it
 
 
 # ---------------------------------------------------------------------------- narrowing
@@ -427,7 +437,7 @@ def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float
     Warn when the best value lies within ``edge`` decades of a coarse bound: the optimum
     may lie outside the range searched.
     """
-    complete = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+    complete = scored(trials)
     if not complete:
         raise ProtocolError("no coarse trial completed, so there is nothing to narrow from: "
                             "every trial diverged or failed; lower the upper end of coarse.lr")
@@ -448,7 +458,7 @@ def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float
     best = top[0]
     ranges: dict[str, list[float]] = {}
     warnings_: list[str] = []
-    for name in ("lr", "weight_decay"):
+    for name in (Param.LR, Param.WEIGHT_DECAY):
         lo_c, hi_c = (math.log10(v) for v in getattr(coarse, name))
         logs = [math.log10(t.params[name]) for t in top]
         lo = max(lo_c, min(logs) - pad)
@@ -468,7 +478,7 @@ def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float
 
 def narrow_stage(ctx: Context) -> dict[str, Any]:
     fine = open_stage(ctx, "fine")
-    stored = fine.user_attrs.get("narrowed")
+    stored = fine.user_attrs.get(StudyKey.NARROWED)
     if stored is not None:
         return stored
     coarse = open_stage(ctx, "coarse")
@@ -477,14 +487,14 @@ def narrow_stage(ctx: Context) -> dict[str, Any]:
     counts = torch.bincount(ctx.data.val_labels(), minlength=ctx.data.num_classes)
     chance = float(counts.max()) / max(1, int(counts.sum()))
     # Clip to the range the coarse search really used (the LR range test may have set it).
-    bounds = dataclasses.replace(spec.coarse, **coarse.user_attrs.get("ranges", {}))
+    bounds = dataclasses.replace(spec.coarse, **coarse.user_attrs.get(StudyKey.RANGES, {}))
     try:
         result = narrow(coarse.get_trials(deepcopy=False), bounds, spec.narrow.top_k,
                         spec.narrow.pad, spec.narrow.edge, chance=chance)
     except ProtocolError as err:
         # The verdict stays with the run: `babysit status` and the report show it on fine.
-        fine.set_user_attr("verdict", str(err))
+        fine.set_user_attr(StudyKey.VERDICT, str(err))
         raise
-    fine.set_user_attr("narrowed", result)
+    fine.set_user_attr(StudyKey.NARROWED, result)
     return result
 

@@ -11,9 +11,14 @@ the target, fixed here:
 - optuna-dashboard keeps trial notes in the study's system attrs under the trial's
   database id (``dashboard:<trial_id>:note_str:0``); ids differ in the target, so the keys
   are rewritten to the new ids.
-- Artifacts (the final model, the final training's checkpoint, files uploaded in the
-  dashboard) live in the artifact store, not the database: the files referenced by the
-  ``artifacts:`` system attrs and the final study's ``checkpoint`` attr are copied too.
+- Notes link artifacts by database ids too (``/artifacts/<study_id>/<artifact_id>``, a
+  trial's ``/artifacts/<study_id>/<trial_id>/<artifact_id>``): the links in every note
+  of the run are rewritten to the target's ids, so the copy's plots load.
+- Artifacts (the final model, the final training's checkpoint, the JSON curves and spec,
+  files uploaded in the dashboard) live in the artifact store, not the database: the
+  files referenced by the ``artifacts:`` system attrs and the final study's
+  ``checkpoint`` attr are copied too, under the same ids, so attrs naming an artifact id
+  (``data``, ``spec_artifact``, ``model_artifact``) stay right as they are.
 """
 
 from __future__ import annotations
@@ -38,6 +43,8 @@ from babysit.storage import Storage
 from babysit.storage import study_name
 
 _TRIAL_NOTE = re.compile(r"^dashboard:(\d+):(note_ver|note_str:\d+)$")
+# optuna-dashboard's artifact URLs (artifact/_backend.py): study's, then a trial's.
+_LINK = re.compile(r"/artifacts/(\d+)/(?:(\d+)/)?([0-9a-fA-F-]+)")
 
 
 def copy_run(src: Storage, dst: Storage, run: str) -> dict[str, Any]:
@@ -63,6 +70,9 @@ def copy_run(src: Storage, dst: Storage, run: str) -> dict[str, Any]:
     result: dict[str, Any] = {"studies": 0, "trials": 0, "artifacts": 0, "interrupted": 0,
                               "missing": []}
     artifact_ids: list[str] = []
+    study_ids: dict[int, int] = {}
+    trial_ids: dict[int, int] = {}
+    targets: list[optuna.Study] = []
     try:
         for name in mine:
             optuna.copy_study(from_study_name=name, from_storage=src.rdb, to_storage=dst.rdb)
@@ -71,9 +81,14 @@ def copy_run(src: Storage, dst: Storage, run: str) -> dict[str, Any]:
             target = optuna.load_study(study_name=name, storage=dst.rdb)
             result["interrupted"] += _close_running(target)
             _renumber_notes(source, target)
+            study_ids[source._study_id] = target._study_id
+            trial_ids.update(_trial_ids(source, target))
+            targets.append(target)
             artifact_ids += _artifact_ids(source)
             result["studies"] += 1
             result["trials"] += len(target.get_trials(deepcopy=False))
+        for target in targets:  # after all: a note may link another stage's artifacts
+            _relink_notes(target, study_ids, trial_ids)
         result["artifacts"], result["missing"] = _copy_artifacts(src, dst, artifact_ids)
     except BaseException:
         for name in copied:  # all or nothing: a half-copied run would resume wrongly
@@ -94,9 +109,7 @@ def _close_running(study: optuna.Study) -> int:
 
 def _renumber_notes(source: optuna.Study, target: optuna.Study) -> None:
     """Point the dashboard's trial notes at the target's trial ids."""
-    ids = {s._trial_id: t._trial_id for s, t in zip(source.get_trials(deepcopy=False),
-                                                     target.get_trials(deepcopy=False),
-                                                     strict=True)}
+    ids = _trial_ids(source, target)
     storage = target._storage
     attrs = storage.get_study_system_attrs(target._study_id)
     moved = {}
@@ -112,6 +125,42 @@ def _renumber_notes(source: optuna.Study, target: optuna.Study) -> None:
     for key in stale:
         storage.set_study_system_attr(target._study_id, key,
                                       0 if key.endswith("note_ver") else "")
+
+
+def _trial_ids(source: optuna.Study, target: optuna.Study) -> dict[int, int]:
+    return {s._trial_id: t._trial_id for s, t in zip(source.get_trials(deepcopy=False),
+                                                      target.get_trials(deepcopy=False),
+                                                      strict=True)}
+
+
+def relink(text: str, study_ids: dict[int, int], trial_ids: dict[int, int]) -> str:
+    """``text`` with each dashboard artifact link of a copied study pointed at the copy's
+    study (and trial) id; links to studies not copied stay as they are."""
+
+    def swap(m: re.Match[str]) -> str:
+        study, trial, artifact = int(m.group(1)), m.group(2), m.group(3)
+        if study not in study_ids or (trial is not None and int(trial) not in trial_ids):
+            return m.group(0)
+        middle = "" if trial is None else f"{trial_ids[int(trial)]}/"
+        return f"/artifacts/{study_ids[study]}/{middle}{artifact}"
+
+    return _LINK.sub(swap, text)
+
+
+def _relink_notes(target: optuna.Study, study_ids: dict[int, int],
+                  trial_ids: dict[int, int]) -> None:
+    """Rewrite the artifact links in the study's note and its trials' notes."""
+    from optuna_dashboard._note import get_note_from_system_attrs
+    from optuna_dashboard._note import save_note_with_version
+
+    storage = target._storage
+    attrs = storage.get_study_system_attrs(target._study_id)
+    for trial_id in [None, *(t._trial_id for t in target.get_trials(deepcopy=False))]:
+        note = get_note_from_system_attrs(attrs, trial_id)
+        body = relink(note["body"], study_ids, trial_ids)
+        if body != note["body"]:
+            save_note_with_version(storage, target._study_id, trial_id,
+                                   int(note["version"]) + 1, body)
 
 
 def _artifact_ids(study: optuna.Study) -> list[str]:

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 import babysit
+from babysit.artifacts import study_spec
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
+from babysit.storage import open_storage
 from tests.conftest import ROOT
 from tests.conftest import babysit as babysit_cli
 from tests.conftest import cli_env
@@ -232,6 +234,7 @@ def test_the_documented_example_runs_as_written(tmp_path: Path) -> None:
     first = proc.stdout.splitlines()[0]
     assert 0.0 <= float(first) <= 1.0
     assert "lr" in proc.stdout and "weight_decay" in proc.stdout
-    run = optuna.load_study(study_name="shapes-py/final",
-                            storage=f"sqlite:///{tmp_path / 'examples' / 'babysit.db'}")
-    assert run.user_attrs["spec"]["model"]["name"] == "tinynet:build"  # importable: workers can join
+    url = f"sqlite:///{tmp_path / 'examples' / 'babysit.db'}"
+    run = optuna.load_study(study_name="shapes-py/final", storage=url)
+    spec = study_spec(open_storage(url, None, create=False), run)
+    assert spec["model"]["name"] == "tinynet:build"  # importable: workers can join

@@ -13,6 +13,8 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
+from babysit.artifacts import study_spec
+from babysit.storage import open_storage
 from tests.conftest import ROOT
 from tests.conftest import TINY
 from tests.conftest import babysit
@@ -128,7 +130,8 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     # Every stage study carries the spec, so storage alone rebuilds the run.
     study = optuna.load_study(study_name="digits/coarse",
                               storage=f"sqlite:///{tmp_path / 'babysit.db'}")
-    assert study.user_attrs["spec"]["coarse"]["trials"] == 4
+    storage = open_storage(f"sqlite:///{tmp_path / 'babysit.db'}", None, create=False)
+    assert study_spec(storage, study)["coarse"]["trials"] == 4
     intermediate = [t.intermediate_values for t in study.trials if t.state == TrialState.COMPLETE]
     assert all(v for v in intermediate)
 

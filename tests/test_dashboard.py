@@ -19,6 +19,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+from optuna.trial import TrialState
 
 from tests.conftest import ROOT
 from tests.conftest import TINY
@@ -238,3 +239,110 @@ def test_ctrl_c_stops_with_exit_0(finished: Finished) -> None:
     assert not any("Traceback" in line for line in lines)
     with pytest.raises(OSError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+# A run whose coarse range reaches far too high an lr for Adam: some trials diverge.
+DIVERGING = [*SMALL, "--set", "coarse.trials=6", "--set", "coarse.lr=[1e-3, 3.0]"]
+
+
+@dataclass
+class Copied:
+    source: Dashboard
+    copy: Dashboard
+    url: str
+
+
+@pytest.fixture(scope="module")
+def diverging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Copied]:
+    """A finished run with diverged trials, its copy in a second storage, and a dashboard
+    on each."""
+    tmp = tmp_path_factory.mktemp("diverging")
+    url, copy_url = f"sqlite:///{tmp / 'src.db'}", f"sqlite:///{tmp / 'copy.db'}"
+    babysit("run", "--name", RUN, "--storage", url, *DIVERGING, cwd=tmp, check=True,
+            timeout=600)
+    babysit("copy", "--name", RUN, "--from", url, "--to", copy_url, cwd=tmp, check=True)
+    started = []
+    for name, where in (("src", url), ("copy", copy_url)):
+        port, log = _free_port(), tmp / f"dashboard-{name}.log"
+        proc = _start("--storage", where, "--port", str(port), "--quiet", cwd=tmp, log=log)
+        _wait_until_up(proc, port, log)
+        started.append(Dashboard(proc=proc, base=f"http://127.0.0.1:{port}", log=log))
+    yield Copied(source=started[0], copy=started[1], url=url)
+    for d in started:
+        if d.proc.poll() is None:
+            _interrupt(d.proc)
+
+
+# The page's own size (a box that scrolls inside it, like Smart Selection's table, is fine).
+_TALLEST = "() => document.documentElement.scrollHeight"
+_WIDEST = "() => document.documentElement.scrollWidth"
+
+
+@pytest.mark.browser
+def test_pages_stay_small_with_metric_names_and_a_truthful_contour(
+        browser: object, diverging: Copied) -> None:
+    base = diverging.source.base
+    study = optuna.load_study(study_name=f"{RUN}/coarse", storage=diverging.url)
+    trials = study.get_trials()
+    gone = [t for t in trials if t.user_attrs.get("reason") == "diverged"]
+    done = [t for t in trials if t.state == TrialState.COMPLETE and t not in gone]
+    assert gone and len(done) >= 2, [(t.params, t.value) for t in trials]
+    best = max(done, key=lambda t: (t.value, -t.number))
+    sid = _study_id(base, f"{RUN}/coarse")
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})  # type: ignore[attr-defined]
+
+    # The study page names the objective ("Objective 0" without metric names).
+    page.goto(f"{base}/dashboard/studies/{sid}")
+    page.get_by_text(f"Best Trial (number={best.number})").wait_for(timeout=30_000)
+    page.get_by_text("val_accuracy").first.wait_for()
+    assert page.get_by_text("Objective 0").count() == 0
+
+    # A trial page lays out every user attr, each on one line: small attrs keep it narrow.
+    for t in trials:
+        page.goto(f"{base}/dashboard/studies/{sid}/trials?numbers={t.number}")
+        page.get_by_text(f"Trial {t.number} (trial_id=").first.wait_for(timeout=30_000)
+        page.get_by_text("trial.json").first.wait_for()  # the curves, as an artifact
+        assert page.evaluate(_WIDEST) <= 1600, t.number
+
+    page.goto(f"{base}/dashboard/studies/{sid}/smartSelection")
+    page.get_by_text("Show Artifacts").first.wait_for(timeout=30_000)
+    page.wait_for_load_state("networkidle")
+    assert page.evaluate(_TALLEST) <= 3000
+
+    # The contour's best cell sits at the best trial that training completed: the
+    # diverged ones are COMPLETE at chance, so the dashboard pairs values with params right.
+    page.goto(f"{base}/dashboard/studies/{sid}/analytics")
+    page.wait_for_function("() => { const g = document.getElementById('graph-contour'); "
+                           "return g && g.data && g.data.length > 0; }", timeout=60_000)
+    contour = page.evaluate("() => { const d = document.getElementById('graph-contour')"
+                            ".data[0]; return {x: d.x, y: d.y, z: d.z, type: d.type}; }")
+    assert contour["type"] == "contour"
+    cells = [(z, contour["x"][i], contour["y"][j]) for j, row in enumerate(contour["z"])
+             for i, z in enumerate(row) if z is not None]
+    assert len(cells) == len(trials)  # every trial drawn, the diverged ones too
+    top, x, y = max(cells)
+    assert top == pytest.approx(best.value)
+    assert (x, y) == (pytest.approx(best.params["lr"]), pytest.approx(best.params["weight_decay"]))
+    for t in gone:  # each diverged trial's own cell holds chance, not a neighbour's value
+        xi = contour["x"].index(pytest.approx(t.params["lr"]))
+        yi = contour["y"].index(pytest.approx(t.params["weight_decay"]))
+        assert contour["z"][yi][xi] == pytest.approx(t.value)
+    page.close()
+
+
+@pytest.mark.browser
+def test_a_copied_runs_note_images_load(browser: object, diverging: Copied) -> None:
+    base = diverging.copy.base
+    page = browser.new_page(viewport={"width": 1280, "height": 1000})  # type: ignore[attr-defined]
+    failed: list[str] = []
+    page.on("requestfailed", lambda r: failed.append(r.url))
+    bad: list[str] = []
+    page.on("response", lambda r: bad.append(r.url) if r.status >= 400 else None)
+    for stage in ("overfit", "coarse", "final"):
+        sid = _study_id(base, f"{RUN}/{stage}")
+        page.goto(f"{base}/dashboard/studies/{sid}/note")
+        page.wait_for_function("() => { const i = document.querySelector('img[src*=\"/artifacts/"
+                               f"{sid}/\"]'); return i && i.complete && i.naturalWidth > 0; }}",
+                               timeout=30_000)
+    assert failed == [] and bad == []
+    page.close()

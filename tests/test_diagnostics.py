@@ -11,6 +11,7 @@ import optuna
 import pytest
 import torch
 
+from babysit.artifacts import trial_data
 from babysit.diagnostics import DEAD_FRACTION
 from babysit.diagnostics import Monitor
 from babysit.diagnostics import lr_range_test
@@ -170,17 +171,17 @@ def test_stages_store_diagnostics_readings_and_filters(ctx) -> None:  # noqa: AN
                     initial_loss=math.log(10))
     assert result.status == "passed"
     study = optuna.load_study(study_name="diag/coarse", storage=ctx.storage.rdb)
-    trial = study.trials[0]
-    assert [d["epoch"] for d in trial.user_attrs["diagnostics"]] == [1]
-    assert "conv1" in trial.user_attrs["diagnostics"][0]["layers"]
-    assert isinstance(trial.user_attrs["readings"], list)
+    trial = trial_data(ctx.storage, study.trials[0])  # JSON artifacts, named by "data"
+    assert [d["epoch"] for d in trial.diagnostics] == [1]
+    assert "conv1" in trial.diagnostics[0]["layers"]
+    assert isinstance(trial.readings, list)
 
     done = final(ctx, params={"lr": 1e-3, "weight_decay": 1e-6})
     assert done.status == "passed"
     study = optuna.load_study(study_name="diag/final", storage=ctx.storage.rdb)
     t = study.trials[0]
     assert t.params == {"lr": pytest.approx(1e-3), "weight_decay": pytest.approx(1e-6)}
-    assert len(t.user_attrs["diagnostics"]) == 1
+    assert len(trial_data(ctx.storage, t).diagnostics) == 1
     with ctx.storage.artifacts.open_reader(t.user_attrs["filters_artifact"]) as fh:
         assert fh.read(8) == PNG
     # The report's view: every trial's readings, by trial, plus narrowing's warnings.
@@ -225,7 +226,6 @@ def test_record_diagnostics_closes_a_diverged_partial_epoch(ctx) -> None:  # noq
                   generator=torch.Generator().manual_seed(0), diverge_above=3 * math.log(10),
                   monitor=monitor)
     assert history.stopped == "diverged" and not history.epochs
-    trial = optuna.create_study().ask()
-    record_diagnostics(trial, monitor, {"train_loss": []})
-    assert [d["epoch"] for d in trial.user_attrs["diagnostics"]] == [1]
-    assert any(r.startswith("LR too high") for r in trial.user_attrs["readings"])
+    out = record_diagnostics(monitor, {"train_loss": []})
+    assert [d["epoch"] for d in out["diagnostics"]] == [1]
+    assert any(r.startswith("LR too high") for r in out["readings"])

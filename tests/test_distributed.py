@@ -22,6 +22,7 @@ from conftest import wait_for
 from optuna.trial import TrialState
 
 import babysit as babysit_api
+from babysit.artifacts import trial_curves
 from babysit.checkpoint import checkpoint_due
 from babysit.distributed import check_procs
 from babysit.distributed import helper_env
@@ -123,7 +124,8 @@ def test_two_processes_reach_the_accuracy_of_one(one_process: tuple[Path, str, d
     assert f2["test_accuracy"] > 0.8
     trial = _final(url, "r").best_trial
     # Rank 0 wrote the curves and the model, as one process does.
-    assert all(len(v) == EPOCHS for v in trial.user_attrs["curves"].values())
+    curves = trial_curves(open_storage(url, None, create=False), trial)
+    assert curves and all(len(v) == EPOCHS for v in curves.values())
     assert trial.user_attrs["batch"] == {"global": 128, "per_rank": 64, "ranks": 2}
     store = tmp / "r.db.artifacts"
     assert (store / trial.user_attrs["model_artifact"]).is_file()
@@ -177,7 +179,8 @@ def test_a_killed_two_process_final_resumes_from_its_checkpoint(
     done = trials[1]
     assert done.user_attrs["resumed_from_epoch"] == killed_at >= 1
     assert done.user_attrs["epochs_run"] == EPOCHS
-    assert all(len(v) == EPOCHS for v in done.user_attrs["curves"].values())
+    curves = trial_curves(open_storage(url, None, create=False), done)
+    assert curves and all(len(v) == EPOCHS for v in curves.values())
     assert done.user_attrs["final_procs"] == 2
 
 
@@ -212,7 +215,7 @@ def test_plateau_stops_the_final_and_the_best_epoch_is_tested(tmp_path: Path) ->
     assert v["epochs"] < 20 and v["epochs_saved"] == 20 - v["epochs"]
     assert v["epochs"] - v["best_epoch"] == 1
     trial = _final(url, "p").best_trial
-    curve = trial.user_attrs["curves"]["val_acc"]
+    curve = trial_curves(storage, trial)["val_acc"]
     assert len(curve) == v["epochs"]
     assert v["val_accuracy"] == max(curve) == curve[v["best_epoch"] - 1]
     assert trial.user_attrs["stopped"] == "plateau"

@@ -10,6 +10,7 @@ import optuna
 import pytest
 import torch
 
+from babysit.artifacts import study_spec
 from babysit.data import DataError
 from babysit.data import DataRequest
 from babysit.data.streaming import DatasetSplits
@@ -17,6 +18,7 @@ from babysit.errors import UsageError
 from babysit.plugins import build_user_model
 from babysit.plugins import load_user_dataset
 from babysit.spec import DataSpec
+from babysit.storage import open_storage
 from tests.conftest import babysit
 from tests.conftest import cli_env
 from tests.conftest import popen
@@ -169,7 +171,8 @@ def test_user_model_and_tensor_dataset_then_a_worker_without_the_module(
     assert s["stages"]["final"]["status"] == "passed"
     # The spec in storage names the reference, so another machine imports the same thing.
     study = optuna.load_study(study_name="mine/coarse", storage=f"sqlite:///{db}")
-    assert study.user_attrs["spec"]["model"]["name"] == "usermods:build"
+    spec = study_spec(open_storage(f"sqlite:///{db}", None, create=False), study)
+    assert spec["model"]["name"] == "usermods:build"
 
     elsewhere = tmp_path / "other-machine"
     elsewhere.mkdir()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -20,6 +21,14 @@ from optuna.trial import TrialState
 from optuna.trial import create_trial
 
 from babysit import record
+from babysit.artifacts import oversized_attrs
+from babysit.artifacts import spec_artifact
+from babysit.artifacts import store_spec
+from babysit.artifacts import store_trial_data
+from babysit.artifacts import study_spec
+from babysit.artifacts import trial_curves
+from babysit.artifacts import trial_data
+from babysit.errors import UsageError
 from babysit.export import curves_frame
 from babysit.export import trials_frame
 from babysit.record import Param
@@ -89,15 +98,18 @@ def test_counts_best_and_timing() -> None:
         _trial(3, TrialState.PRUNED, None, 4, 6, reason="diverged", examples=10),
         _trial(4, TrialState.FAIL, None, 5, 7, reason="surplus"),
         _trial(5, TrialState.RUNNING, None, 30, None, worker="host:7"),
+        # Today's diverged trial: COMPLETE at a value given, never a result.
+        _trial(6, TrialState.COMPLETE, 0.9, 8, 9, reason="diverged"),
     ]
-    assert record.counts(trials) == {"finished": 4, "complete": 3, "pruned": 1, "diverged": 1,
+    assert record.counts(trials) == {"finished": 5, "complete": 3, "pruned": 2, "diverged": 2,
                                       "failed": 0, "running": 1}
+    assert [t.number for t in record.scored(trials)] == [0, 1, 2]
     assert record.best_trial(trials).number == 1  # the earlier of two equal values
     assert record.best_of(trials)["params"]["lr"] == pytest.approx(0.02)
     assert record.examples(trials) == 310
     busy, wall = record.timing(trials, now=T0 + datetime.timedelta(seconds=40))
     assert wall == pytest.approx(40.0)
-    assert busy == pytest.approx(10 + 10 + 17 + 2 + 2 + 10)
+    assert busy == pytest.approx(10 + 10 + 17 + 2 + 2 + 10 + 1)
 
 
 def _old_run(url: str) -> None:
@@ -154,6 +166,58 @@ def test_an_old_run_reads_back_with_what_it_has(tmp_path: Path) -> None:
     assert "running: #1 on box:42" in lines[3]
 
 
+def test_an_old_runs_curves_and_spec_read_from_its_attrs(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    _old_run(url)
+    storage = open_storage(url, tmp_path / "art", create=False)
+    coarse = record.load_stage(storage, "old", "coarse").trials[0]
+    assert trial_curves(storage, coarse) == {"val_acc": [0.3, 0.4]}
+    overfit = record.load_stage(storage, "old", "overfit").trials[0]
+    assert trial_data(storage, overfit).curve == [{"step": 5, "loss": 2.0, "train_acc": 0.5}]
+    assert record.stored_spec(storage, "old").name == "old"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
+def test_curves_and_spec_are_artifacts_named_by_small_attrs(tmp_path: Path) -> None:
+    storage = open_storage(f"sqlite:///{tmp_path / 'new.db'}", tmp_path / "art")
+    spec = Spec()
+    spec.name = "new"
+    study = optuna.create_study(study_name="new/coarse", storage=storage.rdb,
+                                direction="maximize")
+    store_spec(storage, spec, study)
+    first = study.user_attrs[StudyKey.SPEC_ARTIFACT]
+    assert study.user_attrs[StudyKey.SPEC_SUMMARY]["name"] == "new"
+    other = optuna.create_study(study_name="new/fine", storage=storage.rdb)
+    assert spec_artifact(storage, spec, other) == first  # one per run
+    other.set_user_attr(StudyKey.SPEC_ARTIFACT, first)  # named, without the system copy
+    trial = study.ask()
+    curves = {"val_acc": [0.1 * i for i in range(300)], "train_loss": [float("nan")] * 300}
+    readings = [f"reading {i}: " + "x" * 80 for i in range(30)]
+    store_trial_data(storage, trial, curves=curves, readings=readings)
+    store_trial_data(storage, trial, diagnostics=[{"epoch": 1}])  # added to the rest
+    study.tell(trial, 0.5)
+    [t] = study.get_trials()
+    assert oversized_attrs(t.user_attrs) == {} and oversized_attrs(study.user_attrs) == {}
+    assert record.trial_attrs(t).curves is None and len(t.user_attrs["data"]) == 36
+    data = trial_data(storage, t)
+    assert data.readings == readings and data.curves["val_acc"] == curves["val_acc"]
+    assert data.diagnostics == [{"epoch": 1}]
+    assert all(math.isnan(v) for v in data.curves["train_loss"])
+    assert record.stored_spec(storage, "new").to_dict() == Spec.from_dict(
+        spec.to_dict()).to_dict()
+    # Over the limit as an attr: what the artifacts avoid.
+    assert oversized_attrs({"curves": curves}) == {"curves": len(json.dumps(curves))}
+    # A store without the file (a copy made without its artifacts) reads as absent.
+    for path in (tmp_path / "art").iterdir():
+        path.unlink()
+    assert trial_data(storage, t).curves is None
+    # The spec reads from the study's system attr there (status and export need no store);
+    # a study naming only the artifact says where it looked.
+    assert record.stored_spec(storage, "new").name == "new"
+    with pytest.raises(UsageError, match="not in the artifact store"):
+        study_spec(storage, other)
+
+
 def test_old_run_exports_with_one_column_per_meaning(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     _old_run(url)
@@ -194,11 +258,22 @@ def test_a_run_stored_today_reads_back_through_record(tmp_path: Path) -> None:
     assert written["wall_seconds"] > 0 and read["wall_seconds"] is None
     assert {**written, "wall_seconds": None} == read  # the summary's shape is a contract
     stages = record.load_run(storage, "today")
+    metric = {"sanity": "initial_loss", "overfit": "train_accuracy"}
     for rec in stages.values():
-        for t in rec.trials:  # every stored key is one record.py knows
+        for t in rec.trials:  # every stored key is one record.py knows, none over 1 kB
             assert record.trial_attrs(t).extra == {}, (rec.stage, t.user_attrs.keys())
+            assert oversized_attrs(t.user_attrs) == {}, (rec.stage, t.number)
         assert rec.attrs.extra == {}, (rec.stage, rec.study.user_attrs.keys())
         assert rec.attrs.to_attrs() == rec.study.user_attrs
+        assert oversized_attrs(rec.study.user_attrs) == {}, rec.stage
+        assert rec.study.metric_names == [metric.get(rec.stage, "val_accuracy")]
+        assert rec.attrs.spec is None and rec.attrs.spec_summary["name"] == "today"
+    # One spec artifact for the run, named by every stage study.
+    assert len({rec.attrs.spec_artifact for rec in stages.values()}) == 1
+    searched = [t for t in stages["coarse"].trials if t.state == TrialState.COMPLETE]
+    assert all(set(trial_curves(storage, t)) == {"train_loss", "train_acc", "val_loss",
+                                                 "val_acc"} for t in searched)
+    assert trial_data(storage, stages["overfit"].trials[0]).curve
 
     status = json.loads(babysit("status", "--name", "today", "--storage", url, "--json",
                                 cwd=tmp_path, check=True).stdout)
@@ -225,7 +300,7 @@ def test_a_run_stored_today_reads_back_through_record(tmp_path: Path) -> None:
     curves = pd.read_parquet(tmp_path / "t-curves.parquet")
     assert list(curves.columns) == ["run", "stage", "trial", "epoch", "step", "metric", "value"]
     assert pd.api.types.is_integer_dtype(curves["epoch"])
-    stored = stages["final"].complete[0].user_attrs["curves"]["val_acc"]
+    stored = trial_curves(storage, stages["final"].complete[0])["val_acc"]
     got = curves[(curves["stage"] == "final") & (curves["metric"] == "val_acc")]
     assert list(got["value"]) == pytest.approx(stored)
     assert len(pd.read_csv(tmp_path / "t-curves.csv")) == len(curves)

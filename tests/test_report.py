@@ -19,6 +19,8 @@ import pytest
 from optuna_dashboard import get_note
 from optuna_dashboard import save_note
 
+from babysit.artifacts import trial_curves
+from babysit.storage import open_storage
 from tests.conftest import TINY
 from tests.conftest import babysit
 
@@ -111,19 +113,28 @@ def test_plots_are_uploaded_once_even_after_a_rerun(finished: Finished) -> None:
     art_dir = Path(finished.tmp / "babysit.db.artifacts")
     for stage in STAGES:
         first = finished.first_artifacts[stage]
-        assert [name for name, _ in first] == ([PLOTS[stage]] if stage in PLOTS else [])
+        plots = [(name, i) for name, i in first if name.endswith(".png")]
+        assert [name for name, _ in plots] == ([PLOTS[stage]] if stage in PLOTS else [])
+        # Beside the plots, the run's spec: one artifact, on the first study opened.
+        assert [name for name, _ in first if (name, _) not in plots] == (
+            ["spec.json"] if stage == "sanity" else [])
         assert _artifacts(finished.url)[stage] == first, stage
-        for name, artifact_id in first:
+        for name, artifact_id in plots:
             data = (art_dir / artifact_id).read_bytes()
             assert data.startswith(PNG_MAGIC) and len(data) > 5000, name
 
 
 def test_report_html_is_self_contained_and_has_every_verdict(finished: Finished) -> None:
+    # Another artifact folder, empty: the report still comes out, its search scatters
+    # redrawn from the trials' params and values; the curves live in the run's store.
+    away = finished.tmp / "report-away"
+    babysit("report", "--name", RUN, "--storage", finished.url, "--out", str(away),
+            "--artifact-dir", str(finished.tmp / "elsewhere"), cwd=finished.tmp, check=True)
+    assert len(re.findall(r"<img\b", (away / "report.html").read_text())) == 2
     out = finished.tmp / "report"
-    # Another artifact folder, empty: the report redraws its plots from the trials.
+    # The plots are redrawn from the trials (and their JSON artifacts), not copied.
     proc = babysit("report", "--name", RUN, "--storage", finished.url, "--out", str(out),
-                   "--artifact-dir", str(finished.tmp / "elsewhere"), cwd=finished.tmp,
-                   check=True)
+                   cwd=finished.tmp, check=True)
     assert f"report: {out / 'report.html'}" in proc.stderr
     page = (out / "report.html").read_text()
     for stage, verdict in finished.verdicts.items():
@@ -200,7 +211,9 @@ def test_export_csv_and_parquet_hold_every_trial_and_agree(finished: Finished) -
     # The curves table holds the final trial's curves as they were stored.
     curves = pd.read_parquet(finished.tmp / "curves.parquet")
     mine = curves[(curves["stage"] == "final") & (curves["trial"] == stored.number)]
-    for metric, values in stored.user_attrs["curves"].items():
+    read = trial_curves(open_storage(finished.url, None, create=False), stored)
+    assert read
+    for metric, values in read.items():
         got = mine[mine["metric"] == metric].sort_values("epoch")
         assert list(got["epoch"]) == list(range(1, len(values) + 1))
         assert list(got["value"]) == pytest.approx(values, nan_ok=True), metric

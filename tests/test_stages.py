@@ -9,6 +9,8 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from optuna.trial import create_trial
 
+from babysit.artifacts import oversized_attrs
+from babysit.artifacts import read_json
 from babysit.errors import ProtocolError
 from babysit.protocol import prepare
 from babysit.spec import CoarseSpec
@@ -81,15 +83,20 @@ def test_divergence_stops_on_the_step_it_happens(digits_ctx) -> None:
     trials = study.get_trials()
     assert len(trials) == 3
     steps_per_epoch = math.ceil(ctx.data.train_size / ctx.batch_size)
+    chance = 1 / ctx.data.num_classes
     for t in trials:
-        assert t.state == TrialState.PRUNED
+        # COMPLETE at chance, reported at the epoch it stopped in: every dashboard plot
+        # draws it (stages._diverged_value says why not PRUNED).
+        assert (t.state, t.value) == (TrialState.COMPLETE, pytest.approx(chance))
+        assert t.intermediate_values == {1: pytest.approx(chance)}
         assert t.user_attrs["reason"] == "diverged"
         # Caught within the first epoch, not after two epochs of NaN.
         assert t.user_attrs["diverged_at_step"] <= steps_per_epoch
         assert t.user_attrs["examples"] < ctx.data.train_size
         assert "LR too high" in t.user_attrs["verdict"]
-    assert result.status == "failed"
-    assert result.values["diverged"] == 3
+    assert result.status == "failed"  # none completed by training: nothing to narrow from
+    assert (result.values["diverged"], result.values["complete"]) == (3, 0)
+    assert result.values["best"] is None
 
 
 @pytest.mark.slow
@@ -133,7 +140,10 @@ def test_lr_range_test_sets_the_coarse_range(tmp_path: Path, monkeypatch) -> Non
     low, high = ranges["lr"]
     assert 0 < low < high and [low, high] != spec.coarse.lr
     study = optuna.load_study(study_name="lrt/coarse", storage=storage.rdb)
-    assert study.user_attrs["lr_range_test"]["suggested"] == [low, high]
+    stored = study.user_attrs["lr_range_test"]
+    assert stored["suggested"] == [low, high]
+    curve = read_json(storage, stored["artifact"])  # the curve is an artifact, not an attr
+    assert len(curve["lrs"]) == len(curve["losses"]) > 10 and oversized_attrs(stored) == {}
     # Read back, not rerun, the second time (workers and reruns agree).
     study.set_user_attr("ranges", ranges)
     assert _coarse_ranges(ctx) == ranges

@@ -20,6 +20,7 @@ from babysit.errors import UsageError
 from babysit.storage import Storage
 from babysit.storage import open_storage
 from babysit.transfer import copy_run
+from babysit.transfer import relink
 
 PASSWORD = "Pg-s3cret-pw"
 
@@ -61,7 +62,13 @@ def _source(tmp_path: Path) -> tuple[Storage, dict[str, object]]:
     done.set_user_attr("curves", {"val_acc": [0.5, 0.7]})
     done.report(0.5, 1)
     done.report(0.7, 2)
-    optuna_dashboard.save_note(done, "lr looks good")
+    # Notes link artifacts by database ids, as report.publish_stage writes them.
+    image = tmp_path / "plot.png"
+    image.write_bytes(b"\x89PNG" + b"0" * 100)
+    trial_png = optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(image),
+                                                 study_or_trial=done)
+    optuna_dashboard.save_note(done, "lr looks good "
+                               f"![c](/artifacts/{coarse._study_id}/{done._trial_id}/{trial_png})")
     coarse.tell(done, 0.7)
     pruned = coarse.ask(dist)
     pruned.set_user_attr("reason", "diverged")
@@ -71,7 +78,10 @@ def _source(tmp_path: Path) -> tuple[Storage, dict[str, object]]:
     coarse.tell(surplus, state=TrialState.FAIL)
     running = coarse.ask(dist)
     running.set_user_attr("worker", "elsewhere:123")
-    optuna_dashboard.save_note(coarse, "coarse: the study note")
+    study_png = optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(image),
+                                                 study_or_trial=coarse)
+    optuna_dashboard.save_note(coarse, "coarse: the study note "
+                               f"![p](/artifacts/{coarse._study_id}/{study_png})")
 
     sanity = optuna.create_study(study_name="r/sanity", storage=src.rdb, direction="minimize")
     sanity.enqueue_trial({}, user_attrs={"key": "sanity"})
@@ -91,7 +101,7 @@ def _source(tmp_path: Path) -> tuple[Storage, dict[str, object]]:
     other = optuna.create_study(study_name="other/coarse", storage=src.rdb)
     other.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
     return src, {"model": model_id, "checkpoint": "r-final-epoch2-0",
-                 "note_trial": done.number}
+                 "note_trial": done.number, "study_png": study_png, "trial_png": trial_png}
 
 
 def _target(kind: str, tmp_path: Path, postgres: str | None) -> Storage:
@@ -123,7 +133,7 @@ def test_copy_run_moves_studies_trials_attrs_notes_and_artifacts(
 
     assert copied["studies"] == 3
     assert copied["trials"] == 6
-    assert copied["artifacts"] == 2
+    assert copied["artifacts"] == 4
     assert copied["interrupted"] == 1
     assert copied["missing"] == []
     names = set(optuna.get_all_study_names(dst.rdb))
@@ -146,11 +156,20 @@ def test_copy_run_moves_studies_trials_attrs_notes_and_artifacts(
                 assert (y.state, y.user_attrs, y.datetime_complete) == (
                     x.state, x.user_attrs, x.datetime_complete)
 
-    # The dashboard's notes follow their trials to the new trial ids.
+    # The dashboard's notes follow their trials to the new trial ids, and their artifact
+    # links to the copy's study and trial ids, where the dashboard finds the artifacts.
+    from optuna_dashboard.artifact._backend import get_study_artifact_meta
+    from optuna_dashboard.artifact._backend import get_trial_artifact_meta
+
     coarse = optuna.load_study(study_name="r/coarse", storage=dst.rdb)
-    assert optuna_dashboard.get_note(coarse) == "coarse: the study note"
+    sid = coarse._study_id
+    assert optuna_dashboard.get_note(coarse) == (
+        f"coarse: the study note ![p](/artifacts/{sid}/{known['study_png']})")
+    assert get_study_artifact_meta(dst.rdb, sid, known["study_png"]) is not None
     noted = optuna.trial.Trial(coarse, coarse.trials[known["note_trial"]]._trial_id)
-    assert optuna_dashboard.get_note(noted) == "lr looks good"
+    assert optuna_dashboard.get_note(noted) == (
+        f"lr looks good ![c](/artifacts/{sid}/{noted._trial_id}/{known['trial_png']})")
+    assert get_trial_artifact_meta(dst.rdb, sid, noted._trial_id, known["trial_png"])
     others = [optuna.trial.Trial(coarse, t._trial_id) for t in coarse.trials[1:]]
     assert all(optuna_dashboard.get_note(t) == "" for t in others)
 
@@ -165,6 +184,15 @@ def test_copy_run_moves_studies_trials_attrs_notes_and_artifacts(
     # The source is untouched: still RUNNING there, still its own.
     assert optuna.load_study(study_name="r/coarse", storage=src.rdb).trials[3].state == (
         TrialState.RUNNING)
+
+
+def test_relink_points_links_of_copied_studies_and_trials_at_the_new_ids() -> None:
+    text = ("![a](/artifacts/3/aa-1) ![b](/artifacts/3/17/bb-2) ![c](/artifacts/9/cc-3) "
+            "![d](/artifacts/3/99/dd-4) see /artifacts/3/aa-1")
+    assert relink(text, {3: 12}, {17: 40}) == (
+        "![a](/artifacts/12/aa-1) ![b](/artifacts/12/40/bb-2) ![c](/artifacts/9/cc-3) "
+        "![d](/artifacts/3/99/dd-4) see /artifacts/12/aa-1")
+    assert relink("no links", {3: 12}, {}) == "no links"
 
 
 def test_copy_refuses_a_target_that_already_holds_the_run(tmp_path: Path) -> None:
@@ -183,7 +211,7 @@ def test_copy_within_one_artifact_store_keeps_the_files(tmp_path: Path) -> None:
     src, known = _source(tmp_path)
     dst = open_storage(f"sqlite:///{tmp_path / 'dst.db'}", tmp_path / "src-art")
     before = (tmp_path / "src-art" / known["checkpoint"]).read_bytes()
-    assert copy_run(src, dst, "r")["artifacts"] == 2
+    assert copy_run(src, dst, "r")["artifacts"] == 4
     assert (tmp_path / "src-art" / known["checkpoint"]).read_bytes() == before
 
 
@@ -193,7 +221,7 @@ def test_copy_reports_artifacts_missing_from_the_source_store(tmp_path: Path) ->
     dst = open_storage(f"sqlite:///{tmp_path / 'dst.db'}", tmp_path / "dst-art")
     copied = copy_run(src, dst, "r")
     assert copied["missing"] == [known["checkpoint"]]
-    assert copied["artifacts"] == 1
+    assert copied["artifacts"] == 3
 
 
 @pytest.mark.postgres
@@ -205,7 +233,7 @@ def test_cli_copy_never_shows_the_password(tmp_path: Path, postgres_url: str) ->
             "--to-artifact-dir", str(tmp_path / "dst-art")]
     first = babysit(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
-    assert "copied run r: 3 studies, 6 trials, 2 artifacts" in first.stderr
+    assert "copied run r: 3 studies, 6 trials, 4 artifacts" in first.stderr
     assert "postgres:***@" in first.stderr
     again = babysit(*args, cwd=tmp_path)
     assert again.returncode == 2

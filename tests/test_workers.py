@@ -23,6 +23,7 @@ from conftest import cli_env
 from conftest import wait_for as _wait_for
 from optuna.trial import TrialState
 
+from babysit.artifacts import trial_curves
 from babysit.storage import open_storage
 
 # Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
@@ -256,7 +257,8 @@ def test_two_processes_on_sqlite_and_a_final_killed_midway_resumes(tmp_path: Pat
     done = complete[0]
     assert done.user_attrs["resumed_from_epoch"] > 0
     assert done.user_attrs["epochs_run"] == epochs
-    assert all(len(v) == epochs for v in done.user_attrs["curves"].values())
+    curves = trial_curves(open_storage(url, None, create=False), done)
+    assert curves and all(len(v) == epochs for v in curves.values())
     # The artifact store sits next to the SQLite file: the model, and no checkpoint once
     # the final passed (not even one a kill between two writes left behind).
     store = tmp_path / "one.db.artifacts"
