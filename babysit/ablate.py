@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from babysit import record
+from babysit import stored
 from babysit.artifacts import trial_data
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
@@ -257,7 +257,7 @@ def load_ablation(config: Path, sets: list[str] | tuple[str, ...] = ()) -> Ablat
 
 
 def _finished(storage: Storage, run: str) -> bool:
-    return bool(record.load_stage(storage, run, "final").complete)
+    return bool(stored.load_stage(storage, run, "final").complete)
 
 
 def _train(ablation: Ablation, variant: Variant, spec: Spec, storage: Storage, device: str,
@@ -327,7 +327,7 @@ def run_ablation(config: Path, storage: Storage, sets: list[str] | tuple[str, ..
 
 def _run_facts(storage: Storage, run: str) -> dict[str, Any] | None:
     """Test accuracy and loss, params, epochs and seconds of one run, from storage."""
-    stages = record.load_run(storage, run)
+    stages = stored.load_run(storage, run)
     final = stages["final"]
     if final.study is None:
         return _earlier_failure(storage, run, stages)
@@ -349,16 +349,16 @@ def _run_facts(storage: Storage, run: str) -> dict[str, Any] | None:
         "epochs": a.epochs_run,
         "seconds": seconds,
         "readings": list(a.readings or []),
-        "epochs_spent": record.summary(storage, run, stages)["epochs_spent"],
+        "epochs_spent": stored.summary(storage, run, stages)["epochs_spent"],
     }
 
 
 def _earlier_failure(storage: Storage, run: str,
-                     records: dict[str, record.StageRecord]) -> dict[str, Any] | None:
+                     records: dict[str, stored.StageRecord]) -> dict[str, Any] | None:
     """Mode "full": a run that stopped before final (sanity or overfit failed) says where."""
     if not any(rec.study is not None for rec in records.values()):
         return None
-    stages = record.summary(storage, run, records)["stages"]
+    stages = stored.summary(storage, run, records)["stages"]
     for stage in STAGES:
         if stages[stage].get("status") == "failed":
             verdict = stages[stage].get("verdict") or ""

@@ -189,16 +189,16 @@ class Run:
 
     @property
     def spec(self) -> Spec:
-        from babysit import record
+        from babysit import stored
 
-        return record.stored_spec(self.storage, self.name)
+        return stored.stored_spec(self.storage, self.name)
 
     @property
     def summary(self) -> dict[str, Any]:
         """The same dict as ``--summary-json`` (``wall_seconds`` is None: not stored)."""
-        from babysit import record
+        from babysit import stored
 
-        return record.summary(self.storage, self.name)
+        return stored.summary(self.storage, self.name)
 
     @property
     def data(self) -> dict[str, Any]:

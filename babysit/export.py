@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 from babysit import record
+from babysit import stored
 from babysit.artifacts import trial_data
 from babysit.errors import UsageError
 from babysit.record import TrialKey
@@ -42,8 +43,8 @@ _LEAD = ["run", "stage", "study", "trial", "state", "datetime_start", "datetime_
 CURVE_COLUMNS = ["run", "stage", "trial", "epoch", "step", "metric", "value"]
 
 
-def _stages(storage: Storage, run: str) -> dict[str, record.StageRecord]:
-    stages = {s: r for s, r in record.load_run(storage, run).items() if r.study is not None}
+def _stages(storage: Storage, run: str) -> dict[str, stored.StageRecord]:
+    stages = {s: r for s, r in stored.load_run(storage, run).items() if r.study is not None}
     if not stages:
         raise UsageError(f"no run named '{run}' in storage {storage.shown}; "
                          "`babysit status` lists the runs there")

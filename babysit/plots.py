@@ -19,6 +19,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from babysit import record
+from babysit import stored
 from babysit.record import FINISHED
 from babysit.record import Param
 from babysit.record import Reason
@@ -229,7 +230,7 @@ def stage_figure(storage: Storage, run: str, stage: str) -> Figure | None:
     """The stage's plot drawn from its stored trials, or None when there is nothing to draw."""
     from babysit.artifacts import trial_data
 
-    rec = record.load_stage(storage, run, stage)
+    rec = stored.load_stage(storage, run, stage)
     trials = rec.trials
     if rec.study is None:
         return None
@@ -242,8 +243,8 @@ def stage_figure(storage: Storage, run: str, stage: str) -> Figure | None:
     if stage in ("coarse", "fine"):
         if not any(t.state in FINISHED for t in trials):
             return None
-        coarse = rec if stage == "coarse" else record.load_stage(storage, run, "coarse")
-        fine = rec if stage == "fine" else record.load_stage(storage, run, "fine")
+        coarse = rec if stage == "coarse" else stored.load_stage(storage, run, "coarse")
+        fine = rec if stage == "fine" else stored.load_stage(storage, run, "fine")
         bounds = coarse.attrs.ranges or rec.attrs.ranges or {}
         narrowed = fine.attrs.narrowed
         return search_scatter(trials, stage, bounds, narrowed["ranges"] if narrowed else None)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from babysit import record
+from babysit import stored
 from babysit.context import Context
 from babysit.context import StageResult
 from babysit.coordination import check_spec
@@ -303,12 +303,12 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
 
 def stored_spec(storage: Storage, run: str) -> Spec:
     """The run's spec as its studies carry it, so a worker needs no flags."""
-    return record.stored_spec(storage, run)
+    return stored.stored_spec(storage, run)
 
 
 def summarize(storage: Storage, run: str) -> dict[str, Any]:
     """The summary JSON (README.md, "Commands"; docs/design.md), read from storage alone (babysit.record)."""
-    return record.summary(storage, run)
+    return stored.summary(storage, run)
 
 
 def record_data_facts(ctx: Context) -> None:

@@ -27,6 +27,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from babysit import record
+from babysit import stored
 from babysit.errors import UsageError
 from babysit.export import export_trials  # noqa: F401 - `babysit.report.export_trials` stays
 from babysit.export import trials_frame  # noqa: F401
@@ -291,9 +292,9 @@ def write_report(storage: Storage, run: str, out_dir: Path) -> tuple[Path, Path]
 def _build(storage: Storage, run: str) -> Report:
     from babysit.plots import png
 
-    spec = record.stored_spec(storage, run)  # a UsageError naming the storage if no run
-    records = record.load_run(storage, run)
-    summary = record.summary(storage, run, records)
+    spec = stored.stored_spec(storage, run)  # a UsageError naming the storage if no run
+    records = stored.load_run(storage, run)
+    summary = stored.summary(storage, run, records)
     stages = summary["stages"]
     images: dict[str, bytes] = {}
     sections: list[Section] = []

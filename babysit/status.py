@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from babysit import record
+from babysit import stored
 from babysit.storage import Storage
 from babysit.storage import run_names
 
@@ -19,9 +19,9 @@ def statuses(storage: Storage, name: str | None = None) -> list[dict[str, Any]]:
     """The status of run ``name``, or of every run in the storage."""
     out = []
     for run in [name] if name else run_names(storage):
-        stages = record.load_run(storage, run)
-        s = record.summary(storage, run, stages)
-        s["progress"] = record.progress(storage, run, stages)
+        stages = stored.load_run(storage, run)
+        s = stored.summary(storage, run, stages)
+        s["progress"] = stored.progress(storage, run, stages)
         s["wall_seconds"] = s["progress"]["wall_seconds"]
         out.append(s)
     return out

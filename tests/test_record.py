@@ -21,6 +21,7 @@ from optuna.trial import TrialState
 from optuna.trial import create_trial
 
 from babysit import record
+from babysit import stored
 from babysit.artifacts import oversized_attrs
 from babysit.artifacts import spec_artifact
 from babysit.artifacts import store_spec
@@ -138,7 +139,7 @@ def test_an_old_run_reads_back_with_what_it_has(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'old.db'}"
     _old_run(url)
     storage = open_storage(url, tmp_path / "art", create=False)
-    s = record.summary(storage, "old")
+    s = stored.summary(storage, "old")
     assert s["num_classes"] is None and s["data"] is None and s["wall_seconds"] is None
     assert s["stages"]["sanity"]["status"] == "passed"
     assert s["stages"]["sanity"]["logit_std"] is None  # not stored by older runs
@@ -170,11 +171,11 @@ def test_an_old_runs_curves_and_spec_read_from_its_attrs(tmp_path: Path) -> None
     url = f"sqlite:///{tmp_path / 'old.db'}"
     _old_run(url)
     storage = open_storage(url, tmp_path / "art", create=False)
-    coarse = record.load_stage(storage, "old", "coarse").trials[0]
+    coarse = stored.load_stage(storage, "old", "coarse").trials[0]
     assert trial_curves(storage, coarse) == {"val_acc": [0.3, 0.4]}
-    overfit = record.load_stage(storage, "old", "overfit").trials[0]
+    overfit = stored.load_stage(storage, "old", "overfit").trials[0]
     assert trial_data(storage, overfit).curve == [{"step": 5, "loss": 2.0, "train_acc": 0.5}]
-    assert record.stored_spec(storage, "old").name == "old"
+    assert stored.stored_spec(storage, "old").name == "old"
 
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
@@ -203,7 +204,7 @@ def test_curves_and_spec_are_artifacts_named_by_small_attrs(tmp_path: Path) -> N
     assert data.readings == readings and data.curves["val_acc"] == curves["val_acc"]
     assert data.diagnostics == [{"epoch": 1}]
     assert all(math.isnan(v) for v in data.curves["train_loss"])
-    assert record.stored_spec(storage, "new").to_dict() == Spec.from_dict(
+    assert stored.stored_spec(storage, "new").to_dict() == Spec.from_dict(
         spec.to_dict()).to_dict()
     # Over the limit as an attr: what the artifacts avoid.
     assert oversized_attrs({"curves": curves}) == {"curves": len(json.dumps(curves))}
@@ -213,7 +214,7 @@ def test_curves_and_spec_are_artifacts_named_by_small_attrs(tmp_path: Path) -> N
     assert trial_data(storage, t).curves is None
     # The spec reads from the study's system attr there (status and export need no store);
     # a study naming only the artifact says where it looked.
-    assert record.stored_spec(storage, "new").name == "new"
+    assert stored.stored_spec(storage, "new").name == "new"
     with pytest.raises(UsageError, match="not in the artifact store"):
         study_spec(storage, other)
 
@@ -254,10 +255,10 @@ def test_a_run_stored_today_reads_back_through_record(tmp_path: Path) -> None:
             str(tmp_path / "s.json"), cwd=tmp_path, check=True)
     written = json.loads((tmp_path / "s.json").read_text())
     storage = open_storage(url, None, create=False)
-    read = record.summary(storage, "today")
+    read = stored.summary(storage, "today")
     assert written["wall_seconds"] > 0 and read["wall_seconds"] is None
     assert {**written, "wall_seconds": None} == read  # the summary's shape is a contract
-    stages = record.load_run(storage, "today")
+    stages = stored.load_run(storage, "today")
     metric = {"sanity": "initial_loss", "overfit": "train_accuracy"}
     for rec in stages.values():
         for t in rec.trials:  # every stored key is one record.py knows, none over 1 kB
@@ -300,7 +301,7 @@ def test_a_run_stored_today_reads_back_through_record(tmp_path: Path) -> None:
     curves = pd.read_parquet(tmp_path / "t-curves.parquet")
     assert list(curves.columns) == ["run", "stage", "trial", "epoch", "step", "metric", "value"]
     assert pd.api.types.is_integer_dtype(curves["epoch"])
-    stored = trial_curves(storage, stages["final"].complete[0])["val_acc"]
+    kept = trial_curves(storage, stages["final"].complete[0])["val_acc"]
     got = curves[(curves["stage"] == "final") & (curves["metric"] == "val_acc")]
-    assert list(got["value"]) == pytest.approx(stored)
+    assert list(got["value"]) == pytest.approx(kept)
     assert len(pd.read_csv(tmp_path / "t-curves.csv")) == len(curves)
