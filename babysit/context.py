@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from babysit.data.streaming import StreamingData
 from babysit.models import build_model
 from babysit.models import fit_head_to_data
 from babysit.spec import Spec
@@ -35,7 +36,7 @@ def _print(message: str) -> None:
 class Context:
     spec: Spec
     storage: Storage
-    data: DeviceData
+    data: DeviceData | StreamingData
     force: bool = False
     quiet: bool = False
     # False for `babysit worker`: it joins the searches and waits for the rest.

@@ -27,8 +27,11 @@ import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 from typing import Any
+from typing import Literal
+from typing import overload
 
 import optuna
+from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
@@ -89,7 +92,9 @@ def _heartbeat_on(study: optuna.Study) -> bool:
 def _stale_trial_ids(study: optuna.Study) -> list[int]:
     """What ``optuna.storages.fail_stale_trials`` would fail: RUNNING trials whose heartbeat
     is older than the grace period."""
-    return list(storage_of(study)._get_stale_trial_ids(study_id(study)))
+    storage = storage_of(study)
+    assert isinstance(storage, BaseHeartbeat), type(storage)  # called when _heartbeat_on
+    return list(storage._get_stale_trial_ids(study_id(study)))
 
 
 def _orphaned_trial_ids(study: optuna.Study) -> list[int]:
@@ -170,7 +175,7 @@ def worker_id() -> str:
 
 def open_stage(ctx: Context, stage: str, sampler: optuna.samplers.BaseSampler | None = None,
                pruner: optuna.pruners.BasePruner | None = None,
-               direction: str = "maximize") -> optuna.Study:
+               direction: Literal["minimize", "maximize"] = "maximize") -> optuna.Study:
     study = optuna.create_study(
         study_name=study_name(ctx.spec.name, stage),
         storage=ctx.storage.rdb,
@@ -400,6 +405,15 @@ def holders(study: optuna.Study, wait: float = 10.0) -> list[str]:
         time.sleep(_POLL_SECONDS / 4)
 
 
+# Waiting, the trial always finishes here or elsewhere: only ``wait=False`` may give None.
+@overload
+def fixed_trial(study: optuna.Study, key: str, params: dict[str, Any],
+                objective: Callable[[optuna.Trial], float], *,
+                wait: Literal[True] = ...) -> FrozenTrial: ...
+@overload
+def fixed_trial(study: optuna.Study, key: str, params: dict[str, Any],
+                objective: Callable[[optuna.Trial], float], *,
+                wait: bool) -> FrozenTrial | None: ...
 def fixed_trial(study: optuna.Study, key: str, params: dict[str, Any],
                 objective: Callable[[optuna.Trial], float], *,
                 wait: bool = True) -> FrozenTrial | None:

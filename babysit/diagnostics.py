@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import statistics
 import tempfile
+from collections.abc import Iterator
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     import optuna
 
     from babysit.context import Context
+    from babysit.data.streaming import StreamingData
 
 # Sample every 20 steps and the first: on digits (~20 steps an epoch) that is one or two
 # samples per epoch, on CIFAR-10 at batch 128 about 18; each costs a weight copy and a sync.
@@ -67,19 +69,20 @@ _ACTIVATIONS = (nn.ReLU, nn.LeakyReLU, nn.ReLU6)
 
 
 _Named = list[tuple[str, nn.Module]]
+_Weighted = list[tuple[str, nn.Conv2d | nn.Linear]]
 
 
-def layer_names(model: nn.Module) -> tuple[_Named, _Named]:
+def layer_names(model: nn.Module) -> tuple[_Weighted, _Named]:
     """(weight layers, activations), named conv1.., fc1.. in registration order; an
     activation takes the name of the weight layer before it ("conv3": conv3's ReLU)."""
-    weights: _Named = []
+    weights: _Weighted = []
     acts: _Named = []
     counts = {"conv": 0, "fc": 0}
     last = ""
     for qualified, module in model.named_modules():
-        kind = ("conv" if isinstance(module, nn.Conv2d) else
-                "fc" if isinstance(module, nn.Linear) else None)
-        if kind is not None and isinstance(getattr(module, "weight", None), torch.Tensor):
+        if (isinstance(module, (nn.Conv2d, nn.Linear))
+                and isinstance(getattr(module, "weight", None), torch.Tensor)):
+            kind = "conv" if isinstance(module, nn.Conv2d) else "fc"
             counts[kind] += 1
             last = f"{kind}{counts[kind]}"
             weights.append((last, module))
@@ -181,9 +184,8 @@ class Monitor:
             grads = [m.weight.grad.float().norm() if m.weight.grad is not None else zero
                      for _, m in self.weights]
             before = [_ratio_sample(m.weight).clone() for _, m in self.weights]
-        handle = None
 
-        def after_step(*_: Any) -> None:
+        def after_step(*_hook_args: Any) -> None:
             handle.remove()
             act_names = list(acts)
             with torch.no_grad():
@@ -195,7 +197,7 @@ class Monitor:
             values = torch.cat(parts).tolist()  # the one sync of a sample
             n = len(self.weights)
             layers: dict[str, dict[str, float]] = {}
-            for i, (name, _) in enumerate(self.weights):
+            for i, (name, _layer) in enumerate(self.weights):
                 layers[name] = {"grad_norm": values[1 + i], "update_ratio": values[1 + n + i]}
             for j, name in enumerate(act_names):
                 mean, std, dead = values[1 + 2 * n + 3 * j: 4 + 2 * n + 3 * j]
@@ -216,10 +218,10 @@ class Monitor:
         samples, self._samples = self._samples, []
         if not samples:
             return None
-        layers: dict[str, dict[str, float]] = {}
+        layers: dict[str, dict[str, float | None]] = {}  # None: NaN/inf, which JSON lacks
         names = list(dict.fromkeys(n for s in samples for n in s["layers"]))
         for name in names:
-            entry: dict[str, float] = {}
+            entry: dict[str, float | None] = {}
             for key, agg in (("update_ratio", statistics.median), ("grad_norm", statistics.median),
                              ("act_mean", statistics.fmean), ("act_std", statistics.fmean),
                              ("dead", statistics.fmean)):
@@ -284,6 +286,7 @@ def readings(diagnostics: Sequence[dict[str, Any]], curves: dict[str, list[float
         # within its first epoch has only a sample or two: too little to call flat.
         end = curves.get("train_loss", [])[-1:] or (losses[-1:] if len(losses) > 2 else [])
         if end and abs(first - end[0]) < flat_tolerance * abs(first):
+            assert last is not None  # the losses came from the diagnostics
             out.append(f"LR too low: loss moved less than {flat_tolerance * 100:g} % in "
                        f"{plural(last['last_step'], 'step')} ({first:.3f} -> {end[0]:.3f})")
     if last is not None:
@@ -357,7 +360,7 @@ def trial_readings(storage: Storage, run: str) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------- LR range test
 
 
-def lr_range_test(model: nn.Module, data: DeviceData, *, optimizer: str = "adam",
+def lr_range_test(model: nn.Module, data: DeviceData | StreamingData, *, optimizer: str = "adam",
                   loss: str = "ce", batch_size: int = 64, start: float = 1e-7,
                   end: float = 10.0, steps: int = 300, weight_decay: float = 0.0,
                   momentum: float = 0.9, diverge_factor: float = 4.0,
@@ -382,7 +385,7 @@ def lr_range_test(model: nn.Module, data: DeviceData, *, optimizer: str = "adam"
     best = math.inf
     stopped = "end"
     model.train()
-    batches = iter(())
+    batches: Iterator[tuple[torch.Tensor, torch.Tensor]] = iter(())
     for i in range(steps):
         lr = start * factor**i
         for group in opt.param_groups:

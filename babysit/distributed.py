@@ -230,8 +230,9 @@ def _rank_main(job: _Job) -> dict[str, Any]:
             trial = optuna.trial.Trial(study, job.trial_id)
         ctx = Context(
             spec=Spec.from_dict(job.spec),
-            storage=storage,
-            data=data,  # type: ignore[arg-type]
+            # None off rank 0: train_final touches the storage on rank 0 only.
+            storage=storage,  # type: ignore[arg-type]
+            data=data,
             quiet=True,
             check_every=job.check_every,
             compile=job.compile,

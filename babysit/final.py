@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+from typing import TypedDict
 
 import optuna
 import torch
@@ -41,7 +42,7 @@ from babysit.diagnostics import record_diagnostics
 from babysit.diagnostics import upload_filters
 from babysit.errors import ProtocolError
 from babysit.record import TrialKey
-from babysit.stages import best_of
+from babysit.record import best_of
 from babysit.terminal import plural
 from babysit.train import EpochStats
 from babysit.train import evaluate
@@ -55,9 +56,9 @@ def best_params(ctx: Context) -> dict[str, float]:
     # The best trial of coarse and fine together, by validation accuracy (a fine trial
     # first on a tie: it trained longer). A fine stage that did worse than coarse does not
     # hand the final its worse parameters.
-    found = [best_of(open_stage(ctx, stage).get_trials(deepcopy=False))
+    bests = [best_of(open_stage(ctx, stage).get_trials(deepcopy=False))
              for stage in ("fine", "coarse")]
-    found = [b for b in found if b is not None]
+    found = [b for b in bests if b is not None]
     if found:
         return max(found, key=lambda b: b["value"])["params"]
     raise ProtocolError("final cannot start: neither the fine nor the coarse search has a "
@@ -65,6 +66,21 @@ def best_params(ctx: Context) -> dict[str, float]:
                         "diverged, was pruned or failed); lower the upper end of coarse.lr or "
                         "give the searches more epochs, and rerun under a new --name")
 
+
+
+class _Clock(TypedDict):
+    """Checkpoint timing of the final training (the rule of ``checkpoint_due``)."""
+
+    since: float  # perf_counter() at the last write (or the start)
+    write: float | None  # seconds the last write took; None before the first
+    writes: int
+
+
+class _Outcome(TypedDict):
+    """How the final training ended, as ``on_epoch`` leaves it."""
+
+    stopped: str  # "", "diverged" or "plateau"
+    epochs: int
 
 
 class _StopFinal(Exception):
@@ -159,9 +175,10 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
     carried = _carried(ckpt, model, spec.final.epochs)
     start, curves, best = carried.start, carried.curves, carried.best
     best_state = carried.best_state  # None: the current weights are best
-    if main and ckpt is not None:
-        trial.set_user_attr(TrialKey.RESUMED_FROM_EPOCH, start)
     if main:
+        assert trial is not None, "rank 0 records on the final trial"
+        if ckpt is not None:
+            trial.set_user_attr(TrialKey.RESUMED_FROM_EPOCH, start)
         trial.set_user_attr(TrialKey.FINAL_PROCS, world)
         monitor = Monitor(model)  # diagnostics
         edge = narrowing_warnings(ctx.storage, spec.name)  # diagnostics
@@ -169,8 +186,8 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
     batch = ctx.batch_size
     per_rank = max(1, batch // world)
     t0 = time.perf_counter()
-    clock = {"since": time.perf_counter(), "write": None, "writes": 0}
-    outcome = {"stopped": "", "epochs": start}
+    clock: _Clock = {"since": time.perf_counter(), "write": None, "writes": 0}
+    outcome: _Outcome = {"stopped": "", "epochs": start}
 
     def on_epoch(stats: EpochStats) -> None:
         nonlocal best_state
@@ -188,6 +205,7 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
         last = diverged or plateau or stats.epoch >= spec.final.epochs
         due = 0.0
         if main:
+            assert trial is not None
             diag.update(record_diagnostics(monitor, curves, epoch=stats.epoch, warnings=edge))
             trial.set_user_attr(TrialKey.EPOCHS_RUN, stats.epoch)
             trial.set_user_attr(TrialKey.BEST_EPOCH, best["epoch"])
@@ -211,6 +229,7 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
             else:
                 ranks = None
             if main:
+                assert study is not None and trial is not None, "rank 0 has both"
                 w0 = time.perf_counter()
                 save_checkpoint(ctx, study, trial, {
                     "model": model.state_dict(),
@@ -259,6 +278,7 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
         outcome["stopped"] = "diverged"
     if not main:
         return {}
+    assert trial is not None
     diag.update(record_diagnostics(monitor, curves, warnings=edge))  # diagnostics
     store_trial_data(ctx.storage, trial, **{TrialKey.CURVES: curves}, **diag)
     trial.set_user_attr(TrialKey.SECONDS, time.perf_counter() - t0)
@@ -269,8 +289,8 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
         return {"diverged": True}
     if best_state is not None:
         model.load_state_dict(best_state)
-    return _test_and_store(ctx, trial, model, best, int(outcome["epochs"]),
-                           str(outcome["stopped"]), lr, wd, world, per_rank)
+    return _test_and_store(ctx, trial, model, best, outcome["epochs"], outcome["stopped"],
+                           lr, wd, world, per_rank)
 
 
 def _test_and_store(ctx: Context, trial: optuna.Trial, model: torch.nn.Module,

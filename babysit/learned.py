@@ -27,9 +27,9 @@ from babysit.context import Context
 from babysit.context import StageResult
 from babysit.coordination import open_stage
 from babysit.record import StudyKey
+from babysit.record import best_of
 from babysit.spec import CoarseSpec
 from babysit.spec import Spec
-from babysit.stages import best_of
 from babysit.stages import search
 
 # Decades below and above the LR that memorised. Asymmetric because the overfit check
@@ -56,8 +56,7 @@ def user_set_lr(spec: Spec) -> bool:
     """Whether ``coarse.lr`` was chosen by the user: set explicitly in this process
     (``build_spec`` records the keys it was given), or different from the default (a
     worker rebuilds the spec from storage and reads the stored ranges anyway)."""
-    explicit = getattr(spec, "explicit_keys", frozenset())
-    return "coarse.lr" in explicit or list(spec.coarse.lr) != CoarseSpec().lr
+    return "coarse.lr" in spec.explicit_keys or list(spec.coarse.lr) != CoarseSpec().lr
 
 
 def overfit_lr(ctx: Context) -> float | None:

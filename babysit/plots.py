@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 from typing import Any
+from typing import Final
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
@@ -32,7 +33,7 @@ from babysit.storage import Storage
 _DPI = 100
 _WIDE = (9.0, 3.6)
 _SQUARE = (6.0, 4.6)
-_LAYOUT = "constrained"
+_LAYOUT: Final = "constrained"
 
 
 def png(fig: Figure) -> bytes:
@@ -107,7 +108,8 @@ def search_scatter(trials: list[FrozenTrial], stage: str, bounds: dict[str, list
         ax.scatter(*xy(diverged), s=48, marker="x", c="tab:red", linewidths=1.5,
                    label="diverged", zorder=3)
     if complete:
-        sc = ax.scatter(*xy(complete), s=52, c=[t.value for t in complete], cmap="viridis",
+        values = [t.value for t in complete if t.value is not None]  # all of them: scored()
+        sc = ax.scatter(*xy(complete), s=52, c=values, cmap="viridis",
                         edgecolors="black", linewidths=0.5, label="complete", zorder=4)
         fig.colorbar(sc, ax=ax, label="val accuracy")
         best = max(complete, key=lambda t: (t.value, -t.number))

@@ -81,8 +81,12 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
         quiet=quiet,
     )
     splits = stream_if_asked(load_dataset(spec.dataset, request), spec.dataset)
-    streamed = isinstance(splits, DatasetSplits)
-    pre = build_preprocess(splits.sample if streamed else splits.train_x, spec.data)
+    if isinstance(splits, DatasetSplits):
+        # Streamed: check() (run by the loaders) kept a train sample for the statistics.
+        assert splits.sample is not None, "DatasetSplits.check was not run"
+        pre = build_preprocess(splits.sample, spec.data)
+    else:
+        pre = build_preprocess(splits.train_x, spec.data)
     pre.resize = input_size(spec.model, splits.image_size, spec.data.resize)
     if pre.resize == splits.image_size:
         pre.resize = 0
@@ -90,7 +94,8 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
     # output shape is an input error before any trial is written.
     build_model(spec.model, splits.num_classes, splits.in_channels,
                 pre.resize or splits.image_size)
-    if streamed:
+    data: DeviceData | StreamingData
+    if isinstance(splits, DatasetSplits):
         data = StreamingData.from_splits(splits, pre, dev)
         _log(f"data: streamed from torch Datasets by a DataLoader with "
              f"{plural(data.num_workers, 'worker process')}")

@@ -191,6 +191,8 @@ def serve_proxy(storage: BaseStorage, host: str, port: int, shown: str,
         raise UsageError(f"--port {port} is not a port number; use 1-65535")
     # Optuna's own advice (run_grpc_proxy_server): a cached storage, not the bare
     # RDBStorage, or every GetTrials reads all finished trials from the database again.
+    # The CLI refuses a grpc:// --storage, so this is the database's own RDB storage.
+    assert isinstance(storage, optuna.storages.RDBStorage), type(storage)
     cached = optuna.storages._CachedStorage(storage)
     pool = ThreadPoolExecutor(max_workers=threads)
     # Optuna's make_server (optuna/storages/_grpc/server.py) with one change: gRPC sets
@@ -244,7 +246,7 @@ class S3ArtifactStore:
         finally:
             body.close()
         spool.seek(0)
-        return spool  # type: ignore[return-value]
+        return spool
 
     def write(self, artifact_id: str, content_body: BinaryIO) -> None:
         self._store.write(self._key(artifact_id), content_body)

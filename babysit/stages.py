@@ -44,7 +44,7 @@ from babysit.record import Param
 from babysit.record import Reason
 from babysit.record import StudyKey
 from babysit.record import TrialKey
-from babysit.record import best_of as record_best_of
+from babysit.record import best_of
 from babysit.record import scored
 from babysit.record import trial_attrs
 from babysit.spec import CoarseSpec
@@ -61,7 +61,7 @@ from babysit.train import memorise
 
 
 def _l2(model: torch.nn.Module) -> torch.Tensor:
-    return sum((p.float() ** 2).sum() for n, p in model.named_parameters() if p.dim() > 1)
+    return sum(((p.float() ** 2).sum() for p in model.parameters() if p.dim() > 1), torch.zeros(()))
 
 
 def sanity(ctx: Context) -> SanityResult:
@@ -413,9 +413,6 @@ def _search_result(ctx: Context, stage: str, trials: list[FrozenTrial],
     return StageResult(stage, "passed", verdict, values)
 
 
-best_of = record_best_of  # the record's rule (never a diverged trial); final imports it
-
-
 # ---------------------------------------------------------------------------- narrowing
 
 
@@ -441,9 +438,10 @@ def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float
     if not complete:
         raise ProtocolError("no coarse trial completed, so there is nothing to narrow from: "
                             "every trial diverged or failed; lower the upper end of coarse.lr")
-    best_value = max(t.value for t in complete)
+    valued = [(t, t.value) for t in complete if t.value is not None]  # all of them: scored()
+    best_value = max(v for _, v in valued)
     threshold = chance + 0.5 * (best_value - chance)
-    good = [t for t in complete if t.value >= threshold]
+    good = [(t, v) for t, v in valued if v >= threshold]
     if best_value <= chance or not good:
         # Every trial is at chance level (or below): by the rule above none says where the
         # good region is, and with none above chance the half-way threshold keeps no trial.
@@ -454,7 +452,7 @@ def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float
             "the network learned nothing in the coarse budget. Give coarse more epochs "
             "(coarse.epochs) or trials (coarse.trials), or move coarse.lr, and rerun under a "
             "new --name (`babysit report` shows every coarse trial)")
-    top = sorted(good, key=lambda t: (-t.value, t.number))[:top_k]
+    top = [t for t, _ in sorted(good, key=lambda tv: (-tv[1], tv[0].number))[:top_k]]
     best = top[0]
     ranges: dict[str, list[float]] = {}
     warnings_: list[str] = []

@@ -96,11 +96,11 @@ def stage_result(storage: Storage, run: str, stage: str, spec: Spec | None = Non
     if stage == "overfit":
         if not done:
             return {"status": "skipped", "train_accuracy": None}
-        best = max(done, key=lambda t: t.value or 0.0)
-        status = "passed" if (best.value or 0.0) >= 1.0 else (
+        top = max(done, key=lambda t: t.value or 0.0)
+        status = "passed" if (top.value or 0.0) >= 1.0 else (
             "failed" if attrs.verdict is not None else "running")
-        return {"status": status, "train_accuracy": best.value,
-                "lr": best.params.get(Param.LR), "verdict": attrs.verdict}
+        return {"status": status, "train_accuracy": top.value,
+                "lr": top.params.get(Param.LR), "verdict": attrs.verdict}
     if stage in ("coarse", "fine"):
         n = counts(rec.trials)
         target = getattr(spec, stage).trials

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from dataclasses import field
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +24,10 @@ from torch import nn
 from babysit.data import Splits
 from babysit.data.augment import Preprocess
 from babysit.errors import raise_if_interrupted
+
+if TYPE_CHECKING:
+    # The same interface over torch Datasets (DataLoader batches); for the types only.
+    from babysit.data.streaming import StreamingData
 
 
 @dataclass
@@ -228,7 +233,7 @@ def diverged(value: float, above: float | None = None) -> bool:
 @torch.inference_mode()
 def evaluate(
     model: nn.Module,
-    data: DeviceData,
+    data: DeviceData | StreamingData,
     split: str,
     loss: str,
     batch_size: int = 1024,
@@ -253,7 +258,7 @@ def evaluate(
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
-    data: DeviceData,
+    data: DeviceData | StreamingData,
     *,
     epochs: int,
     batch_size: int,
@@ -288,9 +293,13 @@ def fit(
         run_loss = torch.zeros((), device=dev)
         run_correct = torch.zeros((), device=dev, dtype=torch.long)
         seen = 0
-        # Streamed data (babysit.data.streaming) has no shards; it never runs data parallel.
-        batches = (data.train_batches(batch_size, generator) if shard[1] == 1
-                   else data.train_batches(batch_size, generator, shard=shard))
+        if shard[1] == 1:
+            batches = data.train_batches(batch_size, generator)
+        else:
+            # Streamed data (babysit.data.streaming) has no shards; it never runs data
+            # parallel (babysit.distributed trains it on one process).
+            assert isinstance(data, DeviceData), type(data)
+            batches = data.train_batches(batch_size, generator, shard=shard)
         for xraw, yb in batches:
             xb = data.pre(xraw, train=True, generator=augment_generator or generator)
             batch_loss, logits = train_step(model, optimizer, xb, yb, loss, monitor,
