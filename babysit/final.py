@@ -43,7 +43,6 @@ from babysit.diagnostics import upload_filters
 from babysit.errors import ProtocolError
 from babysit.record import TrialKey
 from babysit.record import best_of
-from babysit.terminal import plural
 from babysit.train import EpochStats
 from babysit.train import evaluate
 from babysit.train import fit
@@ -312,12 +311,12 @@ def _test_and_store(ctx: Context, trial: optuna.Trial, model: torch.nn.Module,
         trial.set_user_attr(TrialKey.BATCH, {"global": per_rank * world, "per_rank": per_rank,
                                       "ranks": world})
     # Test accuracy first: the number the run is for; validation chose the epoch.
-    stop = (f"stopped after epoch {epochs_run} of {spec.final.epochs}: no better validation "
-            f"for {plural(spec.final.patience, 'epoch')}" if saved > 0
-            else plural(epochs_run, "epoch"))
+    # Short (the dashboard lays each attr out on one line); why it stopped is in the
+    # `stopped`, `epochs_run` and `epochs_saved` attrs beside it.
+    stop = f" (plateau after {spec.final.patience})" if saved > 0 else ""
     trial.set_user_attr(TrialKey.VERDICT, (
-        f"test accuracy {test_acc:.3f} (loss {test_loss:.3f}), val accuracy {val_acc:.3f}; "
-        f"best epoch {best['epoch']} at lr {lr:.3g}, weight_decay {wd:.3g}; {stop}"
+        f"test accuracy {test_acc:.3f} (loss {test_loss:.3f}), val {val_acc:.3f}; best epoch "
+        f"{best['epoch']} of {epochs_run}{stop}, lr {lr:.3g}, weight_decay {wd:.3g}"
         + (f"; {world} processes" if world > 1 else "")))
     save_model(ctx, trial, model)
     upload_filters(ctx.storage, trial, model)  # diagnostics: first-layer filters PNG

@@ -189,10 +189,11 @@ def _sanity_verdict(initial: float, expected: float, with_reg: float, tol: float
         return "failed", (
             f"the penalty does not raise the loss: {cause} (initial loss {initial:.3f}, "
             f"{with_reg:.3f} with an L2 penalty)")
+    # Short: the dashboard lays each attr out on one line, and a trial page must stay readable.
     return "passed", (
-        f"initial loss {initial:.3f} vs expected {expected:.3f} = {what} (within {tol:g} "
-        f"nats); logits {spread} {std:.3g} (at most {limit:.2f}), {share:.0%} of the batch "
-        f"on the most-predicted class; the L2 penalty raises the loss to {with_reg:.3f}")
+        f"initial loss {initial:.3f}, expected {what} = {expected:.3f} ± {tol:g}; logit "
+        f"{'rms' if loss == 'bce' else 'std'} {std:.2g} (≤ {limit:.2f}); top class {share:.0%}; "
+        f"with L2 {with_reg:.3f}")
 
 
 # ---------------------------------------------------------------------------- overfit

@@ -303,6 +303,14 @@ def test_pages_stay_small_with_metric_names_and_a_truthful_contour(
         page.get_by_text(f"Trial {t.number} (trial_id=").first.wait_for(timeout=30_000)
         page.get_by_text("trial.json").first.wait_for()  # the curves, as an artifact
         assert page.evaluate(_WIDEST) <= 1600, t.number
+    # The other stages' trial pages too: their verdicts are attrs on one line as well.
+    for stage in ("sanity", "overfit", "fine", "final"):
+        other = optuna.load_study(study_name=f"{RUN}/{stage}", storage=diverging.url)
+        other_id = _study_id(base, f"{RUN}/{stage}")
+        for t in other.get_trials():
+            page.goto(f"{base}/dashboard/studies/{other_id}/trials?numbers={t.number}")
+            page.get_by_text(f"Trial {t.number} (trial_id=").first.wait_for(timeout=30_000)
+            assert page.evaluate(_WIDEST) <= 1600, (stage, t.number)
 
     page.goto(f"{base}/dashboard/studies/{sid}/smartSelection")
     page.get_by_text("Show Artifacts").first.wait_for(timeout=30_000)
