@@ -9,8 +9,16 @@ from babysit.spec import Spec
 
 __version__ = "0.1.0"
 
-__all__ = ["BabysitError", "ProtocolError", "Spec", "UsageError", "__version__", "load_model",
-           "load_run", "run"]
+__all__ = [
+    "BabysitError",
+    "ProtocolError",
+    "Spec",
+    "UsageError",
+    "__version__",
+    "load_model",
+    "load_run",
+    "run",
+]
 
 
 def __getattr__(name: str) -> object:

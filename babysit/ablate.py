@@ -103,8 +103,11 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, list):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}"
-                               for k, v in value.items()) + "}"
+        return (
+            "{"
+            + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items())
+            + "}"
+        )
     raise UsageError(f"cannot use {value!r} as a config value")
 
 
@@ -123,8 +126,11 @@ def _table_valued_keys() -> set[str]:
     for f in dataclasses.fields(spec):
         value = getattr(spec, f.name)
         if dataclasses.is_dataclass(value):
-            out.update(f"{f.name}.{g.name}" for g in dataclasses.fields(value)
-                       if isinstance(getattr(value, g.name), dict))
+            out.update(
+                f"{f.name}.{g.name}"
+                for g in dataclasses.fields(value)
+                if isinstance(getattr(value, g.name), dict)
+            )
     return out
 
 
@@ -148,8 +154,10 @@ def _shown(value: Any) -> str:
 
 def _params(raw: Any, where: str) -> dict[str, float]:
     if not isinstance(raw, dict) or set(raw) != set(_PARAM_KEYS):
-        raise UsageError(f"{where} must be a table with exactly lr and weight_decay, "
-                         f"like {{lr = 1e-4, weight_decay = 5e-4}}; got {raw!r}")
+        raise UsageError(
+            f"{where} must be a table with exactly lr and weight_decay, "
+            f"like {{lr = 1e-4, weight_decay = 5e-4}}; got {raw!r}"
+        )
     out: dict[str, float] = {}
     for key in _PARAM_KEYS:
         value = raw[key]
@@ -162,8 +170,9 @@ def _params(raw: Any, where: str) -> dict[str, float]:
 def _check_keys(table: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
     unknown = [k for k in table if k not in allowed]
     if unknown:
-        raise UsageError(f"unknown key '{unknown[0]}' in {where}; known keys: "
-                         f"{', '.join(allowed)}")
+        raise UsageError(
+            f"unknown key '{unknown[0]}' in {where}; known keys: {', '.join(allowed)}"
+        )
 
 
 def load_ablation(config: Path, sets: list[str] | tuple[str, ...] = ()) -> Ablation:
@@ -186,8 +195,10 @@ def load_ablation(config: Path, sets: list[str] | tuple[str, ...] = ()) -> Ablat
         raise UsageError(f"ablation.repeats must be a whole number >= 1, got {repeats!r}")
     if mode == "final":
         if "params" not in table:
-            raise UsageError("ablation.mode 'final' trains at fixed parameters: give "
-                             "ablation.params = {lr = ..., weight_decay = ...}")
+            raise UsageError(
+                "ablation.mode 'final' trains at fixed parameters: give "
+                "ablation.params = {lr = ..., weight_decay = ...}"
+            )
         default_params: dict[str, float] | None = _params(table["params"], "ablation.params")
     else:
         if "params" in table:
@@ -196,8 +207,10 @@ def load_ablation(config: Path, sets: list[str] | tuple[str, ...] = ()) -> Ablat
 
     raw_variants = data.get("variants")
     if not raw_variants:
-        raise UsageError(f"{config} has no variants: add [[variants]] entries, each with a "
-                         "name and a set = {\"model.conv_layers\" = 4} table")
+        raise UsageError(
+            f"{config} has no variants: add [[variants]] entries, each with a "
+            'name and a set = {"model.conv_layers" = 4} table'
+        )
     if not isinstance(raw_variants, list) or not all(isinstance(v, dict) for v in raw_variants):
         raise UsageError(f"{config}: variants must be [[variants]] tables")
     whole = _table_valued_keys()
@@ -208,13 +221,15 @@ def load_ablation(config: Path, sets: list[str] | tuple[str, ...] = ()) -> Ablat
         where = f"variant '{vname}'" if isinstance(vname, str) else f"variant #{i}"
         _check_keys(raw, _VARIANT_KEYS, where)
         if not isinstance(vname, str) or not _NAME.match(vname):
-            raise UsageError(f"{where} needs a name of letters, digits, - _ . + "
-                             f"(it names the run {name}/<name>), got {vname!r}")
+            raise UsageError(
+                f"{where} needs a name of letters, digits, - _ . + "
+                f"(it names the run {name}/<name>), got {vname!r}"
+            )
         if any(v.name == vname for v in variants):
             raise UsageError(f"two variants are named '{vname}'")
         raw_set = raw.get("set", {})
         if not isinstance(raw_set, dict):
-            raise UsageError(f"{where}: set must be a table like {{\"model.conv_layers\" = 4}}")
+            raise UsageError(f'{where}: set must be a table like {{"model.conv_layers" = 4}}')
         overrides = _flatten_sets(raw_set, whole)
         if "name" in overrides:
             raise UsageError(f"{where}: set cannot change the run name; it is {name}/{vname}")
@@ -224,17 +239,19 @@ def load_ablation(config: Path, sets: list[str] | tuple[str, ...] = ()) -> Ablat
                 raise UsageError(f"{where}: params is for mode 'final'")
             params = _params(raw["params"], f"{where} params")
         reported = raw.get("reported")
-        if reported is not None and (isinstance(reported, bool)
-                                     or not isinstance(reported, (int, float))):
-            raise UsageError(f"{where}: reported must be a number (an accuracy), got "
-                             f"{reported!r}")
+        if reported is not None and (
+            isinstance(reported, bool) or not isinstance(reported, (int, float))
+        ):
+            raise UsageError(f"{where}: reported must be a number (an accuracy), got {reported!r}")
         description = raw.get("description")
         if description is not None and not isinstance(description, str):
             raise UsageError(f"{where}: description must be a string")
-        change = description or (", ".join(f"{k}={_shown(v)}"
-                                           for k, v in overrides.items()) or "baseline")
-        variant = Variant(vname, change, overrides, params,
-                          None if reported is None else float(reported))
+        change = description or (
+            ", ".join(f"{k}={_shown(v)}" for k, v in overrides.items()) or "baseline"
+        )
+        variant = Variant(
+            vname, change, overrides, params, None if reported is None else float(reported)
+        )
         variants.append(variant)
         for k in range(repeats):
             spec = build_spec(config, sets)
@@ -260,8 +277,15 @@ def _finished(storage: Storage, run: str) -> bool:
     return bool(stored.load_stage(storage, run, "final").complete)
 
 
-def _train(ablation: Ablation, variant: Variant, spec: Spec, storage: Storage, device: str,
-           data_dir: str | None, quiet: bool) -> None:
+def _train(
+    ablation: Ablation,
+    variant: Variant,
+    spec: Spec,
+    storage: Storage,
+    device: str,
+    data_dir: str | None,
+    quiet: bool,
+) -> None:
     """One run: the final training at fixed params, or the whole protocol."""
     from babysit.distributed import launch_final
     from babysit.final import final
@@ -287,9 +311,15 @@ def _train(ablation: Ablation, variant: Variant, spec: Spec, storage: Storage, d
         _log(f"{spec.name}: {result.verdict}")
 
 
-def run_ablation(config: Path, storage: Storage, sets: list[str] | tuple[str, ...] = (),
-                 device: str = "auto", data_dir: str | None = None, out: Path | None = None,
-                 quiet: bool = False) -> int:
+def run_ablation(
+    config: Path,
+    storage: Storage,
+    sets: list[str] | tuple[str, ...] = (),
+    device: str = "auto",
+    data_dir: str | None = None,
+    out: Path | None = None,
+    quiet: bool = False,
+) -> int:
     """Train every variant not yet finished, then print and write the table. Exit code:
     0 when every run finished, 1 when one failed (its row says why)."""
     from babysit.coordination import check_spec
@@ -298,8 +328,10 @@ def run_ablation(config: Path, storage: Storage, sets: list[str] | tuple[str, ..
     for _, _, spec in ablation.runs:
         check_spec(storage, spec)
     n = len(ablation.runs)
-    _log(f"ablation {ablation.name}: {plural(len(ablation.variants), 'variant')} x "
-         f"{plural(ablation.repeats, 'repeat')}, mode {ablation.mode}, storage {storage.shown}")
+    _log(
+        f"ablation {ablation.name}: {plural(len(ablation.variants), 'variant')} x "
+        f"{plural(ablation.repeats, 'repeat')}, mode {ablation.mode}, storage {storage.shown}"
+    )
     failed: list[str] = []
     for i, (variant, _, spec) in enumerate(ablation.runs, 1):
         label = f"[{i}/{n}] {spec.name}"
@@ -331,12 +363,16 @@ def _run_facts(storage: Storage, run: str) -> dict[str, Any] | None:
     final = stages["final"]
     if final.study is None:
         return _earlier_failure(storage, run, stages)
-    seconds = sum(float(trial_attrs(t).seconds or 0.0)
-                  for rec in stages.values() for t in rec.trials)
+    seconds = sum(
+        float(trial_attrs(t).seconds or 0.0) for rec in stages.values() for t in rec.trials
+    )
     if not final.complete:
         reasons = [v for v in (trial_attrs(t).verdict for t in final.trials) if v]
-        return {"done": False, "status": f"failed: {reasons[-1]}" if reasons else "not finished",
-                "seconds": seconds}
+        return {
+            "done": False,
+            "status": f"failed: {reasons[-1]}" if reasons else "not finished",
+            "seconds": seconds,
+        }
     t = final.complete[0]
     a = trial_data(storage, t)  # the readings are an artifact
     return {
@@ -353,8 +389,9 @@ def _run_facts(storage: Storage, run: str) -> dict[str, Any] | None:
     }
 
 
-def _earlier_failure(storage: Storage, run: str,
-                     records: dict[str, stored.StageRecord]) -> dict[str, Any] | None:
+def _earlier_failure(
+    storage: Storage, run: str, records: dict[str, stored.StageRecord]
+) -> dict[str, Any] | None:
     """Mode "full": a run that stopped before final (sanity or overfit failed) says where."""
     if not any(rec.study is not None for rec in records.values()):
         return None
@@ -362,8 +399,11 @@ def _earlier_failure(storage: Storage, run: str,
     for stage in STAGES:
         if stages[stage].get("status") == "failed":
             verdict = stages[stage].get("verdict") or ""
-            return {"done": False, "status": f"{stage} failed: {verdict}".rstrip(": "),
-                    "seconds": 0.0}
+            return {
+                "done": False,
+                "status": f"{stage} failed: {verdict}".rstrip(": "),
+                "seconds": 0.0,
+            }
     return {"done": False, "status": "not finished", "seconds": 0.0}
 
 
@@ -384,27 +424,32 @@ def table_rows(storage: Storage, ablation: Ablation) -> list[dict[str, Any]]:
         params = [f["params"] for f in done]
         spent = [f["epochs_spent"] for f in done]
         readings = list(dict.fromkeys(r for f in done for r in f["readings"]))
-        problems = [f"{name}: {f['status'] if f else 'not run'}" for name, f in facts
-                    if f is None or not f["done"]]
-        rows.append({
-            "variant": variant.name,
-            "change": variant.change,
-            "runs": len(names),
-            "runs_done": len(done),
-            "lr": params[0].get(Param.LR) if params else None,
-            "weight_decay": params[0].get(Param.WEIGHT_DECAY) if params else None,
-            "same_params": all(p == params[0] for p in params),
-            "test_accuracy_mean": _mean(accs),
-            "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None,
-            "test_loss_mean": _mean(losses),
-            "epochs": _mean([float(f["epochs"]) for f in done if f["epochs"] is not None]),
-            "epochs_spent": _mean(spent),
-            "seconds_mean": _mean([f["seconds"] for f in done]),
-            "reported": variant.reported,
-            "status": "done" if not problems else "; ".join(problems),
-            "readings": readings,
-            "run_names": names,
-        })
+        problems = [
+            f"{name}: {f['status'] if f else 'not run'}"
+            for name, f in facts
+            if f is None or not f["done"]
+        ]
+        rows.append(
+            {
+                "variant": variant.name,
+                "change": variant.change,
+                "runs": len(names),
+                "runs_done": len(done),
+                "lr": params[0].get(Param.LR) if params else None,
+                "weight_decay": params[0].get(Param.WEIGHT_DECAY) if params else None,
+                "same_params": all(p == params[0] for p in params),
+                "test_accuracy_mean": _mean(accs),
+                "test_accuracy_std": statistics.stdev(accs) if len(accs) > 1 else None,
+                "test_loss_mean": _mean(losses),
+                "epochs": _mean([float(f["epochs"]) for f in done if f["epochs"] is not None]),
+                "epochs_spent": _mean(spent),
+                "seconds_mean": _mean([f["seconds"] for f in done]),
+                "reported": variant.reported,
+                "status": "done" if not problems else "; ".join(problems),
+                "readings": readings,
+                "run_names": names,
+            }
+        )
     return rows
 
 
@@ -421,14 +466,26 @@ def _cell(text: str) -> str:
 
 
 def table_markdown(rows: list[dict[str, Any]], ablation: Ablation) -> str:
-    header = ["variant", "change", "params", "test accuracy", "test loss", "epochs",
-              "seconds", "reported", "readings"]
+    header = [
+        "variant",
+        "change",
+        "params",
+        "test accuracy",
+        "test loss",
+        "epochs",
+        "seconds",
+        "reported",
+        "readings",
+    ]
     if ablation.mode == "full":
         header.insert(6, "epochs spent")
-    lines = [f"## Ablation {ablation.name} (mode {ablation.mode}, "
-             f"{ablation.repeats} repeat{'s' if ablation.repeats > 1 else ''} per variant)",
-             "", "| " + " | ".join(header) + " |",
-             "|" + "|".join("---" for _ in header) + "|"]
+    lines = [
+        f"## Ablation {ablation.name} (mode {ablation.mode}, "
+        f"{ablation.repeats} repeat{'s' if ablation.repeats > 1 else ''} per variant)",
+        "",
+        "| " + " | ".join(header) + " |",
+        "|" + "|".join("---" for _ in header) + "|",
+    ]
     for r in rows:
         if r["lr"] is None:
             params = ""
@@ -444,28 +501,53 @@ def table_markdown(rows: list[dict[str, Any]], ablation: Ablation) -> str:
                 acc += f" ± {100 * r['test_accuracy_std']:.2f}"
             if r["runs"] > 1 or r["runs_done"] < r["runs"]:
                 acc += f" ({r['runs_done']} of {plural(r['runs'], 'run')})"
-        cells = [r["variant"], r["change"], params, acc, _num(r["test_loss_mean"]),
-                 _num(r["epochs"], ".0f"), _num(r["seconds_mean"], ".0f"),
-                 _pct(r["reported"]), "; ".join(r["readings"])]
+        cells = [
+            r["variant"],
+            r["change"],
+            params,
+            acc,
+            _num(r["test_loss_mean"]),
+            _num(r["epochs"], ".0f"),
+            _num(r["seconds_mean"], ".0f"),
+            _pct(r["reported"]),
+            "; ".join(r["readings"]),
+        ]
         if ablation.mode == "full":
             cells.insert(6, _num(r["epochs_spent"], ".1f"))
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-_CSV_FIELDS = ("variant", "change", "runs", "runs_done", "lr", "weight_decay",
-               "test_accuracy_mean", "test_accuracy_std", "test_loss_mean", "epochs",
-               "epochs_spent", "seconds_mean", "reported", "status", "readings", "run_names")
+_CSV_FIELDS = (
+    "variant",
+    "change",
+    "runs",
+    "runs_done",
+    "lr",
+    "weight_decay",
+    "test_accuracy_mean",
+    "test_accuracy_std",
+    "test_loss_mean",
+    "epochs",
+    "epochs_spent",
+    "seconds_mean",
+    "reported",
+    "status",
+    "readings",
+    "run_names",
+)
 
 
 def table_csv(rows: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=_CSV_FIELDS, extrasaction="ignore",
-                            lineterminator="\n")
+    writer = csv.DictWriter(
+        buf, fieldnames=_CSV_FIELDS, extrasaction="ignore", lineterminator="\n"
+    )
     writer.writeheader()
     for r in rows:
-        writer.writerow({**r, "readings": "; ".join(r["readings"]),
-                         "run_names": " ".join(r["run_names"])})
+        writer.writerow(
+            {**r, "readings": "; ".join(r["readings"]), "run_names": " ".join(r["run_names"])}
+        )
     return buf.getvalue()
 
 

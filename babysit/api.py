@@ -93,22 +93,38 @@ def run(
     data_ref = _data_ref(data)
     local = [r for r in (model_ref, data_ref) if r.startswith(PYTHON_PREFIX)]
     if local and jobs > 1:
-        raise UsageError(f"jobs={jobs} starts worker processes, which cannot rebuild the "
-                         f"Python object(s) {', '.join(local)}; give 'module:callable' "
-                         "references or use jobs=1")
+        raise UsageError(
+            f"jobs={jobs} starts worker processes, which cannot rebuild the "
+            f"Python object(s) {', '.join(local)}; give 'module:callable' "
+            "references or use jobs=1"
+        )
     if name is None and data_ref.startswith(PYTHON_PREFIX):
         # A study name that reads well in the dashboard: "python-data-3-classes-..." .
-        name = default_run_name("python-" + re.sub(r"[^A-Za-z0-9_.]+", "-",
-                                                   data_ref.removeprefix(PYTHON_PREFIX)))
+        name = default_run_name(
+            "python-" + re.sub(r"[^A-Za-z0-9_.]+", "-", data_ref.removeprefix(PYTHON_PREFIX))
+        )
     tables = {"arch": model_options, "data": data_options}
-    flags = {**{k: dict(v) for k, v in tables.items() if v is not None}, **spec,
-             "name": name, "dataset": data_ref, "model": model_ref}
+    flags = {
+        **{k: dict(v) for k, v in tables.items() if v is not None},
+        **spec,
+        "name": name,
+        "dataset": data_ref,
+        "model": model_ref,
+    }
     built = build_spec(Path(config) if config is not None else None, list(sets), flags)
     if jobs < 1:
         raise UsageError("jobs must be at least 1")
     store = _storage(storage, artifact_dir)
-    ctx = prepare(built, store, device=device, data_dir=str(data_dir) if data_dir else None,
-                  download=download, force=force, quiet=quiet, compile=compile)
+    ctx = prepare(
+        built,
+        store,
+        device=device,
+        data_dir=str(data_dir) if data_dir else None,
+        download=download,
+        force=force,
+        quiet=quiet,
+        compile=compile,
+    )
     try:
         return run_protocol(ctx, jobs=jobs)
     except ProtocolError as err:
@@ -127,8 +143,9 @@ def _model_ref(model: Any) -> str:
         return model
     if callable(model):
         return register_object(model, "model")
-    raise UsageError(f"model must be 'alexnet', 'module:callable' or a callable, got "
-                     f"{type(model).__name__}")
+    raise UsageError(
+        f"model must be 'alexnet', 'module:callable' or a callable, got {type(model).__name__}"
+    )
 
 
 def _data_ref(data: Any) -> str:
@@ -145,17 +162,22 @@ def _data_ref(data: Any) -> str:
         sizes = splits.sizes()
         # The description changes with the data's shape, so a rerun under the same name with
         # other data is refused as a different spec.
-        ref = (f"{PYTHON_PREFIX}data[{splits.num_classes} classes, {sizes['train']}/"
-               f"{sizes['val']}/{sizes['test']}]")
+        ref = (
+            f"{PYTHON_PREFIX}data[{splits.num_classes} classes, {sizes['train']}/"
+            f"{sizes['val']}/{sizes['test']}]"
+        )
         return hold(ref, lambda: splits)
     if callable(data):
         return register_object(data, "dataset")
-    raise UsageError(f"data must be a dataset name, 'module:callable', a callable or the "
-                     f"splits, got {type(data).__name__}")
+    raise UsageError(
+        f"data must be a dataset name, 'module:callable', a callable or the "
+        f"splits, got {type(data).__name__}"
+    )
 
 
-def _storage(storage: str | Path | Storage | None, artifact_dir: str | Path | None,
-             create: bool = True) -> Storage:
+def _storage(
+    storage: str | Path | Storage | None, artifact_dir: str | Path | None, create: bool = True
+) -> Storage:
     from babysit.storage import open_storage
 
     if isinstance(storage, Storage):
@@ -181,8 +203,10 @@ class Run:
             if study is not None:
                 self.studies[stage] = study
         if not self.studies:
-            raise UsageError(f"no run named '{name}' in storage {storage.shown}; "
-                             "babysit status lists the runs there")
+            raise UsageError(
+                f"no run named '{name}' in storage {storage.shown}; "
+                "babysit status lists the runs there"
+            )
 
     def __repr__(self) -> str:
         return f"Run({self.name!r}, stages={list(self.studies)}, storage={self.storage.shown!r})"
@@ -244,24 +268,30 @@ class Run:
         artifact = attrs.get("model_artifact")
         facts = self.data
         if not artifact:
-            raise UsageError(f"run '{self.name}' has no trained model yet: the final stage is "
-                             f"{attrs['status']}")
+            raise UsageError(
+                f"run '{self.name}' has no trained model yet: the final stage is {attrs['status']}"
+            )
         if "in_channels" not in facts:
-            raise UsageError(f"run '{self.name}' predates stored image geometry; rebuild its "
-                             "network by hand and load the model artifact")
+            raise UsageError(
+                f"run '{self.name}' predates stored image geometry; rebuild its "
+                "network by hand and load the model artifact"
+            )
         spec = self.spec
-        net = build_model(spec.model, self.summary["num_classes"],
-                          facts["in_channels"], facts["input_size"])
+        net = build_model(
+            spec.model, self.summary["num_classes"], facts["in_channels"], facts["input_size"]
+        )
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, "model.pt")
-            optuna.artifacts.download_artifact(artifact_store=self.storage.artifacts,
-                                               file_path=path, artifact_id=artifact)
+            optuna.artifacts.download_artifact(
+                artifact_store=self.storage.artifacts, file_path=path, artifact_id=artifact
+            )
             net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
         return net.eval()
 
 
-def load_run(name: str, storage: str | Path | Storage | None = None,
-             artifact_dir: str | Path | None = None) -> Run:
+def load_run(
+    name: str, storage: str | Path | Storage | None = None, artifact_dir: str | Path | None = None
+) -> Run:
     """Open the stored run ``name``: ``.summary``, ``.spec``, ``.studies`` (stage ->
     optuna.Study), ``.trials_dataframe()``, ``.best_params``, ``.data``, ``.model()``."""
     return Run(name, _storage(storage, artifact_dir, create=False))

@@ -32,8 +32,9 @@ from babysit.storage import Storage
 SPEC_SYSTEM_ATTR = "babysit:spec"
 
 
-def upload_json(storage: Storage, study_or_trial: optuna.Study | optuna.Trial, name: str,
-                value: Any) -> str:
+def upload_json(
+    storage: Storage, study_or_trial: optuna.Study | optuna.Trial, name: str, value: Any
+) -> str:
     """``value`` as the JSON artifact ``name`` of the study or trial; returns its id."""
     # Imported here: optuna.artifacts pulls in boto3, which the readers' verbs do without.
     from optuna.artifacts import upload_artifact
@@ -42,8 +43,12 @@ def upload_json(storage: Storage, study_or_trial: optuna.Study | optuna.Trial, n
         path = os.path.join(tmp, name)
         with open(path, "w") as fh:
             json.dump(value, fh)  # NaN/inf as JSON's NaN/Infinity: a diverged curve stays one
-        return upload_artifact(artifact_store=storage.artifacts, file_path=path,
-                               study_or_trial=study_or_trial, mimetype="application/json")
+        return upload_artifact(
+            artifact_store=storage.artifacts,
+            file_path=path,
+            study_or_trial=study_or_trial,
+            mimetype="application/json",
+        )
 
 
 def read_json(storage: Storage, artifact_id: str) -> Any:
@@ -91,8 +96,12 @@ def trial_curves(storage: Storage, t: FrozenTrial) -> dict[str, list[float]]:
 
 def spec_summary(spec: Spec) -> dict[str, str]:
     """The few spec keys a study shows as an attr (the whole spec is an artifact)."""
-    return {"name": spec.name, "dataset": str(spec.dataset), "model": str(spec.model),
-            "optimizer": str(spec.optimizer)}
+    return {
+        "name": spec.name,
+        "dataset": str(spec.dataset),
+        "model": str(spec.model),
+        "optimizer": str(spec.optimizer),
+    }
 
 
 def study_spec(storage: Storage, study: optuna.Study) -> dict[str, Any] | None:
@@ -109,7 +118,8 @@ def study_spec(storage: Storage, study: optuna.Study) -> dict[str, Any] | None:
         raise UsageError(
             f"the spec of {study.study_name} (artifact {attrs.spec_artifact}) is not in "
             f"the artifact store {storage.artifact_where}; pass the run's store with "
-            "--artifact-dir or --artifact-store")
+            "--artifact-dir or --artifact-store"
+        )
     return found
 
 
@@ -122,8 +132,9 @@ def store_spec(storage: Storage, spec: Spec, study: optuna.Study) -> None:
     """
     study.set_user_attr(StudyKey.SPEC_ARTIFACT, spec_artifact(storage, spec, study))
     study.set_user_attr(StudyKey.SPEC_SUMMARY, spec_summary(spec))
-    study._storage.set_study_system_attr(study._study_id, SPEC_SYSTEM_ATTR,
-                                         json.loads(json.dumps(spec.to_dict())))
+    study._storage.set_study_system_attr(
+        study._study_id, SPEC_SYSTEM_ATTR, json.loads(json.dumps(spec.to_dict()))
+    )
 
 
 def oversized_attrs(attrs: Mapping[str, Any]) -> dict[str, int]:

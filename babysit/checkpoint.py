@@ -40,8 +40,9 @@ def _checkpoint_prefix(run: str) -> str:
     return f"{run.replace('/', '_')}-final-epoch"
 
 
-def save_checkpoint(ctx: Context, study: optuna.Study, trial: optuna.Trial,
-                    state: dict[str, Any], epoch: int) -> None:
+def save_checkpoint(
+    ctx: Context, study: optuna.Study, trial: optuna.Trial, state: dict[str, Any], epoch: int
+) -> None:
     """Write the newest checkpoint to the artifact store and drop the one before it.
 
     One checkpoint is kept, not one per epoch: an AlexNet checkpoint with optimiser state
@@ -56,9 +57,14 @@ def save_checkpoint(ctx: Context, study: optuna.Study, trial: optuna.Trial,
         with open(path, "rb") as fh:
             store.write(artifact_id, fh)
     previous = study.user_attrs.get(_CKPT_ATTR)
-    study.set_user_attr(_CKPT_ATTR, {CheckpointKey.ARTIFACT_ID: artifact_id,
-                                     CheckpointKey.EPOCH: epoch,
-                                     CheckpointKey.TRIAL: trial.number})
+    study.set_user_attr(
+        _CKPT_ATTR,
+        {
+            CheckpointKey.ARTIFACT_ID: artifact_id,
+            CheckpointKey.EPOCH: epoch,
+            CheckpointKey.TRIAL: trial.number,
+        },
+    )
     if previous and previous.get(CheckpointKey.ARTIFACT_ID) not in (None, artifact_id):
         try:
             store.remove(previous[CheckpointKey.ARTIFACT_ID])
@@ -97,8 +103,9 @@ def _remove_orphans(ctx: Context) -> None:
             path.unlink(missing_ok=True)
 
 
-def load_checkpoint(ctx: Context, study: optuna.Study,
-                    map_location: torch.device | str | None = None) -> dict[str, Any] | None:
+def load_checkpoint(
+    ctx: Context, study: optuna.Study, map_location: torch.device | str | None = None
+) -> dict[str, Any] | None:
     """The newest checkpoint of the final study, or None (none written, or its file gone:
     then the final starts over, with a warning)."""
     meta = study.user_attrs.get(_CKPT_ATTR)
@@ -108,13 +115,16 @@ def load_checkpoint(ctx: Context, study: optuna.Study,
         with ctx.storage.artifacts.open_reader(meta[CheckpointKey.ARTIFACT_ID]) as fh:
             return torch.load(fh, map_location=map_location or ctx.device, weights_only=True)
     except Exception:  # noqa: BLE001 - a missing store is reported, then training restarts
-        ctx.log(f"warning: checkpoint {meta['artifact_id']} not found in "
-                f"{ctx.storage.artifact_where}; the final training starts over")
+        ctx.log(
+            f"warning: checkpoint {meta['artifact_id']} not found in "
+            f"{ctx.storage.artifact_where}; the final training starts over"
+        )
         return None
 
 
-def checkpoint_due(epoch: int, last_epoch: bool, trained_since: float,
-                   last_write: float | None, share: float) -> bool:
+def checkpoint_due(
+    epoch: int, last_epoch: bool, trained_since: float, last_write: float | None, share: float
+) -> bool:
     """The checkpoint rule (spec ``final.checkpoint_share``): always after the first and
     the last epoch; otherwise once the training since the previous write took at least
     ``1 / share`` times as long as that write, so writes cost at most ``share`` of the
@@ -158,12 +168,20 @@ def save_model(ctx: Context, trial: optuna.Trial, model: torch.nn.Module) -> str
         with open(path, "rb") as fh:
             _write(ctx.storage, artifact_id, fh)
     data = ctx.data
-    info = {"spec": ctx.spec.to_dict(), "num_classes": data.num_classes,
-            "in_channels": data.in_channels, "input_size": data.pre.resize or data.image_size,
-            # The network's input: uint8 pixels / 255, resized, minus mean, over std.
-            "mean": data.pre.mean.flatten().tolist(), "std": data.pre.std.flatten().tolist()}
-    _write(ctx.storage, str(model_info_id(artifact_id)),
-           io.BytesIO((json.dumps(info, indent=2) + "\n").encode()))
+    info = {
+        "spec": ctx.spec.to_dict(),
+        "num_classes": data.num_classes,
+        "in_channels": data.in_channels,
+        "input_size": data.pre.resize or data.image_size,
+        # The network's input: uint8 pixels / 255, resized, minus mean, over std.
+        "mean": data.pre.mean.flatten().tolist(),
+        "std": data.pre.std.flatten().tolist(),
+    }
+    _write(
+        ctx.storage,
+        str(model_info_id(artifact_id)),
+        io.BytesIO((json.dumps(info, indent=2) + "\n").encode()),
+    )
     where = artifact_location(ctx.storage, artifact_id)
     trial.set_user_attr(TrialKey.MODEL_ARTIFACT, artifact_id)
     trial.set_user_attr(TrialKey.MODEL_PATH, where)
@@ -184,11 +202,14 @@ def load_model(path: str | Path, map_location: torch.device | str = "cpu") -> to
     if not path.is_file():
         raise UsageError(f"no model file at {path}")
     if not info_path.is_file():
-        raise UsageError(f"{info_path} is missing: it says which network {path.name} holds; "
-                         "load the run with babysit.load_run(NAME).model() instead")
+        raise UsageError(
+            f"{info_path} is missing: it says which network {path.name} holds; "
+            "load the run with babysit.load_run(NAME).model() instead"
+        )
     info = json.loads(info_path.read_text())
     spec = Spec.from_dict(info["spec"])
-    net = build_model(spec.model, int(info["num_classes"]),
-                      int(info["in_channels"]), int(info["input_size"]))
+    net = build_model(
+        spec.model, int(info["num_classes"]), int(info["in_channels"]), int(info["input_size"])
+    )
     net.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
     return net.eval()

@@ -29,16 +29,24 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _storage_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--storage", help="Optuna storage URL (default: $BABYSIT_STORAGE, else "
-                   "sqlite:///babysit.db)")
-    p.add_argument("--artifact-dir", help="artifact store folder (default: next to an SQLite "
-                   "file, else ./babysit-artifacts)")
-    p.add_argument("--artifact-store", help="s3://BUCKET/PREFIX: artifacts on S3-compatible "
-                   "object storage (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
-                   "AWS_SECRET_ACCESS_KEY; default: $BABYSIT_ARTIFACT_STORE)")
+    p.add_argument(
+        "--storage",
+        help="Optuna storage URL (default: $BABYSIT_STORAGE, else sqlite:///babysit.db)",
+    )
+    p.add_argument(
+        "--artifact-dir",
+        help="artifact store folder (default: next to an SQLite file, else ./babysit-artifacts)",
+    )
+    p.add_argument(
+        "--artifact-store",
+        help="s3://BUCKET/PREFIX: artifacts on S3-compatible "
+        "object storage (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
+        "AWS_SECRET_ACCESS_KEY; default: $BABYSIT_ARTIFACT_STORE)",
+    )
     p.add_argument("--heartbeat", type=int, help="seconds between a worker's heartbeats")
-    p.add_argument("--grace", type=int, help="seconds without a heartbeat before a trial is "
-                   "presumed dead")
+    p.add_argument(
+        "--grace", type=int, help="seconds without a heartbeat before a trial is presumed dead"
+    )
 
 
 def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
@@ -46,54 +54,88 @@ def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
     p.add_argument("--config", type=Path, help="a TOML spec, e.g. studies/digits.toml")
     p.add_argument("--name", help="run name; studies are <name>/<stage> (default: the dataset)")
     p.add_argument("--dataset", help=f"{', '.join(rules.DATASETS)}, or module:callable")
-    p.add_argument("--data-dir", help="where dataset files live (default: $BABYSIT_DATA, else "
-                   "~/.cache/babysit)")
-    p.add_argument("--download", action="store_true", help="download the dataset if missing "
-                   "(needs internet)")
+    p.add_argument(
+        "--data-dir",
+        help="where dataset files live (default: $BABYSIT_DATA, else ~/.cache/babysit)",
+    )
+    p.add_argument(
+        "--download", action="store_true", help="download the dataset if missing (needs internet)"
+    )
     p.add_argument("--model", help=f"{rules.either(rules.MODELS)} or module:callable")
     p.add_argument("--optimizer", help=f"{rules.either(rules.OPTIMIZERS)} (sgd with momentum 0.9)")
     p.add_argument("--device", default="auto", choices=rules.DEVICES)
     p.add_argument("--seed", type=int)
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a spec field, e.g. --set coarse.trials=20 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a spec field, e.g. --set coarse.trials=20 (repeatable)",
+    )
     p.add_argument("--summary-json", type=Path, help="write the run's summary here")
     p.add_argument("--force", action="store_true", help=force_help)
     p.add_argument("--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--print-config", action="store_true", help="print the resolved spec, each "
-                   "value with where it came from and why, and exit (touches no storage)")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved spec, each "
+        "value with where it came from and why, and exit (touches no storage)",
+    )
 
 
 def _run_flags(p: argparse.ArgumentParser) -> None:
     _spec_flags(p, "go on after a failed sanity or overfit check")
-    p.add_argument("--jobs", type=int, default=1, help="trial processes sharing the device "
-                   "(this one plus N-1 workers), for models too small to fill it alone")
-    p.add_argument("--compile", action="store_true", help="torch.compile each network "
-                   "(pays on a GPU for long trials)")
+    p.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="trial processes sharing the device "
+        "(this one plus N-1 workers), for models too small to fill it alone",
+    )
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each network (pays on a GPU for long trials)",
+    )
     _final_procs_flag(p)
     _storage_flags(p)
 
 
 def _final_procs_flag(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--final-procs", type=int, default=1, metavar="N", help="train the final "
-                   "on N processes (DistributedDataParallel, launched like torchrun; one GPU "
-                   "each, or gloo on the CPU); the global batch stays the spec's")
+    p.add_argument(
+        "--final-procs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train the final "
+        "on N processes (DistributedDataParallel, launched like torchrun; one GPU "
+        "each, or gloo on the CPU); the global batch stays the spec's",
+    )
 
 
 def _check_flags(p: argparse.ArgumentParser) -> None:
     """`run`'s flags that make sense before the searches: the same spec, the same storage."""
-    _spec_flags(p, "run the overfit check even after a failed sanity check (the exit code "
-                "still says it failed)")
+    _spec_flags(
+        p,
+        "run the overfit check even after a failed sanity check (the exit code "
+        "still says it failed)",
+    )
     _storage_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="babysit", description="Babysit the training of an image "
-                     "classifier: sanity, overfit, coarse, fine, final.",
-                     epilog="`babysit VERB --help` shows a verb's flags and examples.",
-                     formatter_class=VerbListFormat)
+    parser = _Parser(
+        prog="babysit",
+        description="Babysit the training of an image "
+        "classifier: sanity, overfit, coarse, fine, final.",
+        epilog="`babysit VERB --help` shows a verb's flags and examples.",
+        formatter_class=VerbListFormat,
+    )
     parser.add_argument("--version", action="version", version=f"babysit {version()}")
-    sub = parser.add_subparsers(dest="command", title="verbs", metavar="VERB",
-                                parser_class=_Parser)
+    sub = parser.add_subparsers(
+        dest="command", title="verbs", metavar="VERB", parser_class=_Parser
+    )
 
     p = add_verb(sub, "run")
     _run_flags(p)
@@ -120,8 +162,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = add_verb(sub, "dashboard")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1: the "
-                   "dashboard has no login and can delete studies)")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1: the dashboard has no login and can delete studies)",
+    )
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--quiet", action="store_true")
     _storage_flags(p)
@@ -135,9 +180,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True)
     p.add_argument("--format", choices=rules.EXPORT_FORMATS, default="csv")
     p.add_argument("--out", type=Path, help="file to write (default: <name>-trials.<format>)")
-    p.add_argument("--curves", type=Path, nargs="?", const=True, metavar="FILE",
-                   help="also write every curve point (run, stage, trial, epoch, step, "
-                   "metric, value) to FILE (default: <name>-curves.<format> beside --out)")
+    p.add_argument(
+        "--curves",
+        type=Path,
+        nargs="?",
+        const=True,
+        metavar="FILE",
+        help="also write every curve point (run, stage, trial, epoch, step, "
+        "metric, value) to FILE (default: <name>-curves.<format> beside --out)",
+    )
     _storage_flags(p)
 
     p = add_verb(sub, "copy")
@@ -148,13 +199,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--to-artifact-dir", help="artifact store of the target storage")
 
     p = add_verb(sub, "storage-proxy")
-    p.add_argument("--storage", help="the database it serves (default: $BABYSIT_STORAGE, "
-                   "else sqlite:///babysit.db)")
-    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; the "
-                   "proxy has no login: anyone who reaches it can change or delete studies)")
+    p.add_argument(
+        "--storage",
+        help="the database it serves (default: $BABYSIT_STORAGE, else sqlite:///babysit.db)",
+    )
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="bind address (default 127.0.0.1; the "
+        "proxy has no login: anyone who reaches it can change or delete studies)",
+    )
     p.add_argument("--port", type=int, default=13000, help="default 13000, Optuna's")
-    p.add_argument("--threads", type=int, default=10, help="requests served at once "
-                   "(Optuna's default 10)")
+    p.add_argument(
+        "--threads", type=int, default=10, help="requests served at once (Optuna's default 10)"
+    )
 
     p = add_verb(sub, "ablate")
     p.add_argument("--config", type=Path, required=True)
@@ -170,15 +228,26 @@ def build_parser() -> argparse.ArgumentParser:
 def _open(args: argparse.Namespace, create: bool = True):  # noqa: ANN202
     from babysit.storage import open_storage
 
-    return open_storage(args.storage, args.artifact_dir, heartbeat=args.heartbeat,
-                        grace=args.grace, create=create, artifact_store=args.artifact_store)
+    return open_storage(
+        args.storage,
+        args.artifact_dir,
+        heartbeat=args.heartbeat,
+        grace=args.grace,
+        create=create,
+        artifact_store=args.artifact_store,
+    )
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from babysit.spec import build_spec
 
-    flags: dict[str, Any] = {"name": args.name, "dataset": args.dataset, "model": args.model,
-                             "optimizer": args.optimizer, "seed": args.seed}
+    flags: dict[str, Any] = {
+        "name": args.name,
+        "dataset": args.dataset,
+        "model": args.model,
+        "optimizer": args.optimizer,
+        "seed": args.seed,
+    }
     # The spec is checked before torch and optuna are imported: a bad input costs no wait.
     spec = build_spec(args.config, args.sets, flags)
     if args.print_config:
@@ -190,9 +259,17 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     with nothing_left_if_rejected(args.storage):
         storage = _open(args)
-        ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
-                      download=args.download, force=args.force, quiet=args.quiet,
-                      compile=args.compile, final_procs=args.final_procs)
+        ctx = prepare(
+            spec,
+            storage,
+            device=args.device,
+            data_dir=args.data_dir,
+            download=args.download,
+            force=args.force,
+            quiet=args.quiet,
+            compile=args.compile,
+            final_procs=args.final_procs,
+        )
     summary = None
     code = 0
     try:
@@ -227,15 +304,27 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from babysit.protocol import summarize
     from babysit.spec import build_spec
 
-    flags: dict[str, Any] = {"name": args.name, "dataset": args.dataset, "model": args.model,
-                             "optimizer": args.optimizer, "seed": args.seed}
+    flags: dict[str, Any] = {
+        "name": args.name,
+        "dataset": args.dataset,
+        "model": args.model,
+        "optimizer": args.optimizer,
+        "seed": args.seed,
+    }
     spec = build_spec(args.config, args.sets, flags)
     if args.print_config:
         return _print_config(args, flags, spec)
     with nothing_left_if_rejected(args.storage):
         storage = _open(args)
-        ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir,
-                      download=args.download, force=args.force, quiet=args.quiet)
+        ctx = prepare(
+            spec,
+            storage,
+            device=args.device,
+            data_dir=args.data_dir,
+            download=args.download,
+            force=args.force,
+            quiet=args.quiet,
+        )
     summary = None
     code = 0
     try:
@@ -252,12 +341,18 @@ def _cmd_check(args: argparse.Namespace) -> int:
         if args.summary_json is not None and summary is not None:
             args.summary_json.parent.mkdir(parents=True, exist_ok=True)
             args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
-    if code == 0 and summary is not None and any(
-            summary["stages"][s]["status"] != "passed" for s in ("sanity", "overfit")):
+    if (
+        code == 0
+        and summary is not None
+        and any(summary["stages"][s]["status"] != "passed" for s in ("sanity", "overfit"))
+    ):
         code = 1  # --force ran on past a failure; the check still failed
     if code == 0:
-        print(f"check passed: sanity and overfit; `babysit run --name {spec.name}` with the "
-              "same flags goes on from the coarse search", file=sys.stderr)
+        print(
+            f"check passed: sanity and overfit; `babysit run --name {spec.name}` with the "
+            "same flags goes on from the coarse search",
+            file=sys.stderr,
+        )
     return code
 
 
@@ -270,16 +365,23 @@ def _closing_lines(summary: dict[str, Any], storage: Any) -> None:
         # The test accuracy is the run's result; validation (which chose the epoch) beside it.
         val = final.get("val_accuracy")
         beside = f" (val {val:.4f})" if val is not None else ""
-        print(f"test accuracy {final['test_accuracy']:.4f}{beside}, test loss "
-              f"{final['test_loss']:.4f} after {plural(final['epochs'], 'epoch', 'epochs')}; "
-              f"{summary['epochs_spent']:.1f} epochs spent in all stages", file=out)
+        print(
+            f"test accuracy {final['test_accuracy']:.4f}{beside}, test loss "
+            f"{final['test_loss']:.4f} after {plural(final['epochs'], 'epoch', 'epochs')}; "
+            f"{summary['epochs_spent']:.1f} epochs spent in all stages",
+            file=out,
+        )
         if final.get("model_path"):
-            print(f"model: {final['model_path']} (babysit.load_model(PATH) rebuilds the "
-                  "network)", file=out)
+            print(
+                f"model: {final['model_path']} (babysit.load_model(PATH) rebuilds the network)",
+                file=out,
+            )
     url = storage.shown
     flag = "" if url == "sqlite:///babysit.db" else f" --storage '{url}'"
-    print(f"storage: {url}; studies {summary['name']}/<stage>; dashboard: babysit "
-          f"dashboard{flag}", file=out)
+    print(
+        f"storage: {url}; studies {summary['name']}/<stage>; dashboard: babysit dashboard{flag}",
+        file=out,
+    )
 
 
 def _cmd_worker(args: argparse.Namespace) -> int:
@@ -289,8 +391,16 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
     storage = _open(args, create=False)
     spec = stored_spec(storage, args.name)
-    ctx = prepare(spec, storage, device=args.device, data_dir=args.data_dir, quiet=args.quiet,
-                  owner=False, compile=args.compile, final_procs=args.final_procs)
+    ctx = prepare(
+        spec,
+        storage,
+        device=args.device,
+        data_dir=args.data_dir,
+        quiet=args.quiet,
+        owner=False,
+        compile=args.compile,
+        final_procs=args.final_procs,
+    )
     try:
         run_protocol(ctx)
     except BabysitError as err:
@@ -362,8 +472,9 @@ def _cmd_export(args: argparse.Namespace) -> int:
     curves = args.curves
     if curves is True:
         curves = out.with_name(f"{out.stem.removesuffix('-trials')}-curves{out.suffix}")
-    path, rows = export_trials(_open(args, create=False), args.name, args.format, out,
-                               curves=curves)
+    path, rows = export_trials(
+        _open(args, create=False), args.name, args.format, out, curves=curves
+    )
     print(f"exported {plural(rows, 'trial')} to {path}", file=sys.stderr)
     if curves is not None:
         print(f"exported the curves to {curves}", file=sys.stderr)
@@ -377,18 +488,27 @@ def _cmd_copy(args: argparse.Namespace) -> int:
     src = open_storage(args.src, args.from_artifact_dir, create=False)
     dst = open_storage(args.dst, args.to_artifact_dir)
     copied = copy_run(src, dst, args.name)
-    print(f"copied run {args.name}: {plural(copied['studies'], 'study', 'studies')}, "
-          f"{plural(copied['trials'], 'trial')}, {plural(copied['artifacts'], 'artifact')} "
-          f"from {src.shown} to {dst.shown}", file=sys.stderr)
+    print(
+        f"copied run {args.name}: {plural(copied['studies'], 'study', 'studies')}, "
+        f"{plural(copied['trials'], 'trial')}, {plural(copied['artifacts'], 'artifact')} "
+        f"from {src.shown} to {dst.shown}",
+        file=sys.stderr,
+    )
     if copied["interrupted"]:
-        print(f"warning: {plural(copied['interrupted'], 'trial')} "
-              f"{'was' if copied['interrupted'] == 1 else 'were'} RUNNING at the source: FAIL "
-              "in the copy, and the stages will be topped up", file=sys.stderr)
+        print(
+            f"warning: {plural(copied['interrupted'], 'trial')} "
+            f"{'was' if copied['interrupted'] == 1 else 'were'} RUNNING at the source: FAIL "
+            "in the copy, and the stages will be topped up",
+            file=sys.stderr,
+        )
     if copied["missing"]:
-        print(f"warning: {plural(len(copied['missing']), 'artifact')} "
-              f"{'was' if len(copied['missing']) == 1 else 'were'} not found in "
-              f"{src.artifact_dir} (pass --from-artifact-dir); without the final checkpoint "
-              "the final training starts over", file=sys.stderr)
+        print(
+            f"warning: {plural(len(copied['missing']), 'artifact')} "
+            f"{'was' if len(copied['missing']) == 1 else 'were'} not found in "
+            f"{src.artifact_dir} (pass --from-artifact-dir); without the final checkpoint "
+            "the final training starts over",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -398,14 +518,19 @@ def _cmd_storage_proxy(args: argparse.Namespace) -> int:
     from babysit.storage import resolve_url
 
     if resolve_url(args.storage).startswith("grpc://"):
-        raise UsageError("--storage of a storage proxy is the database itself (sqlite:/// or "
-                         "postgresql+psycopg://), not another proxy")
+        raise UsageError(
+            "--storage of a storage proxy is the database itself (sqlite:/// or "
+            "postgresql+psycopg://), not another proxy"
+        )
     if args.threads < 1:
         raise UsageError("--threads must be at least 1")
     if args.host not in ("127.0.0.1", "localhost", "::1"):
-        print(f"babysit: warning: the storage proxy listens on {args.host}, reachable from "
-              "other machines, without login or encryption; keep it on a private network",
-              file=sys.stderr, flush=True)
+        print(
+            f"babysit: warning: the storage proxy listens on {args.host}, reachable from "
+            "other machines, without login or encryption; keep it on a private network",
+            file=sys.stderr,
+            flush=True,
+        )
     # The proxy comes first in a new deployment, so it creates an SQLite file if need be.
     storage = open_storage(args.storage)
     return serve_proxy(storage.rdb, args.host, args.port, storage.shown, threads=args.threads)
@@ -414,8 +539,15 @@ def _cmd_storage_proxy(args: argparse.Namespace) -> int:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from babysit.ablate import run_ablation
 
-    return run_ablation(args.config, _open(args), sets=args.sets, device=args.device,
-                        data_dir=args.data_dir, out=args.out, quiet=args.quiet)
+    return run_ablation(
+        args.config,
+        _open(args),
+        sets=args.sets,
+        device=args.device,
+        data_dir=args.data_dir,
+        out=args.out,
+        quiet=args.quiet,
+    )
 
 
 COMMANDS = {
@@ -475,8 +607,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"babysit: {refusal}", file=sys.stderr)
         return refusal.exit_code
     except KeyboardInterrupt:
-        print("babysit: interrupted; the running trial is marked FAIL and the study is intact. "
-              "Rerun the same command to carry on.", file=sys.stderr)
+        print(
+            "babysit: interrupted; the running trial is marked FAIL and the study is intact. "
+            "Rerun the same command to carry on.",
+            file=sys.stderr,
+        )
         return 130
 
 

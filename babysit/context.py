@@ -99,7 +99,9 @@ def fresh_model(ctx: Context, seed: int) -> torch.nn.Module:
     torch.manual_seed(seed)
     data = ctx.data
     model = build_model(
-        ctx.spec.model, data.num_classes, data.in_channels,
+        ctx.spec.model,
+        data.num_classes,
+        data.in_channels,
         data.pre.resize or data.image_size,
     )
     model = model.to(ctx.device)

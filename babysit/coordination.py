@@ -119,7 +119,7 @@ def _told_a_failed_trial(err: BaseException) -> bool:
 
 
 def _trial_number(record: logging.LogRecord) -> str:
-    """"3" from Optuna's "Trial 3 failed ..." log lines; "" from any other line."""
+    """ "3" from Optuna's "Trial 3 failed ..." log lines; "" from any other line."""
     words = record.getMessage().split()
     return words[1] if len(words) > 1 and words[0] == "Trial" else ""
 
@@ -173,9 +173,13 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
-def open_stage(ctx: Context, stage: str, sampler: optuna.samplers.BaseSampler | None = None,
-               pruner: optuna.pruners.BasePruner | None = None,
-               direction: Literal["minimize", "maximize"] = "maximize") -> optuna.Study:
+def open_stage(
+    ctx: Context,
+    stage: str,
+    sampler: optuna.samplers.BaseSampler | None = None,
+    pruner: optuna.pruners.BasePruner | None = None,
+    direction: Literal["minimize", "maximize"] = "maximize",
+) -> optuna.Study:
     study = optuna.create_study(
         study_name=study_name(ctx.spec.name, stage),
         storage=ctx.storage.rdb,
@@ -202,8 +206,13 @@ def open_stage(ctx: Context, stage: str, sampler: optuna.samplers.BaseSampler | 
 
 
 # What each stage's objective is, as the dashboard names it ("Objective 0" otherwise).
-METRICS = {"sanity": "initial_loss", "overfit": "train_accuracy", "coarse": "val_accuracy",
-           "fine": "val_accuracy", "final": "val_accuracy"}
+METRICS = {
+    "sanity": "initial_loss",
+    "overfit": "train_accuracy",
+    "coarse": "val_accuracy",
+    "fine": "val_accuracy",
+    "final": "val_accuracy",
+}
 
 
 def check_spec(storage: Storage, spec: Spec) -> None:
@@ -212,8 +221,7 @@ def check_spec(storage: Storage, spec: Spec) -> None:
     check_run_name(spec.name, composed=True)
     for stage in STAGES:
         try:
-            study = optuna.load_study(study_name=study_name(spec.name, stage),
-                                      storage=storage.rdb)
+            study = optuna.load_study(study_name=study_name(spec.name, stage), storage=storage.rdb)
         except KeyError:
             continue
         from babysit.artifacts import study_spec
@@ -355,15 +363,22 @@ def claim(study: optuna.Study, trial: optuna.Trial, target: int, stage: str) -> 
     Trial numbers come from the database, so every process agrees on who came first and
     a stage ends with exactly ``target`` finished trials however many processes fill it.
     """
-    earlier = [t for t in study.get_trials(deepcopy=False)
-               if t.number < trial.number and t.state != TrialState.FAIL]
+    earlier = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.number < trial.number and t.state != TrialState.FAIL
+    ]
     if len(earlier) >= target:
         _surplus(trial, f"{stage} already had {plural(target, 'trial')}")
     _start_trial(trial, stage)
 
 
-def fill(study: optuna.Study, target: int, objective: Callable[[optuna.Trial], float],
-         progress: Callable[[int, int, FrozenTrial | None], None] | None = None) -> None:
+def fill(
+    study: optuna.Study,
+    target: int,
+    objective: Callable[[optuna.Trial], float],
+    progress: Callable[[int, int, FrozenTrial | None], None] | None = None,
+) -> None:
     """Run trials of ``objective`` (which starts with :func:`claim`) in this process until
     ``study`` holds ``target`` finished trials, other processes filling it too."""
     while True:
@@ -388,8 +403,13 @@ def stage_counts(trials: list[FrozenTrial]) -> dict[str, int]:
     from babysit.record import counts
 
     n = counts(trials)
-    return {"trials": n["finished"], "complete": n["complete"], "pruned": n["pruned"],
-            "diverged": n["diverged"], "failed": n["failed"]}
+    return {
+        "trials": n["finished"],
+        "complete": n["complete"],
+        "pruned": n["pruned"],
+        "diverged": n["diverged"],
+        "failed": n["failed"],
+    }
 
 
 def holders(study: optuna.Study, wait: float = 10.0) -> list[str]:
@@ -407,16 +427,31 @@ def holders(study: optuna.Study, wait: float = 10.0) -> list[str]:
 
 # Waiting, the trial always finishes here or elsewhere: only ``wait=False`` may give None.
 @overload
-def fixed_trial(study: optuna.Study, key: str, params: dict[str, Any],
-                objective: Callable[[optuna.Trial], float], *,
-                wait: Literal[True] = ...) -> FrozenTrial: ...
+def fixed_trial(
+    study: optuna.Study,
+    key: str,
+    params: dict[str, Any],
+    objective: Callable[[optuna.Trial], float],
+    *,
+    wait: Literal[True] = ...,
+) -> FrozenTrial: ...
 @overload
-def fixed_trial(study: optuna.Study, key: str, params: dict[str, Any],
-                objective: Callable[[optuna.Trial], float], *,
-                wait: bool) -> FrozenTrial | None: ...
-def fixed_trial(study: optuna.Study, key: str, params: dict[str, Any],
-                objective: Callable[[optuna.Trial], float], *,
-                wait: bool = True) -> FrozenTrial | None:
+def fixed_trial(
+    study: optuna.Study,
+    key: str,
+    params: dict[str, Any],
+    objective: Callable[[optuna.Trial], float],
+    *,
+    wait: bool,
+) -> FrozenTrial | None: ...
+def fixed_trial(
+    study: optuna.Study,
+    key: str,
+    params: dict[str, Any],
+    objective: Callable[[optuna.Trial], float],
+    *,
+    wait: bool = True,
+) -> FrozenTrial | None:
     """Run the single trial named ``key`` in ``study`` unless it is done or held elsewhere.
 
     The trial is created WAITING with its key, so two processes racing for it hold two
@@ -428,15 +463,20 @@ def fixed_trial(study: optuna.Study, key: str, params: dict[str, Any],
         if trial.user_attrs.get(TrialKey.KEY) != key:
             _surplus(trial, "a stray waiting trial")
         for t in study.get_trials(deepcopy=False):
-            if (t.number < trial.number and t.user_attrs.get(TrialKey.KEY) == key
-                    and t.state != TrialState.FAIL):
+            if (
+                t.number < trial.number
+                and t.user_attrs.get(TrialKey.KEY) == key
+                and t.state != TrialState.FAIL
+            ):
                 _surplus(trial, f"trial {t.number} already holds {key}")
         _start_trial(trial, study.user_attrs.get(StudyKey.STAGE, ""))
         return objective(trial)
 
     while True:
         reclaim(study)
-        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(TrialKey.KEY) == key]
+        mine = [
+            t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(TrialKey.KEY) == key
+        ]
         done = [t for t in mine if t.state in FINISHED]
         if done:
             return done[0]
@@ -464,10 +504,12 @@ HALVING_FACTOR = 3
 # val 0.44 after epoch 1) because a slow low-lr trial had 0.49 there.
 HALVING_STARTUP = 5
 # The rule as stored on the coarse study (``pruner_rule``); README.md quotes it word for word.
-HALVING_RULE = ("successive halving after {startup} finished trials: rungs at epochs 1, "
-                "{factor}, {factor2}, ...; a trial goes on past a rung only when its val "
-                "accuracy is in the top 1/{factor} of the trials that reached it; never "
-                "pruned after its last epoch")
+HALVING_RULE = (
+    "successive halving after {startup} finished trials: rungs at epochs 1, "
+    "{factor}, {factor2}, ...; a trial goes on past a rung only when its val "
+    "accuracy is in the top 1/{factor} of the trials that reached it; never "
+    "pruned after its last epoch"
+)
 
 
 class _StartupHalving(optuna.pruners.BasePruner):
@@ -475,7 +517,8 @@ class _StartupHalving(optuna.pruners.BasePruner):
 
     def __init__(self) -> None:
         self._halving = optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=1, reduction_factor=HALVING_FACTOR, min_early_stopping_rate=0)
+            min_resource=1, reduction_factor=HALVING_FACTOR, min_early_stopping_rate=0
+        )
 
     def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
         finished = study.get_trials(deepcopy=False, states=FINISHED)

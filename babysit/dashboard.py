@@ -51,8 +51,7 @@ class _LoggingHandler(WSGIRequestHandler):
                 sys.stderr.write(f"dashboard: {self.address_string()} {format % args}\n")
 
 
-def serve(storage: Storage, host: str = "127.0.0.1", port: int = 8080,
-          quiet: bool = False) -> int:
+def serve(storage: Storage, host: str = "127.0.0.1", port: int = 8080, quiet: bool = False) -> int:
     """Serve the dashboard until Ctrl-C (or SIGTERM); 0 when stopped that way.
 
     A port already in use, or an address this machine does not have, is a UsageError
@@ -72,13 +71,17 @@ def serve(storage: Storage, host: str = "127.0.0.1", port: int = 8080,
         httpd = make_server(host, port, app, server_class=server_class, handler_class=handler)
     except OSError as err:
         if err.errno == errno.EADDRINUSE:
-            raise UsageError(f"port {port} on {host} is already in use (another dashboard?); "
-                             "pick another with --port") from None
+            raise UsageError(
+                f"port {port} on {host} is already in use (another dashboard?); "
+                "pick another with --port"
+            ) from None
         if err.errno == errno.EACCES:
-            raise UsageError(f"no permission to listen on port {port}; use a port above 1023 "
-                             "with --port") from None
-        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror or err}; check "
-                         "--host") from None
+            raise UsageError(
+                f"no permission to listen on port {port}; use a port above 1023 with --port"
+            ) from None
+        raise UsageError(
+            f"cannot listen on {host}:{port}: {err.strerror or err}; check --host"
+        ) from None
     try:
         _announce(storage, host, httpd.server_address[1])
         httpd.serve_forever()
@@ -95,15 +98,22 @@ def serve(storage: Storage, host: str = "127.0.0.1", port: int = 8080,
 def _announce(storage: Storage, host: str, port: int) -> None:
     err = sys.stderr
     if host not in _LOOPBACK:
-        print(f"babysit: warning: the dashboard listens on {host}, reachable from other "
-              "machines; it has no login, and anyone who reaches it can change or delete "
-              "studies. Use --host 127.0.0.1 (the default) and an SSH tunnel instead.",
-              file=err, flush=True)
+        print(
+            f"babysit: warning: the dashboard listens on {host}, reachable from other "
+            "machines; it has no login, and anyone who reaches it can change or delete "
+            "studies. Use --host 127.0.0.1 (the default) and an SSH tunnel instead.",
+            file=err,
+            flush=True,
+        )
     shown = socket.gethostname() if host in _WILDCARD else host
     if ":" in shown:
         shown = f"[{shown}]"
     runs = run_names(storage)
-    print(f"storage: {storage.shown}; artifacts: {storage.artifact_where}; "
-          f"{len(runs)} run{'s' if len(runs) != 1 else ''}"
-          f"{': ' + ', '.join(runs) if runs else ''}", file=err, flush=True)
+    print(
+        f"storage: {storage.shown}; artifacts: {storage.artifact_where}; "
+        f"{len(runs)} run{'s' if len(runs) != 1 else ''}"
+        f"{': ' + ', '.join(runs) if runs else ''}",
+        file=err,
+        flush=True,
+    )
     print(f"dashboard: http://{shown}:{port}/dashboard/ (Ctrl-C to stop)", file=err, flush=True)

@@ -80,8 +80,9 @@ def layer_names(model: nn.Module) -> tuple[_Weighted, _Named]:
     counts = {"conv": 0, "fc": 0}
     last = ""
     for qualified, module in model.named_modules():
-        if (isinstance(module, (nn.Conv2d, nn.Linear))
-                and isinstance(getattr(module, "weight", None), torch.Tensor)):
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(
+            getattr(module, "weight", None), torch.Tensor
+        ):
             kind = "conv" if isinstance(module, nn.Conv2d) else "fc"
             counts[kind] += 1
             last = f"{kind}{counts[kind]}"
@@ -161,13 +162,13 @@ class Monitor:
                 # "off" too); a conv unit is a channel, over every position and example.
                 fired = (out > 0).any(dim=dims) if dims else out > 0
                 std, mean = torch.std_mean(out.float())
-                self._act_values[name] = torch.stack(
-                    [mean, std, 1.0 - fired.float().mean()])
+                self._act_values[name] = torch.stack([mean, std, 1.0 - fired.float().mean()])
 
         return hook
 
-    def __call__(self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer,
-                 loss: torch.Tensor) -> None:
+    def __call__(
+        self, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, loss: torch.Tensor
+    ) -> None:
         self._last_step = step
         if self._next_forced or self._sampled(step):
             self._next_forced = False
@@ -181,28 +182,37 @@ class Monitor:
         self._act_values = {}
         with torch.no_grad():
             zero = torch.zeros((), device=loss.device)
-            grads = [m.weight.grad.float().norm() if m.weight.grad is not None else zero
-                     for _, m in self.weights]
+            grads = [
+                m.weight.grad.float().norm() if m.weight.grad is not None else zero
+                for _, m in self.weights
+            ]
             before = [_ratio_sample(m.weight).clone() for _, m in self.weights]
 
         def after_step(*_hook_args: Any) -> None:
             handle.remove()
             act_names = list(acts)
             with torch.no_grad():
-                ratios = [(_ratio_sample(m.weight) - b).float().norm()
-                          / b.float().norm().clamp_min(1e-12)
-                          for (_, m), b in zip(self.weights, before, strict=True)]
-                parts = [loss.detach().float().reshape(1), *(g.reshape(1) for g in grads),
-                         *(r.reshape(1) for r in ratios), *(acts[n] for n in act_names)]
+                ratios = [
+                    (_ratio_sample(m.weight) - b).float().norm()
+                    / b.float().norm().clamp_min(1e-12)
+                    for (_, m), b in zip(self.weights, before, strict=True)
+                ]
+                parts = [
+                    loss.detach().float().reshape(1),
+                    *(g.reshape(1) for g in grads),
+                    *(r.reshape(1) for r in ratios),
+                    *(acts[n] for n in act_names),
+                ]
             values = torch.cat(parts).tolist()  # the one sync of a sample
             n = len(self.weights)
             layers: dict[str, dict[str, float]] = {}
             for i, (name, _layer) in enumerate(self.weights):
                 layers[name] = {"grad_norm": values[1 + i], "update_ratio": values[1 + n + i]}
             for j, name in enumerate(act_names):
-                mean, std, dead = values[1 + 2 * n + 3 * j: 4 + 2 * n + 3 * j]
+                mean, std, dead = values[1 + 2 * n + 3 * j : 4 + 2 * n + 3 * j]
                 layers.setdefault(name, {}).update(
-                    {"act_mean": mean, "act_std": std, "dead": dead})
+                    {"act_mean": mean, "act_std": std, "dead": dead}
+                )
             self._samples.append({"step": step, "loss": values[0], "layers": layers})
 
         handle = optimizer.register_step_post_hook(after_step)
@@ -222,11 +232,16 @@ class Monitor:
         names = list(dict.fromkeys(n for s in samples for n in s["layers"]))
         for name in names:
             entry: dict[str, float | None] = {}
-            for key, agg in (("update_ratio", statistics.median), ("grad_norm", statistics.median),
-                             ("act_mean", statistics.fmean), ("act_std", statistics.fmean),
-                             ("dead", statistics.fmean)):
-                vals = [s["layers"][name][key] for s in samples
-                        if key in s["layers"].get(name, {})]
+            for key, agg in (
+                ("update_ratio", statistics.median),
+                ("grad_norm", statistics.median),
+                ("act_mean", statistics.fmean),
+                ("act_std", statistics.fmean),
+                ("dead", statistics.fmean),
+            ):
+                vals = [
+                    s["layers"][name][key] for s in samples if key in s["layers"].get(name, {})
+                ]
                 if vals:
                     entry[key] = _finite(agg(vals))
             layers[name] = entry
@@ -265,10 +280,16 @@ def _sci(x: float) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
-def readings(diagnostics: Sequence[dict[str, Any]], curves: dict[str, list[float]] | None = None,
-             *, warnings: Sequence[str] = (), flat_tolerance: float = FLAT_TOLERANCE,
-             ratio_high: float = UPDATE_RATIO_HIGH, gap: float = GAP_POINTS,
-             dead: float = DEAD_FRACTION) -> list[str]:
+def readings(
+    diagnostics: Sequence[dict[str, Any]],
+    curves: dict[str, list[float]] | None = None,
+    *,
+    warnings: Sequence[str] = (),
+    flat_tolerance: float = FLAT_TOLERANCE,
+    ratio_high: float = UPDATE_RATIO_HIGH,
+    gap: float = GAP_POINTS,
+    dead: float = DEAD_FRACTION,
+) -> list[str]:
     """The readings a careful person would write down, from a trial's per-epoch
     diagnostics and curves; empty when the run looks healthy. ``warnings`` (narrowing's
     edge warnings) are passed through."""
@@ -277,8 +298,9 @@ def readings(diagnostics: Sequence[dict[str, Any]], curves: dict[str, list[float
     last = diagnostics[-1] if diagnostics else None
     losses = [v for d in diagnostics for v in d.get("loss", [])]
     if diagnostics and any(v is None for v in losses):
-        step = next(s for d in diagnostics
-                    for s, v in zip(d["steps"], d["loss"], strict=True) if v is None)
+        step = next(
+            s for d in diagnostics for s, v in zip(d["steps"], d["loss"], strict=True) if v is None
+        )
         out.append(f"LR too high: the loss was NaN/inf by step {step}")
     elif losses and losses[0]:
         first = losses[0]
@@ -287,19 +309,26 @@ def readings(diagnostics: Sequence[dict[str, Any]], curves: dict[str, list[float
         end = curves.get("train_loss", [])[-1:] or (losses[-1:] if len(losses) > 2 else [])
         if end and abs(first - end[0]) < flat_tolerance * abs(first):
             assert last is not None  # the losses came from the diagnostics
-            out.append(f"LR too low: loss moved less than {flat_tolerance * 100:g} % in "
-                       f"{plural(last['last_step'], 'step')} ({first:.3f} -> {end[0]:.3f})")
+            out.append(
+                f"LR too low: loss moved less than {flat_tolerance * 100:g} % in "
+                f"{plural(last['last_step'], 'step')} ({first:.3f} -> {end[0]:.3f})"
+            )
     if last is not None:
         # The classifier starts at N(0, 0.01) so that the initial loss is ln C; against such
         # small weights any useful step is large (Adam at lr 1e-3 moves it 1e-1 on step 1),
         # so only the hidden layers speak for the LR.
-        ratios = {n: v["update_ratio"] for n, v in last["layers"].items()
-                  if v.get("update_ratio") is not None and n != last.get("classifier")}
+        ratios = {
+            n: v["update_ratio"]
+            for n, v in last["layers"].items()
+            if v.get("update_ratio") is not None and n != last.get("classifier")
+        }
         if ratios:
             worst = max(ratios, key=lambda n: ratios[n])
             if ratios[worst] > ratio_high:
-                out.append(f"LR too high: update ratio {_sci(ratios[worst])} in {worst} "
-                           f"(cs231n: ~{_sci(UPDATE_RATIO_TARGET)})")
+                out.append(
+                    f"LR too high: update ratio {_sci(ratios[worst])} in {worst} "
+                    f"(cs231n: ~{_sci(UPDATE_RATIO_TARGET)})"
+                )
         deads = {n: v["dead"] for n, v in last["layers"].items() if v.get("dead") is not None}
         for name, fraction in deads.items():
             if fraction > dead:
@@ -322,8 +351,13 @@ def narrowing_warnings(storage: Storage, run: str) -> list[str]:
     return list(narrowed.get("warnings", [])) if narrowed else []
 
 
-def record_diagnostics(monitor: Monitor, curves: dict[str, list[float]], *,
-                       epoch: int | None = None, warnings: Sequence[str] = ()) -> dict[str, Any]:
+def record_diagnostics(
+    monitor: Monitor,
+    curves: dict[str, list[float]],
+    *,
+    epoch: int | None = None,
+    warnings: Sequence[str] = (),
+) -> dict[str, Any]:
     """Close the epoch's samples; return the trial's "diagnostics" and "readings" so far
     (the caller stores them as JSON artifacts, babysit.artifacts.store_trial_data).
 
@@ -334,8 +368,10 @@ def record_diagnostics(monitor: Monitor, curves: dict[str, list[float]], *,
         monitor.finish(len(curves.get("train_loss", [])) + 1)
     else:
         monitor.close_epoch(epoch)
-    return {TrialKey.DIAGNOSTICS: list(monitor.epochs),
-            TrialKey.READINGS: readings(monitor.epochs, curves, warnings=warnings)}
+    return {
+        TrialKey.DIAGNOSTICS: list(monitor.epochs),
+        TrialKey.READINGS: readings(monitor.epochs, curves, warnings=warnings),
+    }
 
 
 def trial_readings(storage: Storage, run: str) -> dict[str, list[str]]:
@@ -360,11 +396,22 @@ def trial_readings(storage: Storage, run: str) -> dict[str, list[str]]:
 # ---------------------------------------------------------------------------- LR range test
 
 
-def lr_range_test(model: nn.Module, data: DeviceData | StreamingData, *, optimizer: str = "adam",
-                  loss: str = "ce", batch_size: int = 64, start: float = 1e-7,
-                  end: float = 10.0, steps: int = 300, weight_decay: float = 0.0,
-                  momentum: float = 0.9, diverge_factor: float = 4.0,
-                  smoothing: float = 0.98, seed: int = 0) -> dict[str, Any]:
+def lr_range_test(
+    model: nn.Module,
+    data: DeviceData | StreamingData,
+    *,
+    optimizer: str = "adam",
+    loss: str = "ce",
+    batch_size: int = 64,
+    start: float = 1e-7,
+    end: float = 10.0,
+    steps: int = 300,
+    weight_decay: float = 0.0,
+    momentum: float = 0.9,
+    diverge_factor: float = 4.0,
+    smoothing: float = 0.98,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Leslie Smith's LR range test (Cyclical Learning Rates, 2017, section 3.3).
 
     The LR grows exponentially from ``start`` to ``end`` over ``steps`` steps, one batch
@@ -419,8 +466,9 @@ def _suggest(lrs: list[float], losses: list[float]) -> list[float]:
     i_min = min(range(len(losses)), key=lambda i: losses[i])
     high = lrs[i_min]
     first = losses[0]
-    moving = next((lrs[i] for i in range(i_min + 1)
-                   if losses[i] < first * (1 - FLAT_TOLERANCE)), high)
+    moving = next(
+        (lrs[i] for i in range(i_min + 1) if losses[i] < first * (1 - FLAT_TOLERANCE)), high
+    )
     low = min(moving, high / 100)
     return [low, high]
 
@@ -434,12 +482,20 @@ def propose_coarse_lr(ctx: Context, steps: int = 300) -> dict[str, Any]:
     spec = ctx.spec
     torch.manual_seed(spec.seed)
     data = ctx.data
-    model = build_model(spec.model, data.num_classes, data.in_channels,
-                        data.pre.resize or data.image_size).to(ctx.device)
+    model = build_model(
+        spec.model, data.num_classes, data.in_channels, data.pre.resize or data.image_size
+    ).to(ctx.device)
     fit_head_to_data(model, spec.model.name, data, spec.loss)  # as every trial's network is
-    return lr_range_test(model, data, optimizer=spec.optimizer, loss=spec.loss,
-                         batch_size=ctx.batch_size, steps=steps, momentum=spec.momentum,
-                         seed=spec.seed)
+    return lr_range_test(
+        model,
+        data,
+        optimizer=spec.optimizer,
+        loss=spec.loss,
+        batch_size=ctx.batch_size,
+        steps=steps,
+        momentum=spec.momentum,
+        seed=spec.seed,
+    )
 
 
 # ---------------------------------------------------------------------------- filters
@@ -459,7 +515,10 @@ def upload_filters(storage: Storage, trial: optuna.Trial, model: nn.Module) -> s
         path = Path(tmp) / "first_layer_filters.png"
         path.write_bytes(png(first_layer_filters(model)))
         artifact_id = optuna.artifacts.upload_artifact(
-            artifact_store=storage.artifacts, file_path=str(path), study_or_trial=trial,
-            mimetype="image/png")
+            artifact_store=storage.artifacts,
+            file_path=str(path),
+            study_or_trial=trial,
+            mimetype="image/png",
+        )
     trial.set_user_attr(TrialKey.FILTERS_ARTIFACT, artifact_id)
     return artifact_id

@@ -224,8 +224,9 @@ def _rank_main(job: _Job) -> dict[str, Any]:
         )
         storage = study = trial = None
         if rank == 0:
-            storage = open_storage(job.storage_url, job.artifact_dir, create=False,
-                                   artifact_store=job.artifact_store)
+            storage = open_storage(
+                job.storage_url, job.artifact_dir, create=False, artifact_store=job.artifact_store
+            )
             study = optuna.load_study(study_name=job.study_name, storage=storage.rdb)
             trial = optuna.trial.Trial(study, job.trial_id)
         ctx = Context(

@@ -33,21 +33,37 @@ if TYPE_CHECKING:
     import pandas as pd
 
 # What a trial's objective value means, by stage: the column it goes to.
-OBJECTIVE = {"sanity": TrialKey.INITIAL_LOSS, "overfit": TrialKey.TRAIN_ACCURACY,
-             "coarse": TrialKey.VAL_ACCURACY, "fine": TrialKey.VAL_ACCURACY,
-             "final": TrialKey.VAL_ACCURACY}
+OBJECTIVE = {
+    "sanity": TrialKey.INITIAL_LOSS,
+    "overfit": TrialKey.TRAIN_ACCURACY,
+    "coarse": TrialKey.VAL_ACCURACY,
+    "fine": TrialKey.VAL_ACCURACY,
+    "final": TrialKey.VAL_ACCURACY,
+}
 # Attrs that are curves: in the curves table, not in a cell of the trials table.
 _CURVE_KEYS = (TrialKey.CURVE, TrialKey.CURVES, TrialKey.DIAGNOSTICS, TrialKey.DATA)
-_LEAD = ["run", "stage", "study", "trial", "state", "datetime_start", "datetime_complete",
-         "duration_s", "worker", "reason"]
+_LEAD = [
+    "run",
+    "stage",
+    "study",
+    "trial",
+    "state",
+    "datetime_start",
+    "datetime_complete",
+    "duration_s",
+    "worker",
+    "reason",
+]
 CURVE_COLUMNS = ["run", "stage", "trial", "epoch", "step", "metric", "value"]
 
 
 def _stages(storage: Storage, run: str) -> dict[str, stored.StageRecord]:
     stages = {s: r for s, r in stored.load_run(storage, run).items() if r.study is not None}
     if not stages:
-        raise UsageError(f"no run named '{run}' in storage {storage.shown}; "
-                         "`babysit status` lists the runs there")
+        raise UsageError(
+            f"no run named '{run}' in storage {storage.shown}; "
+            "`babysit status` lists the runs there"
+        )
     return stages
 
 
@@ -78,8 +94,7 @@ def _column(name: str, values: list[Any]) -> Any:
         return pd.array([math.nan if v is None else float(v) for v in values], dtype="float64")
     # Text, or text mixed with numbers (an attr stored as both): text, so Parquet can type
     # it and CSV reads it back the same.
-    return pd.array([None if v is None or _isnan(v) else str(v) for v in values],
-                    dtype="string")
+    return pd.array([None if v is None or _isnan(v) else str(v) for v in values], dtype="string")
 
 
 def trials_frame(storage: Storage, run: str) -> pd.DataFrame:
@@ -91,8 +106,12 @@ def trials_frame(storage: Storage, run: str) -> pd.DataFrame:
         assert rec.study is not None
         for t in sorted(rec.trials, key=lambda t: t.number):
             row: dict[str, Any] = {
-                "run": run, "stage": stage, "study": rec.study.study_name, "trial": t.number,
-                "state": t.state.name, "datetime_start": t.datetime_start,
+                "run": run,
+                "stage": stage,
+                "study": rec.study.study_name,
+                "trial": t.number,
+                "state": t.state.name,
+                "datetime_start": t.datetime_start,
                 "datetime_complete": t.datetime_complete,
                 "duration_s": t.duration.total_seconds() if t.duration is not None else None,
             }
@@ -109,8 +128,9 @@ def trials_frame(storage: Storage, run: str) -> pd.DataFrame:
     lead = [c for c in _LEAD if c in names]
     params = [c for c in (record.Param.LR, record.Param.WEIGHT_DECAY) if c in names]
     rest = sorted(c for c in names if c not in lead and c not in params)
-    return pd.DataFrame({c: _column(c, [row.get(c) for row in rows])
-                         for c in lead + params + rest})
+    return pd.DataFrame(
+        {c: _column(c, [row.get(c) for row in rows]) for c in lead + params + rest}
+    )
 
 
 def _diagnostic_points(epoch_info: dict[str, Any], prefix: str) -> list[tuple[str, float]]:
@@ -134,14 +154,21 @@ def curves_frame(storage: Storage, run: str) -> pd.DataFrame:
             a = trial_data(storage, t)
             for point in a.curve or []:
                 step = point.get("step")
-                rows += [(run, stage, t.number, None, step, k, v) for k, v in point.items()
-                         if k != "step"]
+                rows += [
+                    (run, stage, t.number, None, step, k, v)
+                    for k, v in point.items()
+                    if k != "step"
+                ]
             for metric, values in (a.curves or {}).items():
-                rows += [(run, stage, t.number, i, None, metric, v)
-                         for i, v in enumerate(values, start=1)]
+                rows += [
+                    (run, stage, t.number, i, None, metric, v)
+                    for i, v in enumerate(values, start=1)
+                ]
             for info in a.diagnostics or []:
-                rows += [(run, stage, t.number, info.get("epoch"), None, name, v)
-                         for name, v in _diagnostic_points(info, "diagnostics.")]
+                rows += [
+                    (run, stage, t.number, info.get("epoch"), None, name, v)
+                    for name, v in _diagnostic_points(info, "diagnostics.")
+                ]
     frame = pd.DataFrame(rows, columns=CURVE_COLUMNS)
     for col in ("trial", "epoch", "step"):
         frame[col] = frame[col].astype("Int64")
@@ -157,16 +184,18 @@ def _isnan(v: Any) -> bool:
 
 def _write(frame: pd.DataFrame, fmt: str, out: Path) -> None:
     if not out.parent.exists():
-        raise UsageError(f"folder {out.parent} for {out.name} does not exist; create it or "
-                         "pass another --out")
+        raise UsageError(
+            f"folder {out.parent} for {out.name} does not exist; create it or pass another --out"
+        )
     if fmt == "csv":
         frame.to_csv(out, index=False)
     else:
         frame.to_parquet(out, index=False)
 
 
-def export_trials(storage: Storage, run: str, fmt: str, out: Path,
-                  curves: Path | None = None) -> tuple[Path, int]:
+def export_trials(
+    storage: Storage, run: str, fmt: str, out: Path, curves: Path | None = None
+) -> tuple[Path, int]:
     """Write every trial of the run to ``out`` as CSV or Parquet, and with ``curves`` the
     curves table there in the same format; returns (path, trial rows)."""
     if fmt not in ("csv", "parquet"):

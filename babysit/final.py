@@ -55,16 +55,18 @@ def best_params(ctx: Context) -> dict[str, float]:
     # The best trial of coarse and fine together, by validation accuracy (a fine trial
     # first on a tie: it trained longer). A fine stage that did worse than coarse does not
     # hand the final its worse parameters.
-    bests = [best_of(open_stage(ctx, stage).get_trials(deepcopy=False))
-             for stage in ("fine", "coarse")]
+    bests = [
+        best_of(open_stage(ctx, stage).get_trials(deepcopy=False)) for stage in ("fine", "coarse")
+    ]
     found = [b for b in bests if b is not None]
     if found:
         return max(found, key=lambda b: b["value"])["params"]
-    raise ProtocolError("final cannot start: neither the fine nor the coarse search has a "
-                        "complete trial to take lr and weight_decay from (every trial "
-                        "diverged, was pruned or failed); lower the upper end of coarse.lr or "
-                        "give the searches more epochs, and rerun under a new --name")
-
+    raise ProtocolError(
+        "final cannot start: neither the fine nor the coarse search has a "
+        "complete trial to take lr and weight_decay from (every trial "
+        "diverged, was pruned or failed); lower the upper end of coarse.lr or "
+        "give the searches more epochs, and rerun under a new --name"
+    )
 
 
 class _Clock(TypedDict):
@@ -96,8 +98,9 @@ def _synced_stats(stats: EpochStats, world: int) -> EpochStats:
 
     train_loss, train_acc = all_mean([stats.train_loss, stats.train_acc])
     val_loss, val_acc = from_rank0([stats.val_loss, stats.val_acc])
-    return dataclasses.replace(stats, train_loss=train_loss, train_acc=train_acc,
-                               val_loss=val_loss, val_acc=val_acc)
+    return dataclasses.replace(
+        stats, train_loss=train_loss, train_acc=train_acc, val_loss=val_loss, val_acc=val_acc
+    )
 
 
 @dataclass
@@ -110,15 +113,22 @@ class _Carried:
     best_state: dict[str, torch.Tensor] | None
 
 
-def _restore(ckpt: dict[str, Any], model: torch.nn.Module, opt: torch.optim.Optimizer,
-             gen: torch.Generator, augment: torch.Generator | None, rank: int,
-             world: int) -> None:
+def _restore(
+    ckpt: dict[str, Any],
+    model: torch.nn.Module,
+    opt: torch.optim.Optimizer,
+    gen: torch.Generator,
+    augment: torch.Generator | None,
+    rank: int,
+    world: int,
+) -> None:
     """Weights, optimiser state and random streams as the checkpoint left them (a rank's own
     streams when it was written by as many ranks)."""
     model.load_state_dict(ckpt["model"])
     opt.load_state_dict(ckpt["optimizer"])
-    gen.set_state(ckpt["generator"].to(gen.device) if gen.device.type == "cpu"
-                  else ckpt["generator"].cpu())
+    gen.set_state(
+        ckpt["generator"].to(gen.device) if gen.device.type == "cpu" else ckpt["generator"].cpu()
+    )
     ranks = ckpt.get("ranks") or []
     if world == 1:
         torch.set_rng_state(ckpt["torch_rng"].cpu())
@@ -131,22 +141,35 @@ def _carried(ckpt: dict[str, Any] | None, model: torch.nn.Module, epochs: int) -
     """A fresh start, or the curves and best epoch so far from ``ckpt`` (with ``model``
     restored from it)."""
     if ckpt is None:
-        return _Carried(0, {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
-                        {"epoch": 0, "val_acc": -math.inf, "val_loss": math.inf}, None)
+        return _Carried(
+            0,
+            {k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")},
+            {"epoch": 0, "val_acc": -math.inf, "val_loss": math.inf},
+            None,
+        )
     start = int(ckpt["epoch"])
     curves = {k: list(map(float, v)) for k, v in ckpt["curves"].items()}
-    best = dict(ckpt.get("best") or {"epoch": start, "val_acc": curves["val_acc"][-1],
-                                      "val_loss": curves["val_loss"][-1]})
+    best = dict(
+        ckpt.get("best")
+        or {"epoch": start, "val_acc": curves["val_acc"][-1], "val_loss": curves["val_loss"][-1]}
+    )
     best_state = ckpt.get("best_model")
     if best_state is None and start < epochs:
         best_state = copy_weights(model)
     return _Carried(start, curves, best, best_state)
 
 
-def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | None,
-                lr: float, wd: float, ckpt: dict[str, Any] | None,
-                progress: Callable[[int, int], None] | None = None,
-                rank: int = 0, world: int = 1) -> dict[str, Any]:
+def train_final(
+    ctx: Context,
+    study: optuna.Study | None,
+    trial: optuna.Trial | None,
+    lr: float,
+    wd: float,
+    ckpt: dict[str, Any] | None,
+    progress: Callable[[int, int], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, Any]:
     """The final training of one process, or of one rank of ``world`` (DistributedDataParallel
     over an initialised process group; babysit.distributed launches it).
 
@@ -195,12 +218,13 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
             curves[k].append(getattr(stats, k))
         outcome["epochs"] = stats.epoch
         diverged = not (math.isfinite(stats.train_loss) and math.isfinite(stats.val_loss))
-        if not diverged and (stats.val_acc > best["val_acc"] or (
-                stats.val_acc == best["val_acc"] and stats.val_loss < best["val_loss"])):
+        if not diverged and (
+            stats.val_acc > best["val_acc"]
+            or (stats.val_acc == best["val_acc"] and stats.val_loss < best["val_loss"])
+        ):
             best.update(epoch=stats.epoch, val_acc=stats.val_acc, val_loss=stats.val_loss)
             best_state = None
-        plateau = (spec.final.patience > 0
-                   and stats.epoch - best["epoch"] >= spec.final.patience)
+        plateau = spec.final.patience > 0 and stats.epoch - best["epoch"] >= spec.final.patience
         last = diverged or plateau or stats.epoch >= spec.final.epochs
         due = 0.0
         if main:
@@ -211,16 +235,25 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
             trial.set_user_attr(TrialKey.EXAMPLES, (stats.epoch - start) * ctx.data.train_size)
             trial.report(stats.val_acc, stats.epoch)
             # No checkpoint of diverged weights: a rerun would resume into NaN.
-            due = float(not diverged and checkpoint_due(
-                stats.epoch, last, time.perf_counter() - clock["since"], clock["write"],
-                spec.final.checkpoint_share))
+            due = float(
+                not diverged
+                and checkpoint_due(
+                    stats.epoch,
+                    last,
+                    time.perf_counter() - clock["since"],
+                    clock["write"],
+                    spec.final.checkpoint_share,
+                )
+            )
         if world > 1:
             from babysit.ddp import from_rank0
 
             due = from_rank0([due])[0]
         if due:
-            rng = {"torch_rng": torch.get_rng_state(),
-                   "augment": augment.get_state() if augment is not None else None}
+            rng = {
+                "torch_rng": torch.get_rng_state(),
+                "augment": augment.get_state() if augment is not None else None,
+            }
             if world > 1:
                 from babysit.ddp import gather_to_rank0
 
@@ -230,17 +263,23 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
             if main:
                 assert study is not None and trial is not None, "rank 0 has both"
                 w0 = time.perf_counter()
-                save_checkpoint(ctx, study, trial, {
-                    "model": model.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "generator": gen.get_state(),
-                    "torch_rng": torch.get_rng_state(),
-                    "ranks": ranks,
-                    "epoch": stats.epoch,
-                    "curves": curves,
-                    "best": dict(best),
-                    "best_model": best_state,
-                }, stats.epoch)
+                save_checkpoint(
+                    ctx,
+                    study,
+                    trial,
+                    {
+                        "model": model.state_dict(),
+                        "optimizer": opt.state_dict(),
+                        "generator": gen.get_state(),
+                        "torch_rng": torch.get_rng_state(),
+                        "ranks": ranks,
+                        "epoch": stats.epoch,
+                        "curves": curves,
+                        "best": dict(best),
+                        "best_model": best_state,
+                    },
+                    stats.epoch,
+                )
                 clock["write"] = time.perf_counter() - w0
                 clock["since"] = time.perf_counter()
                 clock["writes"] += 1
@@ -262,15 +301,25 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
         progress(start, spec.final.epochs)  # the display starts at a resumed epoch
     history = None
     try:
-        history = fit(net, opt, ctx.data, epochs=budget, batch_size=per_rank,
-                      loss=spec.loss, generator=gen, start_epoch=start, diverge_above=None,
-                      # Ranks must leave together: a step-level NaN stop on one rank would
-                      # leave the others waiting in the next gradient all-reduce, so data
-                      # parallel training checks divergence at the end of each epoch.
-                      stop_on_divergence=world == 1, check_every=ctx.check_every,
-                      on_epoch=on_epoch,
-                      monitor=(lambda s, _m, o, v: monitor(s, model, o, v)) if main else None,
-                      **kwargs)
+        history = fit(
+            net,
+            opt,
+            ctx.data,
+            epochs=budget,
+            batch_size=per_rank,
+            loss=spec.loss,
+            generator=gen,
+            start_epoch=start,
+            diverge_above=None,
+            # Ranks must leave together: a step-level NaN stop on one rank would
+            # leave the others waiting in the next gradient all-reduce, so data
+            # parallel training checks divergence at the end of each epoch.
+            stop_on_divergence=world == 1,
+            check_every=ctx.check_every,
+            on_epoch=on_epoch,
+            monitor=(lambda s, _m, o, v: monitor(s, model, o, v)) if main else None,
+            **kwargs,
+        )
     except _StopFinal:
         pass
     if history is not None and history.stopped == "diverged":
@@ -288,13 +337,23 @@ def train_final(ctx: Context, study: optuna.Study | None, trial: optuna.Trial | 
         return {"diverged": True}
     if best_state is not None:
         model.load_state_dict(best_state)
-    return _test_and_store(ctx, trial, model, best, outcome["epochs"], outcome["stopped"],
-                           lr, wd, world, per_rank)
+    return _test_and_store(
+        ctx, trial, model, best, outcome["epochs"], outcome["stopped"], lr, wd, world, per_rank
+    )
 
 
-def _test_and_store(ctx: Context, trial: optuna.Trial, model: torch.nn.Module,
-                    best: dict[str, Any], epochs_run: int, stopped: str, lr: float, wd: float,
-                    world: int, per_rank: int) -> dict[str, Any]:
+def _test_and_store(
+    ctx: Context,
+    trial: optuna.Trial,
+    model: torch.nn.Module,
+    best: dict[str, Any],
+    epochs_run: int,
+    stopped: str,
+    lr: float,
+    wd: float,
+    world: int,
+    per_rank: int,
+) -> dict[str, Any]:
     """The best epoch's weights (loaded in ``model``) on the test split; the verdict, the
     model and its first-layer filters stored on the final trial."""
     spec = ctx.spec
@@ -308,24 +367,32 @@ def _test_and_store(ctx: Context, trial: optuna.Trial, model: torch.nn.Module,
     trial.set_user_attr(TrialKey.EPOCHS_SAVED, saved)
     trial.set_user_attr(TrialKey.STOPPED, stopped or "budget")
     if world > 1:
-        trial.set_user_attr(TrialKey.BATCH, {"global": per_rank * world, "per_rank": per_rank,
-                                      "ranks": world})
+        trial.set_user_attr(
+            TrialKey.BATCH, {"global": per_rank * world, "per_rank": per_rank, "ranks": world}
+        )
     # Test accuracy first: the number the run is for; validation chose the epoch.
     # Short (the dashboard lays each attr out on one line); why it stopped is in the
     # `stopped`, `epochs_run` and `epochs_saved` attrs beside it.
     stop = f" (plateau after {spec.final.patience})" if saved > 0 else ""
-    trial.set_user_attr(TrialKey.VERDICT, (
-        f"test accuracy {test_acc:.3f} (loss {test_loss:.3f}), val {val_acc:.3f}; best epoch "
-        f"{best['epoch']} of {epochs_run}{stop}, lr {lr:.3g}, weight_decay {wd:.3g}"
-        + (f"; {world} processes" if world > 1 else "")))
+    trial.set_user_attr(
+        TrialKey.VERDICT,
+        (
+            f"test accuracy {test_acc:.3f} (loss {test_loss:.3f}), val {val_acc:.3f}; best epoch "
+            f"{best['epoch']} of {epochs_run}{stop}, lr {lr:.3g}, weight_decay {wd:.3g}"
+            + (f"; {world} processes" if world > 1 else "")
+        ),
+    )
     save_model(ctx, trial, model)
     upload_filters(ctx.storage, trial, model)  # diagnostics: first-layer filters PNG
     return {"diverged": False, "val_acc": val_acc}
 
 
-def final(ctx: Context, progress: Callable[[int, int], None] | None = None,
-          params: dict[str, float] | None = None,
-          launch: Callable[..., dict[str, Any]] | None = None) -> StageResult:
+def final(
+    ctx: Context,
+    progress: Callable[[int, int], None] | None = None,
+    params: dict[str, float] | None = None,
+    launch: Callable[..., dict[str, Any]] | None = None,
+) -> StageResult:
     """Train with the best parameters for the long budget, then evaluate on the test split.
 
     ``params`` ({"lr", "weight_decay"}) skips the searches' choice: `babysit ablate`'s
@@ -338,12 +405,15 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None,
 
     def objective(trial: optuna.Trial) -> float:
         lr = trial.suggest_float("lr", params["lr"], params["lr"], log=True)
-        wd = trial.suggest_float("weight_decay", params["weight_decay"],
-                                 params["weight_decay"], log=True)
+        wd = trial.suggest_float(
+            "weight_decay", params["weight_decay"], params["weight_decay"], log=True
+        )
         if ctx.final_procs > 1:
             if launch is None:
-                raise ProtocolError(f"final.procs {ctx.final_procs} needs a launcher: call "
-                                    "final() with launch=babysit.distributed.launch_final")
+                raise ProtocolError(
+                    f"final.procs {ctx.final_procs} needs a launcher: call "
+                    "final() with launch=babysit.distributed.launch_final"
+                )
             result = launch(ctx, study, trial, lr, wd)
         else:
             ckpt = load_checkpoint(ctx, study)
@@ -351,31 +421,42 @@ def final(ctx: Context, progress: Callable[[int, int], None] | None = None,
                 ctx.log(f"final: resuming from the checkpoint of epoch {int(ckpt['epoch'])}")
             result = train_final(ctx, study, trial, lr, wd, ckpt, progress)
         if result["diverged"]:
-            raise ProtocolError("the final training diverged: loss NaN/inf with the chosen "
-                                f"lr {lr:.3g}; rerun the fine search or lower fine's range")
+            raise ProtocolError(
+                "the final training diverged: loss NaN/inf with the chosen "
+                f"lr {lr:.3g}; rerun the fine search or lower fine's range"
+            )
         return result["val_acc"]
 
     # A worker (not the run's owner) that finds the final held by another process stops.
     trial = fixed_trial(study, "final", {}, objective, wait=ctx.owner)
     if trial is None:
         holder = holders(study)
-        return StageResult("final", "skipped",
-                           f"final training is held by {', '.join(holder) or 'another worker'}",
-                           {"held_by": holder})
+        return StageResult(
+            "final",
+            "skipped",
+            f"final training is held by {', '.join(holder) or 'another worker'}",
+            {"held_by": holder},
+        )
     if trial.state != TrialState.COMPLETE:
-        return StageResult("final", "failed", trial.user_attrs.get(TrialKey.VERDICT, "final failed"),
-                           {})
+        return StageResult(
+            "final", "failed", trial.user_attrs.get(TrialKey.VERDICT, "final failed"), {}
+        )
     # Only the model is kept of a passed final: its resumable checkpoint goes (here, and
     # on a rerun that finds it left by a process killed in between).
     delete_checkpoint(ctx, study)
     a = trial.user_attrs
-    return StageResult("final", "passed", a["verdict"], {
-        "params": params,
-        "epochs": a.get("epochs_run"),
-        "best_epoch": a.get("best_epoch"),
-        "epochs_saved": a.get("epochs_saved"),
-        "val_accuracy": a.get("val_accuracy"),
-        "test_accuracy": a.get("test_accuracy"),
-        "test_loss": a.get("test_loss"),
-        "model_path": a.get(TrialKey.MODEL_PATH),
-    })
+    return StageResult(
+        "final",
+        "passed",
+        a["verdict"],
+        {
+            "params": params,
+            "epochs": a.get("epochs_run"),
+            "best_epoch": a.get("best_epoch"),
+            "epochs_saved": a.get("epochs_saved"),
+            "val_accuracy": a.get("val_accuracy"),
+            "test_accuracy": a.get("test_accuracy"),
+            "test_loss": a.get("test_loss"),
+            "model_path": a.get(TrialKey.MODEL_PATH),
+        },
+    )

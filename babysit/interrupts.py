@@ -22,8 +22,9 @@ if TYPE_CHECKING:
     from babysit.context import Context
 
 
-def marking_interrupts(objective: Callable[[optuna.Trial], float],
-                       ) -> Callable[[optuna.Trial], float]:
+def marking_interrupts(
+    objective: Callable[[optuna.Trial], float],
+) -> Callable[[optuna.Trial], float]:
     """``objective``, with a Ctrl-C or SIGTERM that lands in it written on the trial as
     ``reason=interrupted`` before Optuna stores the trial FAIL and the interrupt goes on."""
 
@@ -67,6 +68,7 @@ def say_interrupted(ctx: Context, study: optuna.Study, stage: str) -> None:
         if said in _SAID:
             continue
         _SAID.add(said)
-        again = ("a new trial takes its place" if stage in ("coarse", "fine")
-                 else "running it again")
+        again = (
+            "a new trial takes its place" if stage in ("coarse", "fine") else "running it again"
+        )
         ctx.log(f"{stage}: trial {t.number} was interrupted; {again}")

@@ -41,8 +41,10 @@ from babysit.stages import search
 ANCHOR_BELOW = 0.5
 ANCHOR_ABOVE = 2.0
 # The rule as stored on the coarse study (``lr_anchor.rule``); README.md quotes it word for word.
-ANCHOR_RULE = ("coarse lr = [overfit lr / 10^{below}, overfit lr x 10^{above}] around the lr "
-               "{lr} that memorised the overfit subset")
+ANCHOR_RULE = (
+    "coarse lr = [overfit lr / 10^{below}, overfit lr x 10^{above}] around the lr "
+    "{lr} that memorised the overfit subset"
+)
 # How far an edge is pushed out, and how many extra trials look there.
 EDGE_DECADES = 2.0
 
@@ -62,8 +64,11 @@ def user_set_lr(spec: Spec) -> bool:
 def overfit_lr(ctx: Context) -> float | None:
     """The LR that memorised the overfit subset, or None when none did (``--force``)."""
     study = open_stage(ctx, "overfit")
-    passed = [t for t in study.get_trials(deepcopy=False)
-              if t.state == TrialState.COMPLETE and (t.value or 0.0) >= 1.0 and "lr" in t.params]
+    passed = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.state == TrialState.COMPLETE and (t.value or 0.0) >= 1.0 and "lr" in t.params
+    ]
     if not passed:
         return None
     return float(min(passed, key=lambda t: t.number).params["lr"])
@@ -80,13 +85,21 @@ def anchored_ranges(ctx: Context, ranges: dict[str, list[float]]) -> dict[str, l
         return ranges
     anchored = [lr / 10**ANCHOR_BELOW, lr * 10**ANCHOR_ABOVE]
     study = open_stage(ctx, "coarse")
-    study.set_user_attr(StudyKey.LR_ANCHOR, {
-        "overfit_lr": lr, "range": anchored, "replaced": list(ranges["lr"]),
-        "rule": ANCHOR_RULE.format(below=f"{ANCHOR_BELOW:g}", above=f"{ANCHOR_ABOVE:g}",
-                                   lr=f"{lr:g}"),
-    })
-    ctx.log(f"coarse: lr range [{anchored[0]:.3g}, {anchored[1]:.3g}] anchored on the "
-            f"overfit lr {lr:g} ({ANCHOR_BELOW:g} decade below, {ANCHOR_ABOVE:g} above)")
+    study.set_user_attr(
+        StudyKey.LR_ANCHOR,
+        {
+            "overfit_lr": lr,
+            "range": anchored,
+            "replaced": list(ranges["lr"]),
+            "rule": ANCHOR_RULE.format(
+                below=f"{ANCHOR_BELOW:g}", above=f"{ANCHOR_ABOVE:g}", lr=f"{lr:g}"
+            ),
+        },
+    )
+    ctx.log(
+        f"coarse: lr range [{anchored[0]:.3g}, {anchored[1]:.3g}] anchored on the "
+        f"overfit lr {lr:g} ({ANCHOR_BELOW:g} decade below, {ANCHOR_ABOVE:g} above)"
+    )
     return {**ranges, "lr": anchored}
 
 
@@ -105,9 +118,11 @@ def edges(best: dict[str, Any], ranges: dict[str, list[float]], edge: float) -> 
     return out
 
 
-def extend_coarse(ctx: Context, initial_loss: float,
-                  progress: Callable[[int, int, FrozenTrial | None], None] | None = None,
-                  ) -> StageResult | None:
+def extend_coarse(
+    ctx: Context,
+    initial_loss: float,
+    progress: Callable[[int, int, FrozenTrial | None], None] | None = None,
+) -> StageResult | None:
     """After the coarse search: when its best value sits on an edge, widen that side by
     ``EDGE_DECADES`` and run ``extra_trials`` more coarse trials in the new strip, once.
 
@@ -133,21 +148,31 @@ def extend_coarse(ctx: Context, initial_loss: float,
                 step = 10**EDGE_DECADES
                 strip[name] = [lo / step, lo] if side == "lower" else [hi, hi * step]
                 widened[name] = [min(lo, strip[name][0]), max(hi, strip[name][1])]
-            plan.update({"strip": strip, "widened": widened,
-                         "extra_trials": extra_trials(spec.coarse.trials),
-                         "best_before": best})
+            plan.update(
+                {
+                    "strip": strip,
+                    "widened": widened,
+                    "extra_trials": extra_trials(spec.coarse.trials),
+                    "best_before": best,
+                }
+            )
         study.set_user_attr(StudyKey.EXTENSION, plan)
     if not plan["edges"]:
         return None
     if study.user_attrs.get(StudyKey.RANGES) != plan["widened"]:
         study.set_user_attr(StudyKey.RANGES, plan["widened"])
     shown = ", ".join(f"{k} at its {v} edge" for k, v in plan["edges"].items())
-    ctx.log(f"coarse: best {shown}; {plan['extra_trials']} extra trials in "
-            + ", ".join(f"{k} [{a:.3g}, {b:.3g}]" for k, (a, b) in plan["strip"].items()))
+    ctx.log(
+        f"coarse: best {shown}; {plan['extra_trials']} extra trials in "
+        + ", ".join(f"{k} [{a:.3g}, {b:.3g}]" for k, (a, b) in plan["strip"].items())
+    )
     bigger = dataclasses.replace(spec.coarse, trials=spec.coarse.trials + plan["extra_trials"])
-    result = search(ctx, "coarse", bigger, plan["strip"], initial_loss=initial_loss,
-                    progress=progress)
-    result.verdict += (f"; the first round's best had {shown}, so "
-                       f"{plan['extra_trials']} extra trials looked {EDGE_DECADES:g} decades "
-                       "further out")
+    result = search(
+        ctx, "coarse", bigger, plan["strip"], initial_loss=initial_loss, progress=progress
+    )
+    result.verdict += (
+        f"; the first round's best had {shown}, so "
+        f"{plan['extra_trials']} extra trials looked {EDGE_DECADES:g} decades "
+        "further out"
+    )
     return result

@@ -89,9 +89,14 @@ class AlexNet(nn.Module):
         geometry: str = "cifar32",
     ) -> None:
         super().__init__()
-        for knob, value in (("conv_layers", conv_layers), ("fc_layers", fc_layers),
-                            ("activation", activation), ("batch_norm", batch_norm),
-                            ("init", init), ("geometry", geometry)):
+        for knob, value in (
+            ("conv_layers", conv_layers),
+            ("fc_layers", fc_layers),
+            ("activation", activation),
+            ("batch_norm", batch_norm),
+            ("init", init),
+            ("geometry", geometry),
+        ):
             if value not in _KNOBS[knob]:
                 raise ValueError(f"AlexNet {knob} must be one of {_KNOBS[knob]}, got {value!r}")
         plan = _conv_plan(conv_layers, geometry)
@@ -134,15 +139,17 @@ class AlexNet(nn.Module):
 
     def _he_init(self, activation: str) -> None:
         nonlinearity: Literal["leaky_relu", "relu"] = (
-            "leaky_relu" if activation == "leaky_relu" else "relu")
+            "leaky_relu" if activation == "leaky_relu" else "relu"
+        )
         # kaiming_normal_'s gain for leaky_relu reads the slope from `a` (default 0).
         slope = _LEAKY_SLOPE if activation == "leaky_relu" else 0.0
         last = self.classifier[-1]
         assert isinstance(last, nn.Linear)  # __init__ ends the head with the class layer
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)) and m is not last:
-                nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_in",
-                                        nonlinearity=nonlinearity)
+                nn.init.kaiming_normal_(
+                    m.weight, a=slope, mode="fan_in", nonlinearity=nonlinearity
+                )
                 if m.bias is not None:  # every layer here is built with one
                     nn.init.zeros_(m.bias)
         # The last layer stays small (AlexNet's N(0, 0.01)) so the initial loss is ~ln C.
@@ -169,8 +176,9 @@ def logit_spread(logits: torch.Tensor, loss: str = "ce") -> float:
 
 
 @torch.no_grad()
-def calibrate_head(model: AlexNet, x: torch.Tensor, loss: str = "ce",
-                   target: float = HEAD_LOGIT_STD) -> float:
+def calibrate_head(
+    model: AlexNet, x: torch.Tensor, loss: str = "ce", target: float = HEAD_LOGIT_STD
+) -> float:
     """Scale babysit's own network's last layer down until its logits on ``x`` (a
     preprocessed batch of the user's training images) spread no more than ``target``.
 
@@ -226,7 +234,8 @@ def build_model(model: Any, num_classes: int, in_channels: int, image_size: int)
         if model.geometry == "alexnet227" and image_size < _MIN_SIDE_227:
             raise UsageError(
                 f"model.geometry alexnet227 needs inputs of at least {_MIN_SIDE_227} px, got "
-                f"{image_size}; set data.resize=227 (or 0 for automatic) or use cifar32")
+                f"{image_size}; set data.resize=227 (or 0 for automatic) or use cifar32"
+            )
         return AlexNet(
             num_classes,
             in_channels=in_channels,
@@ -243,8 +252,9 @@ def build_model(model: Any, num_classes: int, in_channels: int, image_size: int)
         from babysit.plugins import build_user_model
 
         return build_user_model(name, num_classes, in_channels, image_size)
-    raise UsageError(f"unknown model '{name}'; use {either(tuple(repr(m) for m in MODELS))} "
-                     "or module:callable")
+    raise UsageError(
+        f"unknown model '{name}'; use {either(tuple(repr(m) for m in MODELS))} or module:callable"
+    )
 
 
 def input_size(model: Any, image_size: int, resize: int) -> int:

@@ -47,8 +47,9 @@ def _finite(values: list[Any]) -> list[float]:
     return [float(v) if v is not None and math.isfinite(float(v)) else math.nan for v in values]
 
 
-def overfit_curve(trials: list[FrozenTrial], samples: int | None = None,
-                  attrs: list[TrialAttrs] | None = None) -> Figure:
+def overfit_curve(
+    trials: list[FrozenTrial], samples: int | None = None, attrs: list[TrialAttrs] | None = None
+) -> Figure:
     """Training loss and train accuracy against step, one line per learning rate tried;
     ``attrs`` (one per trial) carry the curves read from their artifacts."""
     found = {t.number: a for t, a in zip(trials, attrs or [], strict=False)}
@@ -84,8 +85,12 @@ def overfit_curve(trials: list[FrozenTrial], samples: int | None = None,
     return fig
 
 
-def search_scatter(trials: list[FrozenTrial], stage: str, bounds: dict[str, list[float]],
-                   box: dict[str, list[float]] | None = None) -> Figure:
+def search_scatter(
+    trials: list[FrozenTrial],
+    stage: str,
+    bounds: dict[str, list[float]],
+    box: dict[str, list[float]] | None = None,
+) -> Figure:
     """lr against weight_decay on log axes: completed trials coloured by validation accuracy,
     diverged ones as red crosses, pruned and failed ones grey; ``box`` is the narrowed range."""
     fig = Figure(figsize=_SQUARE, dpi=_DPI, layout=_LAYOUT)
@@ -105,20 +110,55 @@ def search_scatter(trials: list[FrozenTrial], stage: str, bounds: dict[str, list
     if failed:
         ax.scatter(*xy(failed), s=36, c="none", edgecolors="0.5", label="failed", zorder=2)
     if diverged:
-        ax.scatter(*xy(diverged), s=48, marker="x", c="tab:red", linewidths=1.5,
-                   label="diverged", zorder=3)
+        ax.scatter(
+            *xy(diverged),
+            s=48,
+            marker="x",
+            c="tab:red",
+            linewidths=1.5,
+            label="diverged",
+            zorder=3,
+        )
     if complete:
         values = [t.value for t in complete if t.value is not None]  # all of them: scored()
-        sc = ax.scatter(*xy(complete), s=52, c=values, cmap="viridis",
-                        edgecolors="black", linewidths=0.5, label="complete", zorder=4)
+        sc = ax.scatter(
+            *xy(complete),
+            s=52,
+            c=values,
+            cmap="viridis",
+            edgecolors="black",
+            linewidths=0.5,
+            label="complete",
+            zorder=4,
+        )
         fig.colorbar(sc, ax=ax, label="val accuracy")
         best = max(complete, key=lambda t: (t.value, -t.number))
-        ax.scatter([best.params[lr]], [best.params[wd]], s=220, marker="*",
-                   c="none", edgecolors="tab:orange", linewidths=1.5, label="best", zorder=5)
+        ax.scatter(
+            [best.params[lr]],
+            [best.params[wd]],
+            s=220,
+            marker="*",
+            c="none",
+            edgecolors="tab:orange",
+            linewidths=1.5,
+            label="best",
+            zorder=5,
+        )
     if box is not None:
         (x0, x1), (y0, y1) = box[lr], box[wd]
-        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="tab:blue",
-                               linestyle="--", linewidth=1.5, label="narrowed", zorder=1))
+        ax.add_patch(
+            Rectangle(
+                (x0, y0),
+                x1 - x0,
+                y1 - y0,
+                fill=False,
+                edgecolor="tab:blue",
+                linestyle="--",
+                linewidth=1.5,
+                label="narrowed",
+                zorder=1,
+            )
+        )
     ax.set_xscale("log")
     ax.set_yscale("log")
     if bounds:
@@ -154,11 +194,23 @@ def final_curves(trial: FrozenTrial, attrs: TrialAttrs | None = None) -> Figure:
         if curves.get(key):
             ax_acc.plot(epochs, _finite(curves[key]), marker="o", markersize=3, label=label)
     if a.test_loss is not None and epochs:
-        ax_loss.scatter([epochs[-1]], [a.test_loss], marker="D", c="tab:red", zorder=5,
-                        label=f"test {a.test_loss:.3f}")
+        ax_loss.scatter(
+            [epochs[-1]],
+            [a.test_loss],
+            marker="D",
+            c="tab:red",
+            zorder=5,
+            label=f"test {a.test_loss:.3f}",
+        )
     if a.test_accuracy is not None and epochs:
-        ax_acc.scatter([epochs[-1]], [a.test_accuracy], marker="D", c="tab:red", zorder=5,
-                       label=f"test {a.test_accuracy:.3f}")
+        ax_acc.scatter(
+            [epochs[-1]],
+            [a.test_accuracy],
+            marker="D",
+            c="tab:red",
+            zorder=5,
+            label=f"test {a.test_accuracy:.3f}",
+        )
     for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(what)
@@ -215,7 +267,7 @@ def first_layer_filters(model: Any) -> Figure:
     for i in range(n):
         r, q = divmod(i, cols)
         top, left = 1 + r * (kh + 1), 1 + q * (kw + 1)
-        mosaic[:, top:top + kh, left:left + kw] = w[i]
+        mosaic[:, top : top + kh, left : left + kw] = w[i]
     image = mosaic.permute(1, 2, 0).numpy()
     fig = Figure(figsize=(6, 6), dpi=_DPI)
     ax = fig.subplots()
@@ -240,8 +292,9 @@ def stage_figure(storage: Storage, run: str, stage: str) -> Figure | None:
         found = [trial_data(storage, t) for t in trials]
         if not any(a.curve for a in found):
             return None
-        return overfit_curve(trials, next((a.samples for a in found if a.samples is not None),
-                                          None), found)
+        return overfit_curve(
+            trials, next((a.samples for a in found if a.samples is not None), None), found
+        )
     if stage in ("coarse", "fine"):
         if not any(t.state in FINISHED for t in trials):
             return None

@@ -105,8 +105,10 @@ def resolve(ref: str, what: str) -> Callable[..., Any]:
             reason = f"it called sys.exit({err.code!r}) while being imported"
         else:
             reason = type(err).__name__ + (f": {_one_line(err)}" if str(err).strip() else "")
-        raise UsageError(f"importing {what} module '{module_name}' failed: {reason}; "
-                         "fix the module so that importing it only defines things") from None
+        raise UsageError(
+            f"importing {what} module '{module_name}' failed: {reason}; "
+            "fix the module so that importing it only defines things"
+        ) from None
     target: Any = module
     for part in attr.split("."):
         if not hasattr(target, part):
@@ -142,22 +144,27 @@ def build_user_model(ref: str, num_classes: int, in_channels: int, image_size: i
     except UsageError:
         raise
     except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's builder failed
-        raise UsageError(f"model '{ref}' failed to build for ({num_classes}, {in_channels}, "
-                         f"{image_size}): {type(err).__name__}: {err}") from None
+        raise UsageError(
+            f"model '{ref}' failed to build for ({num_classes}, {in_channels}, "
+            f"{image_size}): {type(err).__name__}: {err}"
+        ) from None
     if not isinstance(model, nn.Module):
         raise UsageError(f"model '{ref}' returned {type(model).__name__}, not a torch nn.Module")
     check_model_output(model, ref, num_classes, in_channels, image_size)
     if not any(p.requires_grad for p in model.parameters()):
         # Without one, sanity misreads it (the L2 penalty adds nothing) and the optimiser
         # raises "empty parameter list" once --force lets the run go on.
-        raise UsageError(f"model '{ref}' has no trainable parameters (none with "
-                         "requires_grad=True), so there is nothing to train; give it at least "
-                         "one layer with weights")
+        raise UsageError(
+            f"model '{ref}' has no trainable parameters (none with "
+            "requires_grad=True), so there is nothing to train; give it at least "
+            "one layer with weights"
+        )
     return model
 
 
-def check_model_output(model: nn.Module, ref: str, num_classes: int, in_channels: int,
-                       image_size: int) -> None:
+def check_model_output(
+    model: nn.Module, ref: str, num_classes: int, in_channels: int, image_size: int
+) -> None:
     """One forward pass on two blank images: the output must be (2, num_classes)."""
     was_training = model.training
     model.eval()
@@ -173,12 +180,16 @@ def check_model_output(model: nn.Module, ref: str, num_classes: int, in_channels
         model.train(was_training)
     if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_classes):
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-        count = (f"; the network returns {shape[1]} outputs but the data has {num_classes} "
-                 "classes: size its last layer with the num_classes babysit passes"
-                 if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2
-                 else "")
-        raise UsageError(f"model '{ref}' outputs {shape} for 2 images; expected (2, "
-                         f"{num_classes}): one logit per class{count}")
+        count = (
+            f"; the network returns {shape[1]} outputs but the data has {num_classes} "
+            "classes: size its last layer with the num_classes babysit passes"
+            if isinstance(out, torch.Tensor) and out.dim() == 2 and out.shape[0] == 2
+            else ""
+        )
+        raise UsageError(
+            f"model '{ref}' outputs {shape} for 2 images; expected (2, "
+            f"{num_classes}): one logit per class{count}"
+        )
 
 
 def _as_uint8(x: Any, where: str) -> torch.Tensor:
@@ -200,8 +211,9 @@ def _call_loader(fn: Callable[..., Any], ref: str, request: DataRequest) -> Any:
     except UsageError:
         raise
     except (Exception, SystemExit) as err:  # noqa: BLE001 - the user's loader failed
-        raise UsageError(f"dataset '{ref}' failed while loading: {type(err).__name__}: "
-                         f"{err}") from None
+        raise UsageError(
+            f"dataset '{ref}' failed while loading: {type(err).__name__}: {err}"
+        ) from None
 
 
 def load_user_dataset(ref: str, request: DataRequest) -> Splits | DatasetSplits:
@@ -210,9 +222,11 @@ def load_user_dataset(ref: str, request: DataRequest) -> Splits | DatasetSplits:
         return result
     if isinstance(result, Mapping) and {"train", "val", "test"} <= set(result):
         return _from_mapping(ref, result)
-    raise UsageError(f"dataset '{ref}' returned {type(result).__name__}; return babysit's "
-                     "Splits or {'classes', 'train', 'val', 'test'} with (images, labels) "
-                     "pairs or torch Datasets")
+    raise UsageError(
+        f"dataset '{ref}' returned {type(result).__name__}; return babysit's "
+        "Splits or {'classes', 'train', 'val', 'test'} with (images, labels) "
+        "pairs or torch Datasets"
+    )
 
 
 def as_splits(ref: str, result: Any) -> Splits | DatasetSplits:
@@ -221,9 +235,11 @@ def as_splits(ref: str, result: Any) -> Splits | DatasetSplits:
         return result
     if isinstance(result, Mapping) and {"train", "val", "test"} <= set(result):
         return _from_mapping(ref, result)
-    raise UsageError(f"data {type(result).__name__} is not a dataset; give a name, "
-                     "'module:callable', a callable, babysit's Splits or {'classes', "
-                     "'train', 'val', 'test'}")
+    raise UsageError(
+        f"data {type(result).__name__} is not a dataset; give a name, "
+        "'module:callable', a callable, babysit's Splits or {'classes', "
+        "'train', 'val', 'test'}"
+    )
 
 
 def _from_mapping(ref: str, result: Mapping[str, Any]) -> Splits | DatasetSplits:
@@ -245,12 +261,23 @@ def _from_mapping(ref: str, result: Mapping[str, Any]) -> Splits | DatasetSplits
             else:
                 x, y = _pair(ref, part, value)
                 datasets[part] = TensorItems(x, y)
-        return DatasetSplits(classes=classes, train=datasets["train"], val=datasets["val"],
-                             test=datasets["test"], num_workers=workers)
+        return DatasetSplits(
+            classes=classes,
+            train=datasets["train"],
+            val=datasets["val"],
+            test=datasets["test"],
+            num_workers=workers,
+        )
     pairs = {part: _pair(ref, part, value) for part, value in parts.items()}
-    splits = Splits(classes=classes, train_x=pairs["train"][0], train_y=pairs["train"][1],
-                    val_x=pairs["val"][0], val_y=pairs["val"][1],
-                    test_x=pairs["test"][0], test_y=pairs["test"][1])
+    splits = Splits(
+        classes=classes,
+        train_x=pairs["train"][0],
+        train_y=pairs["train"][1],
+        val_x=pairs["val"][0],
+        val_y=pairs["val"][1],
+        test_x=pairs["test"][0],
+        test_y=pairs["test"][1],
+    )
     if result.get("stream"):
         splits.check(ref)
         streamed = DatasetSplits.from_tensors(splits)
@@ -277,28 +304,36 @@ def _infer_classes(ref: str, result: Mapping[str, Any]) -> list[str]:
                 raise DataError(
                     f"dataset '{ref}': no 'classes' given and the {part} Dataset has no "
                     "'classes' or 'targets' to read them from; add 'classes': [names] to "
-                    "the mapping")
+                    "the mapping"
+                )
             labels = torch.as_tensor(targets)
         else:
             labels = _pair(ref, part, value)[1]
         if labels.numel():
             if int(labels.min()) < 0:
-                raise DataError(f"dataset '{ref}' {part}: labels must be 0..C-1, found "
-                                f"{int(labels.min())}")
+                raise DataError(
+                    f"dataset '{ref}' {part}: labels must be 0..C-1, found {int(labels.min())}"
+                )
             top = max(top, int(labels.max()))
     if top < 1:
-        raise DataError(f"dataset '{ref}': no 'classes' given and the labels hold fewer "
-                        "than 2 classes; add 'classes': [names] to the mapping")
-    print(f"note: dataset '{ref}' gives no 'classes'; the labels define {top + 1} classes, "
-          f"named 0..{top} (add 'classes': [names] to the mapping to name them)",
-          file=sys.stderr)
+        raise DataError(
+            f"dataset '{ref}': no 'classes' given and the labels hold fewer "
+            "than 2 classes; add 'classes': [names] to the mapping"
+        )
+    print(
+        f"note: dataset '{ref}' gives no 'classes'; the labels define {top + 1} classes, "
+        f"named 0..{top} (add 'classes': [names] to the mapping to name them)",
+        file=sys.stderr,
+    )
     return [str(i) for i in range(top + 1)]
 
 
 def _pair(ref: str, part: str, value: Any) -> tuple[torch.Tensor, torch.Tensor]:
     if not isinstance(value, (tuple, list)) or len(value) != 2:
-        raise DataError(f"dataset '{ref}': '{part}' must be a pair (images, labels) or a "
-                        f"torch Dataset, got {type(value).__name__}")
+        raise DataError(
+            f"dataset '{ref}': '{part}' must be a pair (images, labels) or a "
+            f"torch Dataset, got {type(value).__name__}"
+        )
     x = _as_uint8(value[0], f"dataset '{ref}' {part}")
     y = torch.as_tensor(value[1])
     if y.is_floating_point():

@@ -56,9 +56,19 @@ def _log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str | None = None,
-            download: bool = False, force: bool = False, quiet: bool = False,
-            owner: bool = True, compile: bool = False, final_procs: int = 1) -> Context:
+def prepare(
+    spec: Spec,
+    storage: Storage,
+    *,
+    device: str = "auto",
+    data_dir: str | None = None,
+    download: bool = False,
+    force: bool = False,
+    quiet: bool = False,
+    owner: bool = True,
+    compile: bool = False,
+    final_procs: int = 1,
+) -> Context:
     """Check the spec against storage, load the data onto the device: everything before
     the first trial. Raises UsageError (exit 2) before anything is written."""
     quiet_optuna()
@@ -67,8 +77,9 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
     check_spec(storage, spec)
     dev = device_for(device)
     if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda was asked for but no CUDA device is visible; "
-                         "use --device auto or cpu")
+        raise UsageError(
+            "--device cuda was asked for but no CUDA device is visible; use --device auto or cpu"
+        )
     from babysit.distributed import check_procs
 
     check_procs(final_procs, dev.type)
@@ -92,13 +103,16 @@ def prepare(spec: Spec, storage: Storage, *, device: str = "auto", data_dir: str
         pre.resize = 0
     # Build the network once now: a user's model that cannot be imported or gives the wrong
     # output shape is an input error before any trial is written.
-    build_model(spec.model, splits.num_classes, splits.in_channels,
-                pre.resize or splits.image_size)
+    build_model(
+        spec.model, splits.num_classes, splits.in_channels, pre.resize or splits.image_size
+    )
     data: DeviceData | StreamingData
     if isinstance(splits, DatasetSplits):
         data = StreamingData.from_splits(splits, pre, dev)
-        _log(f"data: streamed from torch Datasets by a DataLoader with "
-             f"{plural(data.num_workers, 'worker process')}")
+        _log(
+            f"data: streamed from torch Datasets by a DataLoader with "
+            f"{plural(data.num_workers, 'worker process')}"
+        )
     else:
         data = DeviceData.from_splits(splits, pre, dev)
     return Context(
@@ -122,7 +136,7 @@ def _said(result: StageResult) -> str:
     """The verdict after "<stage> <status>: ", without the stage's name said twice (a
     search's stored verdict starts with it, for readers that show it alone)."""
     prefix = f"{result.stage}: "
-    return result.verdict[len(prefix):] if result.verdict.startswith(prefix) else result.verdict
+    return result.verdict[len(prefix) :] if result.verdict.startswith(prefix) else result.verdict
 
 
 def _gate(ctx: Context, result: StageResult) -> None:
@@ -139,10 +153,12 @@ def run_protocol(ctx: Context, jobs: int = 1) -> dict[str, Any]:
     """Sanity, overfit, coarse, narrow, fine, final; each skipped when already done."""
     spec = ctx.spec
     t0 = time.perf_counter()
-    ctx.log(f"run {spec.name}: dataset {spec.dataset} ({ctx.data.num_classes} classes, "
-            f"{ctx.data.train_size} train images), model {spec.model.name}, optimizer "
-            f"{spec.optimizer}, batch {ctx.batch_size}, device {ctx.device.type}, "
-            f"storage {ctx.storage.shown}")
+    ctx.log(
+        f"run {spec.name}: dataset {spec.dataset} ({ctx.data.num_classes} classes, "
+        f"{ctx.data.train_size} train images), model {spec.model.name}, optimizer "
+        f"{spec.optimizer}, batch {ctx.batch_size}, device {ctx.device.type}, "
+        f"storage {ctx.storage.shown}"
+    )
     record_data_facts(ctx)
 
     checked = sanity(ctx)
@@ -164,9 +180,11 @@ def run_check(ctx: Context) -> dict[str, Any]:
     `babysit run` with the same name and spec skips them and goes on with the searches."""
     spec = ctx.spec
     t0 = time.perf_counter()
-    ctx.log(f"check {spec.name}: dataset {spec.dataset} ({ctx.data.num_classes} classes, "
-            f"{ctx.data.train_size} train images), model {spec.model.name}, optimizer "
-            f"{spec.optimizer}, device {ctx.device.type}, storage {ctx.storage.shown}")
+    ctx.log(
+        f"check {spec.name}: dataset {spec.dataset} ({ctx.data.num_classes} classes, "
+        f"{ctx.data.train_size} train images), model {spec.model.name}, optimizer "
+        f"{spec.optimizer}, device {ctx.device.type}, storage {ctx.storage.shown}"
+    )
     record_data_facts(ctx)
     _gate(ctx, sanity(ctx))
     _gate(ctx, overfit(ctx))
@@ -190,9 +208,18 @@ def _spawn_workers(ctx: Context, jobs: int) -> list[subprocess.Popen]:
     if ctx.device.type == "cpu":
         # Share the cores instead of every process spinning up one thread per core.
         env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
-    cmd = [sys.executable, "-m", "babysit", "worker", "--name", ctx.spec.name,
-           *ctx.storage.artifact_flags(), "--device", ctx.device.type,
-           "--quiet"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "babysit",
+        "worker",
+        "--name",
+        ctx.spec.name,
+        *ctx.storage.artifact_flags(),
+        "--device",
+        ctx.device.type,
+        "--quiet",
+    ]
     if ctx.compile:
         cmd.append("--compile")
     if ctx.final_procs > 1:
@@ -204,10 +231,15 @@ def _spawn_workers(ctx: Context, jobs: int) -> list[subprocess.Popen]:
     from babysit.distributed import helper_env
 
     count = torch.cuda.device_count() if ctx.device.type == "cuda" else 0
-    return [subprocess.Popen(cmd, env=helper_env(env, i, ctx.device.type, count),
-                             stdout=subprocess.DEVNULL,
-                             preexec_fn=die_with_parent())  # a SIGKILLed run takes them along
-            for i in range(1, jobs)]
+    return [
+        subprocess.Popen(
+            cmd,
+            env=helper_env(env, i, ctx.device.type, count),
+            stdout=subprocess.DEVNULL,
+            preexec_fn=die_with_parent(),
+        )  # a SIGKILLed run takes them along
+        for i in range(1, jobs)
+    ]
 
 
 def _reap(helpers: list[subprocess.Popen]) -> None:
@@ -236,8 +268,7 @@ def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
     anchored on the overfit LR (babysit/learned.py); read back from the coarse study once a
     search stored them, so every worker and every rerun uses the same."""
     spec = ctx.spec
-    ranges = {Param.LR: list(spec.coarse.lr),
-              Param.WEIGHT_DECAY: list(spec.coarse.weight_decay)}
+    ranges = {Param.LR: list(spec.coarse.lr), Param.WEIGHT_DECAY: list(spec.coarse.weight_decay)}
     study = open_stage(ctx, "coarse")
     stored = StudyAttrs.from_attrs(study.user_attrs).ranges
     if stored is not None:
@@ -252,13 +283,20 @@ def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
     from babysit.artifacts import upload_json
 
     # The curve (a few kB) as a JSON artifact; the attr keeps the proposal and names it.
-    curve = upload_json(ctx.storage, study, "lr_range_test.json",
-                        {k: test[k] for k in ("lrs", "losses", "suggested")})
-    study.set_user_attr(StudyKey.LR_RANGE_TEST,
-                        {"suggested": list(test["suggested"]), "artifact": curve})
+    curve = upload_json(
+        ctx.storage,
+        study,
+        "lr_range_test.json",
+        {k: test[k] for k in ("lrs", "losses", "suggested")},
+    )
+    study.set_user_attr(
+        StudyKey.LR_RANGE_TEST, {"suggested": list(test["suggested"]), "artifact": curve}
+    )
     lr = ranges[Param.LR] = [float(v) for v in test["suggested"]]
-    ctx.log(f"LR range test: loss fell fastest around lr {lr[0]:.3g} .. "
-            f"{lr[1]:.3g}; that is the coarse lr range")
+    ctx.log(
+        f"LR range test: loss fell fastest around lr {lr[0]:.3g} .. "
+        f"{lr[1]:.3g}; that is the coarse lr range"
+    )
     return ranges
 
 
@@ -270,8 +308,7 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
     # has said its piece, and at the trials a previous run stored.
     ranges = _coarse_ranges(ctx)
     bar = Progress("coarse", "trial", ctx.quiet)
-    coarse = search(ctx, "coarse", spec.coarse, ranges, initial_loss=initial_loss,
-                    progress=bar.to)
+    coarse = search(ctx, "coarse", spec.coarse, ranges, initial_loss=initial_loss, progress=bar.to)
     bar.close()
     _gate(ctx, coarse)
     from babysit.learned import extend_coarse
@@ -289,8 +326,9 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
         ctx.log(f"warning: {warning}")
 
     bar = Progress("fine", "trial", ctx.quiet)
-    fine = search(ctx, "fine", spec.fine, narrowed["ranges"], initial_loss=initial_loss,
-                  progress=bar.to)
+    fine = search(
+        ctx, "fine", spec.fine, narrowed["ranges"], initial_loss=initial_loss, progress=bar.to
+    )
     bar.close()
     _gate(ctx, fine)
 
@@ -320,9 +358,15 @@ def record_data_facts(ctx: Context) -> None:
     """What the summary needs to know of the data, stored once on the sanity study."""
     study = open_stage(ctx, "sanity", direction="minimize")
     if StudyAttrs.from_attrs(study.user_attrs).train_size is None:
-        facts = StudyAttrs(train_size=ctx.data.train_size, num_classes=ctx.data.num_classes,
-                           data=ctx.data_info,
-                           sizes={"train": ctx.data.train_size, "val": ctx.data.size("val"),
-                                  "test": ctx.data.size("test")})
+        facts = StudyAttrs(
+            train_size=ctx.data.train_size,
+            num_classes=ctx.data.num_classes,
+            data=ctx.data_info,
+            sizes={
+                "train": ctx.data.train_size,
+                "val": ctx.data.size("val"),
+                "test": ctx.data.size("test"),
+            },
+        )
         for key, value in facts.to_attrs().items():
             study.set_user_attr(key, value)

@@ -184,8 +184,10 @@ class _Attrs:
         """Read a stored dict; missing keys are None, unknown ones go to ``extra``."""
         attrs = attrs or {}
         known = set(cls.keys())
-        return cls(**{k: v for k, v in attrs.items() if k in known},  # type: ignore[call-arg]
-                   extra={k: v for k, v in attrs.items() if k not in known})
+        return cls(
+            **{k: v for k, v in attrs.items() if k in known},  # type: ignore[call-arg]
+            extra={k: v for k, v in attrs.items() if k not in known},
+        )
 
 
 @dataclass
@@ -286,8 +288,11 @@ def diverged(t: FrozenTrial) -> bool:
 def scored(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     """The COMPLETE trials with a value that training earned: not the diverged ones, whose
     value is the chance accuracy they were given."""
-    return [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None
-            and not diverged(t)]
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.value is not None and not diverged(t)
+    ]
 
 
 def counts(trials: list[FrozenTrial]) -> dict[str, int]:
@@ -297,8 +302,10 @@ def counts(trials: list[FrozenTrial]) -> dict[str, int]:
     return {
         "finished": sum(t.state in FINISHED for t in live),
         "complete": sum(t.state == TrialState.COMPLETE and not diverged(t) for t in live),
-        "pruned": sum(t.state == TrialState.PRUNED or (t.state == TrialState.COMPLETE
-                                                       and diverged(t)) for t in live),
+        "pruned": sum(
+            t.state == TrialState.PRUNED or (t.state == TrialState.COMPLETE and diverged(t))
+            for t in live
+        ),
         "diverged": sum(diverged(t) for t in live),
         "failed": sum(t.state == TrialState.FAIL for t in live),
         "running": sum(t.state == TrialState.RUNNING for t in live),
@@ -322,17 +329,22 @@ def examples(trials: list[FrozenTrial]) -> int:
     return sum(int(trial_attrs(t).examples or 0) for t in trials)
 
 
-def timing(trials: list[FrozenTrial], now: datetime.datetime | None = None,
-           ) -> tuple[float | None, float | None]:
+def timing(
+    trials: list[FrozenTrial],
+    now: datetime.datetime | None = None,
+) -> tuple[float | None, float | None]:
     """(sum of trial durations, wall from the first start to the last end), in seconds.
 
     From Optuna's own trial times, so every run has them, old ones too. A RUNNING trial
     ends ``now`` (default: the present), so a stage in progress shows its time so far.
     """
     now = now or datetime.datetime.now()
-    spans = [(t.datetime_start, t.datetime_complete or now) for t in trials
-             if t.datetime_start is not None
-             and (t.datetime_complete is not None or t.state == TrialState.RUNNING)]
+    spans = [
+        (t.datetime_start, t.datetime_complete or now)
+        for t in trials
+        if t.datetime_start is not None
+        and (t.datetime_complete is not None or t.state == TrialState.RUNNING)
+    ]
     if not spans:
         return None, None
     busy = sum((b - a).total_seconds() for a, b in spans)

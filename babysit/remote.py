@@ -59,8 +59,10 @@ def parse_grpc(url: str) -> tuple[str, int]:
     except ValueError:
         port = None
     if not parts.hostname or port is None or parts.path not in ("", "/") or parts.query:
-        raise UsageError(f"cannot parse storage URL '{url}'; a storage proxy is "
-                         "grpc://HOST:PORT (started with `babysit storage-proxy`)")
+        raise UsageError(
+            f"cannot parse storage URL '{url}'; a storage proxy is "
+            "grpc://HOST:PORT (started with `babysit storage-proxy`)"
+        )
     return parts.hostname, port
 
 
@@ -75,8 +77,9 @@ class HeartbeatGrpcProxy(GrpcStorageProxy, BaseHeartbeat):
     is ridden out by the proxy's own storage.
     """
 
-    def __init__(self, *, host: str, port: int, heartbeat: int | None, grace: int,
-                 reconnect: float = 60.0) -> None:
+    def __init__(
+        self, *, host: str, port: int, heartbeat: int | None, grace: int, reconnect: float = 60.0
+    ) -> None:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             super().__init__(host=host, port=port)
@@ -100,7 +103,8 @@ class HeartbeatGrpcProxy(GrpcStorageProxy, BaseHeartbeat):
         return self._heartbeat
 
     def get_heartbeat_stale_trial_callback(
-            self) -> Callable[[optuna.Study, FrozenTrial], None] | None:
+        self,
+    ) -> Callable[[optuna.Study, FrozenTrial], None] | None:
         return None
 
 
@@ -122,22 +126,29 @@ def _retrying(name: str) -> Callable[..., Any]:
                 now = time.monotonic()
                 if self._down_since is None:
                     self._down_since = now
-                    print(f"babysit: storage proxy {self._host}:{self._port} unreachable; "
-                          f"retrying for up to {self.reconnect:g} s", file=sys.stderr,
-                          flush=True)
+                    print(
+                        f"babysit: storage proxy {self._host}:{self._port} unreachable; "
+                        f"retrying for up to {self.reconnect:g} s",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 if now - self._down_since >= self.reconnect:
                     raise StorageLost(
                         f"lost the storage proxy {self._host}:{self._port} for "
                         f"{self.reconnect:g} s; finished trials are stored, the running one "
                         "is marked FAIL once its heartbeat is stale. Rerun the same command "
-                        "when the proxy is back") from None
+                        "when the proxy is back"
+                    ) from None
                 time.sleep(delay)
                 delay = min(2 * delay, 2.0)
                 continue
             if self._down_since is not None:
                 self._down_since = None
-                print(f"babysit: storage proxy {self._host}:{self._port} reachable again",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"babysit: storage proxy {self._host}:{self._port} reachable again",
+                    file=sys.stderr,
+                    flush=True,
+                )
             return result
 
     call.__name__ = name
@@ -146,12 +157,25 @@ def _retrying(name: str) -> Callable[..., Any]:
 
 
 for _name in (
-    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
-    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
-    "get_study_user_attrs", "get_study_system_attrs", "get_all_studies", "create_new_trial",
-    "set_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
-    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
-    "get_trial", "get_all_trials",
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
 ):
     setattr(HeartbeatGrpcProxy, _name, _retrying(_name))
 
@@ -162,22 +186,25 @@ def _stale(trial: FrozenTrial, now: float, grace: int) -> bool:
     return isinstance(stamp, (int, float)) and now - stamp > grace
 
 
-def open_proxy(url: str, heartbeat: int | None, grace: int, reconnect: float = 60.0,
-               wait: float = 10.0) -> HeartbeatGrpcProxy:
+def open_proxy(
+    url: str, heartbeat: int | None, grace: int, reconnect: float = 60.0, wait: float = 10.0
+) -> HeartbeatGrpcProxy:
     host, port = parse_grpc(url)
-    proxy = HeartbeatGrpcProxy(host=host, port=port, heartbeat=heartbeat, grace=grace,
-                               reconnect=reconnect)
+    proxy = HeartbeatGrpcProxy(
+        host=host, port=port, heartbeat=heartbeat, grace=grace, reconnect=reconnect
+    )
     try:
         proxy.wait_server_ready(timeout=wait)
     except ConnectionError:
         proxy.close()
-        raise UsageError(f"no storage proxy answers at {host}:{port}; start one there with "
-                         f"`babysit storage-proxy --storage URL --port {port}`") from None
+        raise UsageError(
+            f"no storage proxy answers at {host}:{port}; start one there with "
+            f"`babysit storage-proxy --storage URL --port {port}`"
+        ) from None
     return proxy
 
 
-def serve_proxy(storage: BaseStorage, host: str, port: int, shown: str,
-                threads: int = 10) -> int:
+def serve_proxy(storage: BaseStorage, host: str, port: int, shown: str, threads: int = 10) -> int:
     """Optuna's gRPC proxy server for ``storage`` until SIGINT/SIGTERM."""
     from concurrent.futures import ThreadPoolExecutor
 
@@ -206,8 +233,10 @@ def serve_proxy(storage: BaseStorage, host: str, port: int, shown: str,
         server.start()
     except RuntimeError as err:
         pool.shutdown(wait=False)
-        raise UsageError(f"cannot listen on {host}:{port} ({str(err).split(';')[0]}); is "
-                         "the port in use? pick another with --port") from None
+        raise UsageError(
+            f"cannot listen on {host}:{port} ({str(err).split(';')[0]}); is "
+            "the port in use? pick another with --port"
+        ) from None
     print(f"storage proxy: grpc://{host}:{port} -> {shown} (Ctrl-C to stop)", flush=True)
     try:
         server.wait_for_termination()
@@ -263,21 +292,29 @@ class S3ArtifactStore:
             self.client.head_bucket(Bucket=self.bucket)
         except ClientError as err:
             code = err.response.get("Error", {}).get("Code", "")
-            raise UsageError(f"artifact store {self.url}: bucket '{self.bucket}' is not "
-                             f"usable ({code or err}); create it or check AWS_ACCESS_KEY_ID / "
-                             "AWS_SECRET_ACCESS_KEY") from None
+            raise UsageError(
+                f"artifact store {self.url}: bucket '{self.bucket}' is not "
+                f"usable ({code or err}); create it or check AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY"
+            ) from None
         except BotoCoreError as err:
-            endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3")
-                        or os.environ.get("AWS_ENDPOINT_URL") or "AWS")
-            raise UsageError(f"artifact store {self.url}: cannot reach {endpoint} "
-                             f"({str(err).splitlines()[0]}); set AWS_ENDPOINT_URL for an "
-                             "S3-compatible server, and credentials in AWS_ACCESS_KEY_ID / "
-                             "AWS_SECRET_ACCESS_KEY") from None
+            endpoint = (
+                os.environ.get("AWS_ENDPOINT_URL_S3")
+                or os.environ.get("AWS_ENDPOINT_URL")
+                or "AWS"
+            )
+            raise UsageError(
+                f"artifact store {self.url}: cannot reach {endpoint} "
+                f"({str(err).splitlines()[0]}); set AWS_ENDPOINT_URL for an "
+                "S3-compatible server, and credentials in AWS_ACCESS_KEY_ID / "
+                "AWS_SECRET_ACCESS_KEY"
+            ) from None
 
 
 def parse_s3(url: str) -> tuple[str, str]:
     parts = urlsplit(url)
     if parts.scheme != "s3" or not parts.netloc or parts.query:
-        raise UsageError(f"cannot parse artifact store '{url}'; use s3://BUCKET[/PREFIX] or "
-                         "a folder")
+        raise UsageError(
+            f"cannot parse artifact store '{url}'; use s3://BUCKET[/PREFIX] or a folder"
+        )
     return parts.netloc, parts.path.strip("/")

@@ -109,7 +109,6 @@ class Report:
     generated: str
 
 
-
 _CSS = """
 body { font: 15px/1.45 system-ui, -apple-system, "Segoe UI", sans-serif; color: #1d1d1f;
        max-width: 980px; margin: 2em auto; padding: 0 1em; }
@@ -135,9 +134,13 @@ def _html_table(header: list[str], rows: list[list[str]], numeric: set[int]) -> 
     head = "".join(f"<th>{_esc(h)}</th>" for h in header)
     thead = f"<thead><tr>{head}</tr></thead>" if any(header) else ""
     body = "".join(
-        "<tr>" + "".join(f'<td{" class=num" if i in numeric else ""}>{_esc(c)}</td>'
-                         for i, c in enumerate(row)) + "</tr>"
-        for row in rows)
+        "<tr>"
+        + "".join(
+            f"<td{' class=num' if i in numeric else ''}>{_esc(c)}</td>" for i, c in enumerate(row)
+        )
+        + "</tr>"
+        for row in rows
+    )
     return f"<table>{thead}<tbody>{body}</tbody></table>"
 
 
@@ -153,12 +156,24 @@ def render_html(r: Report) -> str:
         f'<p class="headline">{_esc(r.headline)}</p>',
         _html_table(["", ""], [[k, v] for k, v in r.header], set()),
         "<h2>Stages</h2>",
-        _html_table(["stage", "status", "trials", "sum of trial durations",
-                     "wall (first start to last end)", "epochs spent"], r.timing, {2, 3, 4, 5}),
+        _html_table(
+            [
+                "stage",
+                "status",
+                "trials",
+                "sum of trial durations",
+                "wall (first start to last end)",
+                "epochs spent",
+            ],
+            r.timing,
+            {2, 3, 4, 5},
+        ),
     ]
     for s in r.sections:
-        parts.append(f'<h2 id="{s.stage}">{_esc(TITLES[s.stage])} '
-                     f'<span class="status {_esc(s.status)}">{_esc(s.status)}</span></h2>')
+        parts.append(
+            f'<h2 id="{s.stage}">{_esc(TITLES[s.stage])} '
+            f'<span class="status {_esc(s.status)}">{_esc(s.status)}</span></h2>'
+        )
         parts.append(f'<p class="verdict">{_esc(s.verdict)}</p>')
         parts += [f'<p class="warning">{_esc(n)}</p>' for n in s.notes]
         if s.facts:
@@ -168,8 +183,10 @@ def render_html(r: Report) -> str:
             parts.append(f'<img alt="{_esc(s.stage)} plot" src="data:image/png;base64,{data}">')
         if s.trials:
             more = s.total_trials - len(s.trials)
-            parts.append(f"<p>Top {len(s.trials)} trials"
-                         f"{f' ({more} more in babysit export)' if more > 0 else ''}:</p>")
+            parts.append(
+                f"<p>Top {len(s.trials)} trials"
+                f"{f' ({more} more in babysit export)' if more > 0 else ''}:</p>"
+            )
             parts.append(_html_table(TRIAL_COLUMNS, s.trials, {0, 1, 2, 3}))
     parts.append("<details><summary>The run's spec</summary>")
     parts.append(_html_table(["key", "value"], [[k, v] for k, v in r.spec], set()))
@@ -178,12 +195,27 @@ def render_html(r: Report) -> str:
 
 
 def render_md(r: Report) -> str:
-    lines = [f"# babysit report: {r.run}", "", f"_generated {r.generated}_", "",
-             f"**{r.headline}**", ""]
+    lines = [
+        f"# babysit report: {r.run}",
+        "",
+        f"_generated {r.generated}_",
+        "",
+        f"**{r.headline}**",
+        "",
+    ]
     lines += md_table(["", ""], [[k, v] for k, v in r.header])
     lines += ["## Stages", ""]
-    lines += md_table(["stage", "status", "trials", "sum of trial durations",
-                        "wall (first start to last end)", "epochs spent"], r.timing)
+    lines += md_table(
+        [
+            "stage",
+            "status",
+            "trials",
+            "sum of trial durations",
+            "wall (first start to last end)",
+            "epochs spent",
+        ],
+        r.timing,
+    )
     for s in r.sections:
         lines += [f"## {TITLES[s.stage]}: {s.status}", "", s.verdict, ""]
         lines += [f"> {n}" for n in s.notes]
@@ -194,11 +226,13 @@ def render_md(r: Report) -> str:
             lines += [f"![{s.stage}]({s.figure})", ""]
         if s.trials:
             more = s.total_trials - len(s.trials)
-            lines += [f"Top {len(s.trials)} trials"
-                      f"{f' ({more} more in `babysit export`)' if more > 0 else ''}:", ""]
+            lines += [
+                f"Top {len(s.trials)} trials"
+                f"{f' ({more} more in `babysit export`)' if more > 0 else ''}:",
+                "",
+            ]
             lines += md_table(TRIAL_COLUMNS, s.trials)
     lines += ["## The run's spec", "", "```"]
     lines += [f"{k} = {v}" for k, v in r.spec]
     lines += ["```", ""]
     return "\n".join(lines)
-

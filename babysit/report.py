@@ -82,8 +82,10 @@ def publish_stage(ctx: Any, result: Any) -> None:
     try:
         _publish(ctx.storage, ctx.spec.name, result)
     except Exception as err:  # noqa: BLE001 - publishing must never stop a run
-        ctx.log(f"warning: could not publish the {result.stage} note and plots "
-                f"({type(err).__name__}: {err}); the run goes on")
+        ctx.log(
+            f"warning: could not publish the {result.stage} note and plots "
+            f"({type(err).__name__}: {err}); the run goes on"
+        )
 
 
 def _publish(storage: Storage, run: str, result: Any) -> None:
@@ -150,7 +152,8 @@ def _publish_plot(storage: Storage, run: str, stage: str, study: optuna.Study) -
         with open(path, "wb") as fh:
             fh.write(png(fig))
         artifact_id = optuna.artifacts.upload_artifact(
-            artifact_store=storage.artifacts, file_path=path, study_or_trial=study)
+            artifact_store=storage.artifacts, file_path=path, study_or_trial=study
+        )
     artifacts[name] = artifact_id
     _record(study, artifacts=artifacts)
 
@@ -170,19 +173,31 @@ def _note(storage: Storage, run: str, stage: str, study: optuna.Study) -> str:
     published = _published(study)
     trials = study.get_trials(deepcopy=False)
     status = published.get("status", "")
-    lines = [f"## {run}: {TITLES[stage]} {status}".rstrip(), "",
-             published.get("verdict") or _fallback_verdict(stage, study, trials), ""]
+    lines = [
+        f"## {run}: {TITLES[stage]} {status}".rstrip(),
+        "",
+        published.get("verdict") or _fallback_verdict(stage, study, trials),
+        "",
+    ]
     if stage == "sanity":
         done = [t for t in trials if t.state in FINISHED]
         if done:
             a = trial_attrs(done[0])
-            lines += md_table(["initial loss", "expected", "with L2 penalty", "reg"],
-                               [[num(a.initial_loss), num(a.expected_loss),
-                                 num(a.loss_with_reg), num(a.reg)]])
+            lines += md_table(
+                ["initial loss", "expected", "with L2 penalty", "reg"],
+                [[num(a.initial_loss), num(a.expected_loss), num(a.loss_with_reg), num(a.reg)]],
+            )
     elif stage == "overfit":
-        rows = [[num(t.params.get(Param.LR)), pct(t.value), blank(trial_attrs(t).steps),
-                 blank(trial_attrs(t).samples)]
-                for t in sorted(trials, key=lambda t: t.number) if t.state in FINISHED]
+        rows = [
+            [
+                num(t.params.get(Param.LR)),
+                pct(t.value),
+                blank(trial_attrs(t).steps),
+                blank(trial_attrs(t).samples),
+            ]
+            for t in sorted(trials, key=lambda t: t.number)
+            if t.state in FINISHED
+        ]
         lines += md_table(["lr", "train accuracy", "steps", "examples"], rows)
     elif stage in ("coarse", "fine"):
         if stage == "fine":
@@ -196,15 +211,24 @@ def _note(storage: Storage, run: str, stage: str, study: optuna.Study) -> str:
             a = trial_attrs(t)
             lines += md_table(
                 ["lr", "weight_decay", "epochs", "val accuracy", "test accuracy", "test loss"],
-                [[num(t.params.get(Param.LR)), num(t.params.get(Param.WEIGHT_DECAY)),
-                  blank(a.epochs_run), acc(a.val_accuracy), acc(a.test_accuracy),
-                  num(a.test_loss)]])
+                [
+                    [
+                        num(t.params.get(Param.LR)),
+                        num(t.params.get(Param.WEIGHT_DECAY)),
+                        blank(a.epochs_run),
+                        acc(a.val_accuracy),
+                        acc(a.test_accuracy),
+                        num(a.test_loss),
+                    ]
+                ],
+            )
     artifact_id = (published.get("artifacts") or {}).get(_PLOT_FILES.get(stage, ""))
     if artifact_id:
         # The dashboard serves study artifacts here, so the note shows the plot inline.
         lines += [f"![{stage}](/artifacts/{study._study_id}/{artifact_id})", ""]
-    lines.append("_Written by babysit; `babysit report --name "
-                 f"{run}` has every stage on one page._")
+    lines.append(
+        f"_Written by babysit; `babysit report --name {run}` has every stage on one page._"
+    )
     return "\n".join(lines) + "\n"
 
 
@@ -233,21 +257,23 @@ def _fallback_verdict(stage: str, study: optuna.Study, trials: list[FrozenTrial]
     if stage in ("coarse", "fine"):
         counts = record.counts(trials)
         best = record.best_trial(trials)
-        text = (f"{counts['finished']} trials ({counts['complete']} complete, "
-                f"{counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
-                "pruned)")
+        text = (
+            f"{counts['finished']} trials ({counts['complete']} complete, "
+            f"{counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
+            "pruned)"
+        )
         if best is not None:
             # .get: a study copied or written by hand may lack a parameter; say so, no crash.
-            text += (f"; best val accuracy {best.value:.3f} at lr "
-                     f"{g3(best.params.get(Param.LR))}, weight_decay "
-                     f"{g3(best.params.get(Param.WEIGHT_DECAY))}")
+            text += (
+                f"; best val accuracy {best.value:.3f} at lr "
+                f"{g3(best.params.get(Param.LR))}, weight_decay "
+                f"{g3(best.params.get(Param.WEIGHT_DECAY))}"
+            )
         return text
     return ""
 
 
 # ---------------------------------------------------------------------------- trials
-
-
 
 
 def _top(trials: list[FrozenTrial], n: int) -> list[FrozenTrial]:
@@ -264,9 +290,14 @@ def _top(trials: list[FrozenTrial], n: int) -> list[FrozenTrial]:
 
 
 def _trial_row(t: FrozenTrial) -> list[str]:
-    return [str(t.number), num(t.params.get(Param.LR)), num(t.params.get(Param.WEIGHT_DECAY)),
-            acc(t.value), t.state.name, blank(trial_attrs(t).reason)]
-
+    return [
+        str(t.number),
+        num(t.params.get(Param.LR)),
+        num(t.params.get(Param.WEIGHT_DECAY)),
+        acc(t.value),
+        t.state.name,
+        blank(trial_attrs(t).reason),
+    ]
 
 
 def write_report(storage: Storage, run: str, out_dir: Path) -> tuple[Path, Path]:
@@ -305,7 +336,8 @@ def _build(storage: Storage, run: str) -> Report:
         info = stages.get(stage, {})
         published = records[stage].attrs.published or {}
         verdict = published.get("verdict") or (
-            _fallback_verdict(stage, study, trials) if study is not None else "not run yet")
+            _fallback_verdict(stage, study, trials) if study is not None else "not run yet"
+        )
         section = Section(stage=stage, status=info.get("status", "skipped"), verdict=verdict)
         _stage_facts(section, stage, info, trials, summary)
         fig = stage_figure(storage, run, stage)
@@ -316,50 +348,100 @@ def _build(storage: Storage, run: str) -> Report:
         sections.append(section)
         busy, wall = record.timing(trials)
         total_busy += busy or 0.0
-        timing.append([stage, section.status, str(len(trials)), secs(busy), secs(wall),
-                       f"{summary['epochs_by_stage'].get(stage, 0.0):.2f}"])
-    timing.append(["all", "", str(sum(int(r[2]) for r in timing)), secs(total_busy), "",
-                   f"{summary['epochs_spent']:.2f}"])
+        timing.append(
+            [
+                stage,
+                section.status,
+                str(len(trials)),
+                secs(busy),
+                secs(wall),
+                f"{summary['epochs_by_stage'].get(stage, 0.0):.2f}",
+            ]
+        )
+    timing.append(
+        [
+            "all",
+            "",
+            str(sum(int(r[2]) for r in timing)),
+            secs(total_busy),
+            "",
+            f"{summary['epochs_spent']:.2f}",
+        ]
+    )
     final = stages["final"]
     if final.get("status") == "passed":
         params = ", ".join(f"{k} {g3(v)}" for k, v in (final.get("params") or {}).items())
-        headline = (f"test accuracy {acc(final.get('test_accuracy'))}, test loss "
-                    f"{acc(final.get('test_loss'))} after {final.get('epochs') or '?'} epochs "
-                    f"at {params}")
+        headline = (
+            f"test accuracy {acc(final.get('test_accuracy'))}, test loss "
+            f"{acc(final.get('test_loss'))} after {final.get('epochs') or '?'} epochs "
+            f"at {params}"
+        )
     else:
         headline = f"no final result yet (final: {final.get('status')})"
-    header = [("dataset", f"{summary['dataset']} ({summary['num_classes']} classes)"),
-              ("model", str(summary["model"])), ("optimizer", str(summary["optimizer"])),
-              ("storage", summary["storage"]),
-              ("epochs spent", f"{summary['epochs_spent']:.2f} (training examples processed "
-                               "by all stages / training split size)")]
-    spec_rows = [(k, json.dumps(v) if not isinstance(v, str) else v)
-                 for k, v in flatten(spec.to_dict())]
+    header = [
+        ("dataset", f"{summary['dataset']} ({summary['num_classes']} classes)"),
+        ("model", str(summary["model"])),
+        ("optimizer", str(summary["optimizer"])),
+        ("storage", summary["storage"]),
+        (
+            "epochs spent",
+            f"{summary['epochs_spent']:.2f} (training examples processed "
+            "by all stages / training split size)",
+        ),
+    ]
+    spec_rows = [
+        (k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten(spec.to_dict())
+    ]
     generated = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    return Report(run=run, header=header, headline=headline, timing=timing,
-                   sections=sections, spec=spec_rows, images=images, generated=generated)
+    return Report(
+        run=run,
+        header=header,
+        headline=headline,
+        timing=timing,
+        sections=sections,
+        spec=spec_rows,
+        images=images,
+        generated=generated,
+    )
 
 
-def _stage_facts(section: Section, stage: str, info: dict[str, Any],
-                 trials: list[FrozenTrial], summary: dict[str, Any]) -> None:
+def _stage_facts(
+    section: Section,
+    stage: str,
+    info: dict[str, Any],
+    trials: list[FrozenTrial],
+    summary: dict[str, Any],
+) -> None:
     facts = section.facts
     if stage == "sanity":
-        facts += [("initial loss", num(info.get("initial_loss"))),
-                  ("expected loss", num(info.get("expected_loss"))),
-                  ("loss with L2 penalty", num(info.get("loss_with_reg")))]
+        facts += [
+            ("initial loss", num(info.get("initial_loss"))),
+            ("expected loss", num(info.get("expected_loss"))),
+            ("loss with L2 penalty", num(info.get("loss_with_reg"))),
+        ]
     elif stage == "overfit":
-        facts += [("train accuracy", pct(info.get("train_accuracy"))),
-                  ("lr", num(info.get("lr"))), ("learning rates tried", str(len(trials)))]
+        facts += [
+            ("train accuracy", pct(info.get("train_accuracy"))),
+            ("lr", num(info.get("lr"))),
+            ("learning rates tried", str(len(trials))),
+        ]
     elif stage in ("coarse", "fine") and trials:
-        facts += [("trials", f"{info.get('trials', 0)} of {info.get('target', '?')} finished"),
-                  ("complete", str(info.get("complete", 0))),
-                  ("pruned", f"{info.get('pruned', 0)} ({info.get('diverged', 0)} diverged)"),
-                  ("failed", str(info.get("failed", 0)))]
+        facts += [
+            ("trials", f"{info.get('trials', 0)} of {info.get('target', '?')} finished"),
+            ("complete", str(info.get("complete", 0))),
+            ("pruned", f"{info.get('pruned', 0)} ({info.get('diverged', 0)} diverged)"),
+            ("failed", str(info.get("failed", 0))),
+        ]
         best = info.get("best")
         if best:
-            facts.append(("best", f"val accuracy {best['value']:.4f} (trial {best['number']}) "
-                                  f"at lr {g3(best['params'].get(Param.LR))}, weight_decay "
-                                  f"{g3(best['params'].get(Param.WEIGHT_DECAY))}"))
+            facts.append(
+                (
+                    "best",
+                    f"val accuracy {best['value']:.4f} (trial {best['number']}) "
+                    f"at lr {g3(best['params'].get(Param.LR))}, weight_decay "
+                    f"{g3(best['params'].get(Param.WEIGHT_DECAY))}",
+                )
+            )
         ranges = info.get("range")
         if ranges:
             facts += [(f"{k} range", f"[{v[0]:.3g}, {v[1]:.3g}]") for k, v in ranges.items()]
@@ -371,7 +453,9 @@ def _stage_facts(section: Section, stage: str, info: dict[str, Any],
         section.total_trials = len(trials)
     elif stage == "final" and info.get("status") == "passed":
         facts += [(k, num(v)) for k, v in (info.get("params") or {}).items()]
-        facts += [("epochs", str(info.get("epochs"))),
-                  ("val accuracy", acc(info.get("val_accuracy"))),
-                  ("test accuracy", acc(info.get("test_accuracy"))),
-                  ("test loss", num(info.get("test_loss")))]
+        facts += [
+            ("epochs", str(info.get("epochs"))),
+            ("val accuracy", acc(info.get("val_accuracy"))),
+            ("test accuracy", acc(info.get("test_accuracy"))),
+            ("test loss", num(info.get("test_loss"))),
+        ]

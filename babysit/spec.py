@@ -301,14 +301,22 @@ def validate(spec: Spec) -> None:
     if spec.data.val_fraction + spec.data.test_fraction >= 1:
         raise UsageError(
             f"data.val_fraction + data.test_fraction = {spec.data.val_fraction:g} + "
-            f"{spec.data.test_fraction:g} leaves no training data; their sum must be < 1")
-    folds = {"train": spec.data.train_folds, "val": spec.data.val_folds,
-             "test": spec.data.test_folds}
+            f"{spec.data.test_fraction:g} leaves no training data; their sum must be < 1"
+        )
+    folds = {
+        "train": spec.data.train_folds,
+        "val": spec.data.val_folds,
+        "test": spec.data.test_folds,
+    }
     for a, b in (("train", "val"), ("train", "test"), ("val", "test")):
         shared = sorted(set(folds[a]) & set(folds[b]))
         if shared:
-            raise UsageError(f"data.{a}_folds and data.{b}_folds share fold(s) "
-                             f"{shared}; a fold may feed one split only")
+            raise UsageError(
+                f"data.{a}_folds and data.{b}_folds share fold(s) "
+                f"{shared}; a fold may feed one split only"
+            )
     if spec.optimizer not in spec.overfit.lrs:
-        raise UsageError(f"overfit.lrs has no entry for optimizer '{spec.optimizer}'; "
-                         f"give overfit.lrs.{spec.optimizer} = [lr, ...]")
+        raise UsageError(
+            f"overfit.lrs has no entry for optimizer '{spec.optimizer}'; "
+            f"give overfit.lrs.{spec.optimizer} = [lr, ...]"
+        )

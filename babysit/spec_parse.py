@@ -50,9 +50,7 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
         if isinstance(value, dict):
             return dict(value)
     expected = type(current).__name__
-    raise UsageError(
-        f"config key '{key}' expects {expected} (like {current!r}), got {value!r}"
-    )
+    raise UsageError(f"config key '{key}' expects {expected} (like {current!r}), got {value!r}")
 
 
 def apply_mapping(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
@@ -67,16 +65,16 @@ def apply_mapping(obj: Any, data: dict[str, Any], prefix: str = "") -> None:
         key = KEY_ALIASES.get(raw_key, raw_key) if not prefix else raw_key
         full = f"{prefix}{key}"
         if key not in fields:
-            raise UsageError(f"unknown config key '{prefix}{raw_key}'; known keys: "
-                             f"{known_keys_hint(obj)}")
+            raise UsageError(
+                f"unknown config key '{prefix}{raw_key}'; known keys: {known_keys_hint(obj)}"
+            )
         current = fields[key]
         if dataclasses.is_dataclass(current):
             if not isinstance(value, dict):
                 if "name" in _field_values(current):
                     value = {"name": value}
                 else:
-                    raise UsageError(f"config key '{full}' is a table; set its fields as "
-                                     f"{full}.X")
+                    raise UsageError(f"config key '{full}' is a table; set its fields as {full}.X")
             apply_mapping(current, value, prefix=f"{full}.")
         else:
             setattr(obj, key, _coerce(full, value, current))

@@ -65,17 +65,22 @@ def _real(v: Any) -> bool:
 
 
 def _at_least(n: int) -> Rule:
-    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n,
-                f"a whole number >= {n}")
+    return Rule(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= n,
+        f"a whole number >= {n}",
+    )
 
 
 def _whole(low: int, high: int) -> Rule:
-    return Rule(lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
-                f"a whole number from {low} to {high}")
+    return Rule(
+        lambda v: isinstance(v, int) and not isinstance(v, bool) and low <= v <= high,
+        f"a whole number from {low} to {high}",
+    )
 
 
-def _number(low: float, high: float = math.inf, *, low_open: bool = False,
-            high_open: bool = True) -> Rule:
+def _number(
+    low: float, high: float = math.inf, *, low_open: bool = False, high_open: bool = True
+) -> Rule:
     def ok(v: Any) -> bool:
         if not _real(v):
             return False
@@ -86,8 +91,9 @@ def _number(low: float, high: float = math.inf, *, low_open: bool = False,
     if high == math.inf:
         words = f"a finite number {'>' if low_open else '>='} {low:g}"
     else:
-        words = (f"a number in {'(' if low_open else '['}{low:g}, {high:g}"
-                 f"{')' if high_open else ']'}")
+        words = (
+            f"a number in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        )
     return Rule(ok, words)
 
 
@@ -103,33 +109,56 @@ def _choice(*choices: str) -> Rule:
 
 
 def _log_range() -> Rule:
-    return Rule(lambda v: isinstance(v, list) and len(v) == 2 and all(_real(x) for x in v)
-                and 0 < v[0] < v[1],
-                "[low, high], two finite numbers with 0 < low < high")
+    return Rule(
+        lambda v: (
+            isinstance(v, list) and len(v) == 2 and all(_real(x) for x in v) and 0 < v[0] < v[1]
+        ),
+        "[low, high], two finite numbers with 0 < low < high",
+    )
 
 
 def _folds() -> Rule:
-    return Rule(lambda v: isinstance(v, list) and len(v) >= 1 and len(set(v)) == len(v)
-                and all(isinstance(x, int) and 1 <= x <= 10 for x in v),
-                "a non-empty list of distinct FDDB folds, each 1-10")
+    return Rule(
+        lambda v: (
+            isinstance(v, list)
+            and len(v) >= 1
+            and len(set(v)) == len(v)
+            and all(isinstance(x, int) and 1 <= x <= 10 for x in v)
+        ),
+        "a non-empty list of distinct FDDB folds, each 1-10",
+    )
 
 
 def _text() -> Rule:
-    return Rule(lambda v: isinstance(v, str) and 0 < len(v) <= 1000 and v.isprintable(),
-                "a non-empty printable string (no newline or control characters)")
+    return Rule(
+        lambda v: isinstance(v, str) and 0 < len(v) <= 1000 and v.isprintable(),
+        "a non-empty printable string (no newline or control characters)",
+    )
 
 
 def _lr_lists() -> Rule:
-    return Rule(lambda v: isinstance(v, dict) and len(v) > 0 and all(
-        k in OPTIMIZERS and isinstance(lrs, list) and len(lrs) > 0
-        and all(_real(x) and x > 0 for x in lrs) for k, lrs in v.items()),
+    return Rule(
+        lambda v: (
+            isinstance(v, dict)
+            and len(v) > 0
+            and all(
+                k in OPTIMIZERS
+                and isinstance(lrs, list)
+                and len(lrs) > 0
+                and all(_real(x) and x > 0 for x in lrs)
+                for k, lrs in v.items()
+            )
+        ),
         f"a table {{optimizer = [lr, ...]}} with optimizer {either(OPTIMIZERS)} and each list "
-        "a non-empty list of finite numbers > 0")
+        "a non-empty list of finite numbers > 0",
+    )
 
 
 def _run_name() -> Rule:
-    return Rule(lambda v: isinstance(v, str) and (v == "" or valid_run_name(v)),
-                f"{NAME_RULE} (or empty: named after the dataset)")
+    return Rule(
+        lambda v: isinstance(v, str) and (v == "" or valid_run_name(v)),
+        f"{NAME_RULE} (or empty: named after the dataset)",
+    )
 
 
 def _f(default: Any, rule: Rule) -> Any:
@@ -150,8 +179,9 @@ def _f(default: Any, rule: Rule) -> Any:
 # named <ablation>/<variant>[/r<k>], so a run given --name never collides with them.
 NAME_MAX = 128
 _NAME_PART = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]*")
-NAME_RULE = (f"1-{NAME_MAX} characters: ASCII letters, digits and . _ + -, starting with a "
-             "letter or digit")
+NAME_RULE = (
+    f"1-{NAME_MAX} characters: ASCII letters, digits and . _ + -, starting with a letter or digit"
+)
 
 
 def valid_run_name(name: str, composed: bool = False) -> bool:
@@ -180,11 +210,12 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-_ZERO_OR_SIDE = Rule(lambda v: isinstance(v, int) and not isinstance(v, bool)
-                     and (v == 0 or 8 <= v <= 1024), "0 (keep) or a whole number from 8 to 1024")
+_ZERO_OR_SIDE = Rule(
+    lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == 0 or 8 <= v <= 1024),
+    "0 (keep) or a whole number from 8 to 1024",
+)
 _FLAG = Rule(lambda v: isinstance(v, bool), "true or false")
 _DIVERGE = Rule(lambda v: _real(v) and (v == 0 or v > 1), "0 (off) or a finite number > 1")
-
 
 
 def check_rules(obj: Any, prefix: str = "") -> None:
@@ -206,5 +237,6 @@ def check_rules(obj: Any, prefix: str = "") -> None:
             key = f"{prefix}{f.name}"
             if rule.allowed.startswith("choose one of"):
                 raise UsageError(f"unknown {key} {_show(value)}; {rule.allowed}")
-            raise UsageError(f"{key} = {_show(value)} is not allowed; {key} must be "
-                             f"{rule.allowed}")
+            raise UsageError(
+                f"{key} = {_show(value)} is not allowed; {key} must be {rule.allowed}"
+            )

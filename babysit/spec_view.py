@@ -54,8 +54,14 @@ def _fields(spec: Spec) -> list[tuple[str, Any, Any, str]]:
         table, _, name = key.rpartition(".")
         obj = getattr(spec, tables[table]) if table else spec
         field = next(f for f in dataclasses.fields(obj) if f.name == name)
-        rows.append((key, getattr(obj, name), field.metadata.get("rule"),
-                     _comments(type(obj)).get(name, "")))
+        rows.append(
+            (
+                key,
+                getattr(obj, name),
+                field.metadata.get("rule"),
+                _comments(type(obj)).get(name, ""),
+            )
+        )
     return rows
 
 
@@ -79,8 +85,9 @@ def _dotted(data: dict[str, Any], prefix: str = "") -> list[str]:
     return out
 
 
-def sources(config: Path | None, sets: list[str] | tuple[str, ...],
-            flags: dict[str, Any]) -> dict[str, str]:
+def sources(
+    config: Path | None, sets: list[str] | tuple[str, ...], flags: dict[str, Any]
+) -> dict[str, str]:
     """{key: where its value came from} for every key not left at its default, in the order
     build_spec applies them (a later source wins)."""
     keys = set(all_keys())
@@ -109,8 +116,10 @@ def _learned(spec: Spec, key: str, given: dict[str, str]) -> str | None:
         if spec.coarse.lr_range_test:
             return "learned: the LR range test replaces it when the run gets there"
         if spec.coarse.lr_from_overfit:
-            return ("learned: replaced by a range around the LR that memorises the overfit "
-                    "subset (coarse.lr_from_overfit), when one does")
+            return (
+                "learned: replaced by a range around the LR that memorises the overfit "
+                "subset (coarse.lr_from_overfit), when one does"
+            )
     if key == "batch_size" and spec.batch_size == 0:
         return "learned: from the size of the training split, when the run starts"
     if key == "name" and not spec.name:
@@ -131,12 +140,15 @@ def _show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def spec_lines(spec: Spec, config: Path | None, sets: list[str] | tuple[str, ...],
-               flags: dict[str, Any]) -> list[str]:
+def spec_lines(
+    spec: Spec, config: Path | None, sets: list[str] | tuple[str, ...], flags: dict[str, Any]
+) -> list[str]:
     """The resolved spec: ``key = value  (source)``, then why and what is allowed."""
     given = sources(config, sets, flags)
-    lines = [f"# the run spec as resolved from defaults < {'the TOML file < ' if config else ''}"
-             "--set < flags; `key = value  (source)`, why, what is allowed"]
+    lines = [
+        f"# the run spec as resolved from defaults < {'the TOML file < ' if config else ''}"
+        "--set < flags; `key = value  (source)`, why, what is allowed"
+    ]
     for key, value, rule, reason in _fields(spec):
         source = _learned(spec, key, given) or given.get(key, "default")
         lines.append(f"{key} = {_show(value)}  ({source})")

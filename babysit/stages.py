@@ -61,7 +61,9 @@ from babysit.train import memorise
 
 
 def _l2(model: torch.nn.Module) -> torch.Tensor:
-    return sum(((p.float() ** 2).sum() for p in model.parameters() if p.dim() > 1), torch.zeros(()))
+    return sum(
+        ((p.float() ** 2).sum() for p in model.parameters() if p.dim() > 1), torch.zeros(())
+    )
 
 
 def sanity(ctx: Context) -> SanityResult:
@@ -77,14 +79,26 @@ def sanity(ctx: Context) -> SanityResult:
         readings = read_untrained(ctx, model)
         initial, with_reg = readings.pop("initial_loss"), readings.pop("loss_with_reg")
         status, verdict = _sanity_verdict(
-            initial, expected, with_reg, spec.sanity.tolerance, spec.loss,
-            ctx.data.num_classes, readings, readings.pop("l2"))
+            initial,
+            expected,
+            with_reg,
+            spec.sanity.tolerance,
+            spec.loss,
+            ctx.data.num_classes,
+            readings,
+            readings.pop("l2"),
+        )
         for k, v in {
-            TrialKey.INITIAL_LOSS: initial, TrialKey.EXPECTED_LOSS: expected,
-            TrialKey.LOSS_WITH_REG: with_reg, TrialKey.REG: spec.sanity.reg,
-            TrialKey.TOLERANCE: spec.sanity.tolerance, TrialKey.TOLERANCE_UNIT: "nats",
+            TrialKey.INITIAL_LOSS: initial,
+            TrialKey.EXPECTED_LOSS: expected,
+            TrialKey.LOSS_WITH_REG: with_reg,
+            TrialKey.REG: spec.sanity.reg,
+            TrialKey.TOLERANCE: spec.sanity.tolerance,
+            TrialKey.TOLERANCE_UNIT: "nats",
             TrialKey.MAX_LOGIT_STD: max_logit_std(spec.sanity.tolerance),
-            **readings, TrialKey.STATUS: status, TrialKey.VERDICT: verdict,
+            **readings,
+            TrialKey.STATUS: status,
+            TrialKey.VERDICT: verdict,
         }.items():
             trial.set_user_attr(k, v)
         return initial if math.isfinite(initial) else float("inf")
@@ -92,11 +106,19 @@ def sanity(ctx: Context) -> SanityResult:
     trial = fixed_trial(study, "sanity", {}, objective)
     a = trial_attrs(trial)
     initial_loss = float(a.initial_loss if a.initial_loss is not None else "nan")
-    return SanityResult("sanity", str(a.status), str(a.verdict), {
-        "initial_loss": a.initial_loss, "expected_loss": a.expected_loss,
-        "loss_with_reg": a.loss_with_reg, "logit_std": a.logit_std,
-        "top_class_share": a.top_class_share,
-    }, initial_loss=initial_loss if math.isfinite(initial_loss) else expected)
+    return SanityResult(
+        "sanity",
+        str(a.status),
+        str(a.verdict),
+        {
+            "initial_loss": a.initial_loss,
+            "expected_loss": a.expected_loss,
+            "loss_with_reg": a.loss_with_reg,
+            "logit_std": a.logit_std,
+            "top_class_share": a.top_class_share,
+        },
+        initial_loss=initial_loss if math.isfinite(initial_loss) else expected,
+    )
 
 
 def read_untrained(ctx: Context, model: torch.nn.Module) -> dict[str, Any]:
@@ -109,15 +131,19 @@ def read_untrained(ctx: Context, model: torch.nn.Module) -> dict[str, Any]:
     with torch.no_grad():
         losses, outputs = [], []
         for start in range(0, n, ctx.batch_size):
-            xb = data.pre(xs[start:start + ctx.batch_size], train=False)
-            yb = ys[start:start + ctx.batch_size]
+            xb = data.pre(xs[start : start + ctx.batch_size], train=False)
+            yb = ys[start : start + ctx.batch_size]
             batch_loss, out = forward_loss(model, xb, yb, spec.loss, mixed=False)
             outputs.append(out)
             losses.append(float(batch_loss))
         initial = sum(losses) / len(losses)
         l2 = float(_l2(model))
-    return {"initial_loss": initial, "loss_with_reg": initial + 0.5 * spec.sanity.reg * l2,
-            "l2": l2, **sanity_readings(torch.cat(outputs), outputs[0], spec.loss)}
+    return {
+        "initial_loss": initial,
+        "loss_with_reg": initial + 0.5 * spec.sanity.reg * l2,
+        "l2": l2,
+        **sanity_readings(torch.cat(outputs), outputs[0], spec.loss),
+    }
 
 
 def max_logit_std(tolerance: float) -> float:
@@ -144,56 +170,83 @@ def sanity_readings(logits: torch.Tensor, first: torch.Tensor, loss: str) -> dic
     }
 
 
-def _sanity_verdict(initial: float, expected: float, with_reg: float, tol: float, loss: str,
-                    classes: int, r: dict[str, Any], l2: float) -> tuple[str, str]:
+def _sanity_verdict(
+    initial: float,
+    expected: float,
+    with_reg: float,
+    tol: float,
+    loss: str,
+    classes: int,
+    r: dict[str, Any],
+    l2: float,
+) -> tuple[str, str]:
     """("passed" | "failed", the reading in words, naming the cause of a failure)."""
     what = "ln 2 (one-hot BCE)" if loss == "bce" else f"ln {classes}"
     std, share = r["logit_std"], r["top_class_share"]
     limit = max_logit_std(tol)
     spread = "root mean square" if loss == "bce" else "std across classes"
     if r["nonfinite_outputs"]:
-        where = ("on the first batch" if r["nonfinite_first_batch"]
-                 else "on a later batch of the first few")
+        where = (
+            "on the first batch"
+            if r["nonfinite_first_batch"]
+            else "on a later batch of the first few"
+        )
         return "failed", (
             f"outputs are NaN/inf {where} ({r['nonfinite_outputs']} of {r['outputs']} "
             "output values) before any training: the untrained network overflows or divides by "
             "zero; check the weight init, the input normalisation and any log, sqrt or "
-            "division in forward()")
+            "division in forward()"
+        )
     if not math.isfinite(initial):
         return "failed", (
             f"the outputs are finite but the loss is not ({initial}): check that the "
-            "labels lie in 0..C-1 and that the outputs are logits, not probabilities")
+            "labels lie in 0..C-1 and that the outputs are logits, not probabilities"
+        )
     if std > limit:
-        one = (f"; the untrained network puts {share:.0%} of the batch on class "
-               f"{r['top_class']}" if share >= 0.9 and classes > 1 else "")
+        one = (
+            f"; the untrained network puts {share:.0%} of the batch on class {r['top_class']}"
+            if share >= 0.9 and classes > 1
+            else ""
+        )
         return "failed", (
             f"logits too large ({spread} {std:.3g}, at most {limit:.2f} for a loss within "
             f"{tol:g} nats of chance): initial loss {initial:.2f}, expected {expected:.2f} = "
             f"{what}; scale the last layer's init down (e.g. normal std 0.01, or zero its "
-            f"weights){one}")
+            f"weights){one}"
+        )
     if abs(initial - expected) > tol:
         if initial > expected:
-            hint = ("higher than chance although the logits spread little: check the label "
-                    "encoding and that the outputs are raw logits (no softmax or sigmoid "
-                    "inside the network)")
+            hint = (
+                "higher than chance although the logits spread little: check the label "
+                "encoding and that the outputs are raw logits (no softmax or sigmoid "
+                "inside the network)"
+            )
         else:
-            hint = ("lower than chance before any training: check for labels leaking into "
-                    "the input, or a loss that sees fewer classes than the data has")
+            hint = (
+                "lower than chance before any training: check for labels leaking into "
+                "the input, or a loss that sees fewer classes than the data has"
+            )
         return "failed", (
             f"initial loss {initial:.2f}, expected {expected:.2f} = {what} (tolerance "
-            f"{tol:g} nats, logits {spread} {std:.3g}): {hint}")
+            f"{tol:g} nats, logits {spread} {std:.3g}): {hint}"
+        )
     if not (math.isfinite(with_reg) and with_reg > initial):
-        cause = ("no parameter reaches it: the network has no weight matrix or kernel, or "
-                 "all of them are zero" if l2 == 0.0 else
-                 f"the weights' sum of squares ({l2:.3g}) is too small to register")
+        cause = (
+            "no parameter reaches it: the network has no weight matrix or kernel, or "
+            "all of them are zero"
+            if l2 == 0.0
+            else f"the weights' sum of squares ({l2:.3g}) is too small to register"
+        )
         return "failed", (
             f"the penalty does not raise the loss: {cause} (initial loss {initial:.3f}, "
-            f"{with_reg:.3f} with an L2 penalty)")
+            f"{with_reg:.3f} with an L2 penalty)"
+        )
     # Short: the dashboard lays each attr out on one line, and a trial page must stay readable.
     return "passed", (
         f"initial loss {initial:.3f}, expected {what} = {expected:.3f} ± {tol:g}; logit "
         f"{'rms' if loss == 'bce' else 'std'} {std:.2g} (≤ {limit:.2f}); top class {share:.0%}; "
-        f"with L2 {with_reg:.3f}")
+        f"with L2 {with_reg:.3f}"
+    )
 
 
 # ---------------------------------------------------------------------------- overfit
@@ -220,8 +273,9 @@ def overfit(ctx: Context) -> StageResult:
                     module.p = 0.0
             opt = make_optimizer(spec.optimizer, model.parameters(), lr, 0.0, spec.momentum)
             t0 = time.perf_counter()
-            acc, curve, steps = memorise(model, opt, x, y, data.pre, steps=spec.overfit.steps,
-                                         loss=spec.loss)
+            acc, curve, steps = memorise(
+                model, opt, x, y, data.pre, steps=spec.overfit.steps, loss=spec.loss
+            )
             store_trial_data(ctx.storage, trial, **{TrialKey.CURVE: curve})
             trial.set_user_attr(TrialKey.STEPS, steps)
             trial.set_user_attr(TrialKey.SAMPLES, n)
@@ -233,12 +287,17 @@ def overfit(ctx: Context) -> StageResult:
         trial = fixed_trial(study, f"lr={lr:g}", {Param.LR: lr}, objective)
         tried.append(trial)
         if trial.value is not None and trial.value >= 1.0:
-            verdict = (f"{n} examples memorised (100 % train accuracy) in "
-                       f"{plural(trial.user_attrs[TrialKey.STEPS], 'step')} at lr {lr:g}")
+            verdict = (
+                f"{n} examples memorised (100 % train accuracy) in "
+                f"{plural(trial.user_attrs[TrialKey.STEPS], 'step')} at lr {lr:g}"
+            )
             study.set_user_attr(StudyKey.VERDICT, verdict)
-            return StageResult("overfit", "passed", verdict,
-                               {"train_accuracy": 1.0, "lr": lr,
-                                "steps": trial.user_attrs[TrialKey.STEPS]})
+            return StageResult(
+                "overfit",
+                "passed",
+                verdict,
+                {"train_accuracy": 1.0, "lr": lr, "steps": trial.user_attrs[TrialKey.STEPS]},
+            )
     verdict = _overfit_verdict(ctx, tried, n)
     study.set_user_attr(StudyKey.VERDICT, verdict)
     best = max((t.value or 0.0) for t in tried)
@@ -258,18 +317,26 @@ def _overfit_verdict(ctx: Context, trials: list[FrozenTrial], n: int) -> str:
             parts.append(f"lr {lr:g}: loss flat at {losses[-1]:.3f}, LR too low")
         else:
             parts.append(f"lr {lr:g}: reached {acc:.0%}")
-    return (f"could not memorise {n} examples (reg 0, no dropout, no augmentation): " + "; ".join(parts)
-            + ". Check that the labels match the images and that the network has the capacity;"
-            " or try other LRs with --set overfit.lrs")
-
+    return (
+        f"could not memorise {n} examples (reg 0, no dropout, no augmentation): "
+        + "; ".join(parts)
+        + ". Check that the labels match the images and that the network has the capacity;"
+        " or try other LRs with --set overfit.lrs"
+    )
 
 
 # ---------------------------------------------------------------------------- searches
 
 
-def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, list[float]],
-           *, initial_loss: float,
-           progress: Callable[[int, int, FrozenTrial | None], None] | None = None) -> StageResult:
+def search(
+    ctx: Context,
+    stage: str,
+    search_spec: SearchSpec,
+    ranges: dict[str, list[float]],
+    *,
+    initial_loss: float,
+    progress: Callable[[int, int, FrozenTrial | None], None] | None = None,
+) -> StageResult:
     """Log-uniform search over lr and weight_decay until ``trials`` trials have finished.
 
     A trial whose loss passes ``search_spec.diverge_factor`` x ``initial_loss`` (the sanity
@@ -282,8 +349,9 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
     probe = open_stage(ctx, stage)
     # The sampler's seed counts the trials already there: a rerun draws new points.
     seed = seed_for(ctx.spec, stage, len(probe.get_trials(deepcopy=False)))
-    study = open_stage(ctx, stage, sampler=sampler_for(search_spec, seed),
-                       pruner=pruner_for(search_spec))
+    study = open_stage(
+        ctx, stage, sampler=sampler_for(search_spec, seed), pruner=pruner_for(search_spec)
+    )
     _describe_search(study, search_spec, ranges)
 
     def objective(trial: optuna.Trial) -> float:
@@ -294,8 +362,9 @@ def search(ctx: Context, stage: str, search_spec: SearchSpec, ranges: dict[str, 
     return _search_result(ctx, stage, study.get_trials(deepcopy=False), ranges)
 
 
-def _describe_search(study: optuna.Study, search_spec: SearchSpec,
-                     ranges: dict[str, list[float]]) -> None:
+def _describe_search(
+    study: optuna.Study, search_spec: SearchSpec, ranges: dict[str, list[float]]
+) -> None:
     """The ranges, sampler and pruner, stored once on the study for the report."""
     if StudyKey.RANGES in study.user_attrs:
         return
@@ -303,12 +372,22 @@ def _describe_search(study: optuna.Study, search_spec: SearchSpec,
     study.set_user_attr(StudyKey.PRUNER, search_spec.pruner)
     study.set_user_attr(StudyKey.SAMPLER, search_spec.sampler)
     if search_spec.pruner == "halving":
-        study.set_user_attr(StudyKey.PRUNER_RULE, HALVING_RULE.format(
-            startup=HALVING_STARTUP, factor=HALVING_FACTOR, factor2=HALVING_FACTOR**2))
+        study.set_user_attr(
+            StudyKey.PRUNER_RULE,
+            HALVING_RULE.format(
+                startup=HALVING_STARTUP, factor=HALVING_FACTOR, factor2=HALVING_FACTOR**2
+            ),
+        )
 
 
-def _search_trial(ctx: Context, trial: optuna.Trial, stage: str, search_spec: SearchSpec,
-                  ranges: dict[str, list[float]], initial: float) -> float:
+def _search_trial(
+    ctx: Context,
+    trial: optuna.Trial,
+    stage: str,
+    search_spec: SearchSpec,
+    ranges: dict[str, list[float]],
+    initial: float,
+) -> float:
     """One search trial: draw lr and weight_decay, train ``search_spec.epochs`` epochs
     (pruned or stopped on divergence on the way), return the last val accuracy."""
     spec = ctx.spec
@@ -317,8 +396,9 @@ def _search_trial(ctx: Context, trial: optuna.Trial, stage: str, search_spec: Se
     seed = seed_for(spec, stage, trial.number)
     model = fresh_model(ctx, seed)
     opt = make_optimizer(spec.optimizer, model.parameters(), lr, wd, spec.momentum)
-    curves: dict[str, list[float]] = {k: [] for k in
-                                      ("train_loss", "train_acc", "val_loss", "val_acc")}
+    curves: dict[str, list[float]] = {
+        k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")
+    }
     t0 = time.perf_counter()
     monitor = Monitor(model)  # diagnostics
     diag: dict[str, Any] = {}
@@ -335,20 +415,35 @@ def _search_trial(ctx: Context, trial: optuna.Trial, stage: str, search_spec: Se
         if stats.epoch < search_spec.epochs and trial.should_prune():
             store_trial_data(ctx.storage, trial, **{TrialKey.CURVES: curves}, **diag)
             trial.set_user_attr(TrialKey.REASON, Reason.PRUNED)
-            trial.set_user_attr(TrialKey.VERDICT, (
-                f"pruned after epoch {stats.epoch}: val accuracy {stats.val_acc:.3f} "
-                + (f"not in the top 1/{HALVING_FACTOR} of the trials that reached that "
-                   "epoch (successive halving)" if search_spec.pruner == "halving" else
-                   "below the median of earlier trials at that epoch")))
+            trial.set_user_attr(
+                TrialKey.VERDICT,
+                (
+                    f"pruned after epoch {stats.epoch}: val accuracy {stats.val_acc:.3f} "
+                    + (
+                        f"not in the top 1/{HALVING_FACTOR} of the trials that reached that "
+                        "epoch (successive halving)"
+                        if search_spec.pruner == "halving"
+                        else "below the median of earlier trials at that epoch"
+                    )
+                ),
+            )
             trial.set_user_attr(TrialKey.SECONDS, time.perf_counter() - t0)
             raise optuna.TrialPruned()
 
-    history = fit(model, opt, ctx.data, epochs=search_spec.epochs,
-                  batch_size=ctx.batch_size, loss=spec.loss,
-                  generator=generator_for(ctx, seed),
-                  diverge_above=search_spec.diverge_factor * initial,
-                  stop_on_divergence=search_spec.diverge_factor > 0,
-                  check_every=ctx.check_every, on_epoch=on_epoch, monitor=monitor)
+    history = fit(
+        model,
+        opt,
+        ctx.data,
+        epochs=search_spec.epochs,
+        batch_size=ctx.batch_size,
+        loss=spec.loss,
+        generator=generator_for(ctx, seed),
+        diverge_above=search_spec.diverge_factor * initial,
+        stop_on_divergence=search_spec.diverge_factor > 0,
+        check_every=ctx.check_every,
+        on_epoch=on_epoch,
+        monitor=monitor,
+    )
     diag.update(record_diagnostics(monitor, curves))  # a diverged trial's last epoch
     store_trial_data(ctx.storage, trial, **{TrialKey.CURVES: curves}, **diag)
     trial.set_user_attr(TrialKey.SECONDS, time.perf_counter() - t0)
@@ -357,21 +452,33 @@ def _search_trial(ctx: Context, trial: optuna.Trial, stage: str, search_spec: Se
     if history.stopped == "diverged":
         trial.set_user_attr(TrialKey.REASON, Reason.DIVERGED)
         trial.set_user_attr(TrialKey.DIVERGED_AT_STEP, history.stopped_at_step)
-        trial.set_user_attr(TrialKey.VERDICT, (
-            f"diverged at step {history.stopped_at_step}: loss {history.last_loss:.3g} "
-            f"(NaN/inf or above {search_spec.diverge_factor:g}x the initial "
-            f"{initial:.2f}); LR too high"))
+        trial.set_user_attr(
+            TrialKey.VERDICT,
+            (
+                f"diverged at step {history.stopped_at_step}: loss {history.last_loss:.3g} "
+                f"(NaN/inf or above {search_spec.diverge_factor:g}x the initial "
+                f"{initial:.2f}); LR too high"
+            ),
+        )
         return _diverged_value(trial, ctx.data.num_classes, len(curves["val_acc"]) + 1)
     first, last = history.first_loss, history.last_loss
     if first and last is not None and abs(first - last) < search_spec.flat_tolerance * first:
         trial.set_user_attr(TrialKey.REASON, Reason.LR_TOO_LOW)
-        trial.set_user_attr(TrialKey.VERDICT, (
-            f"lr too low: the train loss moved {abs(first - last) / first:.1%} "
-            f"({first:.3f} -> {last:.3f}) in {plural(history.steps, 'step')}"))
+        trial.set_user_attr(
+            TrialKey.VERDICT,
+            (
+                f"lr too low: the train loss moved {abs(first - last) / first:.1%} "
+                f"({first:.3f} -> {last:.3f}) in {plural(history.steps, 'step')}"
+            ),
+        )
     else:
-        trial.set_user_attr(TrialKey.VERDICT, (
-            f"val accuracy {history.epochs[-1].val_acc:.3f} after "
-            f"{plural(len(history.epochs), 'epoch')} (train {history.epochs[-1].train_acc:.3f})"))
+        trial.set_user_attr(
+            TrialKey.VERDICT,
+            (
+                f"val accuracy {history.epochs[-1].val_acc:.3f} after "
+                f"{plural(len(history.epochs), 'epoch')} (train {history.epochs[-1].train_acc:.3f})"
+            ),
+        )
     return history.epochs[-1].val_acc
 
 
@@ -387,30 +494,37 @@ def _diverged_value(trial: optuna.Trial, num_classes: int, step: int) -> float:
     return chance
 
 
-def _search_result(ctx: Context, stage: str, trials: list[FrozenTrial],
-                   ranges: dict[str, list[float]]) -> StageResult:
+def _search_result(
+    ctx: Context, stage: str, trials: list[FrozenTrial], ranges: dict[str, list[float]]
+) -> StageResult:
     """The stage's counts, best trial and verdict; a fine stage worse than coarse says so."""
     counts = stage_counts(trials)
     best = best_of(trials)
     values: dict[str, Any] = {**counts, "best": best, "range": ranges}
     values["examples"] = sum(int(t.user_attrs.get(TrialKey.EXAMPLES, 0)) for t in trials)
     if best is None:
-        verdict = (f"{stage}: none of {plural(counts['trials'], 'trial')} completed "
-                   f"({counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
-                   "pruned): lower the upper end of the lr range")
+        verdict = (
+            f"{stage}: none of {plural(counts['trials'], 'trial')} completed "
+            f"({counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
+            "pruned): lower the upper end of the lr range"
+        )
         return StageResult(stage, "failed", verdict, values)
-    verdict = (f"{stage}: {plural(counts['trials'], 'trial')} ({counts['complete']} complete, "
-               f"{counts['diverged']} diverged and stopped early, "
-               f"{counts['pruned'] - counts['diverged']} pruned); best val accuracy "
-               f"{best['value']:.3f} at lr {best['params']['lr']:.3g}, "
-               f"weight_decay {best['params']['weight_decay']:.3g}")
+    verdict = (
+        f"{stage}: {plural(counts['trials'], 'trial')} ({counts['complete']} complete, "
+        f"{counts['diverged']} diverged and stopped early, "
+        f"{counts['pruned'] - counts['diverged']} pruned); best val accuracy "
+        f"{best['value']:.3f} at lr {best['params']['lr']:.3g}, "
+        f"weight_decay {best['params']['weight_decay']:.3g}"
+    )
     if stage == "fine":
         coarse_best = best_of(open_stage(ctx, "coarse").get_trials(deepcopy=False))
         if coarse_best is not None and coarse_best["value"] > best["value"]:
             values["worse_than_coarse"] = coarse_best
-            verdict += (f"; worse than the coarse stage's best {coarse_best['value']:.3f} "
-                        f"(trial {coarse_best['number']}), so the final takes that trial's "
-                        "parameters")
+            verdict += (
+                f"; worse than the coarse stage's best {coarse_best['value']:.3f} "
+                f"(trial {coarse_best['number']}), so the final takes that trial's "
+                "parameters"
+            )
     return StageResult(stage, "passed", verdict, values)
 
 
@@ -419,13 +533,21 @@ def _search_result(ctx: Context, stage: str, trials: list[FrozenTrial],
 
 # The rule as stored on the fine study (``narrowed.rule``); README.md quotes this template
 # word for word (tests/test_readme.py), so the two cannot drift apart.
-NARROW_RULE = ("top {top} of the {good} complete coarse trials with val accuracy >= "
-               "{threshold} (half-way from chance {chance} to the best {best}); log10 span of "
-               "each parameter padded by {pad} decades, clipped to the coarse range")
+NARROW_RULE = (
+    "top {top} of the {good} complete coarse trials with val accuracy >= "
+    "{threshold} (half-way from chance {chance} to the best {best}); log10 span of "
+    "each parameter padded by {pad} decades, clipped to the coarse range"
+)
 
 
-def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float,
-           edge: float, chance: float = 0.0) -> dict[str, Any]:
+def narrow(
+    trials: list[FrozenTrial],
+    coarse: CoarseSpec,
+    top_k: int,
+    pad: float,
+    edge: float,
+    chance: float = 0.0,
+) -> dict[str, Any]:
     """Fine ranges from the best coarse trials, by a rule stated in full.
 
     Keep the COMPLETE coarse trials that got at least half of the best trial's gain over
@@ -437,8 +559,10 @@ def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float
     """
     complete = scored(trials)
     if not complete:
-        raise ProtocolError("no coarse trial completed, so there is nothing to narrow from: "
-                            "every trial diverged or failed; lower the upper end of coarse.lr")
+        raise ProtocolError(
+            "no coarse trial completed, so there is nothing to narrow from: "
+            "every trial diverged or failed; lower the upper end of coarse.lr"
+        )
     valued = [(t, t.value) for t in complete if t.value is not None]  # all of them: scored()
     best_value = max(v for _, v in valued)
     threshold = chance + 0.5 * (best_value - chance)
@@ -452,7 +576,8 @@ def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float
             "guessing the most common class), so there is no good region to narrow to; "
             "the network learned nothing in the coarse budget. Give coarse more epochs "
             "(coarse.epochs) or trials (coarse.trials), or move coarse.lr, and rerun under a "
-            "new --name (`babysit report` shows every coarse trial)")
+            "new --name (`babysit report` shows every coarse trial)"
+        )
     top = [t for t, _ in sorted(good, key=lambda tv: (-tv[1], tv[0].number))[:top_k]]
     best = top[0]
     ranges: dict[str, list[float]] = {}
@@ -468,11 +593,24 @@ def narrow(trials: list[FrozenTrial], coarse: CoarseSpec, top_k: int, pad: float
             side = "lower" if b - lo_c <= edge else "upper"
             warnings_.append(
                 f"best {name} {best.params[name]:.3g} sits at the {side} edge of the coarse "
-                f"range [{10**lo_c:.3g}, {10**hi_c:.3g}]: widen coarse.{name} and rerun")
-    rule = NARROW_RULE.format(top=len(top), good=len(good), threshold=f"{threshold:.3f}",
-                              chance=f"{chance:.3f}", best=f"{best_value:.3f}", pad=f"{pad:g}")
-    return {"ranges": ranges, "rule": rule, "top": [t.number for t in top],
-            "threshold": threshold, "chance": chance, "warnings": warnings_}
+                f"range [{10**lo_c:.3g}, {10**hi_c:.3g}]: widen coarse.{name} and rerun"
+            )
+    rule = NARROW_RULE.format(
+        top=len(top),
+        good=len(good),
+        threshold=f"{threshold:.3f}",
+        chance=f"{chance:.3f}",
+        best=f"{best_value:.3f}",
+        pad=f"{pad:g}",
+    )
+    return {
+        "ranges": ranges,
+        "rule": rule,
+        "top": [t.number for t in top],
+        "threshold": threshold,
+        "chance": chance,
+        "warnings": warnings_,
+    }
 
 
 def narrow_stage(ctx: Context) -> dict[str, Any]:
@@ -488,12 +626,17 @@ def narrow_stage(ctx: Context) -> dict[str, Any]:
     # Clip to the range the coarse search really used (the LR range test may have set it).
     bounds = dataclasses.replace(spec.coarse, **coarse.user_attrs.get(StudyKey.RANGES, {}))
     try:
-        result = narrow(coarse.get_trials(deepcopy=False), bounds, spec.narrow.top_k,
-                        spec.narrow.pad, spec.narrow.edge, chance=chance)
+        result = narrow(
+            coarse.get_trials(deepcopy=False),
+            bounds,
+            spec.narrow.top_k,
+            spec.narrow.pad,
+            spec.narrow.edge,
+            chance=chance,
+        )
     except ProtocolError as err:
         # The verdict stays with the run: `babysit status` and the report show it on fine.
         fine.set_user_attr(StudyKey.VERDICT, str(err))
         raise
     fine.set_user_attr(StudyKey.NARROWED, result)
     return result
-

@@ -35,8 +35,10 @@ def _secs(v: float | None) -> str:
 
 def status_lines(s: dict[str, Any]) -> list[str]:
     """A run's status as text: a header line, then one line per stage."""
-    lines = [f"run {s['name']}  ({s['dataset']}, {s['optimizer']}; "
-             f"{s['epochs_spent']:.1f} epochs spent; {_secs(s['wall_seconds'])} in stages)"]
+    lines = [
+        f"run {s['name']}  ({s['dataset']}, {s['optimizer']}; "
+        f"{s['epochs_spent']:.1f} epochs spent; {_secs(s['wall_seconds'])} in stages)"
+    ]
     for stage, v in s["stages"].items():
         lines.append(_stage_line(stage, v, s["progress"]["stages"][stage]))
     return lines
@@ -45,8 +47,10 @@ def status_lines(s: dict[str, Any]) -> list[str]:
 def _stage_line(stage: str, v: dict[str, Any], p: dict[str, Any]) -> str:
     line = f"  {stage:<8} {v['status']:<8}"
     if stage in ("coarse", "fine"):
-        line += (f" {v['trials']}/{v['target']} finished: {v['complete']} complete, "
-                 f"{v['pruned']} pruned ({v['diverged']} diverged), {v['failed']} failed")
+        line += (
+            f" {v['trials']}/{v['target']} finished: {v['complete']} complete, "
+            f"{v['pruned']} pruned ({v['diverged']} diverged), {v['failed']} failed"
+        )
         if v["best"]:
             line += f"; best {v['best']['value']:.4f}"
     else:
@@ -60,6 +64,7 @@ def _stage_line(stage: str, v: dict[str, Any], p: dict[str, Any]) -> str:
     if p["wall_seconds"] is not None:
         line += f"; {_secs(p['wall_seconds'])}"
     if p["running"]:
-        line += "; running: " + ", ".join(f"#{r['trial']} on {r['worker'] or '?'}"
-                                          for r in p["running"])
+        line += "; running: " + ", ".join(
+            f"#{r['trial']} on {r['worker'] or '?'}" for r in p["running"]
+        )
     return line

@@ -110,8 +110,11 @@ def open_storage(
     if artifact_store and artifact_dir:
         raise UsageError("give --artifact-dir or --artifact-store, not both")
     # A flag beats the environment: --artifact-dir wins over $BABYSIT_ARTIFACT_STORE.
-    store = artifact_store or (None if artifact_dir else os.environ.get(
-        "BABYSIT_ARTIFACT_STORE")) or None
+    store = (
+        artifact_store
+        or (None if artifact_dir else os.environ.get("BABYSIT_ARTIFACT_STORE"))
+        or None
+    )
     if store and not store.startswith("s3://"):
         # A plain folder is accepted here too: --artifact-store DIR is --artifact-dir DIR.
         artifact_dir, store = artifact_dir or store, None
@@ -142,8 +145,8 @@ def open_storage(
             raise UsageError(f"no storage at {path}; run `babysit run` first or pass --storage")
         if not path.parent.exists():
             raise UsageError(f"folder {path.parent} for storage {shown} does not exist")
-    interval = heartbeat if heartbeat is not None else _int_env(
-        "BABYSIT_HEARTBEAT", DEFAULT_HEARTBEAT
+    interval = (
+        heartbeat if heartbeat is not None else _int_env("BABYSIT_HEARTBEAT", DEFAULT_HEARTBEAT)
     )
     grace_period = grace if grace is not None else _int_env("BABYSIT_GRACE", DEFAULT_GRACE)
     engine_kwargs: dict = {"pool_pre_ping": True}
@@ -166,14 +169,15 @@ def open_storage(
         raise UsageError(f"cannot open storage {shown}: {redact_text(reason, url)}") from None
     rdb.shown = shown
     rdb.reconnect = _int_env("BABYSIT_RECONNECT", DEFAULT_RECONNECT)
-    return _with_artifacts(Storage(url=url, rdb=rdb, artifact_dir=Path(".")), artifact_dir,
-                           store)
+    return _with_artifacts(Storage(url=url, rdb=rdb, artifact_dir=Path(".")), artifact_dir, store)
 
 
-def _with_artifacts(storage: Storage, artifact_dir: str | Path | None,
-                    store: str | None) -> Storage:
-    storage.artifact_dir = Path(artifact_dir) if artifact_dir else default_artifact_dir(
-        storage.url)
+def _with_artifacts(
+    storage: Storage, artifact_dir: str | Path | None, store: str | None
+) -> Storage:
+    storage.artifact_dir = (
+        Path(artifact_dir) if artifact_dir else default_artifact_dir(storage.url)
+    )
     if store:
         from babysit.remote import S3ArtifactStore
 
@@ -183,18 +187,25 @@ def _with_artifacts(storage: Storage, artifact_dir: str | Path | None,
     return storage
 
 
-def _open_proxy(url: str, artifact_dir: str | Path | None, store: str | None,
-                heartbeat: int | None, grace: int | None) -> Storage:
+def _open_proxy(
+    url: str,
+    artifact_dir: str | Path | None,
+    store: str | None,
+    heartbeat: int | None,
+    grace: int | None,
+) -> Storage:
     from babysit.remote import open_proxy
 
-    interval = heartbeat if heartbeat is not None else _int_env(
-        "BABYSIT_HEARTBEAT", DEFAULT_HEARTBEAT
+    interval = (
+        heartbeat if heartbeat is not None else _int_env("BABYSIT_HEARTBEAT", DEFAULT_HEARTBEAT)
     )
     grace_period = grace if grace is not None else _int_env("BABYSIT_GRACE", DEFAULT_GRACE)
-    proxy = open_proxy(url, interval, grace_period,
-                       reconnect=_int_env("BABYSIT_RECONNECT", DEFAULT_RECONNECT))
-    return _with_artifacts(Storage(url=url, rdb=proxy, artifact_dir=Path(".")), artifact_dir,
-                           store)
+    proxy = open_proxy(
+        url, interval, grace_period, reconnect=_int_env("BABYSIT_RECONNECT", DEFAULT_RECONNECT)
+    )
+    return _with_artifacts(
+        Storage(url=url, rdb=proxy, artifact_dir=Path(".")), artifact_dir, store
+    )
 
 
 def run_names(storage: Storage) -> list[str]:

@@ -67,8 +67,10 @@ def _classify(err: BaseException) -> tuple[str | None, BaseException]:
                     return _BRIEF, e
                 # DatabaseError itself: "file is not a database". Its other subclasses
                 # (integrity, programming, data errors) are babysit's or the data's fault.
-                if isinstance(orig, sqlite3.OperationalError) \
-                        or type(orig) is sqlite3.DatabaseError:
+                if (
+                    isinstance(orig, sqlite3.OperationalError)
+                    or type(orig) is sqlite3.DatabaseError
+                ):
                     return _REFUSED, e
                 return None, e
             code = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
@@ -104,8 +106,10 @@ def _advice(err: BaseException) -> str:
     if code == "25006" or "readonly" in text or "read-only" in text:
         return "make the database writable or pass another --storage"
     if code in ("42P01", "42703") or "no such table" in text or "no such column" in text:
-        return ("its tables are missing or of another version; pass a storage babysit "
-                "created, or a new one")
+        return (
+            "its tables are missing or of another version; pass a storage babysit "
+            "created, or a new one"
+        )
     if code.startswith("53") or "full" in text:
         return "free disk space on the database's machine, then rerun the same command"
     return "fix the database or pass another --storage, then rerun the same command"
@@ -126,4 +130,3 @@ def storage_refusal(err: BaseException) -> StorageRefused | None:
         reason = redact_text(reason, url)
     where = f"storage {redact(_OPENED[-1])}" if len(set(_OPENED)) == 1 else "storage"
     return StorageRefused(f"{where} refused the operation ({reason}); {_advice(cause)}")
-

@@ -98,16 +98,19 @@ class _ReconnectingRDBStorage(optuna.storages.RDBStorage):
             self._down += 1
             first = self._down == 1
         if first:
-            print(f"babysit: storage {self.shown} unreachable; retrying for up to "
-                  f"{self.reconnect:g} s", file=sys.stderr, flush=True)
+            print(
+                f"babysit: storage {self.shown} unreachable; retrying for up to "
+                f"{self.reconnect:g} s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _came_back(self, reached: bool) -> None:
         with self._down_lock:
             self._down -= 1
             last = self._down == 0
         if last and reached:
-            print(f"babysit: storage {self.shown} reachable again", file=sys.stderr,
-                  flush=True)
+            print(f"babysit: storage {self.shown} reachable again", file=sys.stderr, flush=True)
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -115,17 +118,25 @@ class _ReconnectingRDBStorage(optuna.storages.RDBStorage):
         except (StorageLost, StorageRefused):
             pass  # the thread must live on; the main thread reports the loss
 
-    def set_trial_state_values(self, trial_id: int, state: TrialState,
-                               values: Sequence[float] | None = None) -> bool:
+    def set_trial_state_values(
+        self, trial_id: int, state: TrialState, values: Sequence[float] | None = None
+    ) -> bool:
         if state == TrialState.RUNNING:
             token = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex}"
             return _retrying_call(self, _claim, trial_id, token, settle=_settle_claim)
-        return _retrying_call(self, optuna.storages.RDBStorage.set_trial_state_values,
-                              trial_id, state, values, settle=_settle_state)
+        return _retrying_call(
+            self,
+            optuna.storages.RDBStorage.set_trial_state_values,
+            trial_id,
+            state,
+            values,
+            settle=_settle_state,
+        )
 
     def delete_study(self, study_id: int) -> None:
-        _retrying_call(self, optuna.storages.RDBStorage.delete_study, study_id,
-                       settle=_settle_delete)
+        _retrying_call(
+            self, optuna.storages.RDBStorage.delete_study, study_id, settle=_settle_delete
+        )
 
     def orphaned_trial_ids(self, study_id: int) -> list[int]:
         """RUNNING trials that never recorded a heartbeat, started over a grace period ago.
@@ -137,8 +148,9 @@ class _ReconnectingRDBStorage(optuna.storages.RDBStorage):
         """
         return _retrying_call(self, _orphaned_trial_ids, study_id)
 
-    def _create_new_trial(self, study_id: int,
-                          template_trial: FrozenTrial | None = None) -> FrozenTrial:
+    def _create_new_trial(
+        self, study_id: int, template_trial: FrozenTrial | None = None
+    ) -> FrozenTrial:
         return _retrying_call(self, _create_trial_once, study_id, template_trial)
 
 
@@ -181,8 +193,12 @@ def _settle_claim(storage: _ReconnectingRDBStorage, trial_id: int, token: str) -
     return _claim(storage, trial_id, token)
 
 
-def _settle_state(storage: _ReconnectingRDBStorage, trial_id: int, state: TrialState,
-                  values: Sequence[float] | None = None) -> bool:
+def _settle_state(
+    storage: _ReconnectingRDBStorage,
+    trial_id: int,
+    state: TrialState,
+    values: Sequence[float] | None = None,
+) -> bool:
     stored = optuna.storages.RDBStorage.get_trial(storage, trial_id)
     if state.is_finished() and stored.state == state:
         # Committed before the connection broke; writing it again would raise
@@ -210,13 +226,16 @@ def _orphaned_trial_ids(storage: _ReconnectingRDBStorage, study_id: int) -> list
             .filter(_models.TrialModel.state == TrialState.RUNNING)
             .all()
         )
-        return [_row_id(t) for t in running
-                if not t.heartbeats and t.datetime_start is not None
-                and t.datetime_start < cutoff]
+        return [
+            _row_id(t)
+            for t in running
+            if not t.heartbeats and t.datetime_start is not None and t.datetime_start < cutoff
+        ]
 
 
-def _create_trial_once(storage: _ReconnectingRDBStorage, study_id: int,
-                       template_trial: FrozenTrial | None) -> FrozenTrial:
+def _create_trial_once(
+    storage: _ReconnectingRDBStorage, study_id: int, template_trial: FrozenTrial | None
+) -> FrozenTrial:
     """One attempt of Optuna's RDBStorage._create_new_trial (Optuna 5.0).
 
     Optuna's loops up to five times on any StorageInternalError, sleeping up to 2 s each;
@@ -233,9 +252,17 @@ def _create_trial_once(storage: _ReconnectingRDBStorage, study_id: int,
             frozen._trial_id = _row_id(trial)
             return frozen
         return FrozenTrial(
-            number=_row_number(trial), state=_row_state(trial), value=None, values=None,
-            datetime_start=trial.datetime_start, datetime_complete=None, params={},
-            distributions={}, user_attrs={}, system_attrs={}, intermediate_values={},
+            number=_row_number(trial),
+            state=_row_state(trial),
+            value=None,
+            values=None,
+            datetime_start=trial.datetime_start,
+            datetime_complete=None,
+            params={},
+            distributions={},
+            user_attrs={},
+            system_attrs={},
+            intermediate_values={},
             trial_id=_row_id(trial),
         )
 
@@ -245,8 +272,13 @@ def _create_trial_once(storage: _ReconnectingRDBStorage, study_id: int,
 _in_call = threading.local()
 
 
-def _retrying_call(storage: _ReconnectingRDBStorage, method: Callable[..., Any],
-                   *args: Any, settle: Callable[..., Any] | None = None, **kwargs: Any) -> Any:
+def _retrying_call(
+    storage: _ReconnectingRDBStorage,
+    method: Callable[..., Any],
+    *args: Any,
+    settle: Callable[..., Any] | None = None,
+    **kwargs: Any,
+) -> Any:
     """``method`` until it succeeds, the outage outlasts ``storage.reconnect`` or it fails
     for another reason. After a lost connection, ``settle`` (same arguments) replaces
     ``method``: the write may have committed, and it reads the stored state first."""
@@ -259,8 +291,13 @@ def _retrying_call(storage: _ReconnectingRDBStorage, method: Callable[..., Any],
         _in_call.active = False
 
 
-def _retry_loop(storage: _ReconnectingRDBStorage, method: Callable[..., Any],
-                settle: Callable[..., Any] | None, args: tuple, kwargs: dict) -> Any:
+def _retry_loop(
+    storage: _ReconnectingRDBStorage,
+    method: Callable[..., Any],
+    settle: Callable[..., Any] | None,
+    args: tuple,
+    kwargs: dict,
+) -> Any:
     deadline: float | None = None
     delay = 0.25
     brief = 0
@@ -271,8 +308,7 @@ def _retry_loop(storage: _ReconnectingRDBStorage, method: Callable[..., Any],
             began = time.monotonic()
             try:
                 result = call(storage, *args, **kwargs)
-            except (optuna.exceptions.StorageInternalError,
-                    sqlalchemy.exc.SQLAlchemyError) as err:
+            except (optuna.exceptions.StorageInternalError, sqlalchemy.exc.SQLAlchemyError) as err:
                 kind, cause = _classify(err)
                 if kind is None:
                     raise
@@ -317,16 +353,35 @@ def _retried(name: str) -> Callable[..., Any]:
 
 
 for _name in (
-    "create_new_study", "delete_study", "set_study_user_attr", "set_study_system_attr",
-    "get_study_id_from_name", "get_study_name_from_id", "get_study_directions",
-    "get_study_user_attrs", "get_study_system_attrs", "get_trial_user_attrs",
-    "get_trial_system_attrs", "get_all_studies", "create_new_trial", "set_trial_param",
-    "get_trial_param", "set_trial_state_values", "set_trial_intermediate_value",
-    "set_trial_user_attr", "set_trial_system_attr", "get_trial_id_from_study_id_trial_number",
-    "get_trial", "get_all_trials", "get_best_trial", "_get_stale_trial_ids",
+    "create_new_study",
+    "delete_study",
+    "set_study_user_attr",
+    "set_study_system_attr",
+    "get_study_id_from_name",
+    "get_study_name_from_id",
+    "get_study_directions",
+    "get_study_user_attrs",
+    "get_study_system_attrs",
+    "get_trial_user_attrs",
+    "get_trial_system_attrs",
+    "get_all_studies",
+    "create_new_trial",
+    "set_trial_param",
+    "get_trial_param",
+    "set_trial_state_values",
+    "set_trial_intermediate_value",
+    "set_trial_user_attr",
+    "set_trial_system_attr",
+    "get_trial_id_from_study_id_trial_number",
+    "get_trial",
+    "get_all_trials",
+    "get_best_trial",
+    "_get_stale_trial_ids",
     # Optuna's cache layer calls these private ones directly (study.get_trials, ask, suggest).
-    "_get_trials", "_create_new_trial", "_set_trial_param", "_get_best_trial_id",
+    "_get_trials",
+    "_create_new_trial",
+    "_set_trial_param",
+    "_get_best_trial_id",
 ):
     if _name not in vars(_ReconnectingRDBStorage):  # those settle a possibly committed write
         setattr(_ReconnectingRDBStorage, _name, _retried(_name))
-

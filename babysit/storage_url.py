@@ -38,7 +38,7 @@ def redact(url: str) -> str:
     if parts is not None:
         scheme, user, password = parts
         # Everything after the last '@' is the host part, whatever the password holds.
-        return f"{scheme}{user}:***@{url[len(scheme) + len(user) + 1 + len(password) + 1:]}"
+        return f"{scheme}{user}:***@{url[len(scheme) + len(user) + 1 + len(password) + 1 :]}"
     try:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
@@ -66,7 +66,6 @@ def redact_text(text: str, url: str) -> str:
     return text
 
 
-
 def default_artifact_dir(url: str) -> Path:
     """Next to an SQLite file; ./babysit-artifacts for a server database or a proxy."""
     env = os.environ.get("BABYSIT_ARTIFACTS")
@@ -79,4 +78,3 @@ def default_artifact_dir(url: str) -> Path:
         db = Path(parsed.database)
         return db.with_name(db.name + ".artifacts")
     return Path("babysit-artifacts")
-

@@ -56,8 +56,9 @@ def load_stage(storage: Storage, run: str, stage: str) -> StageRecord:
     study = find_study(storage, run, stage)
     if study is None:
         return StageRecord(stage, None, StudyAttrs(), [])
-    return StageRecord(stage, study, StudyAttrs.from_attrs(study.user_attrs),
-                       study.get_trials(deepcopy=False))
+    return StageRecord(
+        stage, study, StudyAttrs.from_attrs(study.user_attrs), study.get_trials(deepcopy=False)
+    )
 
 
 def load_run(storage: Storage, run: str) -> dict[str, StageRecord]:
@@ -72,15 +73,22 @@ def stored_spec(storage: Storage, run: str) -> Spec:
         spec = study_spec(storage, study) if study is not None else None
         if spec is not None:
             return Spec.from_dict(spec)
-    raise UsageError(f"no run named '{run}' in storage {storage.shown}; "
-                     "start it with `babysit run --name RUN` first")
+    raise UsageError(
+        f"no run named '{run}' in storage {storage.shown}; "
+        "start it with `babysit run --name RUN` first"
+    )
 
 
 # ---------------------------------------------------------------------------- the summary
 
 
-def stage_result(storage: Storage, run: str, stage: str, spec: Spec | None = None,
-                 rec: StageRecord | None = None) -> dict[str, Any]:
+def stage_result(
+    storage: Storage,
+    run: str,
+    stage: str,
+    spec: Spec | None = None,
+    rec: StageRecord | None = None,
+) -> dict[str, Any]:
     """The summary's entry for one stage (its status, numbers and verdict)."""
     spec = spec or stored_spec(storage, run)
     rec = rec or load_stage(storage, run, stage)
@@ -89,18 +97,30 @@ def stage_result(storage: Storage, run: str, stage: str, spec: Spec | None = Non
         if not done:
             return {"status": "skipped", "initial_loss": None, "expected_loss": None}
         a = trial_attrs(done[0])
-        return {"status": a.status, "initial_loss": a.initial_loss,
-                "expected_loss": a.expected_loss, "loss_with_reg": a.loss_with_reg,
-                "verdict": a.verdict, "logit_std": a.logit_std,
-                "top_class_share": a.top_class_share}
+        return {
+            "status": a.status,
+            "initial_loss": a.initial_loss,
+            "expected_loss": a.expected_loss,
+            "loss_with_reg": a.loss_with_reg,
+            "verdict": a.verdict,
+            "logit_std": a.logit_std,
+            "top_class_share": a.top_class_share,
+        }
     if stage == "overfit":
         if not done:
             return {"status": "skipped", "train_accuracy": None}
         top = max(done, key=lambda t: t.value or 0.0)
-        status = "passed" if (top.value or 0.0) >= 1.0 else (
-            "failed" if attrs.verdict is not None else "running")
-        return {"status": status, "train_accuracy": top.value,
-                "lr": top.params.get(Param.LR), "verdict": attrs.verdict}
+        status = (
+            "passed"
+            if (top.value or 0.0) >= 1.0
+            else ("failed" if attrs.verdict is not None else "running")
+        )
+        return {
+            "status": status,
+            "train_accuracy": top.value,
+            "lr": top.params.get(Param.LR),
+            "verdict": attrs.verdict,
+        }
     if stage in ("coarse", "fine"):
         n = counts(rec.trials)
         target = getattr(spec, stage).trials
@@ -112,36 +132,59 @@ def stage_result(storage: Storage, run: str, stage: str, spec: Spec | None = Non
             status = "passed" if best is not None else "failed"
         else:
             status = "running"
-        entry: dict[str, Any] = {"status": status, "trials": n["finished"],
-                                 "complete": n["complete"], "pruned": n["pruned"],
-                                 "failed": n["failed"], "diverged": n["diverged"],
-                                 "target": target, "best": best}
+        entry: dict[str, Any] = {
+            "status": status,
+            "trials": n["finished"],
+            "complete": n["complete"],
+            "pruned": n["pruned"],
+            "failed": n["failed"],
+            "diverged": n["diverged"],
+            "target": target,
+            "best": best,
+        }
         if stage == "fine":
             entry["range"] = attrs.narrowed["ranges"] if attrs.narrowed else None
             entry["narrowing"] = attrs.narrowed
         else:
-            entry["range"] = attrs.ranges or {Param.LR: spec.coarse.lr,
-                                              Param.WEIGHT_DECAY: spec.coarse.weight_decay}
+            entry["range"] = attrs.ranges or {
+                Param.LR: spec.coarse.lr,
+                Param.WEIGHT_DECAY: spec.coarse.weight_decay,
+            }
         return entry
     complete = rec.complete
     if not complete:
-        return {"status": "running" if rec.trials else "skipped", "params": None,
-                "epochs": None, "val_accuracy": None, "test_accuracy": None, "test_loss": None,
-                "model_path": None}
+        return {
+            "status": "running" if rec.trials else "skipped",
+            "params": None,
+            "epochs": None,
+            "val_accuracy": None,
+            "test_accuracy": None,
+            "test_loss": None,
+            "model_path": None,
+        }
     t = complete[0]
     a = trial_attrs(t)
-    return {"status": "passed", "params": dict(t.params), "epochs": a.epochs_run,
-            "val_accuracy": a.val_accuracy, "test_accuracy": a.test_accuracy,
-            "test_loss": a.test_loss, "model_artifact": a.model_artifact,
-            "model_path": model_path(storage, a.model_artifact, a.model_path),
-            # The plateau stop: the epoch whose weights were tested, the epochs of the
-            # budget not run, and why training ended.
-            "best_epoch": a.best_epoch, "epochs_saved": a.epochs_saved, "stopped": a.stopped,
-            "procs": 1 if a.final_procs is None else a.final_procs}
+    return {
+        "status": "passed",
+        "params": dict(t.params),
+        "epochs": a.epochs_run,
+        "val_accuracy": a.val_accuracy,
+        "test_accuracy": a.test_accuracy,
+        "test_loss": a.test_loss,
+        "model_artifact": a.model_artifact,
+        "model_path": model_path(storage, a.model_artifact, a.model_path),
+        # The plateau stop: the epoch whose weights were tested, the epochs of the
+        # budget not run, and why training ended.
+        "best_epoch": a.best_epoch,
+        "epochs_saved": a.epochs_saved,
+        "stopped": a.stopped,
+        "procs": 1 if a.final_procs is None else a.final_procs,
+    }
 
 
-def summary(storage: Storage, run: str,
-            stages: dict[str, StageRecord] | None = None) -> dict[str, Any]:
+def summary(
+    storage: Storage, run: str, stages: dict[str, StageRecord] | None = None
+) -> dict[str, Any]:
     """The summary JSON (README.md, "Commands"; docs/design.md), read from storage alone.
 
     ``wall_seconds`` is None here: the process that ran the protocol fills it in with its
@@ -165,8 +208,9 @@ def summary(storage: Storage, run: str,
         "epochs_by_stage": {k: by_stage[k] / train_size for k in STAGES},
         # How the data was loaded: "loader" (tensor or streaming), skipped_files, ...
         "data": sanity.data,
-        "stages": {stage: stage_result(storage, run, stage, spec, stages[stage])
-                   for stage in STAGES},
+        "stages": {
+            stage: stage_result(storage, run, stage, spec, stages[stage]) for stage in STAGES
+        },
     }
 
 
@@ -178,8 +222,9 @@ def _target(spec: Spec, stage: str) -> int:
     return 1
 
 
-def progress(storage: Storage, run: str,
-             stages: dict[str, StageRecord] | None = None) -> dict[str, Any]:
+def progress(
+    storage: Storage, run: str, stages: dict[str, StageRecord] | None = None
+) -> dict[str, Any]:
     """Where the run is, for `babysit status`: per stage the trials finished of the
     target, the time spent (wall: first trial start to last end; busy: the trials'
     durations summed) and the RUNNING trials with the worker that holds each; in total the
@@ -192,9 +237,15 @@ def progress(storage: Storage, run: str,
     for stage, rec in stages.items():
         busy, wall = timing(rec.trials)
         total += wall or 0.0
-        out[stage] = {"finished": counts(rec.trials)["finished"],
-                      "target": _target(spec, stage), "wall_seconds": wall,
-                      "busy_seconds": busy,
-                      "running": [{"trial": t.number, "worker": trial_attrs(t).worker}
-                                  for t in rec.trials if t.state == TrialState.RUNNING]}
+        out[stage] = {
+            "finished": counts(rec.trials)["finished"],
+            "target": _target(spec, stage),
+            "wall_seconds": wall,
+            "busy_seconds": busy,
+            "running": [
+                {"trial": t.number, "worker": trial_attrs(t).worker}
+                for t in rec.trials
+                if t.state == TrialState.RUNNING
+            ],
+        }
     return {"wall_seconds": total, "stages": out}

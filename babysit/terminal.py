@@ -31,8 +31,14 @@ def plural(n: int | float, word: str, many: str | None = None) -> str:
     return f"{n} {form}"
 
 
-def _one_line_warning(message: Warning | str, category: type[Warning], filename: str,
-                      lineno: int, file: TextIO | None = None, line: str | None = None) -> None:
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     # Python's default shows the file, the line number, the category and the source line:
     # two lines that point into babysit's code, when what the user needs is the message.
     out = file if file is not None else sys.stderr
@@ -59,8 +65,9 @@ class Progress:
     bar's carriage-return frames make an unreadable log.
     """
 
-    def __init__(self, desc: str, unit: str, quiet: bool = False,
-                 stream: TextIO | None = None) -> None:
+    def __init__(
+        self, desc: str, unit: str, quiet: bool = False, stream: TextIO | None = None
+    ) -> None:
         self.desc = desc
         self.unit = unit
         self.quiet = quiet
@@ -100,8 +107,15 @@ class Progress:
         if self.bar is None:
             from tqdm import tqdm
 
-            self.bar = tqdm(total=total, initial=n, desc=self.desc, unit=self.unit,
-                            file=self.stream, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(
+                total=total,
+                initial=n,
+                desc=self.desc,
+                unit=self.unit,
+                file=self.stream,
+                leave=False,
+                dynamic_ncols=True,
+            )
             return
         self.bar.total = total
         self.bar.update(n - self.bar.n)

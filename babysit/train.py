@@ -102,9 +102,7 @@ class DeviceData:
             idx = perm[start : start + batch_size]
             yield self.train_x[idx], self.train_y[idx]
 
-    def batches(
-        self, split: str, batch_size: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         x = getattr(self, f"{split}_x")
         y = getattr(self, f"{split}_y")
         for start in range(0, x.shape[0], batch_size):
@@ -166,7 +164,11 @@ def autocast(device: torch.device):  # noqa: ANN201
 
 
 def make_optimizer(
-    name: str, params, lr: float, weight_decay: float, momentum: float = 0.9  # noqa: ANN001
+    name: str,
+    params,
+    lr: float,
+    weight_decay: float,
+    momentum: float = 0.9,  # noqa: ANN001
 ) -> torch.optim.Optimizer:
     # Fused kernels: one pass over all parameters instead of a loop of small ops. On the CPU
     # an Adam step over AlexNet's 23M weights drops from 145 ms to 15 ms (SGD: 52 to 12).
@@ -174,8 +176,9 @@ def make_optimizer(
     try:
         if name == "adam":
             return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay,
-                               fused=True)
+        return torch.optim.SGD(
+            params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True
+        )
     except (RuntimeError, ValueError):  # a device or dtype without fused kernels
         if name == "adam":
             return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
@@ -194,8 +197,9 @@ def expected_initial_loss(kind: str, num_classes: int) -> float:
     return math.log(2.0) if kind == "bce" else math.log(num_classes)
 
 
-def forward_loss(model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss: str, *,
-                 mixed: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+def forward_loss(
+    model: nn.Module, xb: torch.Tensor, yb: torch.Tensor, loss: str, *, mixed: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(mean loss, logits as float32) of one batch. ``mixed``: under :func:`autocast` (bf16
     on CUDA); the sanity check reads the untrained network in full precision."""
     with autocast(xb.device) if mixed else nullcontext():
@@ -302,8 +306,9 @@ def fit(
             batches = data.train_batches(batch_size, generator, shard=shard)
         for xraw, yb in batches:
             xb = data.pre(xraw, train=True, generator=augment_generator or generator)
-            batch_loss, logits = train_step(model, optimizer, xb, yb, loss, monitor,
-                                            history.steps + 1)
+            batch_loss, logits = train_step(
+                model, optimizer, xb, yb, loss, monitor, history.steps + 1
+            )
             raise_if_interrupted()
             history.steps += 1
             history.examples += yb.shape[0]
@@ -324,8 +329,9 @@ def fit(
         train_acc = float(run_correct) / max(1, seen)
         history.last_loss = train_loss
         val_loss, val_acc = evaluate(model, data, "val", loss)
-        stats = EpochStats(epoch + 1, train_loss, train_acc, val_loss, val_acc,
-                           time.perf_counter() - t0)
+        stats = EpochStats(
+            epoch + 1, train_loss, train_acc, val_loss, val_acc, time.perf_counter() - t0
+        )
         history.epochs.append(stats)
         if stop_on_divergence and not math.isfinite(val_loss):
             history.stopped = "diverged"

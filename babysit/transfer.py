@@ -59,16 +59,25 @@ def copy_run(src: Storage, dst: Storage, run: str) -> dict[str, Any]:
     present = set(optuna.get_all_study_names(src.rdb))
     mine = [n for n in names if n in present]
     if not mine:
-        raise UsageError(f"no run named '{run}' in {src.shown}; `babysit status --storage "
-                         f"'{src.shown}'` lists the runs there")
+        raise UsageError(
+            f"no run named '{run}' in {src.shown}; `babysit status --storage "
+            f"'{src.shown}'` lists the runs there"
+        )
     clash = [n for n in names if n in set(optuna.get_all_study_names(dst.rdb))]
     if clash:
-        raise UsageError(f"{dst.shown} already holds {', '.join(clash)}; copy to another "
-                         "storage, or resume there with `babysit run --name "
-                         f"{run} --storage URL`")
+        raise UsageError(
+            f"{dst.shown} already holds {', '.join(clash)}; copy to another "
+            "storage, or resume there with `babysit run --name "
+            f"{run} --storage URL`"
+        )
     copied: list[str] = []
-    result: dict[str, Any] = {"studies": 0, "trials": 0, "artifacts": 0, "interrupted": 0,
-                              "missing": []}
+    result: dict[str, Any] = {
+        "studies": 0,
+        "trials": 0,
+        "artifacts": 0,
+        "interrupted": 0,
+        "missing": [],
+    }
     artifact_ids: list[str] = []
     study_ids: dict[int, int] = {}
     trial_ids: dict[int, int] = {}
@@ -123,14 +132,16 @@ def _renumber_notes(source: optuna.Study, target: optuna.Study) -> None:
     # A key naming a source id that is also a target id was just overwritten; the rest
     # would attach a note to whichever trial later gets that id, so they are emptied.
     for key in stale:
-        storage.set_study_system_attr(target._study_id, key,
-                                      0 if key.endswith("note_ver") else "")
+        storage.set_study_system_attr(target._study_id, key, 0 if key.endswith("note_ver") else "")
 
 
 def _trial_ids(source: optuna.Study, target: optuna.Study) -> dict[int, int]:
-    return {s._trial_id: t._trial_id for s, t in zip(source.get_trials(deepcopy=False),
-                                                      target.get_trials(deepcopy=False),
-                                                      strict=True)}
+    return {
+        s._trial_id: t._trial_id
+        for s, t in zip(
+            source.get_trials(deepcopy=False), target.get_trials(deepcopy=False), strict=True
+        )
+    }
 
 
 def relink(text: str, study_ids: dict[int, int], trial_ids: dict[int, int]) -> str:
@@ -147,8 +158,9 @@ def relink(text: str, study_ids: dict[int, int], trial_ids: dict[int, int]) -> s
     return _LINK.sub(swap, text)
 
 
-def _relink_notes(target: optuna.Study, study_ids: dict[int, int],
-                  trial_ids: dict[int, int]) -> None:
+def _relink_notes(
+    target: optuna.Study, study_ids: dict[int, int], trial_ids: dict[int, int]
+) -> None:
     """Rewrite the artifact links in the study's note and its trials' notes."""
     from optuna_dashboard._note import get_note_from_system_attrs
     from optuna_dashboard._note import save_note_with_version
@@ -159,8 +171,9 @@ def _relink_notes(target: optuna.Study, study_ids: dict[int, int],
         note = get_note_from_system_attrs(attrs, trial_id)
         body = relink(note["body"], study_ids, trial_ids)
         if body != note["body"]:
-            save_note_with_version(storage, target._study_id, trial_id,
-                                   int(note["version"]) + 1, body)
+            save_note_with_version(
+                storage, target._study_id, trial_id, int(note["version"]) + 1, body
+            )
 
 
 def _artifact_ids(study: optuna.Study) -> list[str]:
@@ -171,7 +184,7 @@ def _artifact_ids(study: optuna.Study) -> list[str]:
         for key, value in system_attrs.items():
             if key.startswith(ARTIFACT_PREFIX):
                 meta = json.loads(value) if isinstance(value, str) else value
-                ids.append(meta.get("artifact_id") or key[len(ARTIFACT_PREFIX):])
+                ids.append(meta.get("artifact_id") or key[len(ARTIFACT_PREFIX) :])
     for t in study.get_trials(deepcopy=False):
         model = trial_attrs(t).model_artifact
         if isinstance(model, str):

@@ -8,7 +8,9 @@ import argparse
 # verb: (one line for the verb list and the top of its --help; the end of its --help:
 # what more there is to say, then examples)
 VERBS: dict[str, tuple[str, str]] = {
-    "run": ("sanity, overfit, coarse, fine, final (resumes by name)", """\
+    "run": (
+        "sanity, overfit, coarse, fine, final (resumes by name)",
+        """\
 Run the whole protocol. A run is stored under its name (default: the dataset's); running
 the same command again skips the stages already done and goes on where it stopped.
 
@@ -19,8 +21,11 @@ examples:
   babysit run --dataset cifar10 --download --set coarse.trials=20 --device cuda
   babysit run --model mynets:build --dataset faces --jobs 4
   babysit run --config studies/digits.toml --print-config   # what would run, and why
-"""),
-    "check": ("sanity and overfit only, in seconds (then `run` goes on)", """\
+""",
+    ),
+    "check": (
+        "sanity and overfit only, in seconds (then `run` goes on)",
+        """\
 Is this model and data ready for a run? Stored as the run's first two stages, so
 `babysit run` with the same name and flags goes on from the coarse search.
 
@@ -29,64 +34,97 @@ examples:
   babysit check --dataset digits
   babysit check --model mynets:build --dataset mydata:load --name try1
   babysit run --model mynets:build --dataset mydata:load --name try1   # goes on from there
-"""),
-    "worker": ("join a run's searches from another process or machine", """\
+""",
+    ),
+    "worker": (
+        "join a run's searches from another process or machine",
+        """\
 examples:
   babysit worker --name digits
   BABYSIT_STORAGE=postgresql+psycopg://user@db/babysit babysit worker --name digits
-"""),
-    "status": ("where each stage of a run stands", """\
+""",
+    ),
+    "status": (
+        "where each stage of a run stands",
+        """\
 examples:
   babysit status
   babysit status --name digits --json
-"""),
-    "datasets": ("list the datasets and whether their files are here", """\
+""",
+    ),
+    "datasets": (
+        "list the datasets and whether their files are here",
+        """\
 examples:
   babysit datasets
   babysit datasets --data-dir /data --json
-"""),
-    "dashboard": ("optuna-dashboard on the storage, with artifacts", """\
+""",
+    ),
+    "dashboard": (
+        "optuna-dashboard on the storage, with artifacts",
+        """\
 examples:
   babysit dashboard
   babysit dashboard --storage sqlite:///runs/babysit.db --port 8081
-"""),
-    "report": ("a self-contained HTML report and its Markdown twin", """\
+""",
+    ),
+    "report": (
+        "a self-contained HTML report and its Markdown twin",
+        """\
 examples:
   babysit report --name digits
   babysit report --name digits --out reports/digits
-"""),
-    "export": ("every trial of every stage as one table (CSV or Parquet)", """\
+""",
+    ),
+    "export": (
+        "every trial of every stage as one table (CSV or Parquet)",
+        """\
 examples:
   babysit export --name digits
   babysit export --name digits --format parquet --out digits.parquet
   babysit export --name digits --curves   # and the curves in digits-curves.csv
-"""),
-    "copy": ("move a run (studies, attrs, artifacts) between storages", """\
+""",
+    ),
+    "copy": (
+        "move a run (studies, attrs, artifacts) between storages",
+        """\
 examples:
   babysit copy --name digits --from sqlite:///babysit.db \\
       --to postgresql+psycopg://user@db/babysit --to-artifact-dir /shared/artifacts
-"""),
-    "ablate": ("one run per variant of a base spec, and their table", """\
+""",
+    ),
+    "ablate": (
+        "one run per variant of a base spec, and their table",
+        """\
 examples:
   babysit ablate --config studies/alexnet-ablation.toml
   babysit ablate --config studies/alexnet-ablation.toml --set final.epochs=5 --device cuda
-"""),
-    "storage-proxy": ("Optuna's gRPC storage proxy, shared by many workers", """\
+""",
+    ),
+    "storage-proxy": (
+        "Optuna's gRPC storage proxy, shared by many workers",
+        """\
 Many workers share the proxy's database connections; they use --storage grpc://HOST:PORT.
 
 
 examples:
   babysit storage-proxy --storage postgresql+psycopg://user@db/babysit
   babysit worker --name digits --storage grpc://proxy-host:13000
-"""),
+""",
+    ),
 }
 
 
 def add_verb(sub: argparse._SubParsersAction, name: str) -> argparse.ArgumentParser:
     """The verb's parser: its line in the verb list, and examples at the end of --help."""
     summary, examples = VERBS[name]
-    return sub.add_parser(name, help=summary, description=summary[0].upper() + summary[1:] + ".",
-                          epilog=examples, formatter_class=argparse.RawDescriptionHelpFormatter)
+    return sub.add_parser(
+        name,
+        help=summary,
+        description=summary[0].upper() + summary[1:] + ".",
+        epilog=examples,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
 
 
 class VerbListFormat(argparse.HelpFormatter):

@@ -38,14 +38,16 @@ from babysit.data.augment import Preprocess
 
 
 def _seed_transform() -> transforms.Compose:
-    return transforms.Compose([
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomVerticalFlip(),
-        transforms.ColorJitter(brightness=2),
-        transforms.Resize((32, 32)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
-    ])
+    return transforms.Compose(
+        [
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomVerticalFlip(),
+            transforms.ColorJitter(brightness=2),
+            transforms.Resize((32, 32)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=list(IMAGENET_MEAN), std=list(IMAGENET_STD)),
+        ]
+    )
 
 
 def _babysit_preprocess() -> Preprocess:
@@ -118,20 +120,30 @@ def main() -> None:
         theirs_full = _rate(seed_step_fromarray, n, args.seconds)
         rows.append((n, ours, theirs, theirs_full))
 
-    print("| batch | babysit (img/s) | torchvision over PIL (img/s) | ratio "
-          "| torchvision incl. Image.fromarray (img/s) | ratio |")
+    print(
+        "| batch | babysit (img/s) | torchvision over PIL (img/s) | ratio "
+        "| torchvision incl. Image.fromarray (img/s) | ratio |"
+    )
     print("|---:|---:|---:|---:|---:|---:|")
     for n, ours, theirs, full in rows:
-        print(f"| {n} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.1f}x "
-              f"| {full:,.0f} | {ours / full:.1f}x |")
+        print(
+            f"| {n} | {ours:,.0f} | {theirs:,.0f} | {ours / theirs:.1f}x "
+            f"| {full:,.0f} | {ours / full:.1f}x |"
+        )
     print()
     print(f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
-    print(f"- CPU: {_cpu_name()}, os.cpu_count() = {os.cpu_count()}, "
-          f"torch threads = {torch.get_num_threads()}")
-    print(f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
-          f"Python {platform.python_version()}")
-    print("- babysit: hflip, vflip, brightness 2, crop_pad 4, ImageNet normalisation, one "
-          "uint8 batch; torchvision: seed 003's Compose per PIL image, then torch.stack")
+    print(
+        f"- CPU: {_cpu_name()}, os.cpu_count() = {os.cpu_count()}, "
+        f"torch threads = {torch.get_num_threads()}"
+    )
+    print(
+        f"- torch {torch.__version__}, torchvision {torchvision.__version__}, "
+        f"Python {platform.python_version()}"
+    )
+    print(
+        "- babysit: hflip, vflip, brightness 2, crop_pad 4, ImageNet normalisation, one "
+        "uint8 batch; torchvision: seed 003's Compose per PIL image, then torch.stack"
+    )
 
 
 if __name__ == "__main__":

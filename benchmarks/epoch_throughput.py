@@ -60,8 +60,13 @@ class _PILImages(Dataset):
         return self.transform(self.images[i]), self.labels[i]
 
 
-def _seed_epoch(model: nn.Module, opt: torch.optim.Optimizer, train: DataLoader,
-                test: DataLoader, device: torch.device) -> None:
+def _seed_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    train: DataLoader,
+    test: DataLoader,
+    device: torch.device,
+) -> None:
     """The seed's loop: per-batch host-to-device copies, a loss read every step."""
     model.train()
     for xb, yb in train:
@@ -83,8 +88,9 @@ def _sync(device: torch.device) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--images", type=int, default=2048)
     parser.add_argument("--eval", type=int, default=512)
@@ -102,23 +108,35 @@ def main() -> None:
     x = torch.randint(0, 256, (n + m, 3, 32, 32), dtype=torch.uint8, generator=g)
     y = torch.randint(0, 10, (n + m,), generator=g)
 
-    seed_tf = transforms.Compose([
-        transforms.RandomHorizontalFlip(),
-        transforms.RandomVerticalFlip(),
-        transforms.ColorJitter(brightness=2),
-        transforms.Resize((32, 32)),
-        transforms.ToTensor(),
-        transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
-    ])
-    test_tf = transforms.Compose([transforms.ToTensor(),
-                                  transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)])
+    seed_tf = transforms.Compose(
+        [
+            transforms.RandomHorizontalFlip(),
+            transforms.RandomVerticalFlip(),
+            transforms.ColorJitter(brightness=2),
+            transforms.Resize((32, 32)),
+            transforms.ToTensor(),
+            transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD),
+        ]
+    )
+    test_tf = transforms.Compose(
+        [transforms.ToTensor(), transforms.Normalize(mean=IMAGENET_MEAN, std=IMAGENET_STD)]
+    )
     pin = device.type == "cuda"
-    train_dl = DataLoader(_PILImages(x[:n], y[:n], seed_tf), batch_size=args.batch_size,
-                          shuffle=True, num_workers=args.workers, pin_memory=pin,
-                          persistent_workers=args.workers > 0)
-    test_dl = DataLoader(_PILImages(x[n:], y[n:], test_tf), batch_size=args.batch_size,
-                         num_workers=args.workers, pin_memory=pin,
-                         persistent_workers=args.workers > 0)
+    train_dl = DataLoader(
+        _PILImages(x[:n], y[:n], seed_tf),
+        batch_size=args.batch_size,
+        shuffle=True,
+        num_workers=args.workers,
+        pin_memory=pin,
+        persistent_workers=args.workers > 0,
+    )
+    test_dl = DataLoader(
+        _PILImages(x[n:], y[n:], test_tf),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        pin_memory=pin,
+        persistent_workers=args.workers > 0,
+    )
 
     spec = DataSpec(hflip=True, vflip=True, brightness=2.0, normalize="imagenet")
     splits = Splits([str(i) for i in range(10)], x[:n], y[:n], x[n:], y[n:], x[n:], y[n:])
@@ -144,13 +162,29 @@ def main() -> None:
         opt = make_optimizer("sgd", model.parameters(), 0.01, 1e-4)
         gen = torch.Generator(device=device).manual_seed(0)
         check = 1 if device.type == "cpu" else 8
-        fit(model, opt, data, epochs=1, batch_size=args.batch_size, loss="ce", generator=gen,
-            check_every=check)
+        fit(
+            model,
+            opt,
+            data,
+            epochs=1,
+            batch_size=args.batch_size,
+            loss="ce",
+            generator=gen,
+            check_every=check,
+        )
         _sync(device)
         t0 = time.perf_counter()
         # fit validates on the val split every epoch; the test split is the same size.
-        fit(model, opt, data, epochs=args.epochs, batch_size=args.batch_size, loss="ce",
-            generator=gen, check_every=check)
+        fit(
+            model,
+            opt,
+            data,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            loss="ce",
+            generator=gen,
+            check_every=check,
+        )
         _sync(device)
         per_epoch = (time.perf_counter() - t0) / args.epochs
         evaluate(model, data, "test", "ce")
@@ -159,20 +193,27 @@ def main() -> None:
     seed_s = seed_side()
     plain_s = babysit_side(channels_last=False)
     ours_s = babysit_side()
-    name = torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor()
-                                                                       or "cpu")
-    print(f"{datetime.date.today().isoformat()} {platform.node()} {name}, {os.cpu_count()} "
-          f"cores, torch {torch.__version__}, torch threads {torch.get_num_threads()}")
-    print(f"{n} training + {m} evaluation images per epoch, batch {args.batch_size}, "
-          f"{args.epochs} timed epochs after one warm-up, DataLoader workers {args.workers}")
+    name = (
+        torch.cuda.get_device_name() if device.type == "cuda" else (platform.processor() or "cpu")
+    )
+    print(
+        f"{datetime.date.today().isoformat()} {platform.node()} {name}, {os.cpu_count()} "
+        f"cores, torch {torch.__version__}, torch threads {torch.get_num_threads()}"
+    )
+    print(
+        f"{n} training + {m} evaluation images per epoch, batch {args.batch_size}, "
+        f"{args.epochs} timed epochs after one warm-up, DataLoader workers {args.workers}"
+    )
     print("| loop | seconds / epoch | images / second |\n|---|---:|---:|")
     print(f"| seed (DataLoader + PIL transforms) | {seed_s:.3f} | {(n + m) / seed_s:,.0f} |")
-    print(f"| babysit, NCHW weights (before issue 16) | {plain_s:.3f} | "
-          f"{(n + m) / plain_s:,.0f} |")
-    print(f"| babysit (device tensors, batched augmentation, channels-last) | {ours_s:.3f} | "
-          f"{(n + m) / ours_s:,.0f} |")
-    print(f"ratio babysit / seed: {seed_s / ours_s:.2f}x (NCHW weights: "
-          f"{seed_s / plain_s:.2f}x)")
+    print(
+        f"| babysit, NCHW weights (before issue 16) | {plain_s:.3f} | {(n + m) / plain_s:,.0f} |"
+    )
+    print(
+        f"| babysit (device tensors, batched augmentation, channels-last) | {ours_s:.3f} | "
+        f"{(n + m) / ours_s:,.0f} |"
+    )
+    print(f"ratio babysit / seed: {seed_s / ours_s:.2f}x (NCHW weights: {seed_s / plain_s:.2f}x)")
 
 
 if __name__ == "__main__":

@@ -69,8 +69,9 @@ def one(procs: int, args: argparse.Namespace) -> dict[str, float]:
         )
         ctx = dataclasses.replace(ctx, log=lambda _m: None)  # the Context is frozen
         t0 = time.perf_counter()
-        result = final(ctx, params={"lr": args.lr, "weight_decay": args.weight_decay},
-                       launch=launch_final)
+        result = final(
+            ctx, params={"lr": args.lr, "weight_decay": args.weight_decay}, launch=launch_final
+        )
         wall = time.perf_counter() - t0
         if result.status != "passed":
             raise SystemExit(f"{procs} processes: final {result.status}: {result.verdict}")

@@ -31,14 +31,35 @@ import time
 from pathlib import Path
 
 SEED_BUDGET = [
-    "--set", "coarse.trials=20", "--set", "coarse.epochs=5",
-    "--set", "coarse.lr=[1e-5, 1e5]", "--set", "coarse.weight_decay=[1e-6, 1e-3]",
-    "--set", "fine.trials=10", "--set", "fine.epochs=5",
-    "--set", "final.epochs=20",
+    "--set",
+    "coarse.trials=20",
+    "--set",
+    "coarse.epochs=5",
+    "--set",
+    "coarse.lr=[1e-5, 1e5]",
+    "--set",
+    "coarse.weight_decay=[1e-6, 1e-3]",
+    "--set",
+    "fine.trials=10",
+    "--set",
+    "fine.epochs=5",
+    "--set",
+    "final.epochs=20",
 ]
-FULL = ["--set", "coarse.diverge_factor=0", "--set", "fine.diverge_factor=0",
-        "--set", "coarse.pruner=\"none\"", "--set", "fine.pruner=\"none\"",
-        "--set", "coarse.extend=false", "--set", "coarse.lr_from_overfit=false"]
+FULL = [
+    "--set",
+    "coarse.diverge_factor=0",
+    "--set",
+    "fine.diverge_factor=0",
+    "--set",
+    'coarse.pruner="none"',
+    "--set",
+    'fine.pruner="none"',
+    "--set",
+    "coarse.extend=false",
+    "--set",
+    "coarse.lr_from_overfit=false",
+]
 # `compare`: the datasets of issue 16's done-when; the CIFAR-shaped one is synthetic
 # (benchmarks/synthetic_cifar.py: 32x32 RGB, 10 classes, 3000 training images).
 COMPARE = {
@@ -46,7 +67,7 @@ COMPARE = {
     "faces": ["--dataset", "faces"],
     "cifar-shaped": ["--dataset", "synthetic_cifar:load"],
 }
-DIVERGE_ONLY = ["--set", "coarse.pruner=\"none\"", "--set", "fine.pruner=\"none\""]
+DIVERGE_ONLY = ["--set", 'coarse.pruner="none"', "--set", 'fine.pruner="none"']
 
 
 def _env() -> dict[str, str]:
@@ -60,8 +81,16 @@ def run_cli(args: list[str]) -> dict:
     """One `babysit run` in a fresh folder: summary, wall seconds, peak RSS of the child."""
     with tempfile.TemporaryDirectory() as tmp:
         summary_path = Path(tmp) / "summary.json"
-        cmd = [sys.executable, "-m", "babysit", "run", "--quiet", "--summary-json",
-               str(summary_path), *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "babysit",
+            "run",
+            "--quiet",
+            "--summary-json",
+            str(summary_path),
+            *args,
+        ]
         t0 = time.perf_counter()
         # A fresh child per run, so RUSAGE_CHILDREN's maximum is this run's when it is the
         # largest so far; each run is measured in its own grandchild to keep them apart.
@@ -71,12 +100,18 @@ def run_cli(args: list[str]) -> dict:
             "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss);"
             "sys.exit(rc)"
         )
-        proc = subprocess.run([sys.executable, "-c", probe, *cmd], cwd=tmp,
-                              capture_output=True, text=True, env=_env())
+        proc = subprocess.run(
+            [sys.executable, "-c", probe, *cmd],
+            cwd=tmp,
+            capture_output=True,
+            text=True,
+            env=_env(),
+        )
         wall = time.perf_counter() - t0
         if proc.returncode != 0:
-            raise SystemExit(f"babysit {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stderr[-2000:]}")
+            raise SystemExit(
+                f"babysit {' '.join(args)} failed ({proc.returncode}):\n{proc.stderr[-2000:]}"
+            )
         peak_kb = int(proc.stdout.strip().splitlines()[-1])
         summary = json.loads(summary_path.read_text())
     return {"summary": summary, "wall": wall, "peak_mb": peak_kb / 1024}
@@ -85,32 +120,42 @@ def run_cli(args: list[str]) -> dict:
 def _machine() -> str:
     import torch
 
-    return (f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or 'cpu'}, "
-            f"Python {platform.python_version()}, torch {torch.__version__}, "
-            f"{datetime.date.today().isoformat()}")
+    return (
+        f"{platform.node()}: {os.cpu_count()} cores, {platform.processor() or 'cpu'}, "
+        f"Python {platform.python_version()}, torch {torch.__version__}, "
+        f"{datetime.date.today().isoformat()}"
+    )
 
 
 def _row(label: str, r: dict) -> str:
     s = r["summary"]
     final = s["stages"]["final"]
     by = s["epochs_by_stage"]
-    return (f"| {label} | {r['wall']:.0f} | {r['peak_mb']:.0f} | {s['epochs_spent']:.1f} | "
-            f"{by['overfit']:.1f} | {by['coarse']:.1f} | {by['fine']:.1f} | {by['final']:.1f} | "
-            f"{s['stages']['coarse']['diverged']} | {s['stages']['coarse']['pruned']} | "
-            f"{final['test_accuracy']:.4f} |")
+    return (
+        f"| {label} | {r['wall']:.0f} | {r['peak_mb']:.0f} | {s['epochs_spent']:.1f} | "
+        f"{by['overfit']:.1f} | {by['coarse']:.1f} | {by['fine']:.1f} | {by['final']:.1f} | "
+        f"{s['stages']['coarse']['diverged']} | {s['stages']['coarse']['pruned']} | "
+        f"{final['test_accuracy']:.4f} |"
+    )
 
 
-HEADER = ("| run | wall s | peak RSS MB | epochs spent | overfit | coarse | fine | final | "
-          "coarse diverged | coarse pruned | test accuracy |\n"
-          "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+HEADER = (
+    "| run | wall s | peak RSS MB | epochs spent | overfit | coarse | fine | final | "
+    "coarse diverged | coarse pruned | test accuracy |\n"
+    "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+)
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("what", choices=("default", "faces", "seed", "compare"))
-    parser.add_argument("--datasets", default=",".join(COMPARE),
-                        help="compare: which of digits, faces, cifar-shaped to run")
+    parser.add_argument(
+        "--datasets",
+        default=",".join(COMPARE),
+        help="compare: which of digits, faces, cifar-shaped to run",
+    )
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
@@ -125,11 +170,15 @@ def main() -> None:
         results["babysit run"] = run_cli([])
     elif args.what == "faces":
         results["babysit run --dataset faces --optimizer adam"] = run_cli(
-            ["--dataset", "faces", "--optimizer", "adam"])
+            ["--dataset", "faces", "--optimizer", "adam"]
+        )
     else:
         base = ["--dataset", args.dataset, "--optimizer", args.optimizer, *SEED_BUDGET]
-        for label, extra in (("full (seed's way)", FULL), ("divergence stopping", DIVERGE_ONLY),
-                             ("babysit (stopping + pruning)", [])):
+        for label, extra in (
+            ("full (seed's way)", FULL),
+            ("divergence stopping", DIVERGE_ONLY),
+            ("babysit (stopping + pruning)", []),
+        ):
             results[label] = run_cli(base + extra)
             print(_row(label, results[label]), flush=True)
     if args.what != "seed":
@@ -156,15 +205,18 @@ def compare(names: list[str], out: Path | None) -> None:
         results[name] = {"seed": seed, "babysit": ours}
         for label, r in (("seed-shaped budget", seed), ("babysit run", ours)):
             s = r["summary"]
-            print(f"| {name} | {label} | {r['wall']:.0f} | {r['peak_mb']:.0f} | "
-                  f"{s['epochs_spent']:.1f} | {s['stages']['final']['test_accuracy']:.4f} |",
-                  flush=True)
+            print(
+                f"| {name} | {label} | {r['wall']:.0f} | {r['peak_mb']:.0f} | "
+                f"{s['epochs_spent']:.1f} | {s['stages']['final']['test_accuracy']:.4f} |",
+                flush=True,
+            )
         e = ours["summary"]["epochs_spent"] / seed["summary"]["epochs_spent"]
         w = ours["wall"] / seed["wall"]
-        d = (ours["summary"]["stages"]["final"]["test_accuracy"]
-             - seed["summary"]["stages"]["final"]["test_accuracy"]) * 100
-        print(f"| {name} | babysit / seed | {w:.2f}x | | {e:.2f}x | {d:+.1f} points |",
-              flush=True)
+        d = (
+            ours["summary"]["stages"]["final"]["test_accuracy"]
+            - seed["summary"]["stages"]["final"]["test_accuracy"]
+        ) * 100
+        print(f"| {name} | babysit / seed | {w:.2f}x | | {e:.2f}x | {d:+.1f} points |", flush=True)
     if out:
         out.write_text(json.dumps(results, indent=2))
 

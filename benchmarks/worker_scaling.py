@@ -56,8 +56,17 @@ sys.path.insert(0, str(ROOT))
 LOCAL_SERVER = "postgresql+psycopg://postgres@127.0.0.1:5432"
 
 
-def _worker(url: str, name: str, target: int, seconds: float, heartbeat: int, grace: int,
-            ready: mp.Queue, start: mp.Value, done: mp.Queue) -> None:
+def _worker(
+    url: str,
+    name: str,
+    target: int,
+    seconds: float,
+    heartbeat: int,
+    grace: int,
+    ready: mp.Queue,
+    start: mp.Value,
+    done: mp.Queue,
+) -> None:
     import random
 
     import optuna
@@ -68,8 +77,11 @@ def _worker(url: str, name: str, target: int, seconds: float, heartbeat: int, gr
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(url, heartbeat=heartbeat, grace=grace)
-    study = optuna.load_study(study_name=name, storage=storage.rdb,
-                              sampler=optuna.samplers.RandomSampler(seed=os.getpid()))
+    study = optuna.load_study(
+        study_name=name,
+        storage=storage.rdb,
+        sampler=optuna.samplers.RandomSampler(seed=os.getpid()),
+    )
 
     def objective(trial: optuna.Trial) -> float:
         claim(study, trial, target, "coarse")
@@ -92,11 +104,13 @@ def _connections(database: str, stop: threading.Event, peak: list[int]) -> None:
     """The most connections to ``database`` seen until ``stop``, into peak[0]."""
     import psycopg
 
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres",
-                         autocommit=True) as admin:
+    with psycopg.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    ) as admin:
         while not stop.wait(0.2):
-            row = admin.execute("SELECT count(*) FROM pg_stat_activity WHERE datname = %s",
-                                (database,)).fetchone()
+            row = admin.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE datname = %s", (database,)
+            ).fetchone()
             peak[0] = max(peak[0], int(row[0]))
 
 
@@ -105,9 +119,13 @@ def _start_proxy(url: str) -> tuple[str, subprocess.Popen]:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    proc = subprocess.Popen([sys.executable, "-m", "babysit", "storage-proxy", "--storage",
-                             url, "--port", str(port)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "babysit", "storage-proxy", "--storage", url, "--port", str(port)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()  # "storage proxy: grpc://..." once it listens
     if not line.startswith("storage proxy:"):
         proc.kill()
@@ -124,8 +142,16 @@ def _stop_proxy(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def _measure(url: str, workers: int, trials: int, seconds: float, heartbeat: int, grace: int,
-             timeout: float, via: str = "direct") -> dict[str, float]:
+def _measure(
+    url: str,
+    workers: int,
+    trials: int,
+    seconds: float,
+    heartbeat: int,
+    grace: int,
+    timeout: float,
+    via: str = "direct",
+) -> dict[str, float]:
     import optuna
     from optuna.trial import TrialState
     from sqlalchemy.engine import make_url
@@ -141,15 +167,20 @@ def _measure(url: str, workers: int, trials: int, seconds: float, heartbeat: int
     if via == "proxy":
         client_url, proxy = _start_proxy(url)
     stop, peak = threading.Event(), [0]
-    sampler = threading.Thread(target=_connections,
-                               args=(make_url(url).database, stop, peak), daemon=True)
+    sampler = threading.Thread(
+        target=_connections, args=(make_url(url).database, stop, peak), daemon=True
+    )
     sampler.start()
     ctx = mp.get_context("spawn")
     ready, done = ctx.Queue(), ctx.Queue()
     start = ctx.Value("d", 0.0)
-    procs = [ctx.Process(target=_worker, args=(client_url, name, trials, seconds, heartbeat,
-                                               grace, ready, start, done))
-             for _ in range(workers)]
+    procs = [
+        ctx.Process(
+            target=_worker,
+            args=(client_url, name, trials, seconds, heartbeat, grace, ready, start, done),
+        )
+        for _ in range(workers)
+    ]
     for p in procs:
         p.start()
     # Start-up (importing torch in N processes on a loaded machine) gets its own bound,
@@ -196,8 +227,9 @@ def _scratch_database() -> tuple[str, str]:
     import psycopg
 
     name = f"babysit_bench_{secrets.token_hex(4)}"
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres",
-                         autocommit=True) as admin:
+    with psycopg.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    ) as admin:
         admin.execute(f'CREATE DATABASE "{name}"')
     return f"{LOCAL_SERVER}/{name}", name
 
@@ -205,23 +237,31 @@ def _scratch_database() -> tuple[str, str]:
 def _drop_database(name: str) -> None:
     import psycopg
 
-    with psycopg.connect(host="127.0.0.1", user="postgres", dbname="postgres",
-                         autocommit=True) as admin:
+    with psycopg.connect(
+        host="127.0.0.1", user="postgres", dbname="postgres", autocommit=True
+    ) as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--storage", help="a PostgreSQL URL (default: a scratch database on "
-                        "the local server, dropped afterwards)")
+    parser.add_argument(
+        "--storage",
+        help="a PostgreSQL URL (default: a scratch database on "
+        "the local server, dropped afterwards)",
+    )
     parser.add_argument("--workers", default="1,2,4,8", help="comma-separated worker counts")
     parser.add_argument("--trials", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=1.0, help="each stand-in trial")
     parser.add_argument("--heartbeat", type=int, default=10, help="babysit's default")
     parser.add_argument("--grace", type=int, default=60, help="babysit's default")
     parser.add_argument("--timeout", type=float, default=180, help="per worker count")
-    parser.add_argument("--via", default="direct", help="direct, proxy or both "
-                        "(direct,proxy): workers on PostgreSQL or through babysit storage-proxy")
+    parser.add_argument(
+        "--via",
+        default="direct",
+        help="direct, proxy or both "
+        "(direct,proxy): workers on PostgreSQL or through babysit storage-proxy",
+    )
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.workers.split(",")]
     vias = args.via.split(",")
@@ -242,21 +282,36 @@ def main(argv: list[str] | None = None) -> int:
         for n in counts:
             # Side by side per worker count, so a change in the machine's load hits both.
             for via in vias:
-                row = _measure(url, n, args.trials, args.seconds, args.heartbeat, args.grace,
-                               args.timeout, via)
+                row = _measure(
+                    url,
+                    n,
+                    args.trials,
+                    args.seconds,
+                    args.heartbeat,
+                    args.grace,
+                    args.timeout,
+                    via,
+                )
                 rows.append(row)
-                print(f"{n} workers {via}: stage filled in {row['filled']:.2f} s, "
-                      f"{row['connections']} connections", file=sys.stderr)
+                print(
+                    f"{n} workers {via}: stage filled in {row['filled']:.2f} s, "
+                    f"{row['connections']} connections",
+                    file=sys.stderr,
+                )
     finally:
         if scratch is not None:
             _drop_database(scratch)
 
     import sqlalchemy
 
-    print(f"{args.trials} trials of {args.seconds:g} s on {redact(url)}, heartbeat "
-          f"{args.heartbeat} s\n")
-    print("| workers | via | stage filled (s) | trials/s | all exited (s) | ideal (s) | "
-          "speed-up | overhead per trial (ms) | surplus trials | DB connections (peak) |")
+    print(
+        f"{args.trials} trials of {args.seconds:g} s on {redact(url)}, heartbeat "
+        f"{args.heartbeat} s\n"
+    )
+    print(
+        "| workers | via | stage filled (s) | trials/s | all exited (s) | ideal (s) | "
+        "speed-up | overhead per trial (ms) | surplus trials | DB connections (peak) |"
+    )
     print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     # Speed-up against the first row of the same kind (direct or proxy).
     bases = {}
@@ -264,16 +319,22 @@ def main(argv: list[str] | None = None) -> int:
         bases.setdefault(r["via"], r["filled"] * r["workers"])
     for r in rows:
         base = bases[r["via"]]
-        print(f"| {r['workers']} | {r['via']} | {r['filled']:.2f} | "
-              f"{args.trials / r['filled']:.2f} | {r['exited']:.2f} | {r['ideal']:.1f} | "
-              f"{base / r['filled']:.2f}x | {1000 * r['overhead']:.0f} | {r['surplus']} | "
-              f"{r['connections']} |")
+        print(
+            f"| {r['workers']} | {r['via']} | {r['filled']:.2f} | "
+            f"{args.trials / r['filled']:.2f} | {r['exited']:.2f} | {r['ideal']:.1f} | "
+            f"{base / r['filled']:.2f}x | {1000 * r['overhead']:.0f} | {r['surplus']} | "
+            f"{r['connections']} |"
+        )
     print()
     print(f"- date: {datetime.datetime.now(datetime.UTC).isoformat(timespec='seconds')}")
-    print(f"- machine: {platform.machine()}, os.cpu_count() = {os.cpu_count()}, load average "
-          f"{os.getloadavg()[0]:.1f} at the end")
-    print(f"- Python {platform.python_version()}, optuna {optuna.__version__}, "
-          f"SQLAlchemy {sqlalchemy.__version__}")
+    print(
+        f"- machine: {platform.machine()}, os.cpu_count() = {os.cpu_count()}, load average "
+        f"{os.getloadavg()[0]:.1f} at the end"
+    )
+    print(
+        f"- Python {platform.python_version()}, optuna {optuna.__version__}, "
+        f"SQLAlchemy {sqlalchemy.__version__}"
+    )
     print(f"- command: python benchmarks/worker_scaling.py {' '.join(argv or sys.argv[1:])}")
     return 0
 

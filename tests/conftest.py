@@ -15,28 +15,42 @@ ROOT = Path(__file__).resolve().parents[1]
 # Budgets small enough that a whole protocol on digits takes seconds: a narrow AlexNet
 # head (256 instead of 4096) and one or two epochs per stage.
 TINY = [
-    "--set", "model.fc_width=256",
-    "--set", "overfit.steps=120",
-    "--set", "coarse.trials=4",
-    "--set", "coarse.epochs=1",
-    "--set", "coarse.lr=[1e-3, 0.1]",
+    "--set",
+    "model.fc_width=256",
+    "--set",
+    "overfit.steps=120",
+    "--set",
+    "coarse.trials=4",
+    "--set",
+    "coarse.epochs=1",
+    "--set",
+    "coarse.lr=[1e-3, 0.1]",
     # Exactly coarse.trials trials, as the tests count them: no extra round at an edge
     # (tests/test_learned.py covers it).
-    "--set", "coarse.extend=false",
-    "--set", "fine.trials=2",
-    "--set", "fine.epochs=1",
-    "--set", "final.epochs=2",
+    "--set",
+    "coarse.extend=false",
+    "--set",
+    "fine.trials=2",
+    "--set",
+    "fine.epochs=1",
+    "--set",
+    "final.epochs=2",
     "--quiet",
 ]
 
 # The cheapest protocol that still trains: a 3-conv AlexNet with one narrow FC layer and
 # an overfit LR that memorises 20 digits in ~10 steps (Adam, the default optimizer).
 CHEAP = [
-    "--set", "model.fc_width=64",
-    "--set", "model.conv_layers=3",
-    "--set", "model.fc_layers=1",
-    "--set", "overfit.lrs={adam=[1e-3]}",
-    "--set", "overfit.steps=60",
+    "--set",
+    "model.fc_width=64",
+    "--set",
+    "model.conv_layers=3",
+    "--set",
+    "model.fc_layers=1",
+    "--set",
+    "overfit.lrs={adam=[1e-3]}",
+    "--set",
+    "overfit.steps=60",
 ]
 
 
@@ -60,8 +74,13 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def babysit(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | None = None,
-            check: bool = False) -> subprocess.CompletedProcess[str]:
+def babysit(
+    *args: str,
+    cwd: Path,
+    timeout: float = 300,
+    env: dict[str, str] | None = None,
+    check: bool = False,
+) -> subprocess.CompletedProcess[str]:
     """The real command line in a subprocess."""
     proc = subprocess.run(
         [sys.executable, "-m", "babysit", *args],
@@ -72,8 +91,9 @@ def babysit(*args: str, cwd: Path, timeout: float = 300, env: dict[str, str] | N
         timeout=timeout,
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"babysit {' '.join(args)} exited {proc.returncode}:\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"babysit {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -108,9 +128,15 @@ def postgres_admin():  # noqa: ANN201 - psycopg is imported lazily
     last: Exception | None = None
     for db in ("postgres", "test"):
         try:
-            return psycopg.connect(host=url.host or "127.0.0.1", port=url.port or 5432,
-                                   user=url.username or "postgres", password=url.password,
-                                   dbname=db, autocommit=True, connect_timeout=5)
+            return psycopg.connect(
+                host=url.host or "127.0.0.1",
+                port=url.port or 5432,
+                user=url.username or "postgres",
+                password=url.password,
+                dbname=db,
+                autocommit=True,
+                connect_timeout=5,
+            )
         except psycopg.OperationalError as err:
             last = err
     assert last is not None

@@ -85,10 +85,21 @@ def _running(url: str, run: str) -> bool:
 
 
 def test_tiny_ablation_gives_a_complete_table_and_resumes_after_a_kill(
-        tmp_path: Path, sqlite_url: str) -> None:
+    tmp_path: Path, sqlite_url: str
+) -> None:
     config = _write(tmp_path, TINY_ABLATION)
-    args = ["ablate", "--config", str(config), "--storage", sqlite_url, "--device", "cpu",
-            "--out", str(tmp_path / "table"), "--quiet"]
+    args = [
+        "ablate",
+        "--config",
+        str(config),
+        "--storage",
+        sqlite_url,
+        "--device",
+        "cpu",
+        "--out",
+        str(tmp_path / "table"),
+        "--quiet",
+    ]
     env = cli_env(OMP_NUM_THREADS="1")
     proc = popen(*args, cwd=tmp_path, env=env)
     # Kill it in the middle of the third run (bce, repeat 0): two runs are done by then.
@@ -98,8 +109,9 @@ def test_tiny_ablation_gives_a_complete_table_and_resumes_after_a_kill(
         time.sleep(0.05)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
-    before = {run: len(_final_trials(sqlite_url, run)) for run in ("tiny/baseline",
-                                                                     "tiny/baseline/r1")}
+    before = {
+        run: len(_final_trials(sqlite_url, run)) for run in ("tiny/baseline", "tiny/baseline/r1")
+    }
     assert before == {"tiny/baseline": 1, "tiny/baseline/r1": 1}
 
     done = babysit(*args, cwd=tmp_path, env=env, timeout=240)
@@ -117,8 +129,12 @@ def test_tiny_ablation_gives_a_complete_table_and_resumes_after_a_kill(
         # Killed after an epoch: the rerun picked up its checkpoint instead of starting over.
         assert killed[-1].user_attrs["resumed_from_epoch"] == killed[0].user_attrs["epochs_run"]
     storage = open_storage(sqlite_url, tmp_path / "art")
-    assert set(run_names(storage)) == {"tiny/baseline", "tiny/baseline/r1", "tiny/bce",
-                                       "tiny/bce/r1"}
+    assert set(run_names(storage)) == {
+        "tiny/baseline",
+        "tiny/baseline/r1",
+        "tiny/bce",
+        "tiny/bce/r1",
+    }
 
     # The table: stdout, Markdown and CSV, one row per variant, means over both repeats.
     with open(tmp_path / "table" / "ablation.csv") as fh:
@@ -133,8 +149,11 @@ def test_tiny_ablation_gives_a_complete_table_and_resumes_after_a_kill(
         assert math.isfinite(float(row["test_loss_mean"]))
         assert float(row["epochs"]) == 2.0
         assert float(row["seconds_mean"]) > 0
-    accs = [t.user_attrs["test_accuracy"] for run in ("tiny/baseline", "tiny/baseline/r1")
-            for t in _final_trials(sqlite_url, run)]
+    accs = [
+        t.user_attrs["test_accuracy"]
+        for run in ("tiny/baseline", "tiny/baseline/r1")
+        for t in _final_trials(sqlite_url, run)
+    ]
     assert float(rows[0]["test_accuracy_mean"]) == pytest.approx(sum(accs) / 2)
     assert rows[1]["change"] == "one-hot BCE"
     # BCE's test loss is the one-hot BCE: well below ln 2 once trained a little.
@@ -147,34 +166,51 @@ def test_tiny_ablation_gives_a_complete_table_and_resumes_after_a_kill(
 
 
 def test_bad_config_is_one_line_and_stores_nothing(tmp_path: Path, sqlite_url: str) -> None:
-    config = _write(tmp_path, TINY_ABLATION.replace("model.fc_layers = 2",
-                                                    "model.fc_layer = 2"))
-    proc = babysit("ablate", "--config", str(config), "--storage", sqlite_url, "--quiet",
-                   cwd=tmp_path, env=cli_env(OMP_NUM_THREADS="1"))
+    config = _write(tmp_path, TINY_ABLATION.replace("model.fc_layers = 2", "model.fc_layer = 2"))
+    proc = babysit(
+        "ablate",
+        "--config",
+        str(config),
+        "--storage",
+        sqlite_url,
+        "--quiet",
+        cwd=tmp_path,
+        env=cli_env(OMP_NUM_THREADS="1"),
+    )
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("babysit: variant 'bce': unknown config "
-                                                   "key 'model.fc_layer'"), proc.stderr
+    assert len(lines) == 1 and lines[0].startswith(
+        "babysit: variant 'bce': unknown config key 'model.fc_layer'"
+    ), proc.stderr
     assert proc.stdout == ""
     storage = open_storage(sqlite_url, tmp_path / "art")
     assert run_names(storage) == []
 
 
-@pytest.mark.parametrize(("edit", "message"), [
-    (lambda t: t.split("[[variants]]")[0], "has no variants"),
-    (lambda t: t.replace('reported = 0.5', 'reported = 0.5\nsett = {}'),
-     "unknown key 'sett' in variant 'baseline'"),
-    (lambda t: t.replace('repeats = 2', 'repeats = 2\nseeds = 3'),
-     "unknown key 'seeds' in [ablation]"),
-    (lambda t: t.replace('params = {lr = 1e-3, weight_decay = 1e-5}', ''),
-     "give ablation.params"),
-    (lambda t: t.replace('weight_decay = 1e-5}', 'wd = 1e-5}'), "exactly lr and weight_decay"),
-    (lambda t: t.replace('mode = "final"', 'mode = "full"'), "ablation.params is for mode"),
-    (lambda t: t.replace('name = "bce"', 'name = "baseline"'), "two variants are named"),
-    (lambda t: t.replace('name = "bce"', 'name = "b c e"'), "needs a name"),
-    (lambda t: t.replace('loss = "bce"', 'loss = "hinge"'), "unknown loss 'hinge'"),
-    (lambda t: t.replace('loss = "bce"', 'name = "x"'), "cannot change the run name"),
-])
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.split("[[variants]]")[0], "has no variants"),
+        (
+            lambda t: t.replace("reported = 0.5", "reported = 0.5\nsett = {}"),
+            "unknown key 'sett' in variant 'baseline'",
+        ),
+        (
+            lambda t: t.replace("repeats = 2", "repeats = 2\nseeds = 3"),
+            "unknown key 'seeds' in [ablation]",
+        ),
+        (
+            lambda t: t.replace("params = {lr = 1e-3, weight_decay = 1e-5}", ""),
+            "give ablation.params",
+        ),
+        (lambda t: t.replace("weight_decay = 1e-5}", "wd = 1e-5}"), "exactly lr and weight_decay"),
+        (lambda t: t.replace('mode = "final"', 'mode = "full"'), "ablation.params is for mode"),
+        (lambda t: t.replace('name = "bce"', 'name = "baseline"'), "two variants are named"),
+        (lambda t: t.replace('name = "bce"', 'name = "b c e"'), "needs a name"),
+        (lambda t: t.replace('loss = "bce"', 'loss = "hinge"'), "unknown loss 'hinge'"),
+        (lambda t: t.replace('loss = "bce"', 'name = "x"'), "cannot change the run name"),
+    ],
+)
 def test_bad_configs_are_usage_errors(tmp_path: Path, edit, message: str) -> None:  # noqa: ANN001
     config = _write(tmp_path, edit(TINY_ABLATION))
     with pytest.raises(UsageError) as err:
@@ -185,13 +221,18 @@ def test_bad_configs_are_usage_errors(tmp_path: Path, edit, message: str) -> Non
 
 def test_run_names_seeds_and_override_order(tmp_path: Path) -> None:
     config = _write(tmp_path, TINY_ABLATION.replace("repeats = 2", "repeats = 3"))
-    ablation = load_ablation(config, ["seed=7", "model.fc_width=64", "loss=ce",
-                                      "model.fc_layers=3"])
+    ablation = load_ablation(
+        config, ["seed=7", "model.fc_width=64", "loss=ce", "model.fc_layers=3"]
+    )
     names = [(v.name, k, s.name, s.seed) for v, k, s in ablation.runs]
     assert names == [
-        ("baseline", 0, "tiny/baseline", 7), ("baseline", 1, "tiny/baseline/r1", 8),
+        ("baseline", 0, "tiny/baseline", 7),
+        ("baseline", 1, "tiny/baseline/r1", 8),
         ("baseline", 2, "tiny/baseline/r2", 9),
-        ("bce", 0, "tiny/bce", 7), ("bce", 1, "tiny/bce/r1", 8), ("bce", 2, "tiny/bce/r2", 9)]
+        ("bce", 0, "tiny/bce", 7),
+        ("bce", 1, "tiny/bce/r1", 8),
+        ("bce", 2, "tiny/bce/r2", 9),
+    ]
     base = ablation.runs[0][2]
     bce = ablation.runs[3][2]
     # --set beats the file; the variant's own change beats --set.
@@ -206,8 +247,16 @@ def test_seed_000_study_file() -> None:
     ablation = load_ablation(ROOT / "studies" / "alexnet-ablation.toml")
     assert ablation.mode == "final" and ablation.repeats == 1
     by_name = {v.name: (v, s) for v, _, s in ablation.runs}
-    assert list(by_name) == ["baseline", "4-conv", "3-conv", "2-fc", "1-fc", "leaky-relu",
-                             "bce", "3-conv-bce"]
+    assert list(by_name) == [
+        "baseline",
+        "4-conv",
+        "3-conv",
+        "2-fc",
+        "1-fc",
+        "leaky-relu",
+        "bce",
+        "3-conv-bce",
+    ]
     for variant, spec in by_name.values():
         assert variant.params == {"lr": 1e-4, "weight_decay": 5e-4}
         assert (spec.dataset, spec.optimizer, spec.batch_size) == ("cifar10", "adam", 128)
@@ -221,9 +270,12 @@ def test_seed_000_study_file() -> None:
     assert by_name["baseline"][0].reported == pytest.approx(0.70)
 
 
-def test_full_mode_runs_the_protocol_per_variant(tmp_path: Path, sqlite_url: str,
-                                                 capsys: pytest.CaptureFixture[str]) -> None:
-    config = _write(tmp_path, """
+def test_full_mode_runs_the_protocol_per_variant(
+    tmp_path: Path, sqlite_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = _write(
+        tmp_path,
+        """
 dataset = "digits"
 batch_size = 64
 [model]
@@ -247,7 +299,8 @@ name = "whole"
 mode = "full"
 [[variants]]
 name = "small"
-""")
+""",
+    )
     storage = open_storage(sqlite_url, tmp_path / "art")
     code = run_ablation(config, storage, sets=[], device="cpu", out=tmp_path / "t", quiet=True)
     out = capsys.readouterr().out

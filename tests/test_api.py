@@ -63,18 +63,27 @@ def test_python_objects_run_in_process_and_load_run_reads_them_back(tmp_path: Pa
     def build(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
         head = nn.Linear(8 * 4, num_classes)
         nn.init.normal_(head.weight, std=0.01)
-        return nn.Sequential(nn.Conv2d(in_channels, 8, 3, padding=1), nn.ReLU(),
-                             nn.AdaptiveAvgPool2d(2), nn.Flatten(), head)
+        return nn.Sequential(
+            nn.Conv2d(in_channels, 8, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            head,
+        )
 
-    data = {"classes": ["low", "high"], "train": _blobs(128, 0), "val": _blobs(32, 1),
-            "test": _blobs(32, 2)}
+    data = {
+        "classes": ["low", "high"],
+        "train": _blobs(128, 0),
+        "val": _blobs(32, 1),
+        "test": _blobs(32, 2),
+    }
     db = tmp_path / "api.db"
-    summary = babysit.run(model=build, data=data, storage=db, name="nb", quiet=True,
-                          **BUDGET)
+    summary = babysit.run(model=build, data=data, storage=db, name="nb", quiet=True, **BUDGET)
     assert summary["name"] == "nb" and summary["num_classes"] == 2
     assert summary["model"].startswith("python:")
-    assert summary["model"].endswith("test_python_objects_run_in_process_and_load_run_reads_"
-                                     "them_back.<locals>.build")
+    assert summary["model"].endswith(
+        "test_python_objects_run_in_process_and_load_run_reads_them_back.<locals>.build"
+    )
     assert summary["dataset"] == "python:data[2 classes, 128/32/32]"
     assert summary["wall_seconds"] > 0
     assert summary["stages"]["coarse"]["trials"] == 3
@@ -97,8 +106,9 @@ def test_python_objects_run_in_process_and_load_run_reads_them_back(tmp_path: Pa
     assert out.shape == (4, 2) and not net.training
 
     # A worker elsewhere cannot rebuild objects that lived in this process: one line, exit 2.
-    proc = babysit_cli("worker", "--name", "nb", "--storage", f"sqlite:///{db}",
-                       cwd=tmp_path, env=cli_env(**ENV))
+    proc = babysit_cli(
+        "worker", "--name", "nb", "--storage", f"sqlite:///{db}", cwd=tmp_path, env=cli_env(**ENV)
+    )
     lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
     assert proc.returncode == 2, proc.stderr
     assert len(lines) == 1 and "Traceback" not in proc.stderr
@@ -108,18 +118,23 @@ def test_python_objects_run_in_process_and_load_run_reads_them_back(tmp_path: Pa
     # Rerunning the same call resumes: nothing is trained twice.
     before = len(df)
     again = babysit.run(model=build, data=data, storage=db, name="nb", quiet=True, **BUDGET)
-    assert again["stages"]["final"]["test_accuracy"] == \
-        summary["stages"]["final"]["test_accuracy"]
+    assert again["stages"]["final"]["test_accuracy"] == summary["stages"]["final"]["test_accuracy"]
     assert len(babysit.load_run("nb", str(db)).trials_dataframe()) == before
 
 
 @pytest.mark.slow
 def test_references_and_datasets_stream_through_the_api(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_module(tmp_path, "usermods_api")
     monkeypatch.chdir(tmp_path)
-    summary = babysit.run(model="usermods_api:build", data="usermods_api:pil_blobs",
-                          storage=f"sqlite:///{tmp_path / 'b.db'}", quiet=True, **BUDGET)
+    summary = babysit.run(
+        model="usermods_api:build",
+        data="usermods_api:pil_blobs",
+        storage=f"sqlite:///{tmp_path / 'b.db'}",
+        quiet=True,
+        **BUDGET,
+    )
     # Datasets of PIL images: the DataLoader path, with the worker count the loader asked.
     assert summary["name"] == "usermods_api-pil_blobs"
     assert summary["data"]["loader"] == "streaming"
@@ -134,16 +149,22 @@ def test_references_and_datasets_stream_through_the_api(
 
 @pytest.mark.slow
 def test_tensor_data_forced_through_the_dataloader_path(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-        capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
     """BABYSIT_STREAM=1 stands in for data too large to preload: the whole protocol runs
     on batches from DataLoader worker processes."""
     write_module(tmp_path, "usermods_stream")
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("BABYSIT_STREAM", "1")
     monkeypatch.setenv("BABYSIT_LOADER_WORKERS", "1")
-    summary = babysit.run(model="usermods_stream:build", data="usermods_stream:blobs",
-                          storage=tmp_path / "s.db", name="streamed", quiet=True, **BUDGET)
+    summary = babysit.run(
+        model="usermods_stream:build",
+        data="usermods_stream:blobs",
+        storage=tmp_path / "s.db",
+        name="streamed",
+        quiet=True,
+        **BUDGET,
+    )
     err = capsys.readouterr().err
     assert "data: streamed from torch Datasets by a DataLoader with 1 worker process" in err
     assert summary["data"]["loader"] == "streaming"
@@ -158,32 +179,40 @@ def test_tensor_data_forced_through_the_dataloader_path(
 
 def test_a_failed_check_raises_with_the_summary(tmp_path: Path) -> None:
     def loud(num_classes: int, in_channels: int, image_size: int) -> nn.Module:
-        net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size ** 2,
-                                                    num_classes))
+        net = nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, num_classes))
         nn.init.normal_(net[1].weight, std=10.0)
         return net
 
-    data = {"classes": ["low", "high"], "train": _blobs(64, 0), "val": _blobs(16, 1),
-            "test": _blobs(16, 2)}
+    data = {
+        "classes": ["low", "high"],
+        "train": _blobs(64, 0),
+        "val": _blobs(16, 1),
+        "test": _blobs(16, 2),
+    }
     with pytest.raises(ProtocolError, match="sanity failed") as err:
-        babysit.run(model=loud, data=data, storage=tmp_path / "f.db", name="loud",
-                    quiet=True, **BUDGET)
+        babysit.run(
+            model=loud, data=data, storage=tmp_path / "f.db", name="loud", quiet=True, **BUDGET
+        )
     assert err.value.summary["stages"]["sanity"]["status"] == "failed"
     assert err.value.summary["stages"]["overfit"]["status"] == "skipped"
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    ({"coarse": {"trails": 3}}, "unknown config key 'coarse.trails'"),
-    ({"dataset": "digits"}, "takes 'dataset' as data="),
-    ({"arch": {"fc_width": 64}}, "takes 'arch' as model_options="),
-    ({"data": 42}, "data must be a dataset name"),
-    ({"model": 3.5}, "model must be 'alexnet'"),
-    ({"data": {"classes": ["a"]}}, "is not a dataset"),
-    ({"model": lambda n, c, s: nn.Linear(1, n), "jobs": 2}, "cannot rebuild the Python"),
-    ({"model": "nosuch_module_for_api:build"}, "cannot import model module"),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        ({"coarse": {"trails": 3}}, "unknown config key 'coarse.trails'"),
+        ({"dataset": "digits"}, "takes 'dataset' as data="),
+        ({"arch": {"fc_width": 64}}, "takes 'arch' as model_options="),
+        ({"data": 42}, "data must be a dataset name"),
+        ({"model": 3.5}, "model must be 'alexnet'"),
+        ({"data": {"classes": ["a"]}}, "is not a dataset"),
+        ({"model": lambda n, c, s: nn.Linear(1, n), "jobs": 2}, "cannot rebuild the Python"),
+        ({"model": "nosuch_module_for_api:build"}, "cannot import model module"),
+    ],
+)
 def test_bad_input_raises_usage_error_before_anything_is_stored(
-        tmp_path: Path, kwargs: dict, words: str) -> None:
+    tmp_path: Path, kwargs: dict, words: str
+) -> None:
     db = tmp_path / "bad.db"
     with pytest.raises(UsageError) as err:
         babysit.run(storage=db, quiet=True, **kwargs)
@@ -201,7 +230,7 @@ def test_load_run_of_an_unknown_name(tmp_path: Path) -> None:
 
 def _blocks(markdown: str, heading: str, lang: str) -> str:
     """The first ```lang block after ``heading`` in the markdown."""
-    section = markdown[markdown.index(heading):]
+    section = markdown[markdown.index(heading) :]
     match = re.search(rf"```{lang}\n(.*?)```", section, re.S)
     assert match, f"no {lang} block after {heading}"
     return match.group(1)
@@ -212,13 +241,22 @@ def test_the_documented_example_runs_as_written(tmp_path: Path) -> None:
     doc = (ROOT / "docs" / "own-network.md").read_text()
     shell = _blocks(doc, "### The example", "sh")
     python = _blocks(doc, "### From Python", "python")
-    shutil.copytree(ROOT / "examples", tmp_path / "examples",
-                    ignore=shutil.ignore_patterns("__pycache__", "shapes", "*.db*", "*.json"))
+    shutil.copytree(
+        ROOT / "examples",
+        tmp_path / "examples",
+        ignore=shutil.ignore_patterns("__pycache__", "shapes", "*.db*", "*.json"),
+    )
     env = cli_env(**ENV)
     # `python` and `babysit` as a user of this checkout has them: the project's venv.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    proc = subprocess.run(["bash", "-e", "-c", shell], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        ["bash", "-e", "-c", shell],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     summary = json.loads((tmp_path / "examples" / "shapes.json").read_text())
     assert summary["model"] == "tinynet:build" and summary["dataset"] == "imagefolder"
@@ -228,8 +266,14 @@ def test_the_documented_example_runs_as_written(tmp_path: Path) -> None:
     assert summary["stages"]["final"]["test_accuracy"] > 0.6
     assert "final" in proc.stdout and "passed" in proc.stdout  # babysit status
 
-    proc = subprocess.run([sys.executable, "-c", python], cwd=tmp_path / "examples", env=env,
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", python],
+        cwd=tmp_path / "examples",
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     first = proc.stdout.splitlines()[0]
     assert 0.0 <= float(first) <= 1.0

@@ -102,46 +102,61 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     assert "sanity passed" in proc.stderr and "dashboard" in proc.stderr
     # The closing lines headline the test accuracy, validation beside it, then the model.
     final = st["final"]
-    assert (f"test accuracy {final['test_accuracy']:.4f} (val {final['val_accuracy']:.4f}), "
-            f"test loss {final['test_loss']:.4f} after 2 epochs;") in proc.stderr
+    assert (
+        f"test accuracy {final['test_accuracy']:.4f} (val {final['val_accuracy']:.4f}), "
+        f"test loss {final['test_loss']:.4f} after 2 epochs;"
+    ) in proc.stderr
     assert "final passed: test accuracy" in proc.stderr
     store = tmp_path / "babysit.db.artifacts"
     model_path = store / "digits" / "model.pt"
     assert final["model_path"] == str(model_path.resolve())
     assert f"model: {final['model_path']} " in proc.stderr
     # Only the model is left of the final: its checkpoint is removed once the final passed.
-    final_study = optuna.load_study(study_name="digits/final",
-                                    storage=f"sqlite:///{tmp_path / 'babysit.db'}")
+    final_study = optuna.load_study(
+        study_name="digits/final", storage=f"sqlite:///{tmp_path / 'babysit.db'}"
+    )
     checkpoint = final_study.user_attrs["checkpoint"]
     assert "artifact_id" not in checkpoint and checkpoint["epoch"] == 2
     assert not (store / checkpoint["deleted"]).exists()
     assert not list(store.glob("digits-final-*"))
     # The README's example loads it as written, in a fresh process, as a user would.
     readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("### The result and the model"):]
+    section = readme[readme.index("### The result and the model") :]
     example = re.search(r"```python\n(.*?)```", section, re.S)
-    assert example and "babysit.load_model(\"babysit.db.artifacts/digits/model.pt\")" in (
-        example.group(1))
-    loaded = subprocess.run([sys.executable, "-c", example.group(1)], cwd=tmp_path,
-                            env=cli_env(), capture_output=True, text=True, timeout=120)
+    assert example and 'babysit.load_model("babysit.db.artifacts/digits/model.pt")' in (
+        example.group(1)
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", example.group(1)],
+        cwd=tmp_path,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert loaded.returncode == 0, loaded.stderr
     assert re.fullmatch(r"tensor\(\[\d\]\)", loaded.stdout.strip()), loaded.stdout
 
     # Every stage study carries the spec, so storage alone rebuilds the run.
-    study = optuna.load_study(study_name="digits/coarse",
-                              storage=f"sqlite:///{tmp_path / 'babysit.db'}")
+    study = optuna.load_study(
+        study_name="digits/coarse", storage=f"sqlite:///{tmp_path / 'babysit.db'}"
+    )
     storage = open_storage(f"sqlite:///{tmp_path / 'babysit.db'}", None, create=False)
     assert study_spec(storage, study)["coarse"]["trials"] == 4
     intermediate = [t.intermediate_values for t in study.trials if t.state == TrialState.COMPLETE]
     assert all(v for v in intermediate)
 
-    before = {stage: _counts(tmp_path / "babysit.db", f"digits/{stage}")
-              for stage in ("sanity", "overfit", "coarse", "fine", "final")}
+    before = {
+        stage: _counts(tmp_path / "babysit.db", f"digits/{stage}")
+        for stage in ("sanity", "overfit", "coarse", "fine", "final")
+    }
     t0 = time.perf_counter()
     again = babysit("run", *TINY, "--summary-json", str(summary_path), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
-    after = {stage: _counts(tmp_path / "babysit.db", f"digits/{stage}")
-             for stage in ("sanity", "overfit", "coarse", "fine", "final")}
+    after = {
+        stage: _counts(tmp_path / "babysit.db", f"digits/{stage}")
+        for stage in ("sanity", "overfit", "coarse", "fine", "final")
+    }
     assert after == before  # nothing ran twice
     assert time.perf_counter() - t0 < 60
     rerun = _summary(summary_path)["stages"]["final"]
@@ -159,8 +174,15 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_broken_model_fails_sanity_with_a_diagnosis(tmp_path: Path) -> None:
     (tmp_path / "netmods.py").write_text(BROKEN_MODEL)
-    proc = babysit("run", "--model", "netmods:build", *TINY, "--summary-json",
-                   str(tmp_path / "s.json"), cwd=tmp_path)
+    proc = babysit(
+        "run",
+        "--model",
+        "netmods:build",
+        *TINY,
+        "--summary-json",
+        str(tmp_path / "s.json"),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stderr
     assert "sanity failed" in proc.stderr
     assert "expected 2.30" in proc.stderr and "last layer" in proc.stderr
@@ -178,8 +200,17 @@ def test_broken_model_fails_sanity_with_a_diagnosis(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_unlearnable_labels_fail_overfit(tmp_path: Path) -> None:
     (tmp_path / "constdata.py").write_text(CONSTANT_DATA)
-    proc = babysit("run", "--dataset", "constdata:load", *TINY, "--set", "overfit.steps=30",
-                   "--set", "overfit.samples=12", cwd=tmp_path)
+    proc = babysit(
+        "run",
+        "--dataset",
+        "constdata:load",
+        *TINY,
+        "--set",
+        "overfit.steps=30",
+        "--set",
+        "overfit.samples=12",
+        cwd=tmp_path,
+    )
     assert proc.returncode == 1, proc.stderr
     assert "overfit failed" in proc.stderr and "could not memorise 12 examples" in proc.stderr
     db = tmp_path / "babysit.db"
@@ -194,18 +225,21 @@ def _one_line_error(proc) -> str:  # noqa: ANN001
     return lines[0]
 
 
-@pytest.mark.parametrize("args, words", [
-    (["--dataset", "mnist"], "unknown dataset 'mnist'"),
-    (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
-    (["--model", "resnet"], "unknown model 'resnet'"),
-    (["--model", "nosuchmodule:build"], "cannot import model module"),
-    (["--storage", "not a url"], "cannot parse storage URL"),
-    (["--storage", "sqlite:////no/such/folder/x.db"], "does not exist"),
-    (["--storage", "postgresql+psycopg://u:hunter2@127.0.0.1:1/db"], "cannot open storage"),
-    (["--set", "coarse.trials=lots"], "expects int"),
-    (["--set", "coarse.nonsense=1"], "unknown config key"),
-    (["--frobnicate"], "unrecognized arguments"),
-])
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["--dataset", "mnist"], "unknown dataset 'mnist'"),
+        (["--optimizer", "rmsprop"], "unknown optimizer 'rmsprop'"),
+        (["--model", "resnet"], "unknown model 'resnet'"),
+        (["--model", "nosuchmodule:build"], "cannot import model module"),
+        (["--storage", "not a url"], "cannot parse storage URL"),
+        (["--storage", "sqlite:////no/such/folder/x.db"], "does not exist"),
+        (["--storage", "postgresql+psycopg://u:hunter2@127.0.0.1:1/db"], "cannot open storage"),
+        (["--set", "coarse.trials=lots"], "expects int"),
+        (["--set", "coarse.nonsense=1"], "unknown config key"),
+        (["--frobnicate"], "unrecognized arguments"),
+    ],
+)
 @pytest.mark.slow
 def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], words: str) -> None:
     line = _one_line_error(babysit("run", *args, "--quiet", cwd=tmp_path))
@@ -215,7 +249,7 @@ def test_bad_input_is_one_line_and_exit_2(tmp_path: Path, args: list[str], words
 
 def test_bad_config_file(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
-    cfg.write_text("[coarse]\ntrials = \"twenty\"\n")
+    cfg.write_text('[coarse]\ntrials = "twenty"\n')
     assert "expects int" in _one_line_error(babysit("run", "--config", str(cfg), cwd=tmp_path))
     cfg.write_text("[coarse\n")
     assert "not valid TOML" in _one_line_error(babysit("run", "--config", str(cfg), cwd=tmp_path))
@@ -238,8 +272,9 @@ def test_reused_name_with_other_spec_is_refused_and_nothing_is_touched(tmp_path:
     before = {s: _counts(db, f"r1/{s}") for s in ("coarse", "fine", "final")}
     with sqlite3.connect(db) as con:
         rows_before = con.execute("select count(*) from trials").fetchone()[0]
-    line = _one_line_error(babysit("run", *TINY, "--name", "r1", "--set", "coarse.trials=6",
-                                   cwd=tmp_path))
+    line = _one_line_error(
+        babysit("run", *TINY, "--name", "r1", "--set", "coarse.trials=6", cwd=tmp_path)
+    )
     assert "different spec" in line and "coarse.trials" in line
     assert {s: _counts(db, f"r1/{s}") for s in ("coarse", "fine", "final")} == before
     with sqlite3.connect(db) as con:
@@ -267,17 +302,27 @@ def _finished_coarse(db: Path) -> int:
 
 def _running_coarse(db: Path) -> bool:
     s = optuna.load_study(study_name="k/coarse", storage=f"sqlite:///{db}")
-    return any(t.state == TrialState.RUNNING and "worker" in t.user_attrs
-               for t in s.get_trials())
+    return any(t.state == TrialState.RUNNING and "worker" in t.user_attrs for t in s.get_trials())
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["kill", "ctrl-c"])
 def test_resume_after_a_stop_in_the_middle_of_coarse(tmp_path: Path, sig: int) -> None:
     db = tmp_path / "babysit.db"
-    args = ["run", "--name", "k", *TINY, "--set", "coarse.trials=6", "--set", "coarse.epochs=2",
-            "--set", "coarse.pruner=\"none\""]
+    args = [
+        "run",
+        "--name",
+        "k",
+        *TINY,
+        "--set",
+        "coarse.trials=6",
+        "--set",
+        "coarse.epochs=2",
+        "--set",
+        'coarse.pruner="none"',
+    ]
     proc = popen(*args, cwd=tmp_path)
+
     # Stopped while a trial trains: two finished and a third under way.
     def mid_trial() -> bool:
         assert proc.poll() is None, proc.communicate()[1]  # the run ended before the stop
@@ -291,22 +336,27 @@ def test_resume_after_a_stop_in_the_middle_of_coarse(tmp_path: Path, sig: int) -
         assert "Rerun the same command" in err
     storage = f"sqlite:///{db}"
     stopped = optuna.load_study(study_name="k/coarse", storage=storage).get_trials()
-    kept = {t.number: (t.state, t.params, t.value) for t in stopped
-            if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+    kept = {
+        t.number: (t.state, t.params, t.value)
+        for t in stopped
+        if t.state in (TrialState.COMPLETE, TrialState.PRUNED)
+    }
     assert len(kept) >= 2
     cut = [t for t in stopped if t.state != TrialState.COMPLETE and t.number not in kept]
     if sig == signal.SIGINT:
         # Ctrl-C: the trial it stopped is stored FAIL with its reason, at once.
         assert [(t.state, t.user_attrs.get("reason")) for t in cut] == [
-            (TrialState.FAIL, "interrupted")]
+            (TrialState.FAIL, "interrupted")
+        ]
 
     again = babysit(*args, "--summary-json", str(tmp_path / "s.json"), cwd=tmp_path)
     assert again.returncode == 0, again.stderr
     said = [ln for ln in again.stderr.splitlines() if "was interrupted" in ln]
     if sig == signal.SIGINT:
         # The resume says so, once.
-        assert said == [f"coarse: trial {cut[0].number} was interrupted; a new trial takes "
-                        "its place"]
+        assert said == [
+            f"coarse: trial {cut[0].number} was interrupted; a new trial takes its place"
+        ]
     else:
         assert said == []  # a killed process's trial is reclaimed as "worker died"
     trials = optuna.load_study(study_name="k/coarse", storage=storage).get_trials()
@@ -326,8 +376,19 @@ def test_resume_after_a_stop_in_the_middle_of_coarse(tmp_path: Path, sig: int) -
 @pytest.mark.slow
 def test_jobs_share_the_searches_between_processes(tmp_path: Path) -> None:
     summary_path = tmp_path / "s.json"
-    proc = babysit("run", "--name", "j", *TINY, "--set", "coarse.trials=6", "--jobs", "2",
-                   "--summary-json", str(summary_path), cwd=tmp_path)
+    proc = babysit(
+        "run",
+        "--name",
+        "j",
+        *TINY,
+        "--set",
+        "coarse.trials=6",
+        "--jobs",
+        "2",
+        "--summary-json",
+        str(summary_path),
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "starting 1 worker process beside" in proc.stderr
     db = f"sqlite:///{tmp_path / 'babysit.db'}"
@@ -340,7 +401,8 @@ def test_jobs_share_the_searches_between_processes(tmp_path: Path) -> None:
     assert len(workers) == 2  # both processes trained trials
     final = optuna.load_study(study_name="j/final", storage=db).get_trials()
     assert [t.state for t in final if t.user_attrs.get("reason") != "surplus"] == [
-        TrialState.COMPLETE]
+        TrialState.COMPLETE
+    ]
     assert _summary(summary_path)["stages"]["coarse"]["trials"] == 6
 
 
@@ -366,7 +428,9 @@ def test_an_interrupt_in_a_trial_is_its_stored_reason_and_said_once_on_resume() 
         fill(study, 3, objective)
     trials = study.get_trials()
     assert [(t.state, t.user_attrs.get("reason")) for t in trials] == [
-        (TrialState.COMPLETE, None), (TrialState.FAIL, "interrupted")]
+        (TrialState.COMPLETE, None),
+        (TrialState.FAIL, "interrupted"),
+    ]
     assert [t.number for t in interrupted_last(trials)] == [1]
 
     lines: list[str] = []

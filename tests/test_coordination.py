@@ -133,8 +133,9 @@ def test_optunas_failed_trial_log_lines_are_the_ones_the_filter_parses(rdb) -> N
         logger.removeFilter(f)
     try:
         study = _study(rdb)
-        study.optimize(lambda t: coordination._surplus(t, "full"), n_trials=1,
-                       catch=(coordination._Surplus,))
+        study.optimize(
+            lambda t: coordination._surplus(t, "full"), n_trials=1, catch=(coordination._Surplus,)
+        )
     finally:
         logger.removeHandler(keep)
         for f in saved:
@@ -147,8 +148,9 @@ def test_optunas_failed_trial_log_lines_are_the_ones_the_filter_parses(rdb) -> N
     # Both lines are the ones _QuietSurplus drops, and only those.
     quiet = coordination._QuietSurplus()
     assert [quiet.filter(r) for r in failed] == [False, False]
-    other = logging.LogRecord(logger.name, logging.WARNING, "", 0, "Trial 1 failed with value "
-                              "None.", None, None)
+    other = logging.LogRecord(
+        logger.name, logging.WARNING, "", 0, "Trial 1 failed with value None.", None, None
+    )
     assert quiet.filter(other)
 
 
@@ -175,7 +177,8 @@ def test_telling_a_trial_another_process_failed_is_recognised(rdb) -> None:  # n
     assert not coordination._told_a_failed_trial(ValueError("something else"))
     coordination._run_one(study, objective)  # carries on, raises nothing
     assert [t.user_attrs["reason"] for t in study.get_trials(deepcopy=False)] == [
-        "heartbeat stale"] * 2
+        "heartbeat stale"
+    ] * 2
 
 
 def test_reclaim_fails_a_dead_workers_trial_at_once(rdb) -> None:  # noqa: ANN001
@@ -187,8 +190,9 @@ def test_reclaim_fails_a_dead_workers_trial_at_once(rdb) -> None:  # noqa: ANN00
     mine = study.ask()
     mine.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     reclaim(study)
-    states = {t.number: (t.state, t.user_attrs.get("reason"))
-              for t in study.get_trials(deepcopy=False)}
+    states = {
+        t.number: (t.state, t.user_attrs.get("reason")) for t in study.get_trials(deepcopy=False)
+    }
     assert states == {0: (TrialState.FAIL, "worker died"), 1: (TrialState.RUNNING, None)}
 
 
@@ -210,8 +214,9 @@ def test_pruner_and_sampler_take_the_arguments_given() -> None:
 
     halving = coordination.pruner_for(SearchSpec(pruner="halving"))
     assert isinstance(halving._halving, optuna.pruners.SuccessiveHalvingPruner)
-    assert isinstance(coordination.pruner_for(SearchSpec(pruner="median")),
-                      optuna.pruners.MedianPruner)
+    assert isinstance(
+        coordination.pruner_for(SearchSpec(pruner="median")), optuna.pruners.MedianPruner
+    )
     tpe = coordination.sampler_for(SearchSpec(sampler="tpe", trials=9), seed=1)
     assert isinstance(tpe, optuna.samplers.TPESampler)
     # Same seed, same draws: what keeps a rerun's trials the same.

@@ -31,9 +31,14 @@ pytestmark = pytest.mark.slow
 
 RUN = "dash"
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu",
-                 "--disable-background-networking", "--disable-component-update",
-                 "--no-first-run"]
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--no-first-run",
+]
 SMALL = [*TINY, "--set", "model.conv_layers=3", "--set", "model.fc_layers=1"]
 SHOTS = ROOT / "test-output"
 
@@ -63,8 +68,14 @@ def _free_port() -> int:
 def _start(*args: str, cwd: Path, log: Path) -> subprocess.Popen:
     # stderr to a file, not a pipe nobody drains while the browser makes requests.
     with log.open("w") as fh:
-        return subprocess.Popen([sys.executable, "-m", "babysit", "dashboard", *args], cwd=cwd,
-                                env=cli_env(), stdout=fh, stderr=fh, text=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "babysit", "dashboard", *args],
+            cwd=cwd,
+            env=cli_env(),
+            stdout=fh,
+            stderr=fh,
+            text=True,
+        )
 
 
 def _wait_until_up(proc: subprocess.Popen, port: int, log: Path, timeout: float = 90) -> None:
@@ -103,8 +114,9 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
 def dashboard(finished: Finished) -> Iterator[Dashboard]:
     port = _free_port()
     log = finished.tmp / "dashboard.log"
-    proc = _start("--storage", finished.url, "--port", str(port), "--quiet", cwd=finished.tmp,
-                  log=log)
+    proc = _start(
+        "--storage", finished.url, "--port", str(port), "--quiet", cwd=finished.tmp, log=log
+    )
     _wait_until_up(proc, port, log)
     yield Dashboard(proc=proc, base=f"http://127.0.0.1:{port}", log=log)
     if proc.poll() is None:
@@ -114,8 +126,10 @@ def dashboard(finished: Finished) -> Iterator[Dashboard]:
 @pytest.fixture(scope="module")
 def browser() -> Iterator[object]:
     if not Path(CHROMIUM).exists():
-        message = (f"{CHROMIUM} is missing; `make system` (scripts/system-setup.sh) installs "
-                   "Debian's chromium")
+        message = (
+            f"{CHROMIUM} is missing; `make system` (scripts/system-setup.sh) installs "
+            "Debian's chromium"
+        )
         if os.environ.get("CI", "").lower() not in ("", "0", "false"):
             pytest.fail(message)
         pytest.skip(message)
@@ -135,13 +149,16 @@ def _study_id(base: str, name: str) -> int:
 
 def _loaded_images(page: object, selector: str) -> list[dict]:
     return page.eval_on_selector_all(  # type: ignore[attr-defined]
-        selector, "els => els.map(i => ({src: i.getAttribute('src'), complete: i.complete, "
-                  "width: i.naturalWidth}))")
+        selector,
+        "els => els.map(i => ({src: i.getAttribute('src'), complete: i.complete, "
+        "width: i.naturalWidth}))",
+    )
 
 
 @pytest.mark.browser
-def test_study_page_shows_trials_note_and_plot(browser: object, finished: Finished,
-                                               dashboard: Dashboard) -> None:
+def test_study_page_shows_trials_note_and_plot(
+    browser: object, finished: Finished, dashboard: Dashboard
+) -> None:
     assert f"dashboard: {dashboard.base}/dashboard/" in dashboard.stderr()
     assert "warning" not in dashboard.stderr()
     study = optuna.load_study(study_name=f"{RUN}/coarse", storage=finished.url)
@@ -160,8 +177,10 @@ def test_study_page_shows_trials_note_and_plot(browser: object, finished: Finish
     page.get_by_text("Study Artifacts").wait_for()
     page.get_by_text("coarse-search.png").wait_for()
     artifact = f"img[src*='{artifact_id}']"
-    page.wait_for_function(f"() => {{ const i = document.querySelector(\"{artifact}\"); "
-                           "return i && i.complete && i.naturalWidth > 0; }")
+    page.wait_for_function(
+        f'() => {{ const i = document.querySelector("{artifact}"); '
+        "return i && i.complete && i.naturalWidth > 0; }"
+    )
     SHOTS.mkdir(exist_ok=True)
     page.screenshot(path=str(SHOTS / "dashboard.png"), full_page=True)
 
@@ -173,8 +192,10 @@ def test_study_page_shows_trials_note_and_plot(browser: object, finished: Finish
     page.goto(f"{dashboard.base}/dashboard/studies/{sid}/note")
     # The note: the stage's verdict in words, and its plot inline from the artifact store.
     page.get_by_text(published["verdict"]).wait_for(timeout=30_000)
-    page.wait_for_function(f"() => {{ const i = document.querySelector(\"{artifact}\"); "
-                           "return i && i.complete && i.naturalWidth > 0; }")
+    page.wait_for_function(
+        f'() => {{ const i = document.querySelector("{artifact}"); '
+        "return i && i.complete && i.naturalWidth > 0; }"
+    )
     page.screenshot(path=str(SHOTS / "dashboard-note.png"))
     assert failed == []
     page.close()
@@ -183,8 +204,17 @@ def test_study_page_shows_trials_note_and_plot(browser: object, finished: Finish
 @pytest.mark.browser
 def test_report_opens_from_disk_with_every_image(browser: object, finished: Finished) -> None:
     out = finished.tmp / "report"
-    babysit("report", "--name", RUN, "--storage", finished.url, "--out", str(out),
-            cwd=finished.tmp, check=True)
+    babysit(
+        "report",
+        "--name",
+        RUN,
+        "--storage",
+        finished.url,
+        "--out",
+        str(out),
+        cwd=finished.tmp,
+        check=True,
+    )
     page = browser.new_page()  # type: ignore[attr-defined]
     requested: list[str] = []
     page.on("request", lambda r: requested.append(r.url))
@@ -205,19 +235,36 @@ def test_port_in_use_is_one_line_and_exit_2(finished: Finished) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        proc = babysit("dashboard", "--storage", finished.url, "--port", str(port),
-                       cwd=finished.tmp, timeout=120)
+        proc = babysit(
+            "dashboard",
+            "--storage",
+            finished.url,
+            "--port",
+            str(port),
+            cwd=finished.tmp,
+            timeout=120,
+        )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"babysit: port {port} on 127.0.0.1 is already in use (another dashboard?); pick "
-        "another with --port"]
+        "another with --port"
+    ]
 
 
 def test_binding_all_interfaces_warns(finished: Finished) -> None:
     port = _free_port()
     log = finished.tmp / "dashboard-public.log"
-    proc = _start("--storage", finished.url, "--host", "0.0.0.0", "--port", str(port),
-                  "--quiet", cwd=finished.tmp, log=log)
+    proc = _start(
+        "--storage",
+        finished.url,
+        "--host",
+        "0.0.0.0",
+        "--port",
+        str(port),
+        "--quiet",
+        cwd=finished.tmp,
+        log=log,
+    )
     try:
         _wait_until_up(proc, port, log)
     finally:
@@ -258,8 +305,7 @@ def diverging(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Copied]:
     on each."""
     tmp = tmp_path_factory.mktemp("diverging")
     url, copy_url = f"sqlite:///{tmp / 'src.db'}", f"sqlite:///{tmp / 'copy.db'}"
-    babysit("run", "--name", RUN, "--storage", url, *DIVERGING, cwd=tmp, check=True,
-            timeout=600)
+    babysit("run", "--name", RUN, "--storage", url, *DIVERGING, cwd=tmp, check=True, timeout=600)
     babysit("copy", "--name", RUN, "--from", url, "--to", copy_url, cwd=tmp, check=True)
     started = []
     for name, where in (("src", url), ("copy", copy_url)):
@@ -280,7 +326,8 @@ _WIDEST = "() => document.documentElement.scrollWidth"
 
 @pytest.mark.browser
 def test_pages_stay_small_with_metric_names_and_a_truthful_contour(
-        browser: object, diverging: Copied) -> None:
+    browser: object, diverging: Copied
+) -> None:
     base = diverging.source.base
     study = optuna.load_study(study_name=f"{RUN}/coarse", storage=diverging.url)
     trials = study.get_trials()
@@ -320,13 +367,22 @@ def test_pages_stay_small_with_metric_names_and_a_truthful_contour(
     # The contour's best cell sits at the best trial that training completed: the
     # diverged ones are COMPLETE at chance, so the dashboard pairs values with params right.
     page.goto(f"{base}/dashboard/studies/{sid}/analytics")
-    page.wait_for_function("() => { const g = document.getElementById('graph-contour'); "
-                           "return g && g.data && g.data.length > 0; }", timeout=60_000)
-    contour = page.evaluate("() => { const d = document.getElementById('graph-contour')"
-                            ".data[0]; return {x: d.x, y: d.y, z: d.z, type: d.type}; }")
+    page.wait_for_function(
+        "() => { const g = document.getElementById('graph-contour'); "
+        "return g && g.data && g.data.length > 0; }",
+        timeout=60_000,
+    )
+    contour = page.evaluate(
+        "() => { const d = document.getElementById('graph-contour')"
+        ".data[0]; return {x: d.x, y: d.y, z: d.z, type: d.type}; }"
+    )
     assert contour["type"] == "contour"
-    cells = [(z, contour["x"][i], contour["y"][j]) for j, row in enumerate(contour["z"])
-             for i, z in enumerate(row) if z is not None]
+    cells = [
+        (z, contour["x"][i], contour["y"][j])
+        for j, row in enumerate(contour["z"])
+        for i, z in enumerate(row)
+        if z is not None
+    ]
     assert len(cells) == len(trials)  # every trial drawn, the diverged ones too
     top, x, y = max(cells)
     assert top == pytest.approx(best.value)
@@ -349,8 +405,10 @@ def test_a_copied_runs_note_images_load(browser: object, diverging: Copied) -> N
     for stage in ("overfit", "coarse", "final"):
         sid = _study_id(base, f"{RUN}/{stage}")
         page.goto(f"{base}/dashboard/studies/{sid}/note")
-        page.wait_for_function("() => { const i = document.querySelector('img[src*=\"/artifacts/"
-                               f"{sid}/\"]'); return i && i.complete && i.naturalWidth > 0; }}",
-                               timeout=30_000)
+        page.wait_for_function(
+            "() => { const i = document.querySelector('img[src*=\"/artifacts/"
+            f"{sid}/\"]'); return i && i.complete && i.naturalWidth > 0; }}",
+            timeout=30_000,
+        )
     assert failed == [] and bad == []
     page.close()

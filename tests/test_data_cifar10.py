@@ -71,8 +71,12 @@ def _write_py(root: Path, batches: dict, style: str = "py2") -> Path:
     folder = root / cifar10.PY_FOLDER
     folder.mkdir(parents=True)
     for name, (data, labels) in batches.items():
-        content = {"batch_label": name, "labels": labels, "data": data,
-                   "filenames": [f"{name}_{i}.png" for i in range(len(labels))]}
+        content = {
+            "batch_label": name,
+            "labels": labels,
+            "data": data,
+            "filenames": [f"{name}_{i}.png" for i in range(len(labels))],
+        }
         blob = _py2_dumps(content) if style == "py2" else pickle.dumps(content, protocol=4)
         (folder / name).write_bytes(blob)
     meta = {"label_names": list(cifar10.CLASSES), "num_cases_per_batch": PER_BATCH}
@@ -91,8 +95,9 @@ def _write_bin(root: Path, batches: dict) -> Path:
 
 
 def _request(root: Path, seed: int = 0, val_size: int = 5000, download: bool = False):
-    return DataRequest(data_dir=root, seed=seed, download=download,
-                       options=DataSpec(val_size=val_size))
+    return DataRequest(
+        data_dir=root, seed=seed, download=download, options=DataSpec(val_size=val_size)
+    )
 
 
 def _load(root: Path, **kwargs: Any):
@@ -227,12 +232,24 @@ def test_pickle_holding_code_is_refused_and_never_run(tmp_path: Path) -> None:
     [
         (lambda p: p.write_bytes(p.read_bytes()[: len(p.read_bytes()) // 2]), "not a readable"),
         (lambda p: p.write_bytes(_py2_dumps([1, 2, 3])), "expected a dict"),
-        (lambda p: p.write_bytes(_py2_dumps({"data": np.zeros((4, 100), np.uint8),
-                                              "labels": [0] * 4})), "(N, 3072)"),
-        (lambda p: p.write_bytes(_py2_dumps({"data": np.zeros((4, 3072), np.uint8),
-                                              "labels": [0] * 3})), "4 images but 3 labels"),
-        (lambda p: p.write_bytes(_py2_dumps({"data": np.zeros((2, 3072), np.uint8),
-                                              "labels": [0, 12]})), "outside 0..9"),
+        (
+            lambda p: p.write_bytes(
+                _py2_dumps({"data": np.zeros((4, 100), np.uint8), "labels": [0] * 4})
+            ),
+            "(N, 3072)",
+        ),
+        (
+            lambda p: p.write_bytes(
+                _py2_dumps({"data": np.zeros((4, 3072), np.uint8), "labels": [0] * 3})
+            ),
+            "4 images but 3 labels",
+        ),
+        (
+            lambda p: p.write_bytes(
+                _py2_dumps({"data": np.zeros((2, 3072), np.uint8), "labels": [0, 12]})
+            ),
+            "outside 0..9",
+        ),
     ],
     ids=["truncated", "not-a-dict", "wrong-shape", "label-count", "label-range"],
 )

@@ -29,13 +29,22 @@ from babysit.spec import DataSpec
 
 # The real fold-01 files, kept in tests/fixtures; another copy can be named with
 # BABYSIT_FDDB_FIXTURE.
-_FIXTURE = os.environ.get("BABYSIT_FDDB_FIXTURE",
-                          str(Path(__file__).resolve().parent / "fixtures" / "fddb"))
+_FIXTURE = os.environ.get(
+    "BABYSIT_FDDB_FIXTURE", str(Path(__file__).resolve().parent / "fixtures" / "fddb")
+)
 REAL_FOLDS = Path(_FIXTURE) / "FDDB-folds"
 REAL_ELLIPSES = REAL_FOLDS / "FDDB-fold-01-ellipseList.txt"
 PALETTE = [
-    (250, 30, 30), (30, 250, 30), (30, 30, 250), (250, 250, 30), (250, 30, 250),
-    (30, 250, 250), (250, 140, 30), (140, 30, 250), (245, 245, 245), (30, 140, 250),
+    (250, 30, 30),
+    (30, 250, 30),
+    (30, 30, 250),
+    (250, 250, 30),
+    (250, 30, 250),
+    (30, 250, 250),
+    (250, 140, 30),
+    (140, 30, 250),
+    (245, 245, 245),
+    (30, 140, 250),
 ]
 GREY_LEVELS = [250, 205, 165, 230, 185, 145, 240, 195, 155, 220]
 # Photos 0..23 make fold 1, 24..35 fold 2, 36..47 fold 3.
@@ -65,8 +74,15 @@ def _synthetic_entries(n: int) -> list[Entry]:
         faces = []
         for _ in range(int(rng.integers(1, 4))):
             minor = float(rng.uniform(12, 45))
-            faces.append((minor * 1.5, minor, float(rng.choice([-1, 1]) * rng.uniform(1.3, 1.57)),
-                          float(rng.uniform(20, 430)), float(rng.uniform(30, 320))))
+            faces.append(
+                (
+                    minor * 1.5,
+                    minor,
+                    float(rng.choice([-1, 1]) * rng.uniform(1.3, 1.57)),
+                    float(rng.uniform(20, 430)),
+                    float(rng.uniform(30, 320)),
+                )
+            )
         out.append((f"2002/07/{i % 28 + 1:02d}/big/img_{i}", faces))
     return out
 
@@ -416,8 +432,18 @@ def _edit(path: Path, line: int, text: str | None) -> None:
         (1, "../../../etc/passwd", 1, "leaves the data folder"),
         (1, "/etc/2002/07/31/big/img_228", 1, "leaves the data folder"),
     ],
-    ids=["short-line", "not-a-number", "nan", "negative-radius", "bad-count", "count-too-high",
-         "count-too-low", "truncated-file", "parent-path", "absolute-path"],
+    ids=[
+        "short-line",
+        "not-a-number",
+        "nan",
+        "negative-radius",
+        "bad-count",
+        "count-too-high",
+        "count-too-low",
+        "truncated-file",
+        "parent-path",
+        "absolute-path",
+    ],
 )
 def test_bad_ellipse_file_names_file_and_line(
     tmp_path: Path, entries: list[Entry], line: Any, text: Any, where: Any, says: str
@@ -447,8 +473,10 @@ def test_bad_ellipse_file_names_file_and_line(
 
 @pytest.mark.parametrize(
     "text, says",
-    [("/abs/2002/07/31/big/img_228", "leaves the data folder"),
-     ("2002/01/01/big/img_0", "has no entry in FDDB-fold-01-ellipseList.txt")],
+    [
+        ("/abs/2002/07/31/big/img_228", "leaves the data folder"),
+        ("2002/01/01/big/img_0", "has no entry in FDDB-fold-01-ellipseList.txt"),
+    ],
     ids=["absolute", "unannotated"],
 )
 def test_bad_fold_list_names_file_and_line(
@@ -512,8 +540,10 @@ def test_a_photo_in_two_folds_is_refused(tmp_path: Path, entries: list[Entry]) -
     data = _tiny_tree(tmp_path, entries)
     # Fold 3 takes fold 1's files: every photo now sits in train and test.
     for suffix in (".txt", "-ellipseList.txt"):
-        shutil.copy(data / fddb.FOLDS_DIR / f"FDDB-fold-01{suffix}",
-                    data / fddb.FOLDS_DIR / f"FDDB-fold-03{suffix}")
+        shutil.copy(
+            data / fddb.FOLDS_DIR / f"FDDB-fold-01{suffix}",
+            data / fddb.FOLDS_DIR / f"FDDB-fold-03{suffix}",
+        )
     with pytest.raises(DataError, match="FDDB-fold-03.txt:1: .* also in fold 1"):
         fddb.load(_request(data))
 

@@ -26,14 +26,25 @@ from babysit.spec_rules import OPTIMIZERS
 from tests.conftest import babysit
 from tests.conftest import cli_env
 
-CHEAP_CHECK = ["--set", "model.fc_width=64", "--set", "model.conv_layers=3",
-               "--set", "model.fc_layers=1", "--set", "overfit.lrs={adam=[1e-3]}",
-               "--set", "overfit.steps=60", "--quiet"]
+CHEAP_CHECK = [
+    "--set",
+    "model.fc_width=64",
+    "--set",
+    "model.conv_layers=3",
+    "--set",
+    "model.fc_layers=1",
+    "--set",
+    "overfit.lrs={adam=[1e-3]}",
+    "--set",
+    "overfit.steps=60",
+    "--quiet",
+]
 
 
 def test_datasets_lists_the_digits_sizes_loading_gives(tmp_path: Path) -> None:
-    listing = babysit("datasets", "--json", "--data-dir", str(tmp_path), cwd=tmp_path,
-                      env=cli_env())
+    listing = babysit(
+        "datasets", "--json", "--data-dir", str(tmp_path), cwd=tmp_path, env=cli_env()
+    )
     assert listing.returncode == 0, listing.stderr
     rows = {r["name"]: r for r in json.loads(listing.stdout)}
     loaded = load_dataset("digits", DataRequest(tmp_path, 0, False, DataSpec())).sizes()
@@ -54,11 +65,20 @@ def test_datasets_lists_the_digits_sizes_loading_gives(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_the_listed_digits_sizes_are_the_ones_a_run_stores(tmp_path: Path) -> None:
     db = tmp_path / "d.db"
-    proc = babysit("check", "--name", "d", "--storage", f"sqlite:///{db}", *CHEAP_CHECK,
-                   cwd=tmp_path, env=cli_env())
+    proc = babysit(
+        "check",
+        "--name",
+        "d",
+        "--storage",
+        f"sqlite:///{db}",
+        *CHEAP_CHECK,
+        cwd=tmp_path,
+        env=cli_env(),
+    )
     assert proc.returncode == 0, proc.stderr
-    stored = optuna.load_study(study_name="d/sanity",
-                               storage=f"sqlite:///{db}").user_attrs["sizes"]
+    stored = optuna.load_study(study_name="d/sanity", storage=f"sqlite:///{db}").user_attrs[
+        "sizes"
+    ]
     assert describe_dataset("digits", tmp_path)["sizes"] == stored
 
 
@@ -78,14 +98,18 @@ def test_the_command_line_offers_the_spec_modules_choices() -> None:
         assert _choices(parser, verb, "--device") is DEVICES
     assert _choices(parser, "export", "--format") is EXPORT_FORMATS
     # AlexNet checks its knobs against the spec's own choices, not a copy.
-    assert models._KNOBS == {"conv_layers": spec_rules.CONV_LAYERS,
-                             "fc_layers": spec_rules.FC_LAYERS,
-                             "activation": spec_rules.ACTIVATIONS,
-                             "batch_norm": spec_rules.BATCH_NORMS,
-                             "init": spec_rules.INITS, "geometry": spec_rules.GEOMETRIES}
+    assert models._KNOBS == {
+        "conv_layers": spec_rules.CONV_LAYERS,
+        "fc_layers": spec_rules.FC_LAYERS,
+        "activation": spec_rules.ACTIVATIONS,
+        "batch_norm": spec_rules.BATCH_NORMS,
+        "init": spec_rules.INITS,
+        "geometry": spec_rules.GEOMETRIES,
+    }
     spec = build_spec()
     rule = next(f for f in spec.__dataclass_fields__.values() if f.name == "optimizer")
     assert rule.metadata["rule"].allowed == "choose one of: " + ", ".join(OPTIMIZERS)
-    with pytest.raises(UsageError, match="unknown optimizer 'rmsprop'; choose one of: " +
-                       ", ".join(OPTIMIZERS)):
+    with pytest.raises(
+        UsageError, match="unknown optimizer 'rmsprop'; choose one of: " + ", ".join(OPTIMIZERS)
+    ):
         build_spec(sets=["optimizer=rmsprop"])

@@ -51,36 +51,57 @@ def _one_thread():  # noqa: ANN202
 def ctx(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
     tmp = tmp_path_factory.mktemp("diag")
     storage = open_storage(f"sqlite:///{tmp / 'b.db'}", tmp / "art")
-    spec = build_spec(None, [*SMALL, "name=diag", "batch_size=64", "coarse.trials=1",
-                             "coarse.epochs=1", "final.epochs=1"])
+    spec = build_spec(
+        None,
+        [
+            *SMALL,
+            "name=diag",
+            "batch_size=64",
+            "coarse.trials=1",
+            "coarse.epochs=1",
+            "final.epochs=1",
+        ],
+    )
     return prepare(spec, storage, device="cpu", quiet=True)
 
 
 def _model(dropout: float = 0.5) -> AlexNet:
     torch.manual_seed(0)
-    return AlexNet(10, in_channels=1, conv_layers=3, fc_layers=2, fc_width=64, init="he",
-                   dropout=dropout)
+    return AlexNet(
+        10, in_channels=1, conv_layers=3, fc_layers=2, fc_width=64, init="he", dropout=dropout
+    )
 
 
 def _subset(data: DeviceData, n: int) -> DeviceData:
     return replace(data, train_x=data.train_x[:n], train_y=data.train_y[:n])
 
 
-def _train(model: torch.nn.Module, data: DeviceData, lr: float, epochs: int,
-           batch_size: int = 64) -> tuple[Monitor, dict[str, list[float]]]:
+def _train(
+    model: torch.nn.Module, data: DeviceData, lr: float, epochs: int, batch_size: int = 64
+) -> tuple[Monitor, dict[str, list[float]]]:
     opt = make_optimizer("adam", model.parameters(), lr, 0.0)
     monitor = Monitor(model)
-    curves: dict[str, list[float]] = {k: [] for k in
-                                      ("train_loss", "train_acc", "val_loss", "val_acc")}
+    curves: dict[str, list[float]] = {
+        k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")
+    }
 
     def on_epoch(stats) -> None:  # noqa: ANN001
         for k in curves:
             curves[k].append(getattr(stats, k))
         monitor.close_epoch(stats.epoch)
 
-    fit(model, opt, data, epochs=epochs, batch_size=batch_size, loss="ce",
-        generator=torch.Generator().manual_seed(0), stop_on_divergence=False,
-        on_epoch=on_epoch, monitor=monitor)
+    fit(
+        model,
+        opt,
+        data,
+        epochs=epochs,
+        batch_size=batch_size,
+        loss="ce",
+        generator=torch.Generator().manual_seed(0),
+        stop_on_divergence=False,
+        on_epoch=on_epoch,
+        monitor=monitor,
+    )
     monitor.finish(len(curves["train_loss"]) + 1)
     return monitor, curves
 
@@ -143,32 +164,41 @@ def test_negative_bias_reads_as_dead_units(ctx) -> None:  # noqa: ANN001
 def test_tiny_lr_reads_as_flat_loss(ctx) -> None:  # noqa: ANN001
     monitor, curves = _train(_model(), _subset(ctx.data, 256), lr=1e-9, epochs=1)
     found = [r for r in readings(monitor.epochs, curves) if r.startswith("LR too low")]
-    assert found == [f"LR too low: loss moved less than 1 % in 4 steps "
-                     f"({monitor.epochs[0]['loss'][0]:.3f} -> {curves['train_loss'][-1]:.3f})"]
+    assert found == [
+        f"LR too low: loss moved less than 1 % in 4 steps "
+        f"({monitor.epochs[0]['loss'][0]:.3f} -> {curves['train_loss'][-1]:.3f})"
+    ]
 
 
 def test_memorising_a_tiny_train_set_reads_as_overfitting(ctx) -> None:  # noqa: ANN001
-    monitor, curves = _train(_model(dropout=0.0), _subset(ctx.data, 32), lr=3e-3, epochs=40,
-                             batch_size=32)
+    monitor, curves = _train(
+        _model(dropout=0.0), _subset(ctx.data, 32), lr=3e-3, epochs=40, batch_size=32
+    )
     assert curves["train_acc"][-1] == 1.0
     gap = round(100 * (curves["train_acc"][-1] - curves["val_acc"][-1]))
     assert gap > 15
     assert f"overfitting: train/val gap {gap} points after epoch 40" in readings(
-        monitor.epochs, curves)
+        monitor.epochs, curves
+    )
 
 
 def test_nan_loss_and_edge_warnings_pass_through() -> None:
-    diagnostics = [{"epoch": 1, "steps": [1, 20], "loss": [2.3, None], "last_step": 25,
-                    "layers": {}}]
+    diagnostics = [
+        {"epoch": 1, "steps": [1, 20], "loss": [2.3, None], "last_step": 25, "layers": {}}
+    ]
     edge = "best lr 0.9 sits at the upper edge of the coarse range [1e-05, 1]: widen coarse.lr"
     out = readings(diagnostics, {}, warnings=[edge])
     assert out == ["LR too high: the loss was NaN/inf by step 20", edge]
 
 
 def test_stages_store_diagnostics_readings_and_filters(ctx) -> None:  # noqa: ANN001
-    result = search(ctx, "coarse", ctx.spec.coarse, {"lr": [1e-3, 1e-3],
-                                                      "weight_decay": [1e-6, 1e-6]},
-                    initial_loss=math.log(10))
+    result = search(
+        ctx,
+        "coarse",
+        ctx.spec.coarse,
+        {"lr": [1e-3, 1e-3], "weight_decay": [1e-6, 1e-6]},
+        initial_loss=math.log(10),
+    )
     assert result.status == "passed"
     study = optuna.load_study(study_name="diag/coarse", storage=ctx.storage.rdb)
     trial = trial_data(ctx.storage, study.trials[0])  # JSON artifacts, named by "data"
@@ -192,9 +222,11 @@ def test_stages_store_diagnostics_readings_and_filters(ctx) -> None:  # noqa: AN
 
 
 def test_lr_range_test_grows_the_lr_stops_on_divergence_and_proposes_a_range(
-        ctx, tmp_path: Path) -> None:  # noqa: ANN001
-    out = lr_range_test(_model(), _subset(ctx.data, 512), batch_size=64, start=1e-6, end=10.0,
-                        steps=60)
+    ctx, tmp_path: Path
+) -> None:  # noqa: ANN001
+    out = lr_range_test(
+        _model(), _subset(ctx.data, 512), batch_size=64, start=1e-6, end=10.0, steps=60
+    )
     lrs, losses = out["lrs"], out["losses"]
     assert out["stopped"] in ("diverged", "nan") and len(lrs) < 60
     ratios = [b / a for a, b in zip(lrs, lrs[1:], strict=False)]
@@ -222,9 +254,17 @@ def test_record_diagnostics_closes_a_diverged_partial_epoch(ctx) -> None:  # noq
     model = _model()
     opt = make_optimizer("adam", model.parameters(), 10.0, 0.0)
     monitor = Monitor(model)
-    history = fit(model, opt, ctx.data, epochs=1, batch_size=64, loss="ce",
-                  generator=torch.Generator().manual_seed(0), diverge_above=3 * math.log(10),
-                  monitor=monitor)
+    history = fit(
+        model,
+        opt,
+        ctx.data,
+        epochs=1,
+        batch_size=64,
+        loss="ce",
+        generator=torch.Generator().manual_seed(0),
+        diverge_above=3 * math.log(10),
+        monitor=monitor,
+    )
     assert history.stopped == "diverged" and not history.epochs
     out = record_diagnostics(monitor, {"train_loss": []})
     assert [d["epoch"] for d in out["diagnostics"]] == [1]

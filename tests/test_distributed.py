@@ -240,7 +240,9 @@ def test_plateau_stops_the_final_and_the_best_epoch_is_tested(tmp_path: Path) ->
     assert ckpt["epoch"] == v["epochs"] and "artifact_id" not in ckpt
     assert not (tmp_path / "p.db.artifacts" / ckpt["deleted"]).exists()
     assert sorted(p.name for p in (tmp_path / "p.db.artifacts" / "p").iterdir()) == [
-        "model.json", "model.pt"]
+        "model.json",
+        "model.pt",
+    ]
     summary = summarize(storage, "p")
     assert summary["stages"]["final"]["best_epoch"] == v["best_epoch"]
     assert summary["stages"]["final"]["epochs_saved"] == v["epochs_saved"]
@@ -316,8 +318,9 @@ def test_jobs_helpers_spread_round_robin_over_visible_gpus(
     stand_in.chmod(0o755)
     monkeypatch.setattr(sys, "executable", str(stand_in))
     ctx = SimpleNamespace(
-        storage=SimpleNamespace(url="sqlite:///x.db",
-                                artifact_flags=lambda: ["--artifact-dir", str(tmp_path)]),
+        storage=SimpleNamespace(
+            url="sqlite:///x.db", artifact_flags=lambda: ["--artifact-dir", str(tmp_path)]
+        ),
         spec=SimpleNamespace(name="r"),
         device=torch.device("cuda"),
         compile=False,

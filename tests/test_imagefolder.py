@@ -41,8 +41,14 @@ def _shape(kind: str, side: int, rng: random.Random, grey: bool) -> Image.Image:
     return img
 
 
-def make_folder(root: Path, per_class: int = 12, split: str = "train", side: int = 20,
-                grey: bool = False, seed: int = 0) -> None:
+def make_folder(
+    root: Path,
+    per_class: int = 12,
+    split: str = "train",
+    side: int = 20,
+    grey: bool = False,
+    seed: int = 0,
+) -> None:
     """Half PNG, half JPEG, in DIR/<split>/<class>/; sides other than the patch size."""
     rng = random.Random(seed)
     for kind in CLASSES:
@@ -54,7 +60,8 @@ def make_folder(root: Path, per_class: int = 12, split: str = "train", side: int
 
 
 def test_png_and_jpeg_decoded_resized_and_split_with_a_corrupt_file_skipped(
-        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     make_folder(tmp_path, per_class=20)
     (tmp_path / "train" / "square" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
     (tmp_path / "train" / "circle" / "notes.txt").write_text("not an image, not counted")
@@ -93,8 +100,11 @@ def test_grey_images_give_one_channel_and_given_splits_are_kept(tmp_path: Path) 
     assert info["present"] and info["classes"] == list(CLASSES)
     # `babysit datasets` reports the sizes a run stores (test carved out of train), not
     # the files in each folder.
-    listed = describe_dataset("imagefolder", tmp_path, options=DataSpec(
-        patch_size=12, val_fraction=0.2, test_fraction=0.25))
+    listed = describe_dataset(
+        "imagefolder",
+        tmp_path,
+        options=DataSpec(patch_size=12, val_fraction=0.2, test_fraction=0.25),
+    )
     assert listed["sizes"] == splits.sizes() and listed["image"] == "1x12x12"
     missing = describe_dataset("imagefolder", tmp_path / "nothing")
     assert missing["sizes"] is None and missing["missing"].startswith("not downloaded: ")
@@ -107,17 +117,20 @@ def test_one_colour_image_makes_every_image_rgb(tmp_path: Path) -> None:
     assert splits.info["mode"] == "RGB" and splits.in_channels == 3
 
 
-@pytest.mark.parametrize("setup, words", [
-    ("missing", "does not exist"),
-    ("empty_train", "has no class folders"),
-    ("empty_class", "class folder"),
-    ("one_class", "needs at least two"),
-    ("val_only", "has no train/ folder (it holds val/)"),
-    ("flat", "has no train/ folder (it holds circle/, square/, triangle/)"),
-    ("val_extra_class", "classes that train/ lacks: hexagon"),
-    ("too_few", "needs at least 3 per class"),
-    ("all_corrupt", "no readable images"),
-])
+@pytest.mark.parametrize(
+    "setup, words",
+    [
+        ("missing", "does not exist"),
+        ("empty_train", "has no class folders"),
+        ("empty_class", "class folder"),
+        ("one_class", "needs at least two"),
+        ("val_only", "has no train/ folder (it holds val/)"),
+        ("flat", "has no train/ folder (it holds circle/, square/, triangle/)"),
+        ("val_extra_class", "classes that train/ lacks: hexagon"),
+        ("too_few", "needs at least 3 per class"),
+        ("all_corrupt", "no readable images"),
+    ],
+)
 def test_bad_folders(tmp_path: Path, setup: str, words: str) -> None:
     root = tmp_path / "images"
     if setup == "empty_train":
@@ -157,8 +170,9 @@ def test_bad_folders(tmp_path: Path, setup: str, words: str) -> None:
 def test_registered_and_sized_by_patch_size(tmp_path: Path) -> None:
     make_folder(tmp_path, per_class=6)
     opts = DataSpec(patch_size=10)
-    splits = load_dataset("imagefolder", DataRequest(data_dir=tmp_path, seed=0,
-                                                     download=False, options=opts))
+    splits = load_dataset(
+        "imagefolder", DataRequest(data_dir=tmp_path, seed=0, download=False, options=opts)
+    )
     assert splits.train_x.shape[1:] == (3, 10, 10)
 
 
@@ -167,14 +181,33 @@ def test_imagefolder_through_the_cli_reports_the_skipped_file(tmp_path: Path) ->
     images = tmp_path / "images"
     make_folder(images, per_class=12)
     (images / "train" / "triangle" / "truncated.jpg").write_bytes(
-        (images / "train" / "triangle" / "triangle001.jpg").read_bytes()[:40])
+        (images / "train" / "triangle" / "triangle001.jpg").read_bytes()[:40]
+    )
     summary = tmp_path / "s.json"
     # `check` (sanity and overfit) loads and reports the data as `run` does, in seconds;
     # a whole run on 24 images at these budgets can end at chance, a narrowing verdict.
-    proc = babysit("check", "--name", "shapes", "--dataset", "imagefolder", "--data-dir",
-                   str(images), "--set", "data.patch_size=16", "--set", "model.fc_width=128",
-                   "--set", "overfit.steps=60", "--set", "overfit.samples=8", "--quiet",
-                   "--summary-json", str(summary), cwd=tmp_path, env=cli_env(**ENV))
+    proc = babysit(
+        "check",
+        "--name",
+        "shapes",
+        "--dataset",
+        "imagefolder",
+        "--data-dir",
+        str(images),
+        "--set",
+        "data.patch_size=16",
+        "--set",
+        "model.fc_width=128",
+        "--set",
+        "overfit.steps=60",
+        "--set",
+        "overfit.samples=8",
+        "--quiet",
+        "--summary-json",
+        str(summary),
+        cwd=tmp_path,
+        env=cli_env(**ENV),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "imagefolder: skipped 1 unreadable file(s): train/triangle/truncated.jpg" in proc.stderr
     s = json.loads(summary.read_text())
@@ -189,10 +222,21 @@ def test_imagefolder_through_the_cli_reports_the_skipped_file(tmp_path: Path) ->
 @pytest.mark.slow
 def test_missing_or_empty_image_folder_is_one_line_exit_2(tmp_path: Path) -> None:
     (tmp_path / "empty" / "train").mkdir(parents=True)
-    procs = [popen("run", "--dataset", "imagefolder", "--data-dir", str(tmp_path / where),
-                   "--quiet", "--storage", f"sqlite:///{tmp_path / f'{where}.db'}",
-                   cwd=tmp_path, env=cli_env(**ENV))
-             for where in ("nowhere", "empty")]
+    procs = [
+        popen(
+            "run",
+            "--dataset",
+            "imagefolder",
+            "--data-dir",
+            str(tmp_path / where),
+            "--quiet",
+            "--storage",
+            f"sqlite:///{tmp_path / f'{where}.db'}",
+            cwd=tmp_path,
+            env=cli_env(**ENV),
+        )
+        for where in ("nowhere", "empty")
+    ]
     for proc, words in zip(procs, ("does not exist", "has no class folders"), strict=True):
         _, err = proc.communicate(timeout=300)
         lines = [ln for ln in err.strip().splitlines() if ln.strip()]

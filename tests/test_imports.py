@@ -30,11 +30,13 @@ def _modules() -> dict[str, Path]:
 def _is_type_checking(node: ast.If) -> bool:
     test = node.test
     return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING")
+        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
+    )
 
 
-def _targets(node: ast.Import | ast.ImportFrom, here: str, is_package: bool,
-             known: set[str]) -> set[str]:
+def _targets(
+    node: ast.Import | ast.ImportFrom, here: str, is_package: bool, known: set[str]
+) -> set[str]:
     """The package's modules an import statement loads (a name imported from a package
     that is itself a module counts as that module)."""
     if isinstance(node, ast.Import):

@@ -98,8 +98,9 @@ def _structure(model: AlexNet) -> dict[str, object]:
 
 
 @pytest.mark.parametrize("side", [8, 32])
-@pytest.mark.parametrize("knob", KNOBS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items())
-                         or "defaults")
+@pytest.mark.parametrize(
+    "knob", KNOBS, ids=lambda k: ",".join(f"{a}={b}" for a, b in k.items()) or "defaults"
+)
 def test_each_knob_builds_and_trains_one_step(knob: dict, side: int) -> None:
     torch.manual_seed(0)
     channels = 1 if side == 8 else 3
@@ -108,11 +109,13 @@ def test_each_knob_builds_and_trains_one_step(knob: dict, side: int) -> None:
     s = _structure(model)
     conv_layers = kwargs.get("conv_layers", 5)
     fc_layers = kwargs.get("fc_layers", 3)
-    assert s["convs"] == [64, 192, 384, 256, 256][:conv_layers - 1] + [
-        {3: 384, 4: 256, 5: 256}[conv_layers]]
+    assert s["convs"] == [64, 192, 384, 256, 256][: conv_layers - 1] + [
+        {3: 384, 4: 256, 5: 256}[conv_layers]
+    ]
     assert s["fcs"] == [kwargs["fc_width"]] * (fc_layers - 1) + [10]
-    assert s["bn"] == {"none": 0, "first2": 2, "all": conv_layers}[
-        kwargs.get("batch_norm", "none")]
+    assert (
+        s["bn"] == {"none": 0, "first2": 2, "all": conv_layers}[kwargs.get("batch_norm", "none")]
+    )
     activations = conv_layers + fc_layers - 1
     if kwargs.get("activation") == "leaky_relu":
         assert (s["leaky"], s["relu"]) == (activations, 0)
@@ -130,14 +133,19 @@ def test_he_init_draws_from_kaiming_and_keeps_the_last_layer_small() -> None:
     conv2 = he.features[3]
     assert conv2.weight.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.05)
     assert he.classifier[-1].weight.std().item() == pytest.approx(0.01, rel=0.1)
-    assert all(float(m.bias.abs().max()) == 0.0 for m in he.modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear)))
+    assert all(
+        float(m.bias.abs().max()) == 0.0
+        for m in he.modules()
+        if isinstance(m, (nn.Conv2d, nn.Linear))
+    )
     default = AlexNet(10, init="default", fc_width=512)
     assert default.features[3].weight.std().item() < 0.5 * conv2.weight.std().item()
 
 
-@pytest.mark.parametrize(("conv_layers", "plan"), [
-    (5, [96, 256, 384, 384, 256]), (4, [96, 256, 384, 256]), (3, [96, 256, 384])])
+@pytest.mark.parametrize(
+    ("conv_layers", "plan"),
+    [(5, [96, 256, 384, 384, 256]), (4, [96, 256, 384, 256]), (3, [96, 256, 384])],
+)
 def test_alexnet227_is_the_papers_network(conv_layers: int, plan: list[int]) -> None:
     model = AlexNet(10, conv_layers=conv_layers, geometry="alexnet227", fc_width=64)
     convs = [m for m in model.features if isinstance(m, nn.Conv2d)]
@@ -147,9 +155,10 @@ def test_alexnet227_is_the_papers_network(conv_layers: int, plan: list[int]) -> 
     assert model.classifier[1].in_features == plan[-1] * 6 * 6
 
 
-@pytest.mark.parametrize("knob", [{"batch_norm": "first2"},
-                                  {"conv_layers": 3, "fc_layers": 1,
-                                   "activation": "leaky_relu"}])
+@pytest.mark.parametrize(
+    "knob",
+    [{"batch_norm": "first2"}, {"conv_layers": 3, "fc_layers": 1, "activation": "leaky_relu"}],
+)
 def test_alexnet227_trains_one_step_at_227(knob: dict) -> None:
     torch.manual_seed(0)
     model = AlexNet(10, geometry="alexnet227", fc_width=64, **knob)
@@ -170,8 +179,9 @@ def test_bad_knobs_are_rejected() -> None:
 
 
 @pytest.mark.parametrize(("loss", "expected"), [("bce", math.log(2)), ("ce", math.log(10))])
-def test_sanity_expects_the_loss_functions_chance_level(tmp_path: Path, loss: str,
-                                                        expected: float) -> None:
+def test_sanity_expects_the_loss_functions_chance_level(
+    tmp_path: Path, loss: str, expected: float
+) -> None:
     storage = open_storage(f"sqlite:///{tmp_path / 'b.db'}", tmp_path / "art")
     spec = build_spec(None, [f"loss={loss}", "model.fc_width=128", "name=s"])
     ctx = prepare(spec, storage, device="cpu", quiet=True)

@@ -29,16 +29,26 @@ ENV = {"OMP_NUM_THREADS": "1"}
 
 # Budgets for a tiny CNN on 192 training images: seconds per stage.
 USER_TINY = [
-    "--set", "batch_size=32",
-    "--set", "overfit.steps=100",
-    "--set", "overfit.lrs={adam=[3e-3,1e-2]}",
-    "--set", "coarse.trials=3",
-    "--set", "coarse.epochs=1",
-    "--set", "coarse.lr=[1e-3,3e-2]",
-    "--set", "coarse.extend=false",
-    "--set", "fine.trials=2",
-    "--set", "fine.epochs=1",
-    "--set", "final.epochs=2",
+    "--set",
+    "batch_size=32",
+    "--set",
+    "overfit.steps=100",
+    "--set",
+    "overfit.lrs={adam=[3e-3,1e-2]}",
+    "--set",
+    "coarse.trials=3",
+    "--set",
+    "coarse.epochs=1",
+    "--set",
+    "coarse.lr=[1e-3,3e-2]",
+    "--set",
+    "coarse.extend=false",
+    "--set",
+    "fine.trials=2",
+    "--set",
+    "fine.epochs=1",
+    "--set",
+    "final.epochs=2",
     "--quiet",
 ]
 
@@ -150,15 +160,25 @@ def _one_line(proc) -> str:  # noqa: ANN001
 
 
 @pytest.mark.slow
-def test_user_model_and_tensor_dataset_then_a_worker_without_the_module(
-        tmp_path: Path) -> None:
+def test_user_model_and_tensor_dataset_then_a_worker_without_the_module(tmp_path: Path) -> None:
     home = tmp_path / "project"
     home.mkdir()
     write_module(home)
     db = home / "babysit.db"
-    proc = babysit("run", "--name", "mine", "--model", "usermods:build", "--dataset",
-                   "usermods:blobs", *USER_TINY, "--summary-json", str(home / "s.json"),
-                   cwd=home, env=cli_env(**ENV))
+    proc = babysit(
+        "run",
+        "--name",
+        "mine",
+        "--model",
+        "usermods:build",
+        "--dataset",
+        "usermods:blobs",
+        *USER_TINY,
+        "--summary-json",
+        str(home / "s.json"),
+        cwd=home,
+        env=cli_env(**ENV),
+    )
     assert proc.returncode == 0, proc.stderr
     s = _summary(home / "s.json")
     assert s["model"] == "usermods:build" and s["dataset"] == "usermods:blobs"
@@ -176,15 +196,26 @@ def test_user_model_and_tensor_dataset_then_a_worker_without_the_module(
 
     elsewhere = tmp_path / "other-machine"
     elsewhere.mkdir()
-    line = _one_line(babysit("worker", "--name", "mine", "--storage", f"sqlite:///{db}",
-                             cwd=elsewhere, env=cli_env(**ENV)))
+    line = _one_line(
+        babysit(
+            "worker",
+            "--name",
+            "mine",
+            "--storage",
+            f"sqlite:///{db}",
+            cwd=elsewhere,
+            env=cli_env(**ENV),
+        )
+    )
     assert "cannot import" in line and "'usermods'" in line
     assert "PYTHONPATH" in line and "install it" in line
 
 
 BAD_INPUTS = [
-    (["--dataset", "nosuch_data_module:load"], "cannot import dataset module "
-                                               "'nosuch_data_module'"),
+    (
+        ["--dataset", "nosuch_data_module:load"],
+        "cannot import dataset module 'nosuch_data_module'",
+    ),
     (["--model", "usermods:two_args"], "must accept (num_classes, in_channels, image_size)"),
     (["--model", "usermods:wrong_width"], "outputs (2, 5) for 2 images; expected (2, 3)"),
     (["--dataset", "usermods:bad_labels"], "val labels fall outside 0..2"),
@@ -201,9 +232,18 @@ def test_bad_user_input_is_one_line_and_exit_2_before_training(tmp_path: Path) -
     procs = []
     for i, (args, _) in enumerate(BAD_INPUTS):
         extra = ["--dataset", "usermods:blobs"] if args[0] == "--model" else []
-        procs.append(popen("run", *extra, *args, "--quiet", "--storage",
-                           f"sqlite:///{tmp_path / f'bad{i}.db'}", cwd=tmp_path,
-                           env=cli_env(**ENV)))
+        procs.append(
+            popen(
+                "run",
+                *extra,
+                *args,
+                "--quiet",
+                "--storage",
+                f"sqlite:///{tmp_path / f'bad{i}.db'}",
+                cwd=tmp_path,
+                env=cli_env(**ENV),
+            )
+        )
     for proc, (args, words) in zip(procs, BAD_INPUTS, strict=True):
         _, err = proc.communicate(timeout=300)
         proc.stderr = err
@@ -217,29 +257,33 @@ def _request(tmp_path: Path) -> DataRequest:
 
 
 def test_datasets_returned_by_a_callable_take_the_streaming_path(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     write_module(tmp_path, "usermods_ds")
     monkeypatch.chdir(tmp_path)
     splits = load_user_dataset("usermods_ds:pil_blobs", _request(tmp_path))
     assert isinstance(splits, DatasetSplits)
     splits.check("usermods_ds:pil_blobs")
     assert splits.num_workers == 1
-    assert splits.shape == (1, 12, 12) and splits.sizes() == {"train": 192, "val": 48,
-                                                               "test": 48}
+    assert splits.shape == (1, 12, 12) and splits.sizes() == {"train": 192, "val": 48, "test": 48}
     assert splits.sample.dtype == torch.uint8 and splits.sample.shape == (192, 1, 12, 12)
     with pytest.raises(DataError, match="train labels fall outside 0..2"):
         load_user_dataset("usermods_ds:bad_dataset_labels", _request(tmp_path)).check("x")
 
 
-@pytest.mark.parametrize("ref, words", [
-    ("usermods_bad:three_args", "must take no arguments or (data_dir, seed)"),
-    ("usermods_bad:crashes", "failed while loading: FileNotFoundError: /data/blobs.npz"),
-    ("usermods_bad:wrong_type", "returned list; return babysit's Splits"),
-    ("usermods_bad", "is not of the form module:callable"),
-    ("usermods_bad:missing", "has no attribute 'missing'"),
-])
-def test_bad_dataset_callables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ref: str,
-                               words: str) -> None:
+@pytest.mark.parametrize(
+    "ref, words",
+    [
+        ("usermods_bad:three_args", "must take no arguments or (data_dir, seed)"),
+        ("usermods_bad:crashes", "failed while loading: FileNotFoundError: /data/blobs.npz"),
+        ("usermods_bad:wrong_type", "returned list; return babysit's Splits"),
+        ("usermods_bad", "is not of the form module:callable"),
+        ("usermods_bad:missing", "has no attribute 'missing'"),
+    ],
+)
+def test_bad_dataset_callables(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, ref: str, words: str
+) -> None:
     write_module(tmp_path, "usermods_bad")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(UsageError) as err:
@@ -248,22 +292,28 @@ def test_bad_dataset_callables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, 
 
 
 def test_an_import_error_inside_the_users_module_names_the_missing_package(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    (tmp_path / "needs_timm.py").write_text("import timm_not_installed_here\n"
-                                            "def build(a, b, c):\n    pass\n")
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "needs_timm.py").write_text(
+        "import timm_not_installed_here\ndef build(a, b, c):\n    pass\n"
+    )
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(UsageError, match="imports 'timm_not_installed_here', which is not "
-                                         "installed here"):
+    with pytest.raises(
+        UsageError, match="imports 'timm_not_installed_here', which is not installed here"
+    ):
         build_user_model("needs_timm:build", 3, 1, 12)
 
 
-@pytest.mark.parametrize("item, words", [
-    (torch.zeros(1, 12, 12, dtype=torch.uint8), "items must be (image, label) pairs"),
-    ((torch.zeros(1, 12, 12), 0), "images must be uint8 tensors (C, H, W) or PIL images"),
-    (("a picture", 0), "got str"),
-    ((torch.zeros(1, 12, 10, dtype=torch.uint8), 0), "images must be square"),
-    ((torch.zeros(1, 12, 12, dtype=torch.uint8), 0.5), "labels must be ints"),
-])
+@pytest.mark.parametrize(
+    "item, words",
+    [
+        (torch.zeros(1, 12, 12, dtype=torch.uint8), "items must be (image, label) pairs"),
+        ((torch.zeros(1, 12, 12), 0), "images must be uint8 tensors (C, H, W) or PIL images"),
+        (("a picture", 0), "got str"),
+        ((torch.zeros(1, 12, 10, dtype=torch.uint8), 0), "images must be square"),
+        ((torch.zeros(1, 12, 12, dtype=torch.uint8), 0.5), "labels must be ints"),
+    ],
+)
 def test_dataset_items_are_checked_on_a_sample(item: object, words: str) -> None:
     class Same(torch.utils.data.Dataset):
         def __len__(self) -> int:

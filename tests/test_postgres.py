@@ -34,14 +34,22 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PASSWORD = "Pg-r3start-pw"
 FAST = [
     *CHEAP,
-    "--set", "coarse.trials=6",
-    "--set", "coarse.epochs=2",
-    "--set", "coarse.lr=[1e-3, 3e-3]",
-    "--set", "coarse.extend=false",
-    "--set", "coarse.pruner=\"none\"",
-    "--set", "fine.trials=2",
-    "--set", "fine.epochs=1",
-    "--set", "final.epochs=2",
+    "--set",
+    "coarse.trials=6",
+    "--set",
+    "coarse.epochs=2",
+    "--set",
+    "coarse.lr=[1e-3, 3e-3]",
+    "--set",
+    "coarse.extend=false",
+    "--set",
+    'coarse.pruner="none"',
+    "--set",
+    "fine.trials=2",
+    "--set",
+    "fine.epochs=1",
+    "--set",
+    "final.epochs=2",
     "--quiet",
 ]
 
@@ -60,9 +68,14 @@ def _trials(storage: optuna.storages.BaseStorage, name: str) -> list:
 
 
 def _spawn(*args: str, cwd: Path, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "babysit", *args], cwd=cwd,
-                            env=cli_env(OMP_NUM_THREADS="1", **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        [sys.executable, "-m", "babysit", *args],
+        cwd=cwd,
+        env=cli_env(OMP_NUM_THREADS="1", **env),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 class _Relay:
@@ -135,13 +148,18 @@ def test_password_never_shown_and_trust_auth_takes_any(postgres_url: str) -> Non
     storage = open_storage(url)
     assert PASSWORD not in storage.shown and ":***@" in storage.shown
     optuna.create_study(study_name="x/coarse", storage=storage.rdb)  # the password is accepted
-    proc = subprocess.run([sys.executable, "-m", "babysit", "status", "--storage", url],
-                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "babysit", "status", "--storage", url],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert PASSWORD not in proc.stdout + proc.stderr
 
 
-def test_a_stale_heartbeat_fails_the_trial_and_says_why(tmp_path: Path,
-                                                         postgres_url: str) -> None:
+def test_a_stale_heartbeat_fails_the_trial_and_says_why(tmp_path: Path, postgres_url: str) -> None:
     """A worker on another machine is SIGKILLed: no pid to check, only its heartbeat."""
     script = textwrap.dedent(f"""
         import time, optuna
@@ -154,8 +172,13 @@ def test_a_stale_heartbeat_fails_the_trial_and_says_why(tmp_path: Path,
             time.sleep(600)
         study.optimize(objective, n_trials=1)
     """)
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, env=cli_env(),
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert proc.stdout is not None and proc.stdout.readline().strip() == "running"
     storage = open_storage(postgres_url, heartbeat=1, grace=2)
     study = optuna.load_study(study_name="h/coarse", storage=storage.rdb)
@@ -173,7 +196,8 @@ def test_a_stale_heartbeat_fails_the_trial_and_says_why(tmp_path: Path,
 
 
 def test_a_call_rides_out_an_outage_then_gives_up_with_one_clear_error(
-        relay: _Relay, postgres_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    relay: _Relay, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.setenv("BABYSIT_RECONNECT", "4")
     storage = open_storage(_with_password(postgres_url, relay.port))
     study = optuna.create_study(study_name="o/coarse", storage=storage.rdb)
@@ -196,10 +220,21 @@ def test_a_call_rides_out_an_outage_then_gives_up_with_one_clear_error(
 
 
 def test_a_worker_that_loses_the_database_stops_with_one_line_and_the_rerun_goes_on(
-        tmp_path: Path, relay: _Relay, postgres_url: str) -> None:
+    tmp_path: Path, relay: _Relay, postgres_url: str
+) -> None:
     cut_url = _with_password(postgres_url, relay.port)
-    args = ["run", "--name", "l", *FAST, "--heartbeat", "1", "--grace", "3",
-            "--artifact-dir", str(tmp_path / "art")]
+    args = [
+        "run",
+        "--name",
+        "l",
+        *FAST,
+        "--heartbeat",
+        "1",
+        "--grace",
+        "3",
+        "--artifact-dir",
+        str(tmp_path / "art"),
+    ]
     proc = _spawn(*args, "--storage", cut_url, cwd=tmp_path, BABYSIT_RECONNECT="3")
     watch = open_storage(postgres_url).rdb
 
@@ -239,25 +274,29 @@ def _restart_command() -> list[str]:
     return [tool, "--skip-systemctl-redirect", clusters[-1], "main", "restart"]
 
 
-def test_workers_carry_on_when_postgres_restarts_mid_search(tmp_path: Path,
-                                                            postgres_url: str) -> None:
+def test_workers_carry_on_when_postgres_restarts_mid_search(
+    tmp_path: Path, postgres_url: str
+) -> None:
     restart = _restart_command()
     url = _with_password(postgres_url)
     common = ["--heartbeat", "2", "--grace", "20", "--artifact-dir", str(tmp_path / "art")]
     owner = _spawn("run", "--name", "r", *FAST, *common, "--storage", url, cwd=tmp_path)
     watch = open_storage(postgres_url).rdb
     _wait_for(lambda: _trials(watch, "r/sanity"), what="the run's first study")
-    worker = _spawn("worker", "--name", "r", "--quiet", *common, cwd=tmp_path,
-                    BABYSIT_STORAGE=url)
+    worker = _spawn("worker", "--name", "r", "--quiet", *common, cwd=tmp_path, BABYSIT_STORAGE=url)
 
     def mid_search() -> bool:
         trials = _trials(watch, "r/coarse")
-        return (sum(t.state in FINISHED for t in trials) >= 1
-                and any(t.state == TrialState.RUNNING for t in trials))
+        return sum(t.state in FINISHED for t in trials) >= 1 and any(
+            t.state == TrialState.RUNNING for t in trials
+        )
 
     _wait_for(mid_search, what="a coarse trial running after one finished")
-    before = {t.number: (t.state, t.params, t.values) for t in _trials(watch, "r/coarse")
-              if t.state in FINISHED}
+    before = {
+        t.number: (t.state, t.params, t.values)
+        for t in _trials(watch, "r/coarse")
+        if t.state in FINISHED
+    }
     subprocess.run(restart, check=True, capture_output=True, timeout=120)
 
     for name, proc in (("run", owner), ("worker", worker)):
@@ -274,4 +313,5 @@ def test_workers_carry_on_when_postgres_restarts_mid_search(tmp_path: Path,
         assert (t.state, t.params, t.values) == kept
     final = _trials(watch, "r/final")
     assert [t.state for t in final if t.user_attrs.get("reason") != "surplus"] == [
-        TrialState.COMPLETE]
+        TrialState.COMPLETE
+    ]

@@ -15,11 +15,14 @@ def _words(text: str) -> str:
     return " ".join(text.split())
 
 
-@pytest.mark.parametrize("name, rule", [
-    ("narrowing (fine study: narrowed.rule)", NARROW_RULE),
-    ("successive halving (coarse study: pruner_rule)", HALVING_RULE),
-    ("anchored coarse lr (coarse study: lr_anchor.rule)", ANCHOR_RULE),
-])
+@pytest.mark.parametrize(
+    "name, rule",
+    [
+        ("narrowing (fine study: narrowed.rule)", NARROW_RULE),
+        ("successive halving (coarse study: pruner_rule)", HALVING_RULE),
+        ("anchored coarse lr (coarse study: lr_anchor.rule)", ANCHOR_RULE),
+    ],
+)
 def test_readme_quotes_each_stored_rule(name: str, rule: str) -> None:
     readme = _words((ROOT / "README.md").read_text())
     assert f'"{_words(rule)}"' in readme, f"README.md does not quote the {name} rule: {rule}"
@@ -35,13 +38,22 @@ def test_the_stored_narrowing_rule_is_the_template_filled_in() -> None:
     from babysit.spec import CoarseSpec
     from babysit.stages import narrow
 
-    dist = {"lr": FloatDistribution(1e-5, 1.0, log=True),
-            "weight_decay": FloatDistribution(1e-6, 1e-2, log=True)}
-    trials = [create_trial(state=TrialState.COMPLETE, value=v, distributions=dist,
-                           params={"lr": lr, "weight_decay": 1e-4})
-              for v, lr in ((0.9, 1e-3), (0.8, 3e-3), (0.3, 1e-1), (0.1, 1e-4))]
+    dist = {
+        "lr": FloatDistribution(1e-5, 1.0, log=True),
+        "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+    }
+    trials = [
+        create_trial(
+            state=TrialState.COMPLETE,
+            value=v,
+            distributions=dist,
+            params={"lr": lr, "weight_decay": 1e-4},
+        )
+        for v, lr in ((0.9, 1e-3), (0.8, 3e-3), (0.3, 1e-1), (0.1, 1e-4))
+    ]
     assert all(isinstance(t, optuna.trial.FrozenTrial) for t in trials)
     out = narrow(trials, CoarseSpec(), top_k=5, pad=0.5, edge=0.25, chance=0.1)
     # Half-way from 0.1 to 0.9 is 0.5: the 0.9 and 0.8 trials stay, 0.3 and 0.1 do not.
-    assert out["rule"] == NARROW_RULE.format(top=2, good=2, threshold="0.500", chance="0.100",
-                                             best="0.900", pad="0.5")
+    assert out["rule"] == NARROW_RULE.format(
+        top=2, good=2, threshold="0.500", chance="0.100", best="0.900", pad="0.5"
+    )

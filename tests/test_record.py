@@ -59,8 +59,13 @@ def test_key_constants_are_the_dataclass_fields() -> None:
 
 
 def test_trial_attrs_round_trip_and_unknown_keys_are_kept() -> None:
-    stored = {"reason": "diverged", "examples": 256, "curves": {"val_acc": [0.1, 0.2]},
-              "batch": {"global": 64, "per_rank": 32}, "some_future_key": [1, 2]}
+    stored = {
+        "reason": "diverged",
+        "examples": 256,
+        "curves": {"val_acc": [0.1, 0.2]},
+        "batch": {"global": 64, "per_rank": 32},
+        "some_future_key": [1, 2],
+    }
     attrs = TrialAttrs.from_attrs(stored)
     assert attrs.reason == record.Reason.DIVERGED and attrs.examples == 256
     assert attrs.extra == {"some_future_key": [1, 2]}
@@ -78,13 +83,24 @@ def test_study_attrs_round_trip_and_missing_keys_read_as_none() -> None:
     assert StudyAttrs.from_attrs(None) == StudyAttrs()
 
 
-def _trial(number: int, state: TrialState, value: float | None, start: float,
-           end: float | None, **attrs: object) -> optuna.trial.FrozenTrial:
-    t = create_trial(state=state, value=value if state == TrialState.COMPLETE else None,
-                     params={"lr": 0.01 * (number + 1), "weight_decay": 1e-4},
-                     distributions={"lr": FloatDistribution(1e-5, 1.0, log=True),
-                                    "weight_decay": FloatDistribution(1e-6, 1e-2, log=True)},
-                     user_attrs=attrs)
+def _trial(
+    number: int,
+    state: TrialState,
+    value: float | None,
+    start: float,
+    end: float | None,
+    **attrs: object,
+) -> optuna.trial.FrozenTrial:
+    t = create_trial(
+        state=state,
+        value=value if state == TrialState.COMPLETE else None,
+        params={"lr": 0.01 * (number + 1), "weight_decay": 1e-4},
+        distributions={
+            "lr": FloatDistribution(1e-5, 1.0, log=True),
+            "weight_decay": FloatDistribution(1e-6, 1e-2, log=True),
+        },
+        user_attrs=attrs,
+    )
     t.number = number
     t.datetime_start = T0 + datetime.timedelta(seconds=start)
     t.datetime_complete = None if end is None else T0 + datetime.timedelta(seconds=end)
@@ -102,8 +118,14 @@ def test_counts_best_and_timing() -> None:
         # Today's diverged trial: COMPLETE at a value given, never a result.
         _trial(6, TrialState.COMPLETE, 0.9, 8, 9, reason="diverged"),
     ]
-    assert record.counts(trials) == {"finished": 5, "complete": 3, "pruned": 2, "diverged": 2,
-                                      "failed": 0, "running": 1}
+    assert record.counts(trials) == {
+        "finished": 5,
+        "complete": 3,
+        "pruned": 2,
+        "diverged": 2,
+        "failed": 0,
+        "running": 1,
+    }
     assert [t.number for t in record.scored(trials)] == [0, 1, 2]
     assert record.best_trial(trials).number == 1  # the earlier of two equal values
     assert record.best_of(trials)["params"]["lr"] == pytest.approx(0.02)
@@ -119,19 +141,51 @@ def _old_run(url: str) -> None:
     spec = Spec()
     spec.name = "old"
     for stage in ("sanity", "overfit", "coarse"):
-        study = optuna.create_study(study_name=f"old/{stage}", storage=url,
-                                    direction="minimize" if stage == "sanity" else "maximize")
+        study = optuna.create_study(
+            study_name=f"old/{stage}",
+            storage=url,
+            direction="minimize" if stage == "sanity" else "maximize",
+        )
         study.set_user_attr(StudyKey.SPEC, spec.to_dict())
         if stage == "sanity":
-            study.add_trial(_trial(0, TrialState.COMPLETE, 2.3, 0, 1, status="passed",
-                                   initial_loss=2.3, expected_loss=2.302,
-                                   loss_with_reg=2.4, verdict="fine"))
+            study.add_trial(
+                _trial(
+                    0,
+                    TrialState.COMPLETE,
+                    2.3,
+                    0,
+                    1,
+                    status="passed",
+                    initial_loss=2.3,
+                    expected_loss=2.302,
+                    loss_with_reg=2.4,
+                    verdict="fine",
+                )
+            )
         elif stage == "overfit":
-            study.add_trial(_trial(0, TrialState.COMPLETE, 1.0, 2, 5, examples=600,
-                                   curve=[{"step": 5, "loss": 2.0, "train_acc": 0.5}]))
+            study.add_trial(
+                _trial(
+                    0,
+                    TrialState.COMPLETE,
+                    1.0,
+                    2,
+                    5,
+                    examples=600,
+                    curve=[{"step": 5, "loss": 2.0, "train_acc": 0.5}],
+                )
+            )
         else:
-            study.add_trial(_trial(0, TrialState.COMPLETE, 0.4, 10, 20, examples=50,
-                                   curves={"val_acc": [0.3, 0.4]}))
+            study.add_trial(
+                _trial(
+                    0,
+                    TrialState.COMPLETE,
+                    0.4,
+                    10,
+                    20,
+                    examples=50,
+                    curves={"val_acc": [0.3, 0.4]},
+                )
+            )
             study.add_trial(_trial(1, TrialState.RUNNING, None, 15, None, worker="box:42"))
 
 
@@ -145,8 +199,11 @@ def test_an_old_run_reads_back_with_what_it_has(tmp_path: Path) -> None:
     assert s["stages"]["sanity"]["logit_std"] is None  # not stored by older runs
     assert s["stages"]["overfit"]["status"] == "passed"
     coarse = s["stages"]["coarse"]
-    assert (coarse["status"], coarse["trials"], coarse["target"]) == \
-        ("running", 1, Spec().coarse.trials)
+    assert (coarse["status"], coarse["trials"], coarse["target"]) == (
+        "running",
+        1,
+        Spec().coarse.trials,
+    )
     assert coarse["range"] == {"lr": Spec().coarse.lr, "weight_decay": Spec().coarse.weight_decay}
     assert s["stages"]["final"]["status"] == "skipped"
     # Without train_size the epochs are counted in examples over 1, as before.
@@ -161,8 +218,12 @@ def test_an_old_run_reads_back_with_what_it_has(tmp_path: Path) -> None:
     lines = status_lines(status)
     assert lines[0].startswith("run old ") and lines[0].endswith("in stages)")
     assert [line.split()[:2] for line in lines[1:]] == [
-        ["sanity", "passed"], ["overfit", "passed"], ["coarse", "running"],
-        ["fine", "skipped"], ["final", "skipped"]]
+        ["sanity", "passed"],
+        ["overfit", "passed"],
+        ["coarse", "running"],
+        ["fine", "skipped"],
+        ["final", "skipped"],
+    ]
     assert "1/1 trials" in lines[1] and "3.0 s" in lines[2]
     assert "running: #1 on box:42" in lines[3]
 
@@ -183,8 +244,7 @@ def test_curves_and_spec_are_artifacts_named_by_small_attrs(tmp_path: Path) -> N
     storage = open_storage(f"sqlite:///{tmp_path / 'new.db'}", tmp_path / "art")
     spec = Spec()
     spec.name = "new"
-    study = optuna.create_study(study_name="new/coarse", storage=storage.rdb,
-                                direction="maximize")
+    study = optuna.create_study(study_name="new/coarse", storage=storage.rdb, direction="maximize")
     store_spec(storage, spec, study)
     first = study.user_attrs[StudyKey.SPEC_ARTIFACT]
     assert study.user_attrs[StudyKey.SPEC_SUMMARY]["name"] == "new"
@@ -204,8 +264,7 @@ def test_curves_and_spec_are_artifacts_named_by_small_attrs(tmp_path: Path) -> N
     assert data.readings == readings and data.curves["val_acc"] == curves["val_acc"]
     assert data.diagnostics == [{"epoch": 1}]
     assert all(math.isnan(v) for v in data.curves["train_loss"])
-    assert stored.stored_spec(storage, "new").to_dict() == Spec.from_dict(
-        spec.to_dict()).to_dict()
+    assert stored.stored_spec(storage, "new").to_dict() == Spec.from_dict(spec.to_dict()).to_dict()
     # Over the limit as an attr: what the artifacts avoid.
     assert oversized_attrs({"curves": curves}) == {"curves": len(json.dumps(curves))}
     # A store without the file (a copy made without its artifacts) reads as absent.
@@ -237,22 +296,36 @@ def test_old_run_exports_with_one_column_per_meaning(tmp_path: Path) -> None:
     assert list(coarse["epoch"]) == [1, 2] and list(coarse["value"]) == [0.3, 0.4]
 
 
-@pytest.mark.parametrize("module", ["babysit.cli", "babysit.record", "babysit.status",
-                                    "babysit.export"])
+@pytest.mark.parametrize(
+    "module", ["babysit.cli", "babysit.record", "babysit.status", "babysit.export"]
+)
 def test_reading_modules_do_not_import_torch(module: str) -> None:
     heavy = ("torch", "matplotlib", "pandas", "optuna.visualization")
-    code = (f"import {module}, sys; loaded = [m for m in {heavy!r} if m in sys.modules]; "
-            "assert not loaded, loaded")
-    proc = subprocess.run([sys.executable, "-c", code], env=cli_env(), capture_output=True,
-                          text=True, timeout=120)
+    code = (
+        f"import {module}, sys; loaded = [m for m in {heavy!r} if m in sys.modules]; "
+        "assert not loaded, loaded"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=cli_env(), capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
 
 
 @pytest.mark.slow
 def test_a_run_stored_today_reads_back_through_record(tmp_path: Path) -> None:
     url = f"sqlite:///{tmp_path / 'b.db'}"
-    babysit("run", "--name", "today", "--storage", url, *TINY, "--summary-json",
-            str(tmp_path / "s.json"), cwd=tmp_path, check=True)
+    babysit(
+        "run",
+        "--name",
+        "today",
+        "--storage",
+        url,
+        *TINY,
+        "--summary-json",
+        str(tmp_path / "s.json"),
+        cwd=tmp_path,
+        check=True,
+    )
     written = json.loads((tmp_path / "s.json").read_text())
     storage = open_storage(url, None, create=False)
     read = stored.summary(storage, "today")
@@ -272,12 +345,17 @@ def test_a_run_stored_today_reads_back_through_record(tmp_path: Path) -> None:
     # One spec artifact for the run, named by every stage study.
     assert len({rec.attrs.spec_artifact for rec in stages.values()}) == 1
     searched = [t for t in stages["coarse"].trials if t.state == TrialState.COMPLETE]
-    assert all(set(trial_curves(storage, t)) == {"train_loss", "train_acc", "val_loss",
-                                                 "val_acc"} for t in searched)
+    assert all(
+        set(trial_curves(storage, t)) == {"train_loss", "train_acc", "val_loss", "val_acc"}
+        for t in searched
+    )
     assert trial_data(storage, stages["overfit"].trials[0]).curve
 
-    status = json.loads(babysit("status", "--name", "today", "--storage", url, "--json",
-                                cwd=tmp_path, check=True).stdout)
+    status = json.loads(
+        babysit(
+            "status", "--name", "today", "--storage", url, "--json", cwd=tmp_path, check=True
+        ).stdout
+    )
     assert status["stages"] == written["stages"]
     assert 0 < status["wall_seconds"] <= written["wall_seconds"]
     for stage, p in status["progress"]["stages"].items():
@@ -287,8 +365,20 @@ def test_a_run_stored_today_reads_back_through_record(tmp_path: Path) -> None:
 
     csv, pq = tmp_path / "t.csv", tmp_path / "t.parquet"
     for fmt, out in (("csv", csv), ("parquet", pq)):
-        babysit("export", "--name", "today", "--storage", url, "--format", fmt, "--out",
-                str(out), "--curves", cwd=tmp_path, check=True)
+        babysit(
+            "export",
+            "--name",
+            "today",
+            "--storage",
+            url,
+            "--format",
+            fmt,
+            "--out",
+            str(out),
+            "--curves",
+            cwd=tmp_path,
+            check=True,
+        )
     back = pd.read_csv(csv, dtype_backend="numpy_nullable")
     typed = pd.read_parquet(pq)
     for frame in (back, typed):

@@ -33,11 +33,16 @@ pytestmark = pytest.mark.slow
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 FAST = [
     *CHEAP,
-    "--set", "coarse.lr=[1e-3, 1e-2]",
-    "--set", "coarse.extend=false",
-    "--set", "coarse.pruner=\"none\"",
-    "--set", "fine.pruner=\"none\"",
-    "--set", "fine.epochs=1",
+    "--set",
+    "coarse.lr=[1e-3, 1e-2]",
+    "--set",
+    "coarse.extend=false",
+    "--set",
+    'coarse.pruner="none"',
+    "--set",
+    'fine.pruner="none"',
+    "--set",
+    "fine.epochs=1",
     "--quiet",
 ]
 FAST_HEARTBEAT = ["--heartbeat", "1", "--grace", "3"]
@@ -53,23 +58,37 @@ def _env(**extra: str) -> dict[str, str]:
     return cli_env(OMP_NUM_THREADS="1", **extra)
 
 
-def _spawn(*args: str, cwd: Path, env: dict[str, str],
-           prefix: list[str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "babysit", *args],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def _spawn(
+    *args: str, cwd: Path, env: dict[str, str], prefix: list[str] | None = None
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*(prefix or []), sys.executable, "-m", "babysit", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
-def _cli(*args: str, cwd: Path, env: dict[str, str] | None = None,
-         timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "babysit", *args], cwd=cwd,
-                          env=env or _env(), capture_output=True, text=True, timeout=timeout)
+def _cli(
+    *args: str, cwd: Path, env: dict[str, str] | None = None, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "babysit", *args],
+        cwd=cwd,
+        env=env or _env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def _other_host_prefix() -> list[str]:
     """Another hostname, as if on another machine (needs root; else the same host)."""
-    probe = subprocess.run(["unshare", "--uts", "sh", "-c", "hostname otherhost"],
-                           capture_output=True)
+    probe = subprocess.run(
+        ["unshare", "--uts", "sh", "-c", "hostname otherhost"], capture_output=True
+    )
     if probe.returncode != 0:
         return []
     return ["unshare", "--uts", "sh", "-c", 'hostname otherhost && exec "$@"', "sh"]
@@ -110,13 +129,19 @@ def proxy(tmp_path: Path, postgres_url: str) -> Iterator[tuple[str, subprocess.P
     # The local server trusts 127.0.0.1 and ignores the password; it must still never show.
     secret = make_url(postgres_url).set(password=PASSWORD).render_as_string(hide_password=False)
     port = _free_port()
-    proc = _spawn("storage-proxy", "--storage", secret, "--port", str(port),
-                  cwd=tmp_path, env=_env())
+    proc = _spawn(
+        "storage-proxy", "--storage", secret, "--port", str(port), cwd=tmp_path, env=_env()
+    )
     url = f"grpc://127.0.0.1:{port}"
     try:
-        wait_for(lambda: proc.poll() is not None or _cli("status", "--storage", url,
-                                                         cwd=tmp_path).returncode == 0,
-                 timeout=60, what="the storage proxy")
+        wait_for(
+            lambda: (
+                proc.poll() is not None
+                or _cli("status", "--storage", url, cwd=tmp_path).returncode == 0
+            ),
+            timeout=60,
+            what="the storage proxy",
+        )
         assert proc.poll() is None, proc.communicate()[1]
         yield url, proc
     finally:
@@ -134,24 +159,58 @@ def proxy(tmp_path: Path, postgres_url: str) -> Iterator[tuple[str, subprocess.P
 
 @pytest.mark.postgres
 def test_run_and_workers_through_the_proxy_fill_each_stage_exactly(
-        tmp_path: Path, postgres_url: str, proxy: tuple[str, subprocess.Popen[str]]) -> None:
+    tmp_path: Path, postgres_url: str, proxy: tuple[str, subprocess.Popen[str]]
+) -> None:
     """`babysit run` and two `babysit worker`s, all on grpc://, one of them on "another
     host" and SIGKILLed mid-search: its trial is failed by the heartbeat babysit carries
     through the proxy and replaced; every stage ends with exactly its target; `babysit
     status` reads the run through the proxy; no client holds a database connection."""
     url, proxy_proc = proxy
     shared = tmp_path / "artifacts"
-    budget = ["--set", "coarse.trials=6", "--set", "coarse.extend=false", "--set", "coarse.epochs=2", "--set", "fine.trials=3",
-              "--set", "final.epochs=2"]
+    budget = [
+        "--set",
+        "coarse.trials=6",
+        "--set",
+        "coarse.extend=false",
+        "--set",
+        "coarse.epochs=2",
+        "--set",
+        "fine.trials=3",
+        "--set",
+        "final.epochs=2",
+    ]
     summary = tmp_path / "summary.json"
-    run = _spawn("run", "--name", "p", *FAST, *budget, *FAST_HEARTBEAT, "--storage", url,
-                 "--artifact-dir", str(shared), "--summary-json", str(summary),
-                 cwd=tmp_path, env=_env())
+    run = _spawn(
+        "run",
+        "--name",
+        "p",
+        *FAST,
+        *budget,
+        *FAST_HEARTBEAT,
+        "--storage",
+        url,
+        "--artifact-dir",
+        str(shared),
+        "--summary-json",
+        str(summary),
+        cwd=tmp_path,
+        env=_env(),
+    )
     watch = open_storage(postgres_url).rdb
-    wait_for(lambda: run.poll() is not None or _trials(watch, "p/sanity"),
-             what="the run's first study")
-    worker_args = ["worker", "--name", "p", *FAST_HEARTBEAT, "--storage", url,
-                   "--artifact-dir", str(shared), "--quiet"]
+    wait_for(
+        lambda: run.poll() is not None or _trials(watch, "p/sanity"), what="the run's first study"
+    )
+    worker_args = [
+        "worker",
+        "--name",
+        "p",
+        *FAST_HEARTBEAT,
+        "--storage",
+        url,
+        "--artifact-dir",
+        str(shared),
+        "--quiet",
+    ]
     worker = _spawn(*worker_args, cwd=tmp_path, env=_env())
     other_host = _other_host_prefix()
     doomed = _spawn(*worker_args, cwd=tmp_path, env=_env(), prefix=other_host)
@@ -160,8 +219,9 @@ def test_run_and_workers_through_the_proxy_fill_each_stage_exactly(
     def doomed_trial() -> tuple[str, optuna.trial.FrozenTrial] | None:
         for stage in ("coarse", "fine"):
             for t in _trials(watch, f"p/{stage}"):
-                if (t.state == TrialState.RUNNING
-                        and t.user_attrs.get("worker", "").startswith(host)):
+                if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").startswith(
+                    host
+                ):
                     return stage, t
         return None
 
@@ -219,8 +279,9 @@ def test_proxy_heartbeat_marks_a_silent_trial_stale(tmp_path: Path) -> None:
 
     backend = open_storage(f"sqlite:///{tmp_path / 'hb.db'}").rdb
     port = _free_port()
-    server = threading.Thread(target=serve_proxy, args=(backend, "127.0.0.1", port, "hb"),
-                              daemon=True)
+    server = threading.Thread(
+        target=serve_proxy, args=(backend, "127.0.0.1", port, "hb"), daemon=True
+    )
     server.start()
     # Grace 3 s: on the loaded test machine a stamp-and-read can take over a second.
     client = HeartbeatGrpcProxy(host="127.0.0.1", port=port, heartbeat=1, grace=3)
@@ -253,8 +314,7 @@ def test_a_client_rides_out_a_proxy_that_is_down_then_gives_up_plainly(tmp_path:
 
     backend = open_storage(f"sqlite:///{tmp_path / 'late.db'}").rdb
     optuna.create_study(study_name="late", storage=backend)
-    client = HeartbeatGrpcProxy(host="127.0.0.1", port=port, heartbeat=1, grace=3,
-                                reconnect=60)
+    client = HeartbeatGrpcProxy(host="127.0.0.1", port=port, heartbeat=1, grace=3, reconnect=60)
     late = threading.Timer(2.0, serve_proxy, args=(backend, "127.0.0.1", port, "late"))
     late.daemon = True
     late.start()
@@ -265,9 +325,11 @@ def test_a_client_rides_out_a_proxy_that_is_down_then_gives_up_plainly(tmp_path:
 
 
 def test_bad_proxy_urls_and_a_busy_port_are_one_line_errors(tmp_path: Path) -> None:
-    for url, says in (("grpc://127.0.0.1", "grpc://HOST:PORT"),
-                      ("grpc://127.0.0.1:1/x", "grpc://HOST:PORT"),
-                      (f"grpc://127.0.0.1:{_free_port()}", "no storage proxy answers")):
+    for url, says in (
+        ("grpc://127.0.0.1", "grpc://HOST:PORT"),
+        ("grpc://127.0.0.1:1/x", "grpc://HOST:PORT"),
+        (f"grpc://127.0.0.1:{_free_port()}", "no storage proxy answers"),
+    ):
         proc = _cli("status", "--storage", url, cwd=tmp_path)
         assert proc.returncode == 2 and says in proc.stderr, proc.stderr
         assert "Traceback" not in proc.stderr
@@ -277,8 +339,15 @@ def test_bad_proxy_urls_and_a_busy_port_are_one_line_errors(tmp_path: Path) -> N
         busy.bind(("127.0.0.1", 0))
         busy.listen()
         port = busy.getsockname()[1]
-        proc = _cli("storage-proxy", "--storage", f"sqlite:///{tmp_path / 'b.db'}", "--port",
-                    str(port), cwd=tmp_path, timeout=60)
+        proc = _cli(
+            "storage-proxy",
+            "--storage",
+            f"sqlite:///{tmp_path / 'b.db'}",
+            "--port",
+            str(port),
+            cwd=tmp_path,
+            timeout=60,
+        )
     assert proc.returncode == 2 and "is the port in use" in proc.stderr, proc.stderr
     assert "Traceback" not in proc.stderr
 
@@ -286,8 +355,11 @@ def test_bad_proxy_urls_and_a_busy_port_are_one_line_errors(tmp_path: Path) -> N
 # ------------------------------------------------------------------------------------ S3
 
 BUCKET = "babysit-test"
-S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
-           "AWS_DEFAULT_REGION": "us-east-1"}
+S3_KEYS = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
 
 
 @pytest.fixture
@@ -312,24 +384,35 @@ def _s3_env(endpoint: str) -> dict[str, str]:
 def _bucket_keys(endpoint: str) -> list[str]:
     import boto3
 
-    client = boto3.client("s3", endpoint_url=endpoint, **{
-        "aws_access_key_id": "testing", "aws_secret_access_key": "testing",
-        "region_name": "us-east-1"})
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        **{
+            "aws_access_key_id": "testing",
+            "aws_secret_access_key": "testing",
+            "region_name": "us-east-1",
+        },
+    )
     listing = client.list_objects_v2(Bucket=BUCKET)
     return [o["Key"] for o in listing.get("Contents", [])]
 
 
 def test_final_killed_on_one_host_resumes_on_another_sharing_only_db_and_bucket(
-        tmp_path: Path, s3_server: str) -> None:
+    tmp_path: Path, s3_server: str
+) -> None:
     """Host A (its own working directory) trains final with artifacts on S3 and is
     SIGKILLed after a checkpoint; host B (another directory, nothing shared but the
     database file and the bucket) reruns the same command and resumes from A's
     checkpoint, read from the bucket."""
     import boto3
 
-    boto3.client("s3", endpoint_url=s3_server, region_name="us-east-1",
-                 aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=BUCKET)
+    boto3.client(
+        "s3",
+        endpoint_url=s3_server,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket=BUCKET)
     shared = tmp_path / "shared"
     host_a, host_b = tmp_path / "host-a", tmp_path / "host-b"
     for d in (shared, host_a, host_b):
@@ -338,9 +421,28 @@ def test_final_killed_on_one_host_resumes_on_another_sharing_only_db_and_bucket(
     store = f"s3://{BUCKET}/runs/team"
     epochs = 8  # a few seconds of final training to kill it in
     # Adam at up to 1e-2 diverges now and then in one epoch; this test is about the final.
-    args = ["run", "--name", "s3", *FAST, "--set", "coarse.lr=[3e-4, 2e-3]", "--set",
-            "coarse.trials=2", "--set", "coarse.extend=false", "--set", "coarse.epochs=1", "--set", "fine.trials=1", "--set", f"final.epochs={epochs}",
-            "--storage", url, "--artifact-store", store]
+    args = [
+        "run",
+        "--name",
+        "s3",
+        *FAST,
+        "--set",
+        "coarse.lr=[3e-4, 2e-3]",
+        "--set",
+        "coarse.trials=2",
+        "--set",
+        "coarse.extend=false",
+        "--set",
+        "coarse.epochs=1",
+        "--set",
+        "fine.trials=1",
+        "--set",
+        f"final.epochs={epochs}",
+        "--storage",
+        url,
+        "--artifact-store",
+        store,
+    ]
     env = _s3_env(s3_server)
     first = _spawn(*args, cwd=host_a, env=env)
     watch = open_storage(url).rdb
@@ -352,7 +454,8 @@ def test_final_killed_on_one_host_resumes_on_another_sharing_only_db_and_bucket(
             return None
         final = optuna.load_study(study_name="s3/final", storage=watch)
         assert not [t for t in final.trials if t.state == TrialState.COMPLETE], (
-            "final finished before it could be killed; raise final.epochs")
+            "final finished before it could be killed; raise final.epochs"
+        )
         return final.user_attrs.get("checkpoint")
 
     meta = wait_for(checkpointed, what="a final checkpoint on host A")
@@ -382,7 +485,14 @@ def test_final_killed_on_one_host_resumes_on_another_sharing_only_db_and_bucket(
         assert not [p for p in d.rglob("*artifacts*")], list(d.rglob("*"))
 
     # A bucket that does not exist is one line, exit 2, before anything is trained.
-    bad = _cli("status", "--storage", url, "--artifact-store", "s3://no-such-bucket/x",
-               cwd=host_b, env=env)
+    bad = _cli(
+        "status",
+        "--storage",
+        url,
+        "--artifact-store",
+        "s3://no-such-bucket/x",
+        cwd=host_b,
+        env=env,
+    )
     assert bad.returncode == 2 and "no-such-bucket" in bad.stderr, bad.stderr
     assert "Traceback" not in bad.stderr

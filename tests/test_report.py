@@ -29,8 +29,12 @@ pytestmark = pytest.mark.slow
 
 RUN = "rep"
 STAGES = ("sanity", "overfit", "coarse", "fine", "final")
-PLOTS = {"overfit": "overfit-curve.png", "coarse": "coarse-search.png",
-         "fine": "fine-search.png", "final": "final-curves.png"}
+PLOTS = {
+    "overfit": "overfit-curve.png",
+    "coarse": "coarse-search.png",
+    "fine": "fine-search.png",
+    "final": "final-curves.png",
+}
 # TINY, and a smaller network on top: the plots need trials, not a good classifier.
 SMALL = [*TINY, "--set", "model.conv_layers=3", "--set", "model.fc_layers=1"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -54,14 +58,21 @@ def _study(url: str, stage: str) -> optuna.Study:
 
 def _artifacts(url: str) -> dict[str, list[tuple[str, str]]]:
     """(file name, artifact id) of every artifact on each stage study."""
-    return {stage: sorted((m.filename, m.artifact_id)
-                          for m in optuna.artifacts.get_all_artifact_meta(_study(url, stage)))
-            for stage in STAGES}
+    return {
+        stage: sorted(
+            (m.filename, m.artifact_id)
+            for m in optuna.artifacts.get_all_artifact_meta(_study(url, stage))
+        )
+        for stage in STAGES
+    }
 
 
 def _verdicts(stderr: str) -> dict[str, str]:
-    found = dict(re.findall(r"^(sanity|overfit|coarse|fine|final) (?:passed|failed): (.+)$",
-                            stderr, flags=re.M))
+    found = dict(
+        re.findall(
+            r"^(sanity|overfit|coarse|fine|final) (?:passed|failed): (.+)$", stderr, flags=re.M
+        )
+    )
     assert set(found) == set(STAGES), stderr
     return found
 
@@ -70,8 +81,16 @@ def _verdicts(stderr: str) -> dict[str, str]:
 def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
     tmp = tmp_path_factory.mktemp("report")
     url = f"sqlite:///{tmp / 'babysit.db'}"
-    args = ["run", "--name", RUN, "--storage", url, "--summary-json", str(tmp / "summary.json"),
-            *SMALL]
+    args = [
+        "run",
+        "--name",
+        RUN,
+        "--storage",
+        url,
+        "--summary-json",
+        str(tmp / "summary.json"),
+        *SMALL,
+    ]
     first = babysit(*args, cwd=tmp, check=True)
     assert "could not publish" not in first.stderr, first.stderr
     artifacts = _artifacts(url)
@@ -79,9 +98,15 @@ def finished(tmp_path_factory: pytest.TempPathFactory) -> Finished:
     # A person edits one note in the dashboard before the rerun.
     save_note(_study(url, "sanity"), EDITED)
     rerun = babysit(*args, cwd=tmp, check=True)
-    return Finished(tmp=tmp, url=url, verdicts=_verdicts(first.stderr),
-                    summary=json.loads((tmp / "summary.json").read_text()),
-                    first_artifacts=artifacts, first_notes=notes, rerun_stderr=rerun.stderr)
+    return Finished(
+        tmp=tmp,
+        url=url,
+        verdicts=_verdicts(first.stderr),
+        summary=json.loads((tmp / "summary.json").read_text()),
+        first_artifacts=artifacts,
+        first_notes=notes,
+        rerun_stderr=rerun.stderr,
+    )
 
 
 def test_each_stage_study_has_a_note_with_its_verdict(finished: Finished) -> None:
@@ -117,7 +142,8 @@ def test_plots_are_uploaded_once_even_after_a_rerun(finished: Finished) -> None:
         assert [name for name, _ in plots] == ([PLOTS[stage]] if stage in PLOTS else [])
         # Beside the plots, the run's spec: one artifact, on the first study opened.
         assert [name for name, _ in first if (name, _) not in plots] == (
-            ["spec.json"] if stage == "sanity" else [])
+            ["spec.json"] if stage == "sanity" else []
+        )
         assert _artifacts(finished.url)[stage] == first, stage
         for name, artifact_id in plots:
             data = (art_dir / artifact_id).read_bytes()
@@ -128,21 +154,43 @@ def test_report_html_is_self_contained_and_has_every_verdict(finished: Finished)
     # Another artifact folder, empty: the report still comes out, its search scatters
     # redrawn from the trials' params and values; the curves live in the run's store.
     away = finished.tmp / "report-away"
-    babysit("report", "--name", RUN, "--storage", finished.url, "--out", str(away),
-            "--artifact-dir", str(finished.tmp / "elsewhere"), cwd=finished.tmp, check=True)
+    babysit(
+        "report",
+        "--name",
+        RUN,
+        "--storage",
+        finished.url,
+        "--out",
+        str(away),
+        "--artifact-dir",
+        str(finished.tmp / "elsewhere"),
+        cwd=finished.tmp,
+        check=True,
+    )
     assert len(re.findall(r"<img\b", (away / "report.html").read_text())) == 2
     out = finished.tmp / "report"
     # The plots are redrawn from the trials (and their JSON artifacts), not copied.
-    proc = babysit("report", "--name", RUN, "--storage", finished.url, "--out", str(out),
-                   cwd=finished.tmp, check=True)
+    proc = babysit(
+        "report",
+        "--name",
+        RUN,
+        "--storage",
+        finished.url,
+        "--out",
+        str(out),
+        cwd=finished.tmp,
+        check=True,
+    )
     assert f"report: {out / 'report.html'}" in proc.stderr
     page = (out / "report.html").read_text()
     for stage, verdict in finished.verdicts.items():
-        assert verdict.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") \
-            in page, stage
+        assert verdict.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in page, (
+            stage
+        )
     final = finished.summary["stages"]["final"]
-    assert f"test accuracy {final['test_accuracy']:.4f}, test loss {final['test_loss']:.4f}" \
-        in page
+    assert (
+        f"test accuracy {final['test_accuracy']:.4f}, test loss {final['test_loss']:.4f}" in page
+    )
     images = re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", page)
     assert len(images) == 4
     for src in images:
@@ -155,9 +203,11 @@ def test_report_html_is_self_contained_and_has_every_verdict(finished: Finished)
         assert f"<td class=num>{t.params['lr']:.4g}</td>" in page
     # Timing: one row per stage, with the sum of trial durations and the wall time.
     for stage in STAGES:
-        assert re.search(rf"<tr><td>{stage}</td><td>passed</td><td class=num>\d+</td>"
-                         r"<td class=num>[\d.]+ (s|min)</td><td class=num>[\d.]+ (s|min)</td>",
-                         page), stage
+        assert re.search(
+            rf"<tr><td>{stage}</td><td>passed</td><td class=num>\d+</td>"
+            r"<td class=num>[\d.]+ (s|min)</td><td class=num>[\d.]+ (s|min)</td>",
+            page,
+        ), stage
 
     md = (out / "report.md").read_text()
     for verdict in finished.verdicts.values():
@@ -175,22 +225,60 @@ def _trial_count(url: str) -> int:
 def test_export_csv_and_parquet_hold_every_trial_and_agree(finished: Finished) -> None:
     csv_path = finished.tmp / "trials.csv"
     pq_path = finished.tmp / "trials.parquet"
-    proc = babysit("export", "--name", RUN, "--storage", finished.url, "--format", "csv",
-                   "--out", str(csv_path), cwd=finished.tmp, check=True)
+    proc = babysit(
+        "export",
+        "--name",
+        RUN,
+        "--storage",
+        finished.url,
+        "--format",
+        "csv",
+        "--out",
+        str(csv_path),
+        cwd=finished.tmp,
+        check=True,
+    )
     rows = _trial_count(finished.url)
     assert f"exported {rows} trials to {csv_path}" in proc.stderr
-    babysit("export", "--name", RUN, "--storage", finished.url, "--format", "parquet",
-            "--out", str(pq_path), "--curves", str(finished.tmp / "curves.parquet"),
-            cwd=finished.tmp, check=True)
+    babysit(
+        "export",
+        "--name",
+        RUN,
+        "--storage",
+        finished.url,
+        "--format",
+        "parquet",
+        "--out",
+        str(pq_path),
+        "--curves",
+        str(finished.tmp / "curves.parquet"),
+        cwd=finished.tmp,
+        check=True,
+    )
     csv = pd.read_csv(csv_path, dtype_backend="numpy_nullable")
     pq = pd.read_parquet(pq_path)
     assert len(csv) == len(pq) == rows
     assert list(csv.columns) == list(pq.columns)
     assert sorted(set(pq["study"])) == sorted(f"{RUN}/{s}" for s in STAGES)
     # One column per meaning: no `value` whose meaning changes with the stage.
-    for col in ("run", "stage", "trial", "state", "lr", "weight_decay", "initial_loss",
-                "train_accuracy", "val_accuracy", "test_accuracy", "datetime_start",
-                "datetime_complete", "duration_s", "worker", "examples", "epochs_run"):
+    for col in (
+        "run",
+        "stage",
+        "trial",
+        "state",
+        "lr",
+        "weight_decay",
+        "initial_loss",
+        "train_accuracy",
+        "val_accuracy",
+        "test_accuracy",
+        "datetime_start",
+        "datetime_complete",
+        "duration_s",
+        "worker",
+        "examples",
+        "epochs_run",
+    ):
         assert col in pq.columns, col
     assert "value" not in pq.columns and "curves" not in pq.columns
     for col in ("trial", "examples", "epochs_run", "steps"):
@@ -202,8 +290,9 @@ def test_export_csv_and_parquet_hold_every_trial_and_agree(finished: Finished) -
             for a, b in zip(csv[col], pq[col], strict=True):
                 assert (pd.isna(a) and pd.isna(b)) or math.isclose(a, b, rel_tol=1e-12), col
         else:
-            assert csv[col].fillna("").astype(str).tolist() == \
-                pq[col].fillna("").astype(str).tolist(), col
+            assert (
+                csv[col].fillna("").astype(str).tolist() == pq[col].fillna("").astype(str).tolist()
+            ), col
     final = pq[pq["stage"] == "final"].iloc[0]
     stored = _study(finished.url, "final").trials[0]
     assert final["val_accuracy"] == stored.user_attrs["val_accuracy"]

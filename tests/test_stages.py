@@ -26,8 +26,9 @@ DIST = {
 
 
 def _trial(lr: float, wd: float, value: float | None, state: TrialState = TrialState.COMPLETE):
-    return create_trial(params={"lr": lr, "weight_decay": wd}, distributions=DIST,
-                        value=value, state=state)
+    return create_trial(
+        params={"lr": lr, "weight_decay": wd}, distributions=DIST, value=value, state=state
+    )
 
 
 def test_narrow_rule_on_known_inputs() -> None:
@@ -68,17 +69,22 @@ def test_narrow_without_complete_trials_is_a_protocol_failure() -> None:
 
 @pytest.fixture
 def digits_ctx(tmp_path: Path):
-    spec = build_spec(sets=["model.fc_width=128", "coarse.trials=3", "coarse.epochs=2"],
-                      flags={"name": "div"})
+    spec = build_spec(
+        sets=["model.fc_width=128", "coarse.trials=3", "coarse.epochs=2"], flags={"name": "div"}
+    )
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     return prepare(spec, storage, device="cpu", quiet=True)
 
 
 def test_divergence_stops_on_the_step_it_happens(digits_ctx) -> None:
     ctx = digits_ctx
-    result = search(ctx, "coarse", ctx.spec.coarse, {"lr": [50.0, 500.0],
-                                                     "weight_decay": [1e-6, 1e-5]},
-                    initial_loss=math.log(10))
+    result = search(
+        ctx,
+        "coarse",
+        ctx.spec.coarse,
+        {"lr": [50.0, 500.0], "weight_decay": [1e-6, 1e-5]},
+        initial_loss=math.log(10),
+    )
     study = optuna.load_study(study_name="div/coarse", storage=ctx.storage.rdb)
     trials = study.get_trials()
     assert len(trials) == 3
@@ -102,16 +108,25 @@ def test_divergence_stops_on_the_step_it_happens(digits_ctx) -> None:
 @pytest.mark.slow
 def test_flat_loss_is_labelled_lr_too_low(digits_ctx) -> None:
     ctx = digits_ctx
-    search(ctx, "coarse", ctx.spec.coarse, {"lr": [1e-9, 2e-9], "weight_decay": [1e-6, 2e-6]},
-           initial_loss=math.log(10))
+    search(
+        ctx,
+        "coarse",
+        ctx.spec.coarse,
+        {"lr": [1e-9, 2e-9], "weight_decay": [1e-6, 2e-6]},
+        initial_loss=math.log(10),
+    )
     study = optuna.load_study(study_name="div/coarse", storage=ctx.storage.rdb)
     reasons = {t.user_attrs.get("reason") for t in study.get_trials()}
     assert reasons == {"lr too low"}
 
 
 def test_narrow_ignores_trials_at_chance_level() -> None:
-    trials = [_trial(3e-3, 1e-4, 0.66), _trial(1e-5, 1e-6, 0.10), _trial(0.9, 1e-2, 0.11),
-              _trial(2e-3, 1e-3, 0.50)]
+    trials = [
+        _trial(3e-3, 1e-4, 0.66),
+        _trial(1e-5, 1e-6, 0.10),
+        _trial(0.9, 1e-2, 0.11),
+        _trial(2e-3, 1e-3, 0.50),
+    ]
     out = narrow(trials, CoarseSpec(), top_k=5, pad=0.5, edge=0.25, chance=0.1)
     # Only 0.66 and 0.50 got at least half the best gain over chance (threshold 0.38).
     assert out["threshold"] == pytest.approx(0.38)
@@ -129,11 +144,15 @@ def test_lr_range_test_sets_the_coarse_range(tmp_path: Path, monkeypatch) -> Non
     from babysit.protocol import _coarse_ranges
 
     # A short test (80 steps) is enough to see the curve turn; the default is 300.
-    monkeypatch.setattr(diagnostics, "propose_coarse_lr",
-                        functools.partial(diagnostics.propose_coarse_lr, steps=80))
+    monkeypatch.setattr(
+        diagnostics,
+        "propose_coarse_lr",
+        functools.partial(diagnostics.propose_coarse_lr, steps=80),
+    )
 
-    spec = build_spec(sets=["model.fc_width=64", "coarse.lr_range_test=true"],
-                      flags={"name": "lrt"})
+    spec = build_spec(
+        sets=["model.fc_width=64", "coarse.lr_range_test=true"], flags={"name": "lrt"}
+    )
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     ctx = prepare(spec, storage, device="cpu", quiet=True)
     ranges = _coarse_ranges(ctx)

@@ -49,7 +49,8 @@ def test_bare_babysit_lists_every_verb_with_its_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("verb", sorted(VERBS))
 def test_each_verb_help_has_its_description_and_examples(
-        verb: str, capsys: pytest.CaptureFixture[str]) -> None:
+    verb: str, capsys: pytest.CaptureFixture[str]
+) -> None:
     with pytest.raises(SystemExit) as exit_:
         main([verb, "--help"])
     assert exit_.value.code == 0
@@ -96,11 +97,21 @@ def _config_lines(out: str) -> dict[str, tuple[str, str, list[str]]]:
 
 @pytest.mark.parametrize("verb", ["run", "check"])
 def test_print_config_shows_values_sources_reasons_and_touches_no_storage(
-        tmp_path: Path, verb: str) -> None:
+    tmp_path: Path, verb: str
+) -> None:
     cfg = tmp_path / "spec.toml"
     cfg.write_text('optimizer = "sgd"\n[coarse]\ntrials = 7\n[model]\nfc_width = 128\n')
-    args = ["--config", str(cfg), "--set", "coarse.trials=5", "--set", "fine.epochs=2",
-            "--seed", "4", "--print-config"]
+    args = [
+        "--config",
+        str(cfg),
+        "--set",
+        "coarse.trials=5",
+        "--set",
+        "fine.epochs=2",
+        "--seed",
+        "4",
+        "--print-config",
+    ]
     proc = babysit(verb, *args, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     assert list(tmp_path.iterdir()) == [cfg]  # no babysit.db, no artifact folder
@@ -137,7 +148,7 @@ def test_print_config_with_a_bad_value_is_still_one_line_and_exit_2(tmp_path: Pa
     assert not (tmp_path / "babysit.db").exists()
 
 
-WARNING_MODEL = '''
+WARNING_MODEL = """
 import warnings
 
 from babysit.models import AlexNet
@@ -147,7 +158,7 @@ warnings.warn("warnnet: this network is experimental,\\n  expect changes")
 
 def wrong_width(num_classes, in_channels, image_size):
     return AlexNet(num_classes + 1, in_channels=in_channels, fc_width=64)
-'''
+"""
 
 
 def test_a_warning_reaches_the_terminal_as_one_line(tmp_path: Path) -> None:
@@ -163,14 +174,24 @@ def test_a_warning_reaches_the_terminal_as_one_line(tmp_path: Path) -> None:
 
 
 def test_the_library_leaves_warnings_alone_until_the_cli_installs_its_format(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     import subprocess
     import sys
 
     # In a fresh interpreter (pytest replaces showwarning around each test).
-    probe = subprocess.run([sys.executable, "-c", "import warnings, babysit, babysit.cli; "
-                            "print(warnings.showwarning is warnings._showwarning_orig)"],
-                           env=cli_env(), capture_output=True, text=True, check=True)
+    probe = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import warnings, babysit, babysit.cli; "
+            "print(warnings.showwarning is warnings._showwarning_orig)",
+        ],
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert probe.stdout == "True\n"
     monkeypatch.setattr(warnings, "showwarning", warnings.showwarning)
     install_warning_format()
@@ -201,7 +222,11 @@ def test_progress_without_a_tty_is_one_plain_line_per_step() -> None:
     lines = _lines(out)
     assert "\r" not in out.getvalue()
     assert [ln.split(" (")[0] for ln in lines] == [
-        "coarse: 0/3 trials", "coarse: 1/3 trials", "coarse: 2/3 trials", "coarse: 3/3 trials"]
+        "coarse: 0/3 trials",
+        "coarse: 1/3 trials",
+        "coarse: 2/3 trials",
+        "coarse: 3/3 trials",
+    ]
     quiet = io.StringIO()
     Progress("final", "epoch", quiet=True, stream=quiet).to(1, 1)
     assert quiet.getvalue() == ""
@@ -243,19 +268,37 @@ def test_progress_on_a_terminal_is_one_tqdm_bar_started_at_the_stored_count() ->
 
 
 # The cheapest whole protocol with progress on: 3 coarse trials, 2 fine, a 1-epoch final.
-CHEAP_RUN = [*CHEAP, "--set", "coarse.trials=3", "--set", "coarse.epochs=1",
-             "--set", "coarse.lr=[1e-3, 0.1]", "--set", "coarse.extend=false",
-             "--set", "fine.trials=2", "--set", "fine.epochs=1", "--set", "final.epochs=1"]
+CHEAP_RUN = [
+    *CHEAP,
+    "--set",
+    "coarse.trials=3",
+    "--set",
+    "coarse.epochs=1",
+    "--set",
+    "coarse.lr=[1e-3, 0.1]",
+    "--set",
+    "coarse.extend=false",
+    "--set",
+    "fine.trials=2",
+    "--set",
+    "fine.epochs=1",
+    "--set",
+    "final.epochs=1",
+]
 
 
 def _progress(stderr: str, stage: str) -> list[str]:
-    return [ln.split(" (")[0] for ln in stderr.splitlines()
-            if re.match(rf"^{stage}: \d+/\d+ (trial|epoch)", ln)]
+    return [
+        ln.split(" (")[0]
+        for ln in stderr.splitlines()
+        if re.match(rf"^{stage}: \d+/\d+ (trial|epoch)", ln)
+    ]
 
 
 @pytest.mark.slow
 def test_a_run_without_a_tty_prints_plain_progress_lines_and_clean_verdicts(
-        tmp_path: Path) -> None:
+    tmp_path: Path,
+) -> None:
     proc = babysit("run", *CHEAP_RUN, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr
@@ -283,8 +326,16 @@ def _finished(db: Path, study: str) -> int:
 @pytest.mark.slow
 def test_a_resumed_run_counts_progress_from_the_stored_trials(tmp_path: Path) -> None:
     db = tmp_path / "babysit.db"
-    args = ["run", "--name", "p", *[a for a in TINY if a != "--quiet"],
-            "--set", "coarse.trials=6", "--set", "coarse.pruner=\"none\""]
+    args = [
+        "run",
+        "--name",
+        "p",
+        *[a for a in TINY if a != "--quiet"],
+        "--set",
+        "coarse.trials=6",
+        "--set",
+        'coarse.pruner="none"',
+    ]
     proc = popen(*args, cwd=tmp_path)
     deadline = time.monotonic() + 240
     while _finished(db, "p/coarse") < 2 and time.monotonic() < deadline:

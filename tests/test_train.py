@@ -27,11 +27,12 @@ def _data(n: int = 96, side: int = 8) -> DeviceData:
     g = torch.Generator().manual_seed(0)
     y = torch.randint(0, 3, (n,), generator=g)
     # Learnable: each class is a different brightness.
-    x = (y.view(n, 1, 1, 1) * 80 + torch.randint(0, 20, (n, 1, side, side), generator=g))
+    x = y.view(n, 1, 1, 1) * 80 + torch.randint(0, 20, (n, 1, side, side), generator=g)
     x = x.to(torch.uint8)
     splits = Splits(["a", "b", "c"], x[:64], y[:64], x[64:80], y[64:80], x[80:], y[80:])
-    return DeviceData.from_splits(splits, build_preprocess(splits.train_x, DataSpec()),
-                                  torch.device("cpu"))
+    return DeviceData.from_splits(
+        splits, build_preprocess(splits.train_x, DataSpec()), torch.device("cpu")
+    )
 
 
 def test_device_selection_without_cuda(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -67,8 +68,16 @@ def test_fit_learns_and_counts_examples() -> None:
     model = AlexNet(3, in_channels=1, fc_width=64, dropout=0.0)
     opt = make_optimizer("adam", model.parameters(), 1e-3, 0.0)
     seen = []
-    history = fit(model, opt, data, epochs=8, batch_size=16, loss="ce",
-                  generator=torch.Generator().manual_seed(0), on_epoch=seen.append)
+    history = fit(
+        model,
+        opt,
+        data,
+        epochs=8,
+        batch_size=16,
+        loss="ce",
+        generator=torch.Generator().manual_seed(0),
+        on_epoch=seen.append,
+    )
     assert [s.epoch for s in seen] == list(range(1, 9))
     assert history.examples == 8 * 64 and history.steps == 8 * 4
     assert history.epochs[-1].val_acc > 0.9
@@ -81,15 +90,31 @@ def test_divergence_can_be_switched_off_to_train_like_the_seeds() -> None:
     torch.manual_seed(0)
     model = AlexNet(3, in_channels=1, fc_width=64)
     opt = make_optimizer("sgd", model.parameters(), 1e4, 0.0)
-    stopped = fit(model, opt, data, epochs=3, batch_size=16, loss="ce",
-                  generator=torch.Generator().manual_seed(0), diverge_above=3 * math.log(3))
+    stopped = fit(
+        model,
+        opt,
+        data,
+        epochs=3,
+        batch_size=16,
+        loss="ce",
+        generator=torch.Generator().manual_seed(0),
+        diverge_above=3 * math.log(3),
+    )
     assert stopped.stopped == "diverged" and stopped.stopped_at_step <= 4
     torch.manual_seed(0)
     model = AlexNet(3, in_channels=1, fc_width=64)
     opt = make_optimizer("sgd", model.parameters(), 1e4, 0.0)
-    full = fit(model, opt, data, epochs=3, batch_size=16, loss="ce",
-               generator=torch.Generator().manual_seed(0), diverge_above=3 * math.log(3),
-               stop_on_divergence=False)
+    full = fit(
+        model,
+        opt,
+        data,
+        epochs=3,
+        batch_size=16,
+        loss="ce",
+        generator=torch.Generator().manual_seed(0),
+        diverge_above=3 * math.log(3),
+        stop_on_divergence=False,
+    )
     assert full.stopped is None and len(full.epochs) == 3 and full.steps == 12
 
 

@@ -25,19 +25,29 @@ from babysit.transfer import relink
 PASSWORD = "Pg-s3cret-pw"
 
 # The synthetic runs are written with ask/tell, which Optuna warns about when heartbeats are on.
-pytestmark = [pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning"), pytest.mark.slow]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning"),
+    pytest.mark.slow,
+]
 
 # The cheapest protocol that still trains: a 3-conv AlexNet with one narrow FC layer, an
 # overfit LR that memorises 20 digits in ~10 steps, one epoch per search trial.
 FAST = [
     *CHEAP,
-    "--set", "coarse.trials=4",
-    "--set", "coarse.epochs=1",
-    "--set", "coarse.lr=[1e-3, 1e-2]",
-    "--set", "coarse.extend=false",
-    "--set", "fine.trials=2",
-    "--set", "fine.epochs=1",
-    "--set", "final.epochs=2",
+    "--set",
+    "coarse.trials=4",
+    "--set",
+    "coarse.epochs=1",
+    "--set",
+    "coarse.lr=[1e-3, 1e-2]",
+    "--set",
+    "coarse.extend=false",
+    "--set",
+    "fine.trials=2",
+    "--set",
+    "fine.epochs=1",
+    "--set",
+    "final.epochs=2",
     "--quiet",
 ]
 
@@ -65,10 +75,12 @@ def _source(tmp_path: Path) -> tuple[Storage, dict[str, object]]:
     # Notes link artifacts by database ids, as report.publish_stage writes them.
     image = tmp_path / "plot.png"
     image.write_bytes(b"\x89PNG" + b"0" * 100)
-    trial_png = optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(image),
-                                                 study_or_trial=done)
-    optuna_dashboard.save_note(done, "lr looks good "
-                               f"![c](/artifacts/{coarse._study_id}/{done._trial_id}/{trial_png})")
+    trial_png = optuna.artifacts.upload_artifact(
+        artifact_store=store, file_path=str(image), study_or_trial=done
+    )
+    optuna_dashboard.save_note(
+        done, f"lr looks good ![c](/artifacts/{coarse._study_id}/{done._trial_id}/{trial_png})"
+    )
     coarse.tell(done, 0.7)
     pruned = coarse.ask(dist)
     pruned.set_user_attr("reason", "diverged")
@@ -78,10 +90,12 @@ def _source(tmp_path: Path) -> tuple[Storage, dict[str, object]]:
     coarse.tell(surplus, state=TrialState.FAIL)
     running = coarse.ask(dist)
     running.set_user_attr("worker", "elsewhere:123")
-    study_png = optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(image),
-                                                 study_or_trial=coarse)
-    optuna_dashboard.save_note(coarse, "coarse: the study note "
-                               f"![p](/artifacts/{coarse._study_id}/{study_png})")
+    study_png = optuna.artifacts.upload_artifact(
+        artifact_store=store, file_path=str(image), study_or_trial=coarse
+    )
+    optuna_dashboard.save_note(
+        coarse, f"coarse: the study note ![p](/artifacts/{coarse._study_id}/{study_png})"
+    )
 
     sanity = optuna.create_study(study_name="r/sanity", storage=src.rdb, direction="minimize")
     sanity.enqueue_trial({}, user_attrs={"key": "sanity"})
@@ -90,18 +104,23 @@ def _source(tmp_path: Path) -> tuple[Storage, dict[str, object]]:
     trial = final.ask(dist)
     model = tmp_path / "model.pt"
     model.write_bytes(b"weights" * 100)
-    model_id = optuna.artifacts.upload_artifact(artifact_store=store, file_path=str(model),
-                                                study_or_trial=trial)
+    model_id = optuna.artifacts.upload_artifact(
+        artifact_store=store, file_path=str(model), study_or_trial=trial
+    )
     trial.set_user_attr("model_artifact", model_id)
     final.tell(trial, 0.9)
     store.write("r-final-epoch2-0", io.BytesIO(b"checkpoint" * 50))
-    final.set_user_attr("checkpoint", {"artifact_id": "r-final-epoch2-0", "epoch": 2,
-                                       "trial": 0})
+    final.set_user_attr("checkpoint", {"artifact_id": "r-final-epoch2-0", "epoch": 2, "trial": 0})
 
     other = optuna.create_study(study_name="other/coarse", storage=src.rdb)
     other.optimize(lambda t: t.suggest_float("x", 0, 1), n_trials=2)
-    return src, {"model": model_id, "checkpoint": "r-final-epoch2-0",
-                 "note_trial": done.number, "study_png": study_png, "trial_png": trial_png}
+    return src, {
+        "model": model_id,
+        "checkpoint": "r-final-epoch2-0",
+        "note_trial": done.number,
+        "study_png": study_png,
+        "trial_png": trial_png,
+    }
 
 
 def _target(kind: str, tmp_path: Path, postgres: str | None) -> Storage:
@@ -114,8 +133,7 @@ def _target(kind: str, tmp_path: Path, postgres: str | None) -> Storage:
 
 
 def _comparable(t: optuna.trial.FrozenTrial) -> tuple:
-    return (t.number, t.params, t.distributions, t.values, t.intermediate_values,
-            t.datetime_start)
+    return (t.number, t.params, t.distributions, t.values, t.intermediate_values, t.datetime_start)
 
 
 @pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
@@ -124,7 +142,8 @@ def target_kind(request: pytest.FixtureRequest) -> str:
 
 
 def test_copy_run_moves_studies_trials_attrs_notes_and_artifacts(
-        tmp_path: Path, target_kind: str, request: pytest.FixtureRequest) -> None:
+    tmp_path: Path, target_kind: str, request: pytest.FixtureRequest
+) -> None:
     postgres = request.getfixturevalue("postgres_url") if target_kind == "postgres" else None
     src, known = _source(tmp_path)
     dst = _target(target_kind, tmp_path, postgres)
@@ -154,7 +173,10 @@ def test_copy_run_moves_studies_trials_attrs_notes_and_artifacts(
                 assert y.user_attrs == {**x.user_attrs, "reason": "running when copied"}
             else:
                 assert (y.state, y.user_attrs, y.datetime_complete) == (
-                    x.state, x.user_attrs, x.datetime_complete)
+                    x.state,
+                    x.user_attrs,
+                    x.datetime_complete,
+                )
 
     # The dashboard's notes follow their trials to the new trial ids, and their artifact
     # links to the copy's study and trial ids, where the dashboard finds the artifacts.
@@ -164,11 +186,13 @@ def test_copy_run_moves_studies_trials_attrs_notes_and_artifacts(
     coarse = optuna.load_study(study_name="r/coarse", storage=dst.rdb)
     sid = coarse._study_id
     assert optuna_dashboard.get_note(coarse) == (
-        f"coarse: the study note ![p](/artifacts/{sid}/{known['study_png']})")
+        f"coarse: the study note ![p](/artifacts/{sid}/{known['study_png']})"
+    )
     assert get_study_artifact_meta(dst.rdb, sid, known["study_png"]) is not None
     noted = optuna.trial.Trial(coarse, coarse.trials[known["note_trial"]]._trial_id)
     assert optuna_dashboard.get_note(noted) == (
-        f"lr looks good ![c](/artifacts/{sid}/{noted._trial_id}/{known['trial_png']})")
+        f"lr looks good ![c](/artifacts/{sid}/{noted._trial_id}/{known['trial_png']})"
+    )
     assert get_trial_artifact_meta(dst.rdb, sid, noted._trial_id, known["trial_png"])
     others = [optuna.trial.Trial(coarse, t._trial_id) for t in coarse.trials[1:]]
     assert all(optuna_dashboard.get_note(t) == "" for t in others)
@@ -176,22 +200,27 @@ def test_copy_run_moves_studies_trials_attrs_notes_and_artifacts(
     # Artifacts: the model (trial artifact metadata) and the checkpoint (study attr).
     for artifact_id in (known["model"], known["checkpoint"]):
         assert (tmp_path / "dst-art" / artifact_id).read_bytes() == (
-            tmp_path / "src-art" / artifact_id).read_bytes()
+            tmp_path / "src-art" / artifact_id
+        ).read_bytes()
     final = optuna.load_study(study_name="r/final", storage=dst.rdb)
     metas = optuna.artifacts.get_all_artifact_meta(final.trials[0], storage=dst.rdb)
     assert [m.artifact_id for m in metas] == [known["model"]]
 
     # The source is untouched: still RUNNING there, still its own.
     assert optuna.load_study(study_name="r/coarse", storage=src.rdb).trials[3].state == (
-        TrialState.RUNNING)
+        TrialState.RUNNING
+    )
 
 
 def test_relink_points_links_of_copied_studies_and_trials_at_the_new_ids() -> None:
-    text = ("![a](/artifacts/3/aa-1) ![b](/artifacts/3/17/bb-2) ![c](/artifacts/9/cc-3) "
-            "![d](/artifacts/3/99/dd-4) see /artifacts/3/aa-1")
+    text = (
+        "![a](/artifacts/3/aa-1) ![b](/artifacts/3/17/bb-2) ![c](/artifacts/9/cc-3) "
+        "![d](/artifacts/3/99/dd-4) see /artifacts/3/aa-1"
+    )
     assert relink(text, {3: 12}, {17: 40}) == (
         "![a](/artifacts/12/aa-1) ![b](/artifacts/12/40/bb-2) ![c](/artifacts/9/cc-3) "
-        "![d](/artifacts/3/99/dd-4) see /artifacts/12/aa-1")
+        "![d](/artifacts/3/99/dd-4) see /artifacts/12/aa-1"
+    )
     assert relink("no links", {3: 12}, {}) == "no links"
 
 
@@ -228,9 +257,19 @@ def test_copy_reports_artifacts_missing_from_the_source_store(tmp_path: Path) ->
 def test_cli_copy_never_shows_the_password(tmp_path: Path, postgres_url: str) -> None:
     _source(tmp_path)
     url = _with_password(postgres_url)
-    args = ["copy", "--name", "r", "--from", f"sqlite:///{tmp_path / 'src.db'}",
-            "--from-artifact-dir", str(tmp_path / "src-art"), "--to", url,
-            "--to-artifact-dir", str(tmp_path / "dst-art")]
+    args = [
+        "copy",
+        "--name",
+        "r",
+        "--from",
+        f"sqlite:///{tmp_path / 'src.db'}",
+        "--from-artifact-dir",
+        str(tmp_path / "src-art"),
+        "--to",
+        url,
+        "--to-artifact-dir",
+        str(tmp_path / "dst-art"),
+    ]
     first = babysit(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
     assert "copied run r: 3 studies, 6 trials, 4 artifacts" in first.stderr
@@ -257,22 +296,46 @@ def test_run_stopped_in_sqlite_goes_on_in_postgres(tmp_path: Path, postgres_url:
     proc.wait(timeout=300)
     assert proc.returncode == -signal.SIGKILL
     laptop = f"sqlite:///{db}"
-    coarse_before = {t.number: (t.state, t.params, t.values) for t in optuna.load_study(
-        study_name="m/coarse", storage=laptop).get_trials()}
+    coarse_before = {
+        t.number: (t.state, t.params, t.values)
+        for t in optuna.load_study(study_name="m/coarse", storage=laptop).get_trials()
+    }
 
     url = _with_password(postgres_url)
-    copied = babysit("copy", "--name", "m", "--from", laptop, "--to", url,
-                     "--to-artifact-dir", str(tmp_path / "shared"), cwd=tmp_path)
+    copied = babysit(
+        "copy",
+        "--name",
+        "m",
+        "--from",
+        laptop,
+        "--to",
+        url,
+        "--to-artifact-dir",
+        str(tmp_path / "shared"),
+        cwd=tmp_path,
+    )
     assert copied.returncode == 0, copied.stderr
     summary = tmp_path / "s.json"
-    done = babysit("run", "--name", "m", *FAST, "--storage", url, "--artifact-dir",
-                   str(tmp_path / "shared"), "--summary-json", str(summary), cwd=tmp_path)
+    done = babysit(
+        "run",
+        "--name",
+        "m",
+        *FAST,
+        "--storage",
+        url,
+        "--artifact-dir",
+        str(tmp_path / "shared"),
+        "--summary-json",
+        str(summary),
+        cwd=tmp_path,
+    )
     assert done.returncode == 0, done.stderr
     assert PASSWORD not in done.stderr + done.stdout + summary.read_text()
 
     coarse = optuna.load_study(study_name="m/coarse", storage=postgres_url).get_trials()
-    assert {t.number: (t.state, t.params, t.values) for t in coarse
-            if t.number in coarse_before} == coarse_before  # nothing lost, nothing re-run
+    assert {
+        t.number: (t.state, t.params, t.values) for t in coarse if t.number in coarse_before
+    } == coarse_before  # nothing lost, nothing re-run
     finished = [t for t in coarse if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     assert len(finished) == 4
     fine = optuna.load_study(study_name="m/fine", storage=postgres_url).get_trials()
@@ -303,10 +366,12 @@ def test_copy_moves_a_model_file_and_its_json_into_the_run_folder(tmp_path: Path
     assert copied["artifacts"] == 2 and copied["missing"] == []
     for name in ("model.pt", "model.json"):
         assert (tmp_path / "dst-art" / "r" / name).read_bytes() == (
-            tmp_path / "src-art" / "r" / name).read_bytes()
+            tmp_path / "src-art" / "r" / name
+        ).read_bytes()
     # The copy's summary points at the copy's file, not at the path stored where it trained.
     from babysit.model_file import model_path
 
     assert model_path(dst, "r/model.pt", str(tmp_path / "src-art" / "r" / "model.pt")) == str(
-        (tmp_path / "dst-art" / "r" / "model.pt").resolve())
+        (tmp_path / "dst-art" / "r" / "model.pt").resolve()
+    )
     assert model_path(dst, "3f2a-uuid", "/old/place") == "/old/place"  # an older run's model

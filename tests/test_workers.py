@@ -36,11 +36,16 @@ PASSWORD = "w0rker-Pa55"
 # search sizes and epochs are set where the test needs trials to last.
 FAST = [
     *CHEAP,
-    "--set", "coarse.lr=[1e-3, 1e-2]",
-    "--set", "coarse.extend=false",
-    "--set", "coarse.pruner=\"none\"",
-    "--set", "fine.pruner=\"none\"",
-    "--set", "fine.epochs=1",
+    "--set",
+    "coarse.lr=[1e-3, 1e-2]",
+    "--set",
+    "coarse.extend=false",
+    "--set",
+    'coarse.pruner="none"',
+    "--set",
+    'fine.pruner="none"',
+    "--set",
+    "fine.epochs=1",
     "--quiet",
 ]
 # Heartbeat every second, dead after 3 s without one: a killed worker's trial is
@@ -58,18 +63,25 @@ def _other_host_prefix() -> list[str]:
     unshare = shutil.which("unshare")
     if unshare is None:
         return []
-    probe = subprocess.run([unshare, "--uts", "sh", "-c", "hostname otherhost"],
-                           capture_output=True)
+    probe = subprocess.run(
+        [unshare, "--uts", "sh", "-c", "hostname otherhost"], capture_output=True
+    )
     if probe.returncode != 0:
         return []
     return [unshare, "--uts", "sh", "-c", 'hostname otherhost && exec "$@"', "sh"]
 
 
-def _spawn(*args: str, cwd: Path, env: dict[str, str],
-           prefix: list[str] | None = None) -> subprocess.Popen[str]:
-    return subprocess.Popen([*(prefix or []), sys.executable, "-m", "babysit", *args],
-                            cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+def _spawn(
+    *args: str, cwd: Path, env: dict[str, str], prefix: list[str] | None = None
+) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [*(prefix or []), sys.executable, "-m", "babysit", *args],
+        cwd=cwd,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def _study(url: str | optuna.storages.BaseStorage, name: str) -> optuna.Study | None:
@@ -105,15 +117,17 @@ def _check_search(url: str, run: str, stage: str, target: int) -> list[optuna.tr
     assert len({t.number for t in trials}) == len(trials)
     assert [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)] == []
     finished = [t for t in trials if t.state in FINISHED]
-    assert len(finished) == target, [(t.number, t.state.name, t.user_attrs.get("reason"))
-                                     for t in trials]
+    assert len(finished) == target, [
+        (t.number, t.state.name, t.user_attrs.get("reason")) for t in trials
+    ]
     assert all(t.user_attrs.get("reason") != "surplus" for t in finished)
     return trials
 
 
 @pytest.mark.postgres
 def test_workers_and_run_fill_each_stage_exactly_and_survive_a_killed_worker(
-        tmp_path: Path, postgres_url: str) -> None:
+    tmp_path: Path, postgres_url: str
+) -> None:
     """`babysit run` + two workers + one worker on "another host" that is SIGKILLed in the
     middle of a coarse trial: every stage ends with exactly its target, the dead worker's
     trial is failed once its heartbeat is stale and replaced, one process trains final and
@@ -123,16 +137,38 @@ def test_workers_and_run_fill_each_stage_exactly_and_survive_a_killed_worker(
     url = make_url(postgres_url).set(password=PASSWORD).render_as_string(hide_password=False)
     shared = tmp_path / "shared-artifacts"
     # Final lasts a few seconds, so every worker finds it held rather than done.
-    budget = ["--set", "coarse.trials=6", "--set", "coarse.extend=false", "--set", "coarse.epochs=2", "--set", "fine.trials=3",
-              "--set", "final.epochs=6"]
+    budget = [
+        "--set",
+        "coarse.trials=6",
+        "--set",
+        "coarse.extend=false",
+        "--set",
+        "coarse.epochs=2",
+        "--set",
+        "fine.trials=3",
+        "--set",
+        "final.epochs=6",
+    ]
     summary = tmp_path / "summary.json"
-    owner = _spawn("run", "--name", "w", *FAST, *budget, *FAST_HEARTBEAT, "--storage", url,
-                   "--artifact-dir", str(shared), "--summary-json", str(summary),
-                   cwd=tmp_path, env=_env())
+    owner = _spawn(
+        "run",
+        "--name",
+        "w",
+        *FAST,
+        *budget,
+        *FAST_HEARTBEAT,
+        "--storage",
+        url,
+        "--artifact-dir",
+        str(shared),
+        "--summary-json",
+        str(summary),
+        cwd=tmp_path,
+        env=_env(),
+    )
     watch = open_storage(postgres_url).rdb
     _wait_for(lambda: _study(watch, "w/sanity"), what="the run's first study")
-    worker = ["worker", "--name", "w", *FAST_HEARTBEAT, "--artifact-dir", str(shared),
-              "--quiet"]
+    worker = ["worker", "--name", "w", *FAST_HEARTBEAT, "--artifact-dir", str(shared), "--quiet"]
     procs = {
         "run": owner,
         "worker-flag": _spawn(*worker, "--storage", url, cwd=tmp_path, env=_env()),
@@ -146,14 +182,18 @@ def test_workers_and_run_fill_each_stage_exactly_and_survive_a_killed_worker(
         # Mid-coarse as a rule; mid-fine should the others have taken every coarse slot.
         for stage in ("coarse", "fine"):
             for t in _trials(watch, f"w/{stage}"):
-                if (t.state == TrialState.RUNNING
-                        and t.user_attrs.get("worker", "").startswith(host)):
+                if t.state == TrialState.RUNNING and t.user_attrs.get("worker", "").startswith(
+                    host
+                ):
                     return stage, t
         return None
 
     stage, victim = _wait_for(doomed_trial, what="the doomed worker's search trial")
-    before = {t.number: (t.state, t.params, t.values, t.user_attrs)
-              for t in _trials(watch, f"w/{stage}") if t.state in FINISHED}
+    before = {
+        t.number: (t.state, t.params, t.values, t.user_attrs)
+        for t in _trials(watch, f"w/{stage}")
+        if t.state in FINISHED
+    }
     doomed.send_signal(signal.SIGKILL)
     doomed.communicate(timeout=30)
 
@@ -183,8 +223,7 @@ def test_workers_and_run_fill_each_stage_exactly_and_survive_a_killed_worker(
     assert len(complete) == 1 and len(_live(final.trials)) == 1
     holder = complete[0].user_attrs["worker"]
     held = [n for n, (_, _, err) in results.items() if f"held by {holder}" in err]
-    others = [n for n in ("worker-flag", "worker-env")
-              if not holder.endswith(f":{procs[n].pid}")]
+    others = [n for n in ("worker-flag", "worker-env") if not holder.endswith(f":{procs[n].pid}")]
     assert others and set(others) <= set(held), {n: results[n][2] for n in results}
 
     data = json.loads(summary.read_text())
@@ -195,10 +234,14 @@ def test_workers_and_run_fill_each_stage_exactly_and_survive_a_killed_worker(
     for stage in ("sanity", "overfit", "coarse", "fine", "final"):
         study = _study(postgres_url, f"w/{stage}")
         assert study is not None
-        stored = json.dumps([study.user_attrs,
-                             study._storage.get_study_system_attrs(study._study_id),
-                             [(t.user_attrs, t.system_attrs) for t in study.trials]],
-                            default=str)
+        stored = json.dumps(
+            [
+                study.user_attrs,
+                study._storage.get_study_system_attrs(study._study_id),
+                [(t.user_attrs, t.system_attrs) for t in study.trials],
+            ],
+            default=str,
+        )
         assert PASSWORD not in stored
 
 
@@ -210,14 +253,35 @@ def test_two_processes_on_sqlite_and_a_final_killed_midway_resumes(tmp_path: Pat
     url = f"sqlite:///{db}"
     epochs = 8  # a few seconds of final training to kill it in
     # Patience off: the test counts every epoch of the final after the resume.
-    budget = ["--set", "coarse.trials=4", "--set", "coarse.extend=false", "--set", "coarse.epochs=1", "--set", "fine.trials=2",
-              "--set", f"final.epochs={epochs}", "--set", "final.patience=0"]
+    budget = [
+        "--set",
+        "coarse.trials=4",
+        "--set",
+        "coarse.extend=false",
+        "--set",
+        "coarse.epochs=1",
+        "--set",
+        "fine.trials=2",
+        "--set",
+        f"final.epochs={epochs}",
+        "--set",
+        "final.patience=0",
+    ]
     run_args = ["run", "--name", "s", *FAST, *budget, *FAST_HEARTBEAT, "--storage", url]
     watch = open_storage(url).rdb
     owner = _spawn(*run_args, cwd=tmp_path, env=_env())
     _wait_for(lambda: _study(watch, "s/sanity"), what="the run's first study")
-    worker = _spawn("worker", "--name", "s", *FAST_HEARTBEAT, "--storage", url, "--quiet",
-                    cwd=tmp_path, env=_env())
+    worker = _spawn(
+        "worker",
+        "--name",
+        "s",
+        *FAST_HEARTBEAT,
+        "--storage",
+        url,
+        "--quiet",
+        cwd=tmp_path,
+        env=_env(),
+    )
 
     def checkpointed() -> optuna.trial.FrozenTrial | None:
         final = _study(watch, "s/final")
@@ -225,7 +289,8 @@ def test_two_processes_on_sqlite_and_a_final_killed_midway_resumes(tmp_path: Pat
             return None
         trials = final.get_trials(deepcopy=False)
         assert not [t for t in trials if t.state == TrialState.COMPLETE], (
-            "final finished before it could be killed; raise final.epochs")
+            "final finished before it could be killed; raise final.epochs"
+        )
         running = [t for t in trials if t.state == TrialState.RUNNING]
         return running[0] if running else None
 
@@ -236,8 +301,14 @@ def test_two_processes_on_sqlite_and_a_final_killed_midway_resumes(tmp_path: Pat
     results = _finish({"run": owner, "worker": worker})
     if pid == owner.pid:
         assert results["worker"][0] == 0
-        rerun = subprocess.run([sys.executable, "-m", "babysit", *run_args], cwd=tmp_path,
-                               env=_env(), capture_output=True, text=True, timeout=300)
+        rerun = subprocess.run(
+            [sys.executable, "-m", "babysit", *run_args],
+            cwd=tmp_path,
+            env=_env(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert rerun.returncode == 0, rerun.stderr
         resumed_by = rerun.stderr
     else:
@@ -291,8 +362,9 @@ def test_compose_file_keeps_secrets_out_and_the_dashboard_local(tmp_path: Path) 
     (tmp_path / "docker-compose.yml").write_text(text)
     (tmp_path / ".env").write_text(env)
 
-    proc = subprocess.run([compose, "config"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run(
+        [compose, "config"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 0, proc.stderr
     config = yaml.safe_load(proc.stdout)
     services = config["services"]
@@ -304,7 +376,8 @@ def test_compose_file_keeps_secrets_out_and_the_dashboard_local(tmp_path: Path) 
     assert password in services["worker"]["environment"]["BABYSIT_STORAGE"]
     for name in ("postgres", "dashboard", "worker"):
         assert services[name].get("env_file") or "POSTGRES_PASSWORD" in services[name].get(
-            "environment", {})
+            "environment", {}
+        )
     for var in set(re.findall(r"\$\{(\w+)", text)):
         assert re.search(rf"(?m)^{var}=", example), f"{var} is not documented in .env.example"
 
@@ -336,12 +409,21 @@ def test_compose_file_keeps_secrets_out_and_the_dashboard_local(tmp_path: Path) 
     assert ".env" in (ROOT / ".dockerignore").read_text().split()
 
     # Optional profiles: the storage proxy and an S3-compatible store (MinIO + its bucket).
-    proc = subprocess.run([compose, "--profile", "proxy", "--profile", "s3", "config"],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [compose, "--profile", "proxy", "--profile", "s3", "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     full = yaml.safe_load(proc.stdout)["services"]
-    for name, profile in (("proxy", "proxy"), ("worker-proxied", "proxy"), ("minio", "s3"),
-                          ("s3-bucket", "s3")):
+    for name, profile in (
+        ("proxy", "proxy"),
+        ("worker-proxied", "proxy"),
+        ("minio", "s3"),
+        ("s3-bucket", "s3"),
+    ):
         assert full[name]["profiles"] == [profile], name
     for name in ("postgres", "dashboard", "worker"):
         assert not full[name].get("profiles"), f"{name} must start without a profile"
@@ -364,8 +446,13 @@ def test_compose_file_keeps_secrets_out_and_the_dashboard_local(tmp_path: Path) 
 
     # Without a password the file refuses to render instead of running with none.
     (tmp_path / ".env").write_text(re.sub(r"(?m)^POSTGRES_PASSWORD=.*\n", "", env))
-    bare = subprocess.run([compose, "config"], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120, env={k: v for k, v in os.environ.items()
-                                            if k != "POSTGRES_PASSWORD"})
+    bare = subprocess.run(
+        [compose, "config"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={k: v for k, v in os.environ.items() if k != "POSTGRES_PASSWORD"},
+    )
     assert bare.returncode != 0
     assert "set POSTGRES_PASSWORD in .env" in bare.stderr

@@ -29,8 +29,18 @@ from babysit.spec import DataSpec
 if TYPE_CHECKING:
     from babysit.data.streaming import DatasetSplits
 
-__all__ = ["DataError", "DataRequest", "DatasetEntry", "Splits", "default_data_dir",
-           "describe_dataset", "load_dataset", "register", "registered", "seeded_split"]
+__all__ = [
+    "DataError",
+    "DataRequest",
+    "DatasetEntry",
+    "Splits",
+    "default_data_dir",
+    "describe_dataset",
+    "load_dataset",
+    "register",
+    "registered",
+    "seeded_split",
+]
 
 
 def registered() -> dict[str, DatasetEntry]:
@@ -69,8 +79,9 @@ def load_dataset(name: str, request: DataRequest) -> Splits | DatasetSplits:
     return splits
 
 
-def describe_dataset(name: str, data_dir: Path, options: Any = None, seed: int = 0
-                     ) -> dict[str, Any]:
+def describe_dataset(
+    name: str, data_dir: Path, options: Any = None, seed: int = 0
+) -> dict[str, Any]:
     """What `babysit datasets` says of a registered dataset: its files (the entry's
     describe) and, when they are here, the split sizes a run with ``options`` (default: the
     spec's data defaults) and ``seed`` stores, by loading it as a run does: one computation,
@@ -79,8 +90,13 @@ def describe_dataset(name: str, data_dir: Path, options: Any = None, seed: int =
     ``cannot be loaded: ...`` when they are but loading them fails."""
     entry = registered()[name]
     info: dict[str, Any] = {"name": name, "summary": entry.summary, **entry.describe(data_dir)}
-    request = DataRequest(data_dir=Path(data_dir), seed=seed, download=False,
-                          options=options if options is not None else DataSpec(), quiet=True)
+    request = DataRequest(
+        data_dir=Path(data_dir),
+        seed=seed,
+        download=False,
+        options=options if options is not None else DataSpec(),
+        quiet=True,
+    )
     try:
         with warnings.catch_warnings():
             # Skipped files are a run's business; the listing only counts what loads.
@@ -90,6 +106,9 @@ def describe_dataset(name: str, data_dir: Path, options: Any = None, seed: int =
         why = "cannot be loaded" if info.get("present") else "not downloaded"
         info.update(present=False, sizes=None, missing=f"{why}: {err}")
         return info
-    info.update(present=True, sizes=splits.sizes(),
-                image=f"{splits.in_channels}x{splits.image_size}x{splits.image_size}")
+    info.update(
+        present=True,
+        sizes=splits.sizes(),
+        image=f"{splits.in_channels}x{splits.image_size}x{splits.image_size}",
+    )
     return info

@@ -44,8 +44,9 @@ class Preprocess:
         if train and self.augments:
             out = augment(out, self, generator)
         if self.resize and out.shape[-1] != self.resize:
-            out = F.interpolate(out, size=(self.resize, self.resize), mode="bilinear",
-                                align_corners=False)
+            out = F.interpolate(
+                out, size=(self.resize, self.resize), mode="bilinear", align_corners=False
+            )
         return (out - self.mean) / self.std
 
 
@@ -91,8 +92,8 @@ def random_crop(
     span = 2 * pad + 1
     dy = (_rand(n, dev, generator) * span).long().clamp_(max=2 * pad)
     dx = (_rand(n, dev, generator) * span).long().clamp_(max=2 * pad)
-    rows = (dy.view(n, 1) + torch.arange(h, device=dev).view(1, h))  # (n, h)
-    cols = (dx.view(n, 1) + torch.arange(w, device=dev).view(1, w))  # (n, w)
+    rows = dy.view(n, 1) + torch.arange(h, device=dev).view(1, h)  # (n, h)
+    cols = dx.view(n, 1) + torch.arange(w, device=dev).view(1, w)  # (n, w)
     wp = w + 2 * pad
     flat = padded.reshape(n, c, -1)
     index = (rows.view(n, h, 1) * wp + cols.view(n, 1, w)).view(n, 1, h * w).expand(n, c, h * w)

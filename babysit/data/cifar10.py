@@ -32,7 +32,16 @@ BIN_FOLDER = "cifar-10-batches-bin"
 TRAIN_BATCHES = [f"data_batch_{i}" for i in range(1, 6)]
 TEST_BATCH = "test_batch"
 CLASSES = [
-    "airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck",
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
 ]
 # The published md5s of cifar-10-python.tar.gz's members (torchvision.datasets.CIFAR10's
 # train_list / test_list / meta), kept here so checking them needs no torchvision import.
@@ -98,8 +107,16 @@ def _unpickle(path: Path, data_dir: Path) -> dict[Any, Any]:
             f"refused to unpickle {path}: it holds code ({err.qualname}), not CIFAR data; "
             f"delete {path.parent} and {_how_to_get(data_dir)}"
         ) from None
-    except (pickle.UnpicklingError, EOFError, ValueError, TypeError, IndexError,
-            KeyError, AttributeError, UnicodeDecodeError) as err:
+    except (
+        pickle.UnpicklingError,
+        EOFError,
+        ValueError,
+        TypeError,
+        IndexError,
+        KeyError,
+        AttributeError,
+        UnicodeDecodeError,
+    ) as err:
         raise DataError(
             f"{path} is not a readable CIFAR-10 batch ({type(err).__name__}: {err}); "
             f"{_how_to_get(data_dir)}"
@@ -284,7 +301,8 @@ def load(request: DataRequest) -> Splits:
     info: dict[str, Any] = {"source": str(folder), "format": layout}
     if layout == "python":
         differ = [
-            name for name, expected in PUBLISHED_MD5.items()
+            name
+            for name, expected in PUBLISHED_MD5.items()
             if (folder / name).is_file() and _md5(folder / name) != expected
         ]
         if differ:

@@ -57,9 +57,13 @@ class Splits:
             x = getattr(self, f"{part}_x")
             y = getattr(self, f"{part}_y")
             if not isinstance(x, torch.Tensor) or x.dtype != torch.uint8 or x.dim() != 4:
-                raise DataError(f"dataset {source}: {part} images must be a uint8 tensor (N, C, H, W)")
+                raise DataError(
+                    f"dataset {source}: {part} images must be a uint8 tensor (N, C, H, W)"
+                )
             if not isinstance(y, torch.Tensor) or y.dim() != 1 or y.shape[0] != x.shape[0]:
-                raise DataError(f"dataset {source}: {part} labels must be a 1-D tensor, one per image")
+                raise DataError(
+                    f"dataset {source}: {part} labels must be a 1-D tensor, one per image"
+                )
             if x.shape[0] == 0:
                 raise DataError(f"dataset {source}: the {part} split is empty")
             if y.numel() and (int(y.min()) < 0 or int(y.max()) >= len(self.classes)):

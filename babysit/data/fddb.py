@@ -94,7 +94,6 @@ def _check_tree(data_dir: Path) -> None:
         )
 
 
-
 def _split_folds(options: Any, folds_dir: Path) -> dict[str, list[int]]:
     folds: dict[str, list[int]] = {}
     owner: dict[int, str] = {}
@@ -225,15 +224,17 @@ def _build(
     }
     for split in _SPLITS:
         built = build_split(
-            data_dir, by_split[split], int(options.patch_size),
-            float(options.negatives_per_face), seed,
+            data_dir,
+            by_split[split],
+            int(options.patch_size),
+            float(options.negatives_per_face),
+            seed,
         )
         if built.positives == 0:
             raise DataError(
                 f"FDDB folds {folds[split]} (data.{split}_folds) gave no face patches: "
                 f"{len(built.skipped_images)} of {len(by_split[split])} photos are missing "
-                f"or unreadable under {data_dir / PICS_DIR}; "
-                + _how_to_get(data_dir)
+                f"or unreadable under {data_dir / PICS_DIR}; " + _how_to_get(data_dir)
             )
         sets[split] = built.patches
         info["photos"][split] = len(built.patches.photos)
@@ -289,8 +290,10 @@ def load_patches(request: DataRequest) -> tuple[dict[str, PatchSet], dict[str, A
         info["cache"] = "built"
         info["cache_file"] = str(cache)
     except OSError as err:
-        problems.append(f"could not write the cache {cache} ({err.strerror or err}); "
-                        "the patches will be rebuilt next time")
+        problems.append(
+            f"could not write the cache {cache} ({err.strerror or err}); "
+            "the patches will be rebuilt next time"
+        )
         info["cache"] = "off"
     info["warnings"] = info["warnings"] + problems
     return sets, info
@@ -307,9 +310,12 @@ def load(request: DataRequest) -> Splits:
     tr, va, te = (sets[s] for s in _SPLITS)
     return Splits(
         classes=list(CLASSES),
-        train_x=_t(tr.images), train_y=_t(tr.labels),
-        val_x=_t(va.images), val_y=_t(va.labels),
-        test_x=_t(te.images), test_y=_t(te.labels),
+        train_x=_t(tr.images),
+        train_y=_t(tr.labels),
+        val_x=_t(va.images),
+        val_y=_t(va.labels),
+        test_x=_t(te.images),
+        test_y=_t(te.labels),
         info=info,
     )
 

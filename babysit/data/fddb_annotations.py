@@ -43,7 +43,6 @@ class Photo:
     ellipse_file: str
 
 
-
 # ---- geometry ---------------------------------------------------------------------------
 
 
@@ -73,8 +72,12 @@ def square_box(box: np.ndarray) -> np.ndarray:
 def clip_box(box: np.ndarray, width: int, height: int) -> np.ndarray:
     x0, y0, x1, y1 = (float(v) for v in box)
     return np.array(
-        [min(max(x0, 0.0), width), min(max(y0, 0.0), height),
-         min(max(x1, 0.0), width), min(max(y1, 0.0), height)],
+        [
+            min(max(x0, 0.0), width),
+            min(max(y0, 0.0), height),
+            min(max(x1, 0.0), width),
+            min(max(y1, 0.0), height),
+        ],
         dtype=np.float64,
     )
 
@@ -264,7 +267,5 @@ def read_fold(folds_dir: Path, fold: int) -> tuple[list[Photo], int]:
     return photos, repeats
 
 
-
 def _folds_present(folds_dir: Path) -> list[int]:
     return [n for n in range(1, 100) if all(p.is_file() for p in fold_files(folds_dir, n))]
-

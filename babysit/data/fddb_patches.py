@@ -170,7 +170,10 @@ def build_split(
         photos=kept,
     )
     return BuiltSplit(
-        patches, positives, negatives, round(positives * negatives_per_face),
-        skipped_images, skipped_faces,
+        patches,
+        positives,
+        negatives,
+        round(positives * negatives_per_face),
+        skipped_images,
+        skipped_faces,
     )
-

@@ -35,13 +35,14 @@ _SPLITS = ("train", "val", "test")
 _GREY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})
 # Names of skipped files kept in info (and so in storage); the count is always exact.
 _KEEP_NAMES = 50
-_HOW = ("give --data-dir DIR with one folder per class under DIR/train/ (e.g. "
-        "DIR/train/cat/001.png; optional DIR/val/ and DIR/test/ the same way)")
+_HOW = (
+    "give --data-dir DIR with one folder per class under DIR/train/ (e.g. "
+    "DIR/train/cat/001.png; optional DIR/val/ and DIR/test/ the same way)"
+)
 
 
 def _images(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*")
-                  if p.suffix.lower() in EXTENSIONS and p.is_file())
+    return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
 
 
 def _class_folders(split_dir: Path) -> list[Path]:
@@ -72,15 +73,19 @@ def _list(split_dir: Path, classes: list[str] | None) -> tuple[list[str], list[P
     else:
         extra = sorted(set(names) - set(classes))
         if extra:
-            raise DataError(f"{split_dir} has classes that train/ lacks: {', '.join(extra)}; "
-                            "every class needs training images")
+            raise DataError(
+                f"{split_dir} has classes that train/ lacks: {', '.join(extra)}; "
+                "every class needs training images"
+            )
     files: list[Path] = []
     labels: list[int] = []
     for folder in folders:
         found = _images(folder)
         if not found:
-            raise DataError(f"class folder {folder} holds no images "
-                            f"({', '.join(EXTENSIONS)}); add some or remove the folder")
+            raise DataError(
+                f"class folder {folder} holds no images "
+                f"({', '.join(EXTENSIONS)}); add some or remove the folder"
+            )
         files.extend(found)
         labels.extend([classes.index(folder.name)] * len(found))
     return classes, files, labels
@@ -109,8 +114,10 @@ def _decode(path: Path, mode: str, size: int) -> np.ndarray | str:
             return np.array(img, dtype=np.uint8)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         # PIL's own words give the pixel count and the limit (Image.MAX_IMAGE_PIXELS).
-        return (f"oversized image, not decoded as it may be a decompression bomb: {err} "
-                "Shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file")
+        return (
+            f"oversized image, not decoded as it may be a decompression bomb: {err} "
+            "Shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if you trust the file"
+        )
     except Exception as err:  # noqa: BLE001 - truncated, corrupt, not an image: skip it
         return f"{type(err).__name__}: {err}"
 
@@ -120,16 +127,19 @@ def _pool() -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)))
 
 
-def load_folder(root: Path, size: int, seed: int, val_fraction: float,
-                test_fraction: float) -> Splits:
+def load_folder(
+    root: Path, size: int, seed: int, val_fraction: float, test_fraction: float
+) -> Splits:
     root = Path(root)
     if size < 2:
         raise DataError(f"data.patch_size must be at least 2, got {size}")
     layout = _layout(root)
     classes, files, labels = _list(layout["train"], None)
     if len(classes) < 2:
-        raise DataError(f"{layout['train']} has one class folder ({classes[0]}); a classifier "
-                        "needs at least two")
+        raise DataError(
+            f"{layout['train']} has one class folder ({classes[0]}); a classifier "
+            "needs at least two"
+        )
     listed = {"train": (files, labels)}
     for split in ("val", "test"):
         if split in layout:
@@ -165,10 +175,14 @@ def load_folder(root: Path, size: int, seed: int, val_fraction: float,
                 keep_y.append(label)
         arrays[split] = (keep_x, keep_y)
     if skipped:
-        shown = "; ".join(skipped[:5]) + (f"; and {len(skipped) - 5} more" if len(skipped) > 5
-                                           else "")
-        print(f"imagefolder: skipped {len(skipped)} unreadable file(s): {shown}",
-              file=sys.stderr, flush=True)
+        shown = "; ".join(skipped[:5]) + (
+            f"; and {len(skipped) - 5} more" if len(skipped) > 5 else ""
+        )
+        print(
+            f"imagefolder: skipped {len(skipped)} unreadable file(s): {shown}",
+            file=sys.stderr,
+            flush=True,
+        )
     tensors = {split: _stack(root, split, xs, ys, classes) for split, (xs, ys) in arrays.items()}
     gen = torch.Generator().manual_seed(seed)
     # Class-ordered files would make head(n) (the overfit subset) a single class.
@@ -180,17 +194,25 @@ def load_folder(root: Path, size: int, seed: int, val_fraction: float,
         counts = torch.bincount(y, minlength=len(classes))
         if int(counts.min()) < 3:
             thin = classes[int(counts.argmin())]
-            raise DataError(f"class '{thin}' has {int(counts.min())} readable training images; "
-                            f"carving {' and '.join(missing)} out of train needs at least 3 per "
-                            "class")
+            raise DataError(
+                f"class '{thin}' has {int(counts.min())} readable training images; "
+                f"carving {' and '.join(missing)} out of train needs at least 3 per "
+                "class"
+            )
         # seeded_split always carves both; a part that exists on disk goes back to train.
         (trx, tr_y), (vx, vy), (tex, tey) = seeded_split(
-            x, y, val_fraction if "val" in missing else 0.0,
-            test_fraction if "test" in missing else 0.0, seed)
+            x,
+            y,
+            val_fraction if "val" in missing else 0.0,
+            test_fraction if "test" in missing else 0.0,
+            seed,
+        )
         back = [(vx, vy)] if "val" not in missing else []
         back += [(tex, tey)] if "test" not in missing else []
-        tensors["train"] = (torch.cat([trx] + [b[0] for b in back]),
-                            torch.cat([tr_y] + [b[1] for b in back]))
+        tensors["train"] = (
+            torch.cat([trx] + [b[0] for b in back]),
+            torch.cat([tr_y] + [b[1] for b in back]),
+        )
         if "val" in missing:
             tensors["val"] = (vx, vy)
         if "test" in missing:
@@ -208,33 +230,42 @@ def load_folder(root: Path, size: int, seed: int, val_fraction: float,
     }
     return Splits(
         classes=classes,
-        train_x=tensors["train"][0], train_y=tensors["train"][1],
-        val_x=tensors["val"][0], val_y=tensors["val"][1],
-        test_x=tensors["test"][0], test_y=tensors["test"][1],
+        train_x=tensors["train"][0],
+        train_y=tensors["train"][1],
+        val_x=tensors["val"][0],
+        val_y=tensors["val"][1],
+        test_x=tensors["test"][0],
+        test_y=tensors["test"][1],
         info=info,
     )
 
 
-def _stack(root: Path, split: str, xs: list[np.ndarray], ys: list[int],
-           classes: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+def _stack(
+    root: Path, split: str, xs: list[np.ndarray], ys: list[int], classes: list[str]
+) -> tuple[torch.Tensor, torch.Tensor]:
     if not xs:
-        raise DataError(f"no readable images under {root}/{split}/ (all were skipped); "
-                        f"{_HOW}")
+        raise DataError(f"no readable images under {root}/{split}/ (all were skipped); {_HOW}")
     x = torch.from_numpy(np.stack(xs))
     x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
     return x.contiguous(), torch.tensor(ys, dtype=torch.int64)
 
 
-def _shuffle(x: torch.Tensor, y: torch.Tensor,
-             gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _shuffle(
+    x: torch.Tensor, y: torch.Tensor, gen: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     idx = torch.randperm(x.shape[0], generator=gen)
     return x[idx].contiguous(), y[idx].contiguous()
 
 
 def load(request: DataRequest) -> Splits:
     opts = request.options
-    return load_folder(Path(request.data_dir), int(opts.patch_size), request.seed,
-                       float(opts.val_fraction), float(opts.test_fraction))
+    return load_folder(
+        Path(request.data_dir),
+        int(opts.patch_size),
+        request.seed,
+        float(opts.val_fraction),
+        float(opts.test_fraction),
+    )
 
 
 def describe(data_dir: Path) -> dict[str, Any]:
@@ -243,10 +274,13 @@ def describe(data_dir: Path) -> dict[str, Any]:
         layout = _layout(root)
     except DataError:
         return {"present": False, "where": str(root), "image": "Cx32x32"}
-    return {"present": True, "where": str(root),
-            "folders": {split: str(folder) for split, folder in layout.items()},
-            "classes": [f.name for f in _class_folders(layout["train"])],
-            "image": "Cx32x32"}
+    return {
+        "present": True,
+        "where": str(root),
+        "folders": {split: str(folder) for split, folder in layout.items()},
+        "classes": [f.name for f in _class_folders(layout["train"])],
+        "image": "Cx32x32",
+    }
 
 
 register(

@@ -100,15 +100,18 @@ def to_uint8_image(img: Any, channels: int, where: str) -> torch.Tensor:
     if isinstance(img, torch.Tensor):
         t = img.unsqueeze(0) if img.dim() == 2 else img
         if t.dtype != torch.uint8 or t.dim() != 3:
-            raise DataError(f"{where}: images must be uint8 tensors (C, H, W) or PIL images, "
-                            f"got a {t.dtype} tensor of shape {tuple(img.shape)}")
+            raise DataError(
+                f"{where}: images must be uint8 tensors (C, H, W) or PIL images, "
+                f"got a {t.dtype} tensor of shape {tuple(img.shape)}"
+            )
         return t
     if _is_image(img):
         arr = np.array(img.convert("L" if channels == 1 else "RGB"))
         t = torch.from_numpy(arr)
         return t.unsqueeze(0) if t.dim() == 2 else t.permute(2, 0, 1).contiguous()
-    raise DataError(f"{where}: images must be uint8 tensors (C, H, W) or PIL images, "
-                    f"got {type(img).__name__}")
+    raise DataError(
+        f"{where}: images must be uint8 tensors (C, H, W) or PIL images, got {type(img).__name__}"
+    )
 
 
 def _label(value: Any, where: str) -> int:
@@ -122,8 +125,9 @@ def _label(value: Any, where: str) -> int:
 class _Collate:
     """Items -> (uint8 batch, int64 labels), checked; runs in the DataLoader's workers."""
 
-    def __init__(self, source: str, split: str, channels: int, shape: tuple[int, ...],
-                 num_classes: int) -> None:
+    def __init__(
+        self, source: str, split: str, channels: int, shape: tuple[int, ...], num_classes: int
+    ) -> None:
         self.source = source
         self.split = split
         self.channels = channels
@@ -136,18 +140,23 @@ class _Collate:
         ys = []
         for item in items:
             if not isinstance(item, (tuple, list)) or len(item) != 2:
-                raise DataError(f"{where} items must be (image, label) pairs, got "
-                                f"{type(item).__name__}")
+                raise DataError(
+                    f"{where} items must be (image, label) pairs, got {type(item).__name__}"
+                )
             x = to_uint8_image(item[0], self.channels, where)
             if tuple(x.shape) != self.shape:
-                raise DataError(f"{where} images differ in shape: {tuple(x.shape)} and "
-                                f"{self.shape}; make the Dataset return one size")
+                raise DataError(
+                    f"{where} images differ in shape: {tuple(x.shape)} and "
+                    f"{self.shape}; make the Dataset return one size"
+                )
             xs.append(x)
             ys.append(_label(item[1], where))
         y = torch.tensor(ys, dtype=torch.int64)
         if y.numel() and (int(y.min()) < 0 or int(y.max()) >= self.num_classes):
-            raise DataError(f"{where} labels fall outside 0..{self.num_classes - 1} "
-                            f"({self.num_classes} classes)")
+            raise DataError(
+                f"{where} labels fall outside 0..{self.num_classes - 1} "
+                f"({self.num_classes} classes)"
+            )
         return torch.stack(xs), y
 
 
@@ -218,8 +227,10 @@ class DatasetSplits:
         for part in _SPLITS:
             ds = getattr(self, part)
             if isinstance(ds, IterableDataset) or not hasattr(ds, "__getitem__"):
-                raise DataError(f"dataset {source}: {part} must be a map-style Dataset "
-                                "(__len__ and __getitem__); iterable datasets are not supported")
+                raise DataError(
+                    f"dataset {source}: {part} must be a map-style Dataset "
+                    "(__len__ and __getitem__); iterable datasets are not supported"
+                )
             try:
                 n = len(ds)
             except TypeError:
@@ -232,13 +243,17 @@ class DatasetSplits:
             "val": list(range(min(CHECK_SAMPLE, _length(self.val)))),
             "test": list(range(min(CHECK_SAMPLE, _length(self.test)))),
         }
-        items = {part: [_fetch(getattr(self, part), i, source, part) for i in idx]
-                 for part, idx in picks.items()}
+        items = {
+            part: [_fetch(getattr(self, part), i, source, part) for i in idx]
+            for part, idx in picks.items()
+        }
         for part, got in items.items():
             for item in got:
                 if not isinstance(item, (tuple, list)) or len(item) != 2:
-                    raise DataError(f"dataset {source}: {part} items must be (image, label) "
-                                    f"pairs, got {type(item).__name__}")
+                    raise DataError(
+                        f"dataset {source}: {part} items must be (image, label) "
+                        f"pairs, got {type(item).__name__}"
+                    )
         channels = {image_channels(item[0]) for part in items.values() for item in part}
         channels.discard(0)
         # Grey and colour PIL images mixed: everything becomes RGB, as ImageFolder does.
@@ -246,8 +261,10 @@ class DatasetSplits:
         first = to_uint8_image(items["train"][0][0], c, f"dataset {source}: train[0]")
         self.shape = tuple(first.shape)
         if self.shape[1] != self.shape[2]:
-            raise DataError(f"dataset {source}: images must be square, got "
-                            f"{self.shape[1]}x{self.shape[2]}; resize them in the Dataset")
+            raise DataError(
+                f"dataset {source}: images must be square, got "
+                f"{self.shape[1]}x{self.shape[2]}; resize them in the Dataset"
+            )
         for part in _SPLITS:
             x, _ = self.collate(part)(items[part])
             if part == "train":
@@ -260,8 +277,9 @@ def _fetch(ds: Dataset, i: int, source: str, part: str) -> Any:
     except DataError:
         raise
     except Exception as err:  # noqa: BLE001 - the user's __getitem__ failed
-        raise DataError(f"dataset {source}: {part}[{i}] raised {type(err).__name__}: "
-                        f"{err}") from None
+        raise DataError(
+            f"dataset {source}: {part}[{i}] raised {type(err).__name__}: {err}"
+        ) from None
 
 
 def stream_if_asked(splits: Splits | DatasetSplits, source: str) -> Splits | DatasetSplits:
@@ -295,13 +313,17 @@ class _EpochSampler(Sampler[int]):
 class StreamingData:
     """DeviceData's interface over Datasets: batches come from DataLoader workers."""
 
-    def __init__(self, splits: DatasetSplits, pre: Preprocess, device: torch.device,
-                 num_workers: int | None = None) -> None:
+    def __init__(
+        self,
+        splits: DatasetSplits,
+        pre: Preprocess,
+        device: torch.device,
+        num_workers: int | None = None,
+    ) -> None:
         self.splits = splits
         self.pre = pre.to(device)
         self.num_classes = splits.num_classes
-        self.num_workers = _workers(num_workers if num_workers is not None
-                                    else splits.num_workers)
+        self.num_workers = _workers(num_workers if num_workers is not None else splits.num_workers)
         self._device = device
         self._loaders: dict[tuple[str, int], DataLoader] = {}
         self._sampler = _EpochSampler(_length(splits.train))
@@ -309,8 +331,9 @@ class StreamingData:
         self._val_labels: torch.Tensor | None = None
 
     @classmethod
-    def from_splits(cls, splits: DatasetSplits, pre: Preprocess,
-                    device: torch.device) -> StreamingData:
+    def from_splits(
+        cls, splits: DatasetSplits, pre: Preprocess, device: torch.device
+    ) -> StreamingData:
         return cls(splits, pre, device)
 
     @property
@@ -355,8 +378,10 @@ class StreamingData:
         blocking = self._device.type != "cuda"
         try:
             for x, y in loader:
-                yield (x.to(self._device, non_blocking=not blocking),
-                       y.to(self._device, non_blocking=not blocking))
+                yield (
+                    x.to(self._device, non_blocking=not blocking),
+                    y.to(self._device, non_blocking=not blocking),
+                )
         except DataError as err:
             # A worker's DataError arrives wrapped in its traceback; keep the message.
             last = str(err).strip().splitlines()[-1]
@@ -391,9 +416,7 @@ class StreamingData:
         self._sampler.seed = int(seed)
         yield from self._stream(self._loader("train", batch_size))
 
-    def batches(
-        self, split: str, batch_size: int
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def batches(self, split: str, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         yield from self._stream(self._loader(split, batch_size))
 
 
