@@ -13,8 +13,8 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from babysit.ablate import load_ablation
 from babysit.ablate import run_ablation
+from babysit.ablate_config import load_ablation
 from babysit.errors import UsageError
 from babysit.storage import open_storage
 from babysit.storage import run_names

@@ -11,7 +11,7 @@ import pytest
 
 from babysit import models
 from babysit import spec_rules
-from babysit.cli import build_parser
+from babysit.cli_parser import build_parser
 from babysit.data import DataRequest
 from babysit.data import describe_dataset
 from babysit.data import load_dataset

@@ -66,7 +66,7 @@ def test_each_verb_help_has_its_description_and_examples(
 
 def test_every_example_parses(capsys: pytest.CaptureFixture[str]) -> None:
     """An example that argparse would refuse is worse than none."""
-    from babysit.cli import build_parser
+    from babysit.cli_parser import build_parser
 
     parser = build_parser()
     parsed = 0
