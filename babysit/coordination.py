@@ -43,7 +43,6 @@ from babysit.record import Reason
 from babysit.record import StudyAttrs
 from babysit.record import StudyKey
 from babysit.record import TrialKey
-from babysit.spec import SearchSpec
 from babysit.spec import Spec
 from babysit.spec import check_run_name
 from babysit.storage import STAGES
@@ -488,56 +487,3 @@ def fixed_trial(
         if not any(t.state == TrialState.WAITING for t in mine):
             study.enqueue_trial(params, user_attrs={TrialKey.KEY: key}, skip_if_exists=False)
         _run_one(study, guarded)
-
-
-# ---------------------------------------------------------------------------- samplers, pruners
-
-
-# Successive halving in the coarse stage: every trial gets one epoch, the top third of
-# those that reached a rung go on to the next (epoch 1, 3, 9, ...), the rest stop. A coarse
-# search only has to find the region, and a trial that is in the bottom two thirds after
-# one epoch rarely ends in the top five that narrowing keeps.
-HALVING_FACTOR = 3
-# Nothing is pruned before this many trials of the stage have finished, as with the median
-# pruner. Asynchronous halving with one or two trials at a rung promotes only the best so far:
-# in a 3-trial coarse search on three shapes it stopped the one trial at a good lr (2.9e-3,
-# val 0.44 after epoch 1) because a slow low-lr trial had 0.49 there.
-HALVING_STARTUP = 5
-# The rule as stored on the coarse study (``pruner_rule``); README.md quotes it word for word.
-HALVING_RULE = (
-    "successive halving after {startup} finished trials: rungs at epochs 1, "
-    "{factor}, {factor2}, ...; a trial goes on past a rung only when its val "
-    "accuracy is in the top 1/{factor} of the trials that reached it; never "
-    "pruned after its last epoch"
-)
-
-
-class _StartupHalving(optuna.pruners.BasePruner):
-    """Successive halving once ``HALVING_STARTUP`` trials have finished; before that, none."""
-
-    def __init__(self) -> None:
-        self._halving = optuna.pruners.SuccessiveHalvingPruner(
-            min_resource=1, reduction_factor=HALVING_FACTOR, min_early_stopping_rate=0
-        )
-
-    def prune(self, study: optuna.Study, trial: FrozenTrial) -> bool:
-        finished = study.get_trials(deepcopy=False, states=FINISHED)
-        if len(finished) < HALVING_STARTUP:
-            return False
-        return self._halving.prune(study, trial)
-
-
-def pruner_for(search: SearchSpec) -> optuna.pruners.BasePruner:
-    if search.pruner == "halving":
-        return _StartupHalving()
-    if search.pruner == "median":
-        # Five trials before anything is pruned: the median of fewer is noise.
-        return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=0)
-    return optuna.pruners.NopPruner()
-
-
-def sampler_for(search: SearchSpec, seed: int) -> optuna.samplers.BaseSampler:
-    if search.sampler == "tpe":
-        # Random start for a third of the budget, then TPE inside the narrowed box.
-        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(3, search.trials // 3))
-    return optuna.samplers.RandomSampler(seed=seed)

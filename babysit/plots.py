@@ -227,7 +227,7 @@ def final_curves(trial: FrozenTrial, attrs: TrialAttrs | None = None) -> Figure:
 
 
 def lr_range_figure(result: dict[str, Any]) -> Figure:
-    """The LR range test's curve (diagnostics.lr_range_test): log LR against smoothed loss,
+    """The LR range test's curve (lr_range.lr_range_test): log LR against smoothed loss,
     the proposed coarse range shaded."""
     fig = Figure(figsize=(6, 4), dpi=_DPI, layout=_LAYOUT)
     ax = fig.subplots()

@@ -277,7 +277,7 @@ def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
         from babysit.learned import anchored_ranges
 
         return anchored_ranges(ctx, ranges)
-    from babysit.diagnostics import propose_coarse_lr
+    from babysit.lr_range import propose_coarse_lr
 
     test = propose_coarse_lr(ctx)
     from babysit.artifacts import upload_json

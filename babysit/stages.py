@@ -27,15 +27,10 @@ from babysit.context import StageResult
 from babysit.context import fresh_model
 from babysit.context import generator_for
 from babysit.context import seed_for
-from babysit.coordination import HALVING_FACTOR
-from babysit.coordination import HALVING_RULE
-from babysit.coordination import HALVING_STARTUP
 from babysit.coordination import claim
 from babysit.coordination import fill
 from babysit.coordination import fixed_trial
 from babysit.coordination import open_stage
-from babysit.coordination import pruner_for
-from babysit.coordination import sampler_for
 from babysit.coordination import stage_counts
 from babysit.diagnostics import Monitor
 from babysit.diagnostics import record_diagnostics
@@ -47,6 +42,11 @@ from babysit.record import TrialKey
 from babysit.record import best_of
 from babysit.record import scored
 from babysit.record import trial_attrs
+from babysit.samplers import HALVING_FACTOR
+from babysit.samplers import HALVING_RULE
+from babysit.samplers import HALVING_STARTUP
+from babysit.samplers import pruner_for
+from babysit.samplers import sampler_for
 from babysit.spec import CoarseSpec
 from babysit.spec import SearchSpec
 from babysit.terminal import plural

@@ -1,6 +1,6 @@
 """One plain training step, read top to bottom: zero grads, forward, loss, backward, step
 (:func:`train_step`), and the loops built on it: :func:`fit` (epochs of minibatches),
-:func:`memorise` (full-batch steps on a small subset); diagnostics.lr_range_test uses it too.
+:func:`memorise` (full-batch steps on a small subset); lr_range.lr_range_test uses it too.
 
 The splits live on the training device as uint8 tensors; a batch is an index slice of a
 permutation drawn on that device; augmentation and normalisation run batched there too.

@@ -21,6 +21,7 @@ import pytest
 from optuna.trial import TrialState
 
 from babysit import coordination
+from babysit import samplers
 from babysit.coordination import FINISHED
 from babysit.coordination import claim
 from babysit.coordination import fill
@@ -212,16 +213,16 @@ def test_a_stale_heartbeat_is_found_and_failed(tmp_path: Path) -> None:
 def test_pruner_and_sampler_take_the_arguments_given() -> None:
     from babysit.spec import SearchSpec
 
-    halving = coordination.pruner_for(SearchSpec(pruner="halving"))
+    halving = samplers.pruner_for(SearchSpec(pruner="halving"))
     assert isinstance(halving._halving, optuna.pruners.SuccessiveHalvingPruner)
     assert isinstance(
-        coordination.pruner_for(SearchSpec(pruner="median")), optuna.pruners.MedianPruner
+        samplers.pruner_for(SearchSpec(pruner="median")), optuna.pruners.MedianPruner
     )
-    tpe = coordination.sampler_for(SearchSpec(sampler="tpe", trials=9), seed=1)
+    tpe = samplers.sampler_for(SearchSpec(sampler="tpe", trials=9), seed=1)
     assert isinstance(tpe, optuna.samplers.TPESampler)
     # Same seed, same draws: what keeps a rerun's trials the same.
     draws = []
     for _ in range(2):
-        study = optuna.create_study(sampler=coordination.sampler_for(SearchSpec(), seed=3))
+        study = optuna.create_study(sampler=samplers.sampler_for(SearchSpec(), seed=3))
         draws.append([study.ask().suggest_float("lr", 1e-5, 1.0, log=True) for _ in range(3)])
     assert draws[0] == draws[1]

@@ -14,13 +14,13 @@ import torch
 from babysit.artifacts import trial_data
 from babysit.diagnostics import DEAD_FRACTION
 from babysit.diagnostics import Monitor
-from babysit.diagnostics import lr_range_test
 from babysit.diagnostics import narrowing_warnings
-from babysit.diagnostics import propose_coarse_lr
 from babysit.diagnostics import readings
 from babysit.diagnostics import record_diagnostics
 from babysit.diagnostics import trial_readings
 from babysit.final import final
+from babysit.lr_range import lr_range_test
+from babysit.lr_range import propose_coarse_lr
 from babysit.models import AlexNet
 from babysit.plots import first_layer_filters
 from babysit.plots import lr_range_figure

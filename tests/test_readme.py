@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from babysit.learned import ANCHOR_RULE
-from babysit.stages import HALVING_RULE
+from babysit.samplers import HALVING_RULE
 from babysit.stages import NARROW_RULE
 from tests.conftest import ROOT
 

@@ -140,14 +140,14 @@ def test_narrow_ignores_trials_at_chance_level() -> None:
 def test_lr_range_test_sets_the_coarse_range(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     import functools
 
-    from babysit import diagnostics
+    from babysit import lr_range
     from babysit.protocol import _coarse_ranges
 
     # A short test (80 steps) is enough to see the curve turn; the default is 300.
     monkeypatch.setattr(
-        diagnostics,
+        lr_range,
         "propose_coarse_lr",
-        functools.partial(diagnostics.propose_coarse_lr, steps=80),
+        functools.partial(lr_range.propose_coarse_lr, steps=80),
     )
 
     spec = build_spec(
