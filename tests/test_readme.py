@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from babysit.coordination import HALVING_RULE
 from babysit.learned import ANCHOR_RULE
-from babysit.stages import HALVING_RULE
 from babysit.stages import NARROW_RULE
 from tests.conftest import ROOT
 
