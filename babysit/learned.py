@@ -28,9 +28,9 @@ from babysit.context import StageResult
 from babysit.coordination import open_stage
 from babysit.record import StudyKey
 from babysit.record import best_of
+from babysit.search import search
 from babysit.spec import CoarseSpec
 from babysit.spec import Spec
-from babysit.stages import search
 
 # Decades below and above the LR that memorised. Asymmetric because the overfit check
 # stops at the first LR of its list that memorises 20 examples in up to 200 full-batch

@@ -37,12 +37,12 @@ from babysit.record import Param
 from babysit.record import StudyAttrs
 from babysit.record import StudyKey
 from babysit.report import publish_stage
+from babysit.search import search
 from babysit.spec import Spec
 from babysit.spec import default_run_name
 from babysit.stages import narrow_stage
 from babysit.stages import overfit
 from babysit.stages import sanity
-from babysit.stages import search
 from babysit.storage import Storage
 from babysit.terminal import Progress
 from babysit.terminal import plural

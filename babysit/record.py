@@ -281,7 +281,7 @@ def real(trials: list[FrozenTrial]) -> list[FrozenTrial]:
 
 def diverged(t: FrozenTrial) -> bool:
     """A search trial stopped on divergence. Stored COMPLETE with the chance accuracy (see
-    stages._search_trial); a run of an older babysit stored it PRUNED with no value."""
+    search._search_trial); a run of an older babysit stored it PRUNED with no value."""
     return trial_attrs(t).reason == Reason.DIVERGED
 
 

@@ -26,8 +26,8 @@ from babysit.plots import first_layer_filters
 from babysit.plots import lr_range_figure
 from babysit.plots import png
 from babysit.protocol import prepare
+from babysit.search import search
 from babysit.spec import build_spec
-from babysit.stages import search
 from babysit.storage import open_storage
 from babysit.train import DeviceData
 from babysit.train import fit

@@ -13,10 +13,10 @@ from babysit.artifacts import oversized_attrs
 from babysit.artifacts import read_json
 from babysit.errors import ProtocolError
 from babysit.protocol import prepare
+from babysit.search import search
 from babysit.spec import CoarseSpec
 from babysit.spec import build_spec
 from babysit.stages import narrow
-from babysit.stages import search
 from babysit.storage import open_storage
 
 DIST = {
@@ -92,7 +92,7 @@ def test_divergence_stops_on_the_step_it_happens(digits_ctx) -> None:
     chance = 1 / ctx.data.num_classes
     for t in trials:
         # COMPLETE at chance, reported at the epoch it stopped in: every dashboard plot
-        # draws it (stages._diverged_value says why not PRUNED).
+        # draws it (search._diverged_value says why not PRUNED).
         assert (t.state, t.value) == (TrialState.COMPLETE, pytest.approx(chance))
         assert t.intermediate_values == {1: pytest.approx(chance)}
         assert t.user_attrs["reason"] == "diverged"
