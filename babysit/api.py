@@ -248,15 +248,11 @@ class Run:
         return None
 
     def trials_dataframe(self) -> Any:
-        """Every trial of every stage, one row each, with a ``stage`` column (pandas)."""
-        import pandas as pd
+        """Every trial of every stage, one row each: the table `babysit export` writes (a
+        ``stage`` column, one column per meaning such as ``val_accuracy``, native dtypes)."""
+        from babysit.export import trials_frame
 
-        frames = []
-        for stage, study in self.studies.items():
-            df = study.trials_dataframe()
-            df.insert(0, "stage", stage)
-            frames.append(df)
-        return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+        return trials_frame(self.storage, self.name)
 
     def model(self) -> Any:
         """The final training's network with its trained weights, on the CPU, in eval mode."""
