@@ -240,7 +240,7 @@ def test_a_worker_that_loses_the_database_stops_with_one_line_and_the_rerun_goes
 
     def running() -> bool:
         trials = _trials(watch, "l/coarse")
-        return any(t.state == TrialState.RUNNING and "curves" in t.user_attrs for t in trials)
+        return any(t.state == TrialState.RUNNING and t.intermediate_values for t in trials)
 
     _wait_for(running, what="a coarse trial past its first epoch")
     relay.cut()
