@@ -7,6 +7,7 @@ import json
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 from typing import Any
 
 from babysit.cli_parser import build_parser
@@ -16,6 +17,9 @@ from babysit.errors import UsageError
 from babysit.rejected import nothing_left_if_rejected
 from babysit.terminal import install_warning_format
 from babysit.terminal import plural
+
+if TYPE_CHECKING:
+    from babysit.spec import Spec
 
 
 def _open(args: argparse.Namespace, create: bool = True):  # noqa: ANN202
@@ -31,7 +35,8 @@ def _open(args: argparse.Namespace, create: bool = True):  # noqa: ANN202
     )
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
+def _spec_of(args: argparse.Namespace) -> tuple[dict[str, Any], Spec]:
+    """The spec `run` and `check` resolve from TOML, --set and flags, and those flags."""
     from babysit.spec import build_spec
 
     flags: dict[str, Any] = {
@@ -41,8 +46,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "optimizer": args.optimizer,
         "seed": args.seed,
     }
+    return flags, build_spec(args.config, args.sets, flags)
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
     # The spec is checked before torch and optuna are imported: a bad input costs no wait.
-    spec = build_spec(args.config, args.sets, flags)
+    flags, spec = _spec_of(args)
     if args.print_config:
         return _print_config(args, flags, spec)
     if args.jobs < 1:
@@ -95,16 +104,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     from babysit.protocol import prepare
     from babysit.protocol import run_check
     from babysit.protocol import summarize
-    from babysit.spec import build_spec
 
-    flags: dict[str, Any] = {
-        "name": args.name,
-        "dataset": args.dataset,
-        "model": args.model,
-        "optimizer": args.optimizer,
-        "seed": args.seed,
-    }
-    spec = build_spec(args.config, args.sets, flags)
+    flags, spec = _spec_of(args)
     if args.print_config:
         return _print_config(args, flags, spec)
     with nothing_left_if_rejected(args.storage):
