@@ -49,6 +49,22 @@ def _spec_of(args: argparse.Namespace) -> tuple[dict[str, Any], Spec]:
     return flags, build_spec(args.config, args.sets, flags)
 
 
+def _prepare(args: argparse.Namespace, spec: Spec, **extra: Any) -> Any:
+    """The run's Context from the flags `run` and `check` share (``extra``: run's own)."""
+    from babysit.protocol import prepare
+
+    return prepare(
+        spec,
+        _open(args),
+        device=args.device,
+        data_dir=args.data_dir,
+        download=args.download,
+        force=args.force,
+        quiet=args.quiet,
+        **extra,
+    )
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     # The spec is checked before torch and optuna are imported: a bad input costs no wait.
     flags, spec = _spec_of(args)
@@ -56,22 +72,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
         return _print_config(args, flags, spec)
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
-    from babysit.protocol import prepare
     from babysit.protocol import run_protocol
 
     with nothing_left_if_rejected(args.storage):
-        storage = _open(args)
-        ctx = prepare(
-            spec,
-            storage,
-            device=args.device,
-            data_dir=args.data_dir,
-            download=args.download,
-            force=args.force,
-            quiet=args.quiet,
-            compile=args.compile,
-            final_procs=args.final_procs,
-        )
+        ctx = _prepare(args, spec, compile=args.compile, final_procs=args.final_procs)
+    storage = ctx.storage
     summary = None
     code = 0
     try:
@@ -101,7 +106,6 @@ def _print_config(args: argparse.Namespace, flags: dict[str, Any], spec: Any) ->
 
 def _cmd_check(args: argparse.Namespace) -> int:
     """Sanity and overfit only, stored as the run's first two stages."""
-    from babysit.protocol import prepare
     from babysit.protocol import run_check
     from babysit.protocol import summarize
 
@@ -109,16 +113,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if args.print_config:
         return _print_config(args, flags, spec)
     with nothing_left_if_rejected(args.storage):
-        storage = _open(args)
-        ctx = prepare(
-            spec,
-            storage,
-            device=args.device,
-            data_dir=args.data_dir,
-            download=args.download,
-            force=args.force,
-            quiet=args.quiet,
-        )
+        ctx = _prepare(args, spec)
+    storage = ctx.storage
     summary = None
     code = 0
     try:
