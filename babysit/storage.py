@@ -7,6 +7,8 @@ public names are importable from here."""
 from __future__ import annotations
 
 import os
+import random
+import time
 import warnings
 from dataclasses import dataclass
 from dataclasses import field
@@ -92,6 +94,24 @@ def _int_env(name: str, default: int) -> int:
         raise UsageError(f"{name} must be a whole number of seconds, got '{value}'") from None
 
 
+_CREATE_ATTEMPTS = 8
+
+
+def _lost_creation_race(err: BaseException) -> bool:
+    """Whether opening failed only because another process was creating the same schema.
+
+    Optuna creates its tables and then inserts the schema version row; two processes
+    doing it at once on a new database see "table ... already exists" or a duplicate
+    version row (SQLite), or a duplicate type or relation (PostgreSQL).
+    """
+    text = str(err).lower()
+    if isinstance(err, sqlalchemy.exc.IntegrityError):
+        return "alembic_version" in text or "pg_type" in text or "duplicate key" in text
+    return isinstance(err, sqlalchemy.exc.OperationalError | sqlalchemy.exc.ProgrammingError) and (
+        "already exists" in text
+    )
+
+
 def open_storage(
     url: str | None = None,
     artifact_dir: str | Path | None = None,
@@ -155,18 +175,25 @@ def open_storage(
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            rdb = _ReconnectingRDBStorage(
-                url,
-                engine_kwargs=engine_kwargs,
-                heartbeat_interval=interval,
-                grace_period=grace_period,
-            )
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
-        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
-        raise UsageError(f"cannot open storage {shown}: {redact_text(reason, url)}") from None
+    for attempt in range(_CREATE_ATTEMPTS):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                rdb = _ReconnectingRDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=interval,
+                    grace_period=grace_period,
+                )
+            break
+        except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as err:
+            if _lost_creation_race(err) and attempt + 1 < _CREATE_ATTEMPTS:
+                # Another process created the schema at the same moment (workers started
+                # together on a new file); its tables are there now, so opening again works.
+                time.sleep(random.uniform(0.05, 0.3) * (attempt + 1))
+                continue
+            reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+            raise UsageError(f"cannot open storage {shown}: {redact_text(reason, url)}") from None
     rdb.shown = shown
     rdb.reconnect = _int_env("BABYSIT_RECONNECT", DEFAULT_RECONNECT)
     return _with_artifacts(Storage(url=url, rdb=rdb, artifact_dir=Path(".")), artifact_dir, store)
