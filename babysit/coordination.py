@@ -16,12 +16,9 @@ storage overrides RDBStorage methods and so reads RDBStorage internals too, by n
 
 from __future__ import annotations
 
-import ctypes
-import gc
 import logging
 import os
 import socket
-import sys
 import time
 import warnings
 from collections.abc import Callable
@@ -39,6 +36,7 @@ from babysit.errors import UsageError
 from babysit.errors import raise_if_interrupted
 from babysit.interrupts import marking_interrupts
 from babysit.interrupts import say_interrupted
+from babysit.memory import release
 from babysit.record import Reason
 from babysit.record import StudyAttrs
 from babysit.record import StudyKey
@@ -329,30 +327,8 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) ->
             return
         raise
     finally:
-        _release_memory()
+        release()
     raise_if_interrupted()
-
-
-def _release_memory() -> None:
-    """Hand the freed model and optimiser memory of a finished trial back to the system.
-
-    Each trial allocates and frees a few hundred MB (an AlexNet with its optimiser state);
-    glibc keeps freed blocks for reuse, so without a trim the resident size ratchets up
-    trial after trial.
-
-    The collection first: a trial's network is held in a reference cycle (the diagnostics'
-    forward hooks point at the Monitor, which points back at the layers), and a pruned
-    trial's traceback holds its frames, so without it each finished trial's weights and
-    optimiser state (~280 MB for the digits AlexNet with Adam) stayed resident until
-    Python's next full collection, and the default run peaked at 2.57 GB in the coarse
-    stage (docs/benchmarks.md, issue 16).
-    """
-    gc.collect()
-    if sys.platform.startswith("linux"):
-        try:
-            ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except OSError:
-            pass  # not glibc
 
 
 def claim(study: optuna.Study, trial: optuna.Trial, target: int, stage: str) -> None:

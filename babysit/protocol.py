@@ -31,6 +31,7 @@ from babysit.errors import ProtocolError
 from babysit.errors import UsageError
 from babysit.final import final
 from babysit.lifeline import die_with_parent
+from babysit.memory import frozen_heap
 from babysit.models import build_model
 from babysit.models import input_size
 from babysit.record import Param
@@ -160,18 +161,20 @@ def run_protocol(ctx: Context, jobs: int = 1) -> dict[str, Any]:
         f"storage {ctx.storage.shown}"
     )
     record_data_facts(ctx)
+    # Everything imported and loaded so far lives as long as the run: out of the
+    # collections that free each trial's network.
+    with frozen_heap():
+        checked = sanity(ctx)
+        _gate(ctx, checked)
+        _gate(ctx, overfit(ctx))
 
-    checked = sanity(ctx)
-    _gate(ctx, checked)
-    _gate(ctx, overfit(ctx))
-
-    helpers = _spawn_workers(ctx, jobs)
-    try:
-        summary = _searches_and_final(ctx, checked.initial_loss, t0)
-    except BaseException:
-        _stop(helpers)
-        raise
-    _reap(helpers)
+        helpers = _spawn_workers(ctx, jobs)
+        try:
+            summary = _searches_and_final(ctx, checked.initial_loss, t0)
+        except BaseException:
+            _stop(helpers)
+            raise
+        _reap(helpers)
     return summary
 
 

@@ -89,8 +89,8 @@ def publish_stage(ctx: Any, result: Any) -> None:
 
 
 def _publish(storage: Storage, run: str, result: Any) -> None:
-    from optuna_dashboard import get_note
-    from optuna_dashboard import save_note
+    from babysit.notes import get_note
+    from babysit.notes import save_note
 
     study = find_study(storage, run, result.stage)
     if study is None:

@@ -24,6 +24,7 @@ from torch import nn
 from babysit.data import Splits
 from babysit.data.augment import Preprocess
 from babysit.errors import raise_if_interrupted
+from babysit.memory import tune_for_training
 
 if TYPE_CHECKING:
     # The same interface over torch Datasets (DataLoader batches); for the types only.
@@ -138,6 +139,8 @@ def device_for(choice: str) -> torch.device:
 
 
 def configure_device(device: torch.device) -> None:
+    # Fresh gradients every step: from the heap, not from freshly faulted-in mmaps.
+    tune_for_training()
     if device.type == "cuda":
         # Fixed input shapes: let cuDNN pick the fastest kernels once.
         torch.backends.cudnn.benchmark = True

@@ -162,9 +162,10 @@ def _relink_notes(
     target: optuna.Study, study_ids: dict[int, int], trial_ids: dict[int, int]
 ) -> None:
     """Rewrite the artifact links in the study's note and its trials' notes."""
-    from optuna_dashboard._note import get_note_from_system_attrs
-    from optuna_dashboard._note import save_note_with_version
+    from babysit.notes import note_module
 
+    get_note_from_system_attrs = note_module().get_note_from_system_attrs
+    save_note_with_version = note_module().save_note_with_version
     storage = target._storage
     attrs = storage.get_study_system_attrs(target._study_id)
     for trial_id in [None, *(t._trial_id for t in target.get_trials(deepcopy=False))]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -28,13 +29,30 @@ def _split(x: torch.Tensor, y: torch.Tensor, classes: list[str], request: DataRe
     return Splits(classes, trx, try_, vx, vy, tex, tey)
 
 
-def load_digits(request: DataRequest) -> Splits:
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's digits as (images N x 8 x 8, labels), read from the CSV file it ships.
+
+    Read directly: importing ``sklearn.datasets`` (and SciPy with it) adds ~170 MB to the
+    resident size of every process that trains, for a 500 kB file (docs/benchmarks.md).
+    Falls back to scikit-learn's own loader where the file is not where it ships it.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    if spec is not None and spec.origin:
+        path = Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            table = np.loadtxt(path, delimiter=",")  # 64 pixels then the label, per row
+            return table[:, :-1].reshape(-1, 8, 8), table[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits as sk_load_digits
 
     bunch = sk_load_digits()
+    return bunch.images, bunch.target.astype(np.int64)
+
+
+def load_digits(request: DataRequest) -> Splits:
+    images, labels = _digits_arrays()
     # Pixel values are 0..16 in scikit-learn's copy.
-    x = _to_uint8(bunch.images, 255.0 / 16.0)
-    y = torch.from_numpy(bunch.target.astype(np.int64))
+    x = _to_uint8(images, 255.0 / 16.0)
+    y = torch.from_numpy(labels)
     return _split(x, y, [str(d) for d in range(10)], request)
 
 
