@@ -64,14 +64,24 @@ class Context:
 
 
 def effective_batch_size(asked: int, train_size: int) -> int:
-    """``batch_size = 0`` means auto: 128 (the seeds' choice), halved until an epoch has at
-    least 8 steps, so 140 training faces are not two steps an epoch."""
+    """``batch_size = 0`` means auto: 128 (the seeds' choice), halved (down to 8) until an
+    epoch has at least 4 full steps, so 140 training faces are not two steps an epoch.
+
+    Why 4 and not more: on the CPU a step of the AlexNet costs about the same at batch 16
+    as at 128 (its 23M weights, their gradients and Adam's state are read and written each
+    step whatever the batch), so each halving nearly doubles an epoch's time. On faces,
+    batch 16 (8 steps) took 1.3x the wall of batch 32 (4 steps) for no better accuracy
+    (docs/benchmarks.md, issue 16).
+    """
     if asked > 0:
         return asked
     size = 128
-    while size > 8 and train_size // size < 8:
+    while size > 8 and train_size // size < _MIN_STEPS:
         size //= 2
     return size
+
+
+_MIN_STEPS = 4
 
 
 @dataclass

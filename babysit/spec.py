@@ -226,7 +226,7 @@ class Spec:
     # "ce": softmax cross-entropy (expects ln C at init); "bce": one-hot BCE (expects ln 2).
     loss: str = _f("ce", _choice(*LOSSES))
     seed: int = _f(0, _at_least(0))
-    # 0 = auto: 128 as in the seeds, halved (down to 8) until an epoch has >= 8 steps.
+    # 0 = auto: 128 as in the seeds, halved (down to 8) until an epoch has >= 4 steps.
     batch_size: int = _f(0, _at_least(0))
     # SGD momentum (the seeds used 0.9).
     momentum: float = _f(0.9, _number(0, 1))

@@ -237,8 +237,11 @@ def test_lr_range_test_grows_the_lr_stops_on_divergence_and_proposes_a_range(
     assert losses[lrs.index(high)] == min(losses)
     assert png(lr_range_figure(out))[:8] == PNG
     # The same on the run's own network and data, as the coarse stage would use it.
+    # All 20 steps, or fewer when the loss blew up near the range's top (init-dependent).
     proposed = propose_coarse_lr(ctx, steps=20)
-    assert len(proposed["lrs"]) == 20 and proposed["suggested"][0] < proposed["suggested"][1]
+    steps = len(proposed["lrs"])
+    assert steps == 20 or (10 <= steps < 20 and proposed["stopped"] in ("diverged", "nan"))
+    assert proposed["suggested"][0] < proposed["suggested"][1]
 
 
 @pytest.mark.parametrize("channels", [1, 3])

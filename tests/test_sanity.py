@@ -230,6 +230,8 @@ def test_only_babysits_own_model_is_rescaled_and_the_same_seed_gives_the_same_mo
     # A user's network is diagnosed, never re-initialised, even when it is babysit's class.
     torch.manual_seed(0)
     user = AlexNet(2, in_channels=ctx.data.in_channels, fc_width=64, init="he")
+    with torch.no_grad():
+        user.classifier[-1].weight.mul_(1000.0)  # logits far too large: babysit's would shrink
     head = user.classifier[-1].weight.clone()
     fit_head_to_data(user, "mynets:build", ctx.data)
     assert torch.equal(user.classifier[-1].weight, head)
