@@ -99,40 +99,6 @@ class AlexNet(nn.Module):
         ):
             if value not in _KNOBS[knob]:
                 raise ValueError(f"AlexNet {knob} must be one of {_KNOBS[knob]}, got {value!r}")
-        # Built on the meta device (no memory, no init) and initialised once below: PyTorch's
-        # own init, then He init over it, drew 23M random numbers twice (98 of 186 ms).
-        with torch.device("meta"):
-            self._build(
-                num_classes,
-                in_channels,
-                conv_layers,
-                fc_layers,
-                fc_width,
-                activation,
-                batch_norm,
-                dropout,
-                geometry,
-            )
-        self.to_empty(device="cpu")
-        for m in self.modules():
-            reset = getattr(m, "reset_parameters", None)
-            if reset is not None and not (init == "he" and isinstance(m, (nn.Conv2d, nn.Linear))):
-                reset()  # in construction order, so "default" draws what it always drew
-        if init == "he":
-            self._he_init(activation)
-
-    def _build(
-        self,
-        num_classes: int,
-        in_channels: int,
-        conv_layers: int,
-        fc_layers: int,
-        fc_width: int,
-        activation: str,
-        batch_norm: str,
-        dropout: float,
-        geometry: str,
-    ) -> None:
         plan = _conv_plan(conv_layers, geometry)
         layers: list[nn.Module] = []
         prev = in_channels
@@ -168,6 +134,8 @@ class AlexNet(nn.Module):
             width_in = fc_width
         head.append(nn.Linear(width_in, num_classes))
         self.classifier = nn.Sequential(*head)
+        if init == "he":
+            self._he_init(activation)
 
     def _he_init(self, activation: str) -> None:
         nonlinearity: Literal["leaky_relu", "relu"] = (

@@ -3,7 +3,7 @@
     python benchmarks/protocol_budget.py default          # `babysit run` with no flags
     python benchmarks/protocol_budget.py faces            # --dataset faces --optimizer adam
     python benchmarks/protocol_budget.py seed --dataset digits [--optimizer sgd]
-    python benchmarks/protocol_budget.py compare [--datasets digits,faces,cifar-shaped]
+    python benchmarks/protocol_budget.py compare [--datasets digits,faces,cifar-shaped] [--seeds 0,1,2]
 
 `seed` runs the seed reports' budgets (20 coarse trials x 5 epochs at lr 10^[-5, 5],
 reg 10^[-6, -3]; 10 fine x 5; final 20: 170 epochs when every trial runs in full) three
@@ -159,12 +159,13 @@ def main() -> None:
     parser.add_argument("--dataset", default="digits")
     parser.add_argument("--optimizer", default="sgd")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--seeds", default="0", help="compare: the run seeds, e.g. 0,1,2")
     args = parser.parse_args()
     print(_machine())
     print(HEADER)
     results = {}
     if args.what == "compare":
-        compare(args.datasets.split(","), args.json)
+        compare(args.datasets.split(","), args.json, [int(x) for x in args.seeds.split(",")])
         return
     if args.what == "default":
         results["babysit run"] = run_cli([])
@@ -188,35 +189,49 @@ def main() -> None:
         args.json.write_text(json.dumps(results, indent=2))
 
 
-def compare(names: list[str], out: Path | None) -> None:
-    """Issue 16's done-when: per dataset, the seed-shaped budget run the seeds' way (every
-    trial in full, no stopping, no pruning) and `babysit run` with its defaults, one after
-    the other in this run; epochs, wall time, test accuracy and babysit's ratios."""
-    print("| dataset | run | wall s | peak RSS MB | epochs spent | test accuracy |")
-    print("|---|---|---:|---:|---:|---:|")
+def compare(names: list[str], out: Path | None, seeds: list[int]) -> None:
+    """Issue 16's done-when: per dataset and seed, the seed-shaped budget run the seeds' way
+    (every trial in full, no stopping, no pruning) and `babysit run` with its defaults, one
+    after the other in this run; epochs, wall time, test accuracy and babysit's ratios, and
+    their means over the seeds when there are several."""
+    print("| dataset | seed | run | wall s | peak RSS MiB | epochs spent | test accuracy |")
+    print("|---|---:|---|---:|---:|---:|---:|")
     results: dict[str, dict] = {}
     for name in COMPARE:
         if name not in names:
-            print(f"| {name} | (unmeasured in this run) | | | | |", flush=True)
+            print(f"| {name} | | (unmeasured in this run) | | | | |", flush=True)
             continue
-        base = COMPARE[name]
-        seed = run_cli(base + ["--optimizer", "adam", *SEED_BUDGET, *FULL])
-        ours = run_cli(base)
-        results[name] = {"seed": seed, "babysit": ours}
-        for label, r in (("seed-shaped budget", seed), ("babysit run", ours)):
-            s = r["summary"]
+        ratios = []
+        for seed_value in seeds:
+            base = COMPARE[name] + ["--seed", str(seed_value)]
+            seed = run_cli(base + ["--optimizer", "adam", *SEED_BUDGET, *FULL])
+            ours = run_cli(base)
+            results[f"{name}/{seed_value}"] = {"seed": seed, "babysit": ours}
+            for label, r in (("seed-shaped budget", seed), ("babysit run", ours)):
+                s = r["summary"]
+                print(
+                    f"| {name} | {seed_value} | {label} | {r['wall']:.0f} | {r['peak_mb']:.0f} | "
+                    f"{s['epochs_spent']:.1f} | {s['stages']['final']['test_accuracy']:.4f} |",
+                    flush=True,
+                )
+            e = ours["summary"]["epochs_spent"] / seed["summary"]["epochs_spent"]
+            w = ours["wall"] / seed["wall"]
+            d = (
+                ours["summary"]["stages"]["final"]["test_accuracy"]
+                - seed["summary"]["stages"]["final"]["test_accuracy"]
+            ) * 100
+            ratios.append((w, e, d))
             print(
-                f"| {name} | {label} | {r['wall']:.0f} | {r['peak_mb']:.0f} | "
-                f"{s['epochs_spent']:.1f} | {s['stages']['final']['test_accuracy']:.4f} |",
+                f"| {name} | {seed_value} | babysit / seed | {w:.2f}x | | {e:.2f}x | "
+                f"{d:+.1f} points |",
                 flush=True,
             )
-        e = ours["summary"]["epochs_spent"] / seed["summary"]["epochs_spent"]
-        w = ours["wall"] / seed["wall"]
-        d = (
-            ours["summary"]["stages"]["final"]["test_accuracy"]
-            - seed["summary"]["stages"]["final"]["test_accuracy"]
-        ) * 100
-        print(f"| {name} | babysit / seed | {w:.2f}x | | {e:.2f}x | {d:+.1f} points |", flush=True)
+        if len(ratios) > 1:
+            w, e, d = (sum(col) / len(col) for col in zip(*ratios, strict=True))
+            print(
+                f"| {name} | mean | babysit / seed | {w:.2f}x | | {e:.2f}x | {d:+.1f} points |",
+                flush=True,
+            )
     if out:
         out.write_text(json.dumps(results, indent=2))
 
