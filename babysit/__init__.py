@@ -29,7 +29,7 @@ def __getattr__(name: str) -> object:
 
         return getattr(api, name)
     if name == "load_model":  # a finished run's model.pt, rebuilt into its network
-        from babysit.checkpoint import load_model
+        from babysit.stages.final.checkpoint import load_model
 
         return load_model
     raise AttributeError(f"module 'babysit' has no attribute {name!r}")

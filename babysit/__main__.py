@@ -2,6 +2,6 @@ from __future__ import annotations
 
 import sys
 
-from babysit.cli import main
+from babysit.cli.main import main
 
 sys.exit(main())

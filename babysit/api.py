@@ -20,8 +20,8 @@ import optuna
 from babysit.data import Splits
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
+from babysit.schema import STAGES
 from babysit.spec import Spec
-from babysit.storage import STAGES
 from babysit.storage import Storage
 
 # Spec keys that run() takes under other names, not as **spec fields.
@@ -79,10 +79,10 @@ def run(
     on). Bad input raises :class:`~babysit.errors.UsageError` before anything is stored.
     Rerunning with the same name and storage resumes, exactly as the command does.
     """
-    from babysit.plugins import PYTHON_PREFIX
-    from babysit.protocol import prepare
-    from babysit.protocol import run_protocol
-    from babysit.protocol import summarize
+    from babysit.protocol.prepare import prepare
+    from babysit.protocol.run import run_protocol
+    from babysit.record import stored
+    from babysit.refs import PYTHON_PREFIX
     from babysit.spec import build_spec
     from babysit.spec import default_run_name
 
@@ -128,7 +128,7 @@ def run(
     try:
         return run_protocol(ctx, jobs=jobs)
     except ProtocolError as err:
-        err.summary = summarize(store, built.name)  # type: ignore[attr-defined]
+        err.summary = stored.summary(store, built.name)  # type: ignore[attr-defined]
         raise
     finally:
         close = getattr(ctx.data, "close", None)
@@ -137,7 +137,7 @@ def run(
 
 
 def _model_ref(model: Any) -> str:
-    from babysit.plugins import register_object
+    from babysit.refs import register_object
 
     if isinstance(model, str):
         return model
@@ -150,10 +150,10 @@ def _model_ref(model: Any) -> str:
 
 def _data_ref(data: Any) -> str:
     from babysit.data.streaming import DatasetSplits
-    from babysit.plugins import PYTHON_PREFIX
-    from babysit.plugins import as_splits
-    from babysit.plugins import hold
-    from babysit.plugins import register_object
+    from babysit.data.user import as_splits
+    from babysit.refs import PYTHON_PREFIX
+    from babysit.refs import hold
+    from babysit.refs import register_object
 
     if isinstance(data, str):
         return data
@@ -196,7 +196,7 @@ class Run:
         self.name = name
         self.storage = storage
         self.studies: dict[str, optuna.Study] = {}
-        from babysit.storage import find_study
+        from babysit.record.runs import find_study
 
         for stage in STAGES:
             study = find_study(storage, name, stage)
@@ -213,21 +213,21 @@ class Run:
 
     @property
     def spec(self) -> Spec:
-        from babysit import stored
+        from babysit.record import stored
 
         return stored.stored_spec(self.storage, self.name)
 
     @property
     def summary(self) -> dict[str, Any]:
         """The same dict as ``--summary-json`` (``wall_seconds`` is None: not stored)."""
-        from babysit import stored
+        from babysit.record import stored
 
         return stored.summary(self.storage, self.name)
 
     @property
     def data(self) -> dict[str, Any]:
         """How the data was loaded: loader path, image geometry, skipped files."""
-        from babysit.record import StudyAttrs
+        from babysit.schema import StudyAttrs
 
         sanity = self.studies.get("sanity")
         return dict(StudyAttrs.from_attrs(sanity.user_attrs).data or {}) if sanity else {}
@@ -235,7 +235,7 @@ class Run:
     @property
     def best_params(self) -> dict[str, float] | None:
         """The final training's parameters, else the best search trial's, else None."""
-        from babysit.record import best_of
+        from babysit.schema import best_of
 
         final = self.summary["stages"]["final"]
         if final.get("params"):
@@ -250,7 +250,7 @@ class Run:
     def trials_dataframe(self) -> Any:
         """Every trial of every stage, one row each: the table `babysit export` writes (a
         ``stage`` column, one column per meaning such as ``val_accuracy``, native dtypes)."""
-        from babysit.export import trials_frame
+        from babysit.report.export import trials_frame
 
         return trials_frame(self.storage, self.name)
 
@@ -258,7 +258,7 @@ class Run:
         """The final training's network with its trained weights, on the CPU, in eval mode."""
         import torch
 
-        from babysit.models import build_model
+        from babysit.training.models import build_model
 
         attrs = self.summary["stages"]["final"]
         artifact = attrs.get("model_artifact")

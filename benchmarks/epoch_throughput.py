@@ -35,14 +35,14 @@ from babysit.data import Splits
 from babysit.data.augment import IMAGENET_MEAN
 from babysit.data.augment import IMAGENET_STD
 from babysit.data.augment import build_preprocess
-from babysit.models import AlexNet
+from babysit.data.device import DeviceData
 from babysit.spec import DataSpec
-from babysit.train import DeviceData
-from babysit.train import channels_last_pays
-from babysit.train import configure_device
-from babysit.train import evaluate
-from babysit.train import fit
-from babysit.train import make_optimizer
+from babysit.training.models import AlexNet
+from babysit.training.step import channels_last_pays
+from babysit.training.step import configure_device
+from babysit.training.step import evaluate
+from babysit.training.step import fit
+from babysit.training.step import make_optimizer
 
 
 class _PILImages(Dataset):

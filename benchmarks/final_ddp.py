@@ -5,7 +5,7 @@
     python benchmarks/final_ddp.py --procs 1 2 --device cpu --epochs 4 --small   # gloo
 
 For each process count: a fresh SQLite file and run, then babysit's own final stage
-(``babysit.final.final`` with fixed parameters, as `babysit ablate` mode "final" runs
+(``babysit.stages.final.stage.final`` with fixed parameters, as `babysit ablate` mode "final" runs
 it), the same seed and spec each time, patience off so every count trains the same
 epochs. Printed per count:
 
@@ -41,10 +41,10 @@ SMALL = ["model.fc_width=64", "model.conv_layers=3", "model.fc_layers=1"]
 def one(procs: int, args: argparse.Namespace) -> dict[str, float]:
     import optuna
 
-    from babysit.distributed import launch_final
-    from babysit.final import final
-    from babysit.protocol import prepare
+    from babysit.protocol.prepare import prepare
     from babysit.spec import build_spec
+    from babysit.stages.final.launch import launch_final
+    from babysit.stages.final.stage import final
     from babysit.storage import open_storage
 
     sets = [

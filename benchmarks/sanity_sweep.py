@@ -17,14 +17,14 @@ from pathlib import Path
 
 import torch
 
-from babysit.context import fresh_model
-from babysit.context import seed_for
-from babysit.models import build_model
-from babysit.protocol import prepare
+from babysit.protocol.prepare import prepare
 from babysit.spec import build_spec
-from babysit.stages import _sanity_verdict
-from babysit.stages import read_untrained
+from babysit.stages.context import fresh_model
+from babysit.stages.context import seed_for
+from babysit.stages.sanity import _sanity_verdict
+from babysit.stages.sanity import read_untrained
 from babysit.storage import open_storage
+from babysit.training.models import build_model
 
 
 def main() -> None:

@@ -7,8 +7,8 @@
 
 Each trial is a stand-in that sleeps a fixed time instead of training, so the machine's
 cores do not limit the scaling and what is left is the coordination: every worker runs
-babysit's own search loop (``babysit.coordination.fill``: reclaim, count, ask Optuna for a
-trial) and every trial starts with babysit's claim rule (``babysit.coordination.claim``: count
+babysit's own search loop (``babysit.parallel.coordination.fill``: reclaim, count, ask Optuna for a
+trial) and every trial starts with babysit's claim rule (``babysit.parallel.coordination.claim``: count
 the live trials numbered before it, close itself as surplus past the target), on one
 shared Optuna RDBStorage with heartbeats, as ``babysit worker`` does.
 
@@ -71,8 +71,8 @@ def _worker(
 
     import optuna
 
-    from babysit.coordination import claim
-    from babysit.coordination import fill
+    from babysit.parallel.coordination import claim
+    from babysit.parallel.coordination import fill
     from babysit.storage import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -13,11 +13,11 @@ import pytest
 import torch
 from optuna.trial import TrialState
 
-from babysit.ablate import run_ablation
-from babysit.ablate_config import load_ablation
+from babysit.ablate.config import load_ablation
+from babysit.ablate.run import run_ablation
 from babysit.errors import UsageError
+from babysit.record.runs import run_names
 from babysit.storage import open_storage
-from babysit.storage import run_names
 from tests.conftest import ROOT
 from tests.conftest import babysit
 from tests.conftest import cli_env

@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 import babysit
-from babysit.artifacts import study_spec
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
+from babysit.record.artifacts import study_spec
 from babysit.storage import open_storage
 from tests.conftest import ROOT
 from tests.conftest import babysit as babysit_cli

@@ -480,7 +480,7 @@ def test_narrow_below_chance_is_a_verdict_not_an_index_error() -> None:
 
     from babysit.errors import ProtocolError
     from babysit.spec import CoarseSpec
-    from babysit.stages import narrow
+    from babysit.stages.narrow import narrow
 
     dist = {
         "lr": FloatDistribution(1e-5, 1.0, log=True),
@@ -542,7 +542,7 @@ def test_report_on_degenerate_runs(tmp_path: Path) -> None:
         create_trial(params={"lr": 1e-3, "weight_decay": 1e-4}, distributions=dist, value=0.5)
     )
     study("nospec", "sanity", spec=False)
-    from babysit.report import write_report
+    from babysit.report.document import write_report
     from babysit.storage import open_storage
 
     # In this process (the report's code is the same; a subprocess each costs ~15 s here).
@@ -579,10 +579,10 @@ def test_final_without_any_complete_search_trial_is_a_verdict(tmp_path: Path) ->
 
     from optuna.trial import TrialState
 
-    from babysit.coordination import open_stage
     from babysit.errors import ProtocolError
-    from babysit.final import best_params
     from babysit.spec import Spec
+    from babysit.stages.final.stage import best_params
+    from babysit.stages.study import open_stage
     from babysit.storage import open_storage
 
     ctx = SimpleNamespace(

@@ -13,7 +13,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from babysit.artifacts import study_spec
+from babysit.record.artifacts import study_spec
 from babysit.storage import open_storage
 from tests.conftest import ROOT
 from tests.conftest import TINY
@@ -24,7 +24,7 @@ from tests.conftest import popen
 BROKEN_MODEL = '''
 import torch
 from torch import nn
-from babysit.models import AlexNet
+from babysit.training.models import AlexNet
 
 
 class Loud(nn.Module):
@@ -409,10 +409,10 @@ def test_jobs_share_the_searches_between_processes(tmp_path: Path) -> None:
 def test_an_interrupt_in_a_trial_is_its_stored_reason_and_said_once_on_resume() -> None:
     from types import SimpleNamespace
 
-    from babysit.coordination import claim
-    from babysit.coordination import fill
-    from babysit.interrupts import interrupted_last
-    from babysit.interrupts import say_interrupted
+    from babysit.parallel.coordination import claim
+    from babysit.parallel.coordination import fill
+    from babysit.parallel.interrupts import interrupted_last
+    from babysit.stages.study import say_interrupted
 
     study = optuna.create_study(direction="maximize")
     calls = {"n": 0}

@@ -1,4 +1,4 @@
-"""The Optuna behaviours babysit.coordination relies on, pinned.
+"""The Optuna behaviours babysit.parallel.coordination relies on, pinned.
 
 Each test names one thing coordination reads or expects of Optuna (a private attribute, the
 order it hands out trials, the text of a log line or an error). An Optuna upgrade that
@@ -20,15 +20,15 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from babysit import coordination
-from babysit import samplers
-from babysit.coordination import FINISHED
-from babysit.coordination import claim
-from babysit.coordination import fill
-from babysit.coordination import fixed_trial
-from babysit.coordination import quiet_optuna
-from babysit.coordination import reclaim
-from babysit.coordination import trial_id
+from babysit.parallel import coordination
+from babysit.parallel.coordination import FINISHED
+from babysit.parallel.coordination import claim
+from babysit.parallel.coordination import fill
+from babysit.parallel.coordination import fixed_trial
+from babysit.parallel.coordination import quiet_optuna
+from babysit.parallel.coordination import reclaim
+from babysit.parallel.coordination import trial_id
+from babysit.stages import samplers
 from babysit.storage import open_storage
 
 # Trials asked for outside optimize() on a storage with heartbeats: what these tests do.

@@ -9,9 +9,7 @@ from pathlib import Path
 import optuna
 import pytest
 
-from babysit import models
-from babysit import spec_rules
-from babysit.cli_parser import build_parser
+from babysit.cli.parser import build_parser
 from babysit.data import DataRequest
 from babysit.data import describe_dataset
 from babysit.data import load_dataset
@@ -19,10 +17,12 @@ from babysit.data import registered
 from babysit.errors import UsageError
 from babysit.spec import DataSpec
 from babysit.spec import build_spec
-from babysit.spec_rules import DATASETS
-from babysit.spec_rules import DEVICES
-from babysit.spec_rules import EXPORT_FORMATS
-from babysit.spec_rules import OPTIMIZERS
+from babysit.spec import rules as spec_rules
+from babysit.spec.rules import DATASETS
+from babysit.spec.rules import DEVICES
+from babysit.spec.rules import EXPORT_FORMATS
+from babysit.spec.rules import OPTIMIZERS
+from babysit.training import models
 from tests.conftest import babysit
 from tests.conftest import cli_env
 

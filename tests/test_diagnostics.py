@@ -11,27 +11,27 @@ import optuna
 import pytest
 import torch
 
-from babysit.artifacts import trial_data
-from babysit.diagnostics import DEAD_FRACTION
-from babysit.diagnostics import Monitor
-from babysit.diagnostics import narrowing_warnings
-from babysit.diagnostics import readings
-from babysit.diagnostics import record_diagnostics
-from babysit.diagnostics import trial_readings
-from babysit.final import final
-from babysit.lr_range import lr_range_test
-from babysit.lr_range import propose_coarse_lr
-from babysit.models import AlexNet
-from babysit.plots import first_layer_filters
-from babysit.plots import lr_range_figure
-from babysit.plots import png
-from babysit.protocol import prepare
-from babysit.search import search
+from babysit.data.device import DeviceData
+from babysit.protocol.prepare import prepare
+from babysit.record.artifacts import trial_data
+from babysit.record.stored import narrowing_warnings
+from babysit.record.stored import trial_readings
+from babysit.report.plots import first_layer_filters
+from babysit.report.plots import lr_range_figure
+from babysit.report.plots import png
 from babysit.spec import build_spec
+from babysit.stages.final.stage import final
+from babysit.stages.lr_range import lr_range_test
+from babysit.stages.lr_range import propose_coarse_lr
+from babysit.stages.search import search
 from babysit.storage import open_storage
-from babysit.train import DeviceData
-from babysit.train import fit
-from babysit.train import make_optimizer
+from babysit.training.diagnostics import DEAD_FRACTION
+from babysit.training.diagnostics import Monitor
+from babysit.training.diagnostics import readings
+from babysit.training.diagnostics import record_diagnostics
+from babysit.training.models import AlexNet
+from babysit.training.step import fit
+from babysit.training.step import make_optimizer
 
 PNG = b"\x89PNG\r\n\x1a\n"
 # A small AlexNet that learns digits within a few epochs: three convs, a 64-wide head.

@@ -22,12 +22,12 @@ from conftest import wait_for
 from optuna.trial import TrialState
 
 import babysit as babysit_api
-from babysit.artifacts import trial_curves
-from babysit.checkpoint import checkpoint_due
-from babysit.distributed import check_procs
-from babysit.distributed import helper_env
 from babysit.errors import UsageError
+from babysit.record.artifacts import trial_curves
 from babysit.spec import build_spec
+from babysit.stages.final.checkpoint import checkpoint_due
+from babysit.stages.final.launch import check_procs
+from babysit.stages.final.launch import helper_env
 from babysit.storage import open_storage
 
 # Real processes and whole runs: `make test-slow` (CI runs it after `make test`).
@@ -188,11 +188,11 @@ def test_plateau_stops_the_final_and_the_best_epoch_is_tested(tmp_path: Path) ->
     """Patience 1 over a 20-epoch budget: the final stops at the first epoch that does not
     improve (epoch 7 of 20 when measured); the stored model is the best epoch's (its val
     accuracy is the best of the curve, not the last)."""
-    from babysit.final import final
-    from babysit.models import build_model
-    from babysit.protocol import prepare
-    from babysit.protocol import summarize
-    from babysit.train import evaluate
+    from babysit.protocol.prepare import prepare
+    from babysit.record import stored
+    from babysit.stages.final.stage import final
+    from babysit.training.models import build_model
+    from babysit.training.step import evaluate
 
     url = f"sqlite:///{tmp_path / 'p.db'}"
     spec = build_spec(
@@ -243,7 +243,7 @@ def test_plateau_stops_the_final_and_the_best_epoch_is_tested(tmp_path: Path) ->
         "model.json",
         "model.pt",
     ]
-    summary = summarize(storage, "p")
+    summary = stored.summary(storage, "p")
     assert summary["stages"]["final"]["best_epoch"] == v["best_epoch"]
     assert summary["stages"]["final"]["epochs_saved"] == v["epochs_saved"]
 
@@ -309,7 +309,7 @@ def test_jobs_helpers_spread_round_robin_over_visible_gpus(
 
     # `--jobs 4` on a (simulated) 4-GPU host: the helpers really started by _spawn_workers
     # (a stand-in interpreter that writes down what it was given) get devices 1, 2, 3.
-    from babysit.protocol import _spawn_workers
+    from babysit.protocol.helpers import _spawn_workers
 
     seen = tmp_path / "seen"
     seen.mkdir()

@@ -134,11 +134,11 @@ def test_the_graph_sees_the_imports_it_should() -> None:
     # inside a function, one from a package's submodule. Were it blind, no circle would
     # ever show.
     top, every = import_graphs()
-    assert "babysit.errors" in top["babysit.spec"]
-    assert "babysit.storage" in top["babysit.diagnostics"]
-    assert "babysit.plugins" in every["babysit.models"]
-    assert "babysit.plugins" not in top["babysit.models"]
-    assert "babysit.data.download" in top["babysit.data.fddb_download"]
+    assert "babysit.errors" in top["babysit.spec.fields"]
+    assert "babysit.storage" in top["babysit.record.stored"]
+    assert "babysit.training.user_model" in every["babysit.training.models"]
+    assert "babysit.training.user_model" not in top["babysit.training.models"]
+    assert "babysit.data.download" in top["babysit.data.fddb.download"]
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert cycles({"a": {"b"}, "b": set()}) == []
 
@@ -155,4 +155,4 @@ def test_no_import_circles() -> None:
 def test_data_and_plugins_do_not_import_each_other() -> None:
     _, every = import_graphs()
     circles = cycles(every)
-    assert not any("babysit.plugins" in c and "babysit.data" in c for c in circles), circles
+    assert not any("babysit.refs" in c and "babysit.data" in c for c in circles), circles

@@ -13,9 +13,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from babysit.learned import edges
-from babysit.learned import user_set_lr
 from babysit.spec import build_spec
+from babysit.stages.learned import edges
+from babysit.stages.learned import user_set_lr
 from tests.conftest import CHEAP
 from tests.conftest import ROOT
 from tests.conftest import TINY

@@ -32,7 +32,8 @@ def test_a_note_is_written_without_importing_the_dashboard_app() -> None:
     # scikit-learn; a stage's note needs none of it, and the dashboard reads it back.
     code = """
 import sys, optuna
-from babysit.notes import get_note, save_note
+from babysit.record.notes import get_note
+from babysit.record.notes import save_note
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 study = optuna.create_study()
 trial = study.ask()

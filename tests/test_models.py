@@ -9,15 +9,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from babysit.errors import UsageError
-from babysit.models import AlexNet
-from babysit.models import build_model
-from babysit.models import input_size
-from babysit.protocol import prepare
+from babysit.protocol.prepare import prepare
 from babysit.spec import ModelSpec
 from babysit.spec import build_spec
-from babysit.stages import sanity
+from babysit.stages.sanity import sanity
 from babysit.storage import open_storage
-from babysit.train import loss_fn
+from babysit.training.models import AlexNet
+from babysit.training.models import build_model
+from babysit.training.models import input_size
+from babysit.training.step import loss_fn
 
 
 @pytest.fixture(autouse=True)

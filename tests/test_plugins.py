@@ -10,15 +10,15 @@ import optuna
 import pytest
 import torch
 
-from babysit.artifacts import study_spec
 from babysit.data import DataError
 from babysit.data import DataRequest
 from babysit.data.streaming import DatasetSplits
+from babysit.data.user import load_user_dataset
 from babysit.errors import UsageError
-from babysit.plugins import build_user_model
-from babysit.plugins import load_user_dataset
+from babysit.record.artifacts import study_spec
 from babysit.spec import DataSpec
 from babysit.storage import open_storage
+from babysit.training.user_model import build_user_model
 from tests.conftest import babysit
 from tests.conftest import cli_env
 from tests.conftest import popen

@@ -23,7 +23,7 @@ from conftest import wait_for as _wait_for
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
-from babysit.coordination import reclaim
+from babysit.parallel.coordination import reclaim
 from babysit.storage import StorageLost
 from babysit.storage import open_storage
 

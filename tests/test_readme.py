@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from babysit.learned import ANCHOR_RULE
-from babysit.samplers import HALVING_RULE
-from babysit.stages import NARROW_RULE
+from babysit.stages.learned import ANCHOR_RULE
+from babysit.stages.narrow import NARROW_RULE
+from babysit.stages.samplers import HALVING_RULE
 from tests.conftest import ROOT
 
 
@@ -36,7 +36,7 @@ def test_the_stored_narrowing_rule_is_the_template_filled_in() -> None:
     from optuna.trial import create_trial
 
     from babysit.spec import CoarseSpec
-    from babysit.stages import narrow
+    from babysit.stages.narrow import narrow
 
     dist = {
         "lr": FloatDistribution(1e-5, 1.0, log=True),

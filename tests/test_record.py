@@ -20,26 +20,26 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from optuna.trial import create_trial
 
-from babysit import record
-from babysit import stored
-from babysit.artifacts import oversized_attrs
-from babysit.artifacts import spec_artifact
-from babysit.artifacts import store_spec
-from babysit.artifacts import store_trial_data
-from babysit.artifacts import study_spec
-from babysit.artifacts import trial_curves
-from babysit.artifacts import trial_data
+from babysit import schema
 from babysit.errors import UsageError
-from babysit.export import curves_frame
-from babysit.export import trials_frame
-from babysit.record import Param
-from babysit.record import StudyAttrs
-from babysit.record import StudyKey
-from babysit.record import TrialAttrs
-from babysit.record import TrialKey
+from babysit.record import stored
+from babysit.record.artifacts import oversized_attrs
+from babysit.record.artifacts import spec_artifact
+from babysit.record.artifacts import store_spec
+from babysit.record.artifacts import store_trial_data
+from babysit.record.artifacts import study_spec
+from babysit.record.artifacts import trial_curves
+from babysit.record.artifacts import trial_data
+from babysit.report.export import curves_frame
+from babysit.report.export import trials_frame
+from babysit.report.status import status_lines
+from babysit.report.status import statuses
+from babysit.schema import Param
+from babysit.schema import StudyAttrs
+from babysit.schema import StudyKey
+from babysit.schema import TrialAttrs
+from babysit.schema import TrialKey
 from babysit.spec import Spec
-from babysit.status import status_lines
-from babysit.status import statuses
 from babysit.storage import open_storage
 from tests.conftest import TINY
 from tests.conftest import babysit
@@ -67,7 +67,7 @@ def test_trial_attrs_round_trip_and_unknown_keys_are_kept() -> None:
         "some_future_key": [1, 2],
     }
     attrs = TrialAttrs.from_attrs(stored)
-    assert attrs.reason == record.Reason.DIVERGED and attrs.examples == 256
+    assert attrs.reason == schema.Reason.DIVERGED and attrs.examples == 256
     assert attrs.extra == {"some_future_key": [1, 2]}
     assert attrs.to_attrs() == stored
     again = TrialAttrs(worker="host:1", seconds=1.5, readings=["LR too high"])
@@ -118,7 +118,7 @@ def test_counts_best_and_timing() -> None:
         # Today's diverged trial: COMPLETE at a value given, never a result.
         _trial(6, TrialState.COMPLETE, 0.9, 8, 9, reason="diverged"),
     ]
-    assert record.counts(trials) == {
+    assert schema.counts(trials) == {
         "finished": 5,
         "complete": 3,
         "pruned": 2,
@@ -126,11 +126,11 @@ def test_counts_best_and_timing() -> None:
         "failed": 0,
         "running": 1,
     }
-    assert [t.number for t in record.scored(trials)] == [0, 1, 2]
-    assert record.best_trial(trials).number == 1  # the earlier of two equal values
-    assert record.best_of(trials)["params"]["lr"] == pytest.approx(0.02)
-    assert record.examples(trials) == 310
-    busy, wall = record.timing(trials, now=T0 + datetime.timedelta(seconds=40))
+    assert [t.number for t in schema.scored(trials)] == [0, 1, 2]
+    assert schema.best_trial(trials).number == 1  # the earlier of two equal values
+    assert schema.best_of(trials)["params"]["lr"] == pytest.approx(0.02)
+    assert schema.examples(trials) == 310
+    busy, wall = schema.timing(trials, now=T0 + datetime.timedelta(seconds=40))
     assert wall == pytest.approx(40.0)
     assert busy == pytest.approx(10 + 10 + 17 + 2 + 2 + 10 + 1)
 
@@ -259,7 +259,7 @@ def test_curves_and_spec_are_artifacts_named_by_small_attrs(tmp_path: Path) -> N
     study.tell(trial, 0.5)
     [t] = study.get_trials()
     assert oversized_attrs(t.user_attrs) == {} and oversized_attrs(study.user_attrs) == {}
-    assert record.trial_attrs(t).curves is None and len(t.user_attrs["data"]) == 36
+    assert schema.trial_attrs(t).curves is None and len(t.user_attrs["data"]) == 36
     data = trial_data(storage, t)
     assert data.readings == readings and data.curves["val_acc"] == curves["val_acc"]
     assert data.diagnostics == [{"epoch": 1}]
@@ -297,7 +297,14 @@ def test_old_run_exports_with_one_column_per_meaning(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "module", ["babysit.cli", "babysit.record", "babysit.status", "babysit.export"]
+    "module",
+    [
+        "babysit.cli",
+        "babysit.schema",
+        "babysit.record.stored",
+        "babysit.report.status",
+        "babysit.report.export",
+    ],
 )
 def test_reading_modules_do_not_import_torch(module: str) -> None:
     heavy = ("torch", "matplotlib", "pandas", "optuna.visualization")
@@ -334,8 +341,8 @@ def test_a_run_stored_today_reads_back_through_record(tmp_path: Path) -> None:
     stages = stored.load_run(storage, "today")
     metric = {"sanity": "initial_loss", "overfit": "train_accuracy"}
     for rec in stages.values():
-        for t in rec.trials:  # every stored key is one record.py knows, none over 1 kB
-            assert record.trial_attrs(t).extra == {}, (rec.stage, t.user_attrs.keys())
+        for t in rec.trials:  # every stored key is one schema.py knows, none over 1 kB
+            assert schema.trial_attrs(t).extra == {}, (rec.stage, t.user_attrs.keys())
             assert oversized_attrs(t.user_attrs) == {}, (rec.stage, t.number)
         assert rec.attrs.extra == {}, (rec.stage, rec.study.user_attrs.keys())
         assert rec.attrs.to_attrs() == rec.study.user_attrs

@@ -274,8 +274,8 @@ def test_proxy_heartbeat_marks_a_silent_trial_stale(tmp_path: Path) -> None:
     """Through a real proxy (Optuna's server in a thread, on SQLite): a trial with a fresh
     stamp is live, one whose stamp is older than the grace period is stale, one that never
     had a stamp is never stale (as with Optuna's RDB heartbeat)."""
-    from babysit.remote import HeartbeatGrpcProxy
-    from babysit.remote import serve_proxy
+    from babysit.storage.remote import HeartbeatGrpcProxy
+    from babysit.storage.remote import serve_proxy
 
     backend = open_storage(f"sqlite:///{tmp_path / 'hb.db'}").rdb
     port = _free_port()
@@ -302,9 +302,9 @@ def test_proxy_heartbeat_marks_a_silent_trial_stale(tmp_path: Path) -> None:
 def test_a_client_rides_out_a_proxy_that_is_down_then_gives_up_plainly(tmp_path: Path) -> None:
     """A call made while no proxy listens retries; a proxy that comes up meanwhile answers
     it. One that stays down past the reconnect window is StorageLost, not a gRPC trace."""
-    from babysit.remote import HeartbeatGrpcProxy
-    from babysit.remote import serve_proxy
     from babysit.storage import StorageLost
+    from babysit.storage.remote import HeartbeatGrpcProxy
+    from babysit.storage.remote import serve_proxy
 
     port = _free_port()
     gone = HeartbeatGrpcProxy(host="127.0.0.1", port=port, heartbeat=1, grace=3, reconnect=1)

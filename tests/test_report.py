@@ -19,7 +19,7 @@ import pytest
 from optuna_dashboard import get_note
 from optuna_dashboard import save_note
 
-from babysit.artifacts import trial_curves
+from babysit.record.artifacts import trial_curves
 from babysit.storage import open_storage
 from tests.conftest import TINY
 from tests.conftest import babysit

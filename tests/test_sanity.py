@@ -15,23 +15,23 @@ from pathlib import Path
 import pytest
 import torch
 
-from babysit.context import fresh_model
-from babysit.context import seed_for
 from babysit.data import DataError
 from babysit.data import DataRequest
-from babysit.models import HEAD_LOGIT_STD
-from babysit.models import AlexNet
-from babysit.models import calibrate_head
-from babysit.models import fit_head_to_data
-from babysit.models import logit_spread
-from babysit.plugins import load_user_dataset
-from babysit.protocol import prepare
+from babysit.data.user import load_user_dataset
+from babysit.protocol.prepare import prepare
 from babysit.spec import DataSpec
 from babysit.spec import build_spec
-from babysit.stages import _sanity_verdict
-from babysit.stages import read_untrained
-from babysit.stages import sanity
+from babysit.stages.context import fresh_model
+from babysit.stages.context import seed_for
+from babysit.stages.sanity import _sanity_verdict
+from babysit.stages.sanity import read_untrained
+from babysit.stages.sanity import sanity
 from babysit.storage import open_storage
+from babysit.training.models import HEAD_LOGIT_STD
+from babysit.training.models import AlexNet
+from babysit.training.models import calibrate_head
+from babysit.training.models import fit_head_to_data
+from babysit.training.models import logit_spread
 from tests.conftest import ROOT
 from tests.conftest import babysit
 from tests.conftest import cli_env
@@ -310,7 +310,7 @@ def test_a_healthy_user_model_is_not_touched_and_passes(user_models: Path) -> No
 
 
 def test_penalty_that_reaches_no_parameter_fails() -> None:
-    from babysit.stages import sanity_readings
+    from babysit.stages.sanity import sanity_readings
 
     logits = torch.zeros(8, 3)
     status, verdict = _sanity_verdict(
@@ -329,7 +329,7 @@ def test_penalty_that_reaches_no_parameter_fails() -> None:
 
 @pytest.mark.parametrize("classes", [2, 1000])
 def test_the_tolerance_means_the_same_for_2_classes_as_for_1000(classes: int) -> None:
-    from babysit.stages import sanity_readings
+    from babysit.stages.sanity import sanity_readings
 
     torch.manual_seed(0)
     expected = math.log(classes)

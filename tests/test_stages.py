@@ -9,14 +9,14 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from optuna.trial import create_trial
 
-from babysit.artifacts import oversized_attrs
-from babysit.artifacts import read_json
 from babysit.errors import ProtocolError
-from babysit.protocol import prepare
-from babysit.search import search
+from babysit.protocol.prepare import prepare
+from babysit.record.artifacts import oversized_attrs
+from babysit.record.artifacts import read_json
 from babysit.spec import CoarseSpec
 from babysit.spec import build_spec
-from babysit.stages import narrow
+from babysit.stages.narrow import narrow
+from babysit.stages.search import search
 from babysit.storage import open_storage
 
 DIST = {
@@ -140,8 +140,8 @@ def test_narrow_ignores_trials_at_chance_level() -> None:
 def test_lr_range_test_sets_the_coarse_range(tmp_path: Path, monkeypatch) -> None:  # noqa: ANN001
     import functools
 
-    from babysit import lr_range
-    from babysit.protocol import _coarse_ranges
+    from babysit.stages import lr_range
+    from babysit.stages.learned import _coarse_ranges
 
     # A short test (80 steps) is enough to see the curve turn; the default is 300.
     monkeypatch.setattr(

@@ -31,7 +31,7 @@ from pgcut import deletes_study
 from pgcut import updates_state
 from sqlalchemy.engine import make_url
 
-from babysit.coordination import reclaim
+from babysit.parallel.coordination import reclaim
 from babysit.storage import StorageLost
 from babysit.storage import open_storage
 

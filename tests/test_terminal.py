@@ -14,14 +14,14 @@ from pathlib import Path
 import optuna
 import pytest
 
-from babysit.cli import main
+from babysit.cli.main import main
+from babysit.cli.print_config import _comments
+from babysit.cli.verbs import VERBS
 from babysit.spec import SanitySpec
 from babysit.spec import build_spec
-from babysit.spec_view import _comments
 from babysit.terminal import Progress
 from babysit.terminal import install_warning_format
 from babysit.terminal import plural
-from babysit.verbs import VERBS
 from tests.conftest import CHEAP
 from tests.conftest import TINY
 from tests.conftest import babysit
@@ -66,7 +66,7 @@ def test_each_verb_help_has_its_description_and_examples(
 
 def test_every_example_parses(capsys: pytest.CaptureFixture[str]) -> None:
     """An example that argparse would refuse is worse than none."""
-    from babysit.cli_parser import build_parser
+    from babysit.cli.parser import build_parser
 
     parser = build_parser()
     parsed = 0
@@ -151,7 +151,7 @@ def test_print_config_with_a_bad_value_is_still_one_line_and_exit_2(tmp_path: Pa
 WARNING_MODEL = """
 import warnings
 
-from babysit.models import AlexNet
+from babysit.training.models import AlexNet
 
 warnings.warn("warnnet: this network is experimental,\\n  expect changes")
 
@@ -235,7 +235,7 @@ def test_progress_without_a_tty_is_one_plain_line_per_step() -> None:
 def test_a_resumed_stage_starts_counting_from_its_stored_trials() -> None:
     """fill() reports the finished trials a previous run stored before it runs one, so the
     display starts there: one line for them, then one per new trial."""
-    from babysit.coordination import fill
+    from babysit.parallel.coordination import fill
 
     study = optuna.create_study(direction="maximize")
     dist = {"x": optuna.distributions.FloatDistribution(0, 1)}

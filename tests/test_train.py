@@ -8,19 +8,19 @@ import torch
 
 from babysit.data import Splits
 from babysit.data.augment import build_preprocess
+from babysit.data.device import DeviceData
 from babysit.errors import UsageError
-from babysit.models import AlexNet
-from babysit.protocol import prepare
+from babysit.protocol.prepare import prepare
 from babysit.spec import DataSpec
 from babysit.spec import build_spec
 from babysit.storage import open_storage
-from babysit.train import DeviceData
-from babysit.train import autocast
-from babysit.train import device_for
-from babysit.train import evaluate
-from babysit.train import expected_initial_loss
-from babysit.train import fit
-from babysit.train import make_optimizer
+from babysit.training.models import AlexNet
+from babysit.training.step import autocast
+from babysit.training.step import device_for
+from babysit.training.step import evaluate
+from babysit.training.step import expected_initial_loss
+from babysit.training.step import fit
+from babysit.training.step import make_optimizer
 
 
 def _data(n: int = 96, side: int = 8) -> DeviceData:

@@ -17,10 +17,10 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 
 from babysit.errors import UsageError
+from babysit.record.transfer import copy_run
+from babysit.record.transfer import relink
 from babysit.storage import Storage
 from babysit.storage import open_storage
-from babysit.transfer import copy_run
-from babysit.transfer import relink
 
 PASSWORD = "Pg-s3cret-pw"
 
@@ -369,7 +369,7 @@ def test_copy_moves_a_model_file_and_its_json_into_the_run_folder(tmp_path: Path
             tmp_path / "src-art" / "r" / name
         ).read_bytes()
     # The copy's summary points at the copy's file, not at the path stored where it trained.
-    from babysit.model_file import model_path
+    from babysit.record.model_file import model_path
 
     assert model_path(dst, "r/model.pt", str(tmp_path / "src-art" / "r" / "model.pt")) == str(
         (tmp_path / "dst-art" / "r" / "model.pt").resolve()

@@ -23,7 +23,7 @@ from conftest import cli_env
 from conftest import wait_for as _wait_for
 from optuna.trial import TrialState
 
-from babysit.artifacts import trial_curves
+from babysit.record.artifacts import trial_curves
 from babysit.storage import open_storage
 
 # Real processes and whole runs: `make test-slow` (CI runs it after `make test`).

@@ -65,7 +65,7 @@ def load_dataset(name: str, request: DataRequest) -> Splits | DatasetSplits:
     (a ``module:callable`` may return Datasets, streamed rather than preloaded)."""
     _load_builtins()
     if ":" in name:
-        from babysit.plugins import load_user_dataset
+        from babysit.data.user import load_user_dataset
 
         splits = load_user_dataset(name, request)
     elif name in _REGISTRY:

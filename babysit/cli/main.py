@@ -1,0 +1,409 @@
+"""The command line: verbs that parse flags and call the library; no logic of their own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+
+from babysit.cli.parser import build_parser
+from babysit.cli.rejected import nothing_left_if_rejected
+from babysit.errors import INTERRUPTED
+from babysit.errors import BabysitError
+from babysit.errors import UsageError
+from babysit.terminal import install_warning_format
+from babysit.terminal import plural
+
+if TYPE_CHECKING:
+    from babysit.spec import Spec
+
+
+def _open(args: argparse.Namespace, create: bool = True):  # noqa: ANN202
+    from babysit.storage import open_storage
+
+    return open_storage(
+        args.storage,
+        args.artifact_dir,
+        heartbeat=args.heartbeat,
+        grace=args.grace,
+        create=create,
+        artifact_store=args.artifact_store,
+    )
+
+
+def _spec_of(args: argparse.Namespace) -> tuple[dict[str, Any], Spec]:
+    """The spec `run` and `check` resolve from TOML, --set and flags, and those flags."""
+    from babysit.spec import build_spec
+
+    flags: dict[str, Any] = {
+        "name": args.name,
+        "dataset": args.dataset,
+        "model": args.model,
+        "optimizer": args.optimizer,
+        "seed": args.seed,
+    }
+    return flags, build_spec(args.config, args.sets, flags)
+
+
+def _prepare(args: argparse.Namespace, spec: Spec, **extra: Any) -> Any:
+    """The run's Context from the flags `run` and `check` share (``extra``: run's own)."""
+    from babysit.protocol.prepare import prepare
+
+    return prepare(
+        spec,
+        _open(args),
+        device=args.device,
+        data_dir=args.data_dir,
+        download=args.download,
+        force=args.force,
+        quiet=args.quiet,
+        **extra,
+    )
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    # The spec is checked before torch and optuna are imported: a bad input costs no wait.
+    flags, spec = _spec_of(args)
+    if args.print_config:
+        return _print_config(args, flags, spec)
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    from babysit.protocol.run import run_protocol
+
+    with nothing_left_if_rejected(args.storage):
+        ctx = _prepare(args, spec, compile=args.compile, final_procs=args.final_procs)
+    storage = ctx.storage
+    summary = None
+    code = 0
+    try:
+        summary = run_protocol(ctx, jobs=args.jobs)
+    except BabysitError as err:
+        code = err.exit_code
+        print(f"babysit: {err}", file=sys.stderr)
+    finally:
+        if args.summary_json is not None:
+            from babysit.record import stored
+
+            if summary is None:
+                summary = stored.summary(storage, spec.name)
+            args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+            args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    if code == 0 and summary is not None:
+        _closing_lines(summary, storage)
+    return code
+
+
+def _print_config(args: argparse.Namespace, flags: dict[str, Any], spec: Any) -> int:
+    from babysit.cli.print_config import spec_lines
+
+    print("\n".join(spec_lines(spec, args.config, args.sets, flags)))
+    return 0
+
+
+def _cmd_check(args: argparse.Namespace) -> int:
+    """Sanity and overfit only, stored as the run's first two stages."""
+    from babysit.protocol.run import run_check
+    from babysit.record import stored
+
+    flags, spec = _spec_of(args)
+    if args.print_config:
+        return _print_config(args, flags, spec)
+    with nothing_left_if_rejected(args.storage):
+        ctx = _prepare(args, spec)
+    storage = ctx.storage
+    summary = None
+    code = 0
+    try:
+        summary = run_check(ctx)
+    except BabysitError as err:
+        code = err.exit_code
+        print(f"babysit: {err}", file=sys.stderr)
+    finally:
+        if summary is None:
+            try:
+                summary = stored.summary(storage, spec.name)
+            except BabysitError:
+                pass  # the error above has been said; there is nothing more to write
+        if args.summary_json is not None and summary is not None:
+            args.summary_json.parent.mkdir(parents=True, exist_ok=True)
+            args.summary_json.write_text(json.dumps(summary, indent=2) + "\n")
+    if (
+        code == 0
+        and summary is not None
+        and any(summary["stages"][s]["status"] != "passed" for s in ("sanity", "overfit"))
+    ):
+        code = 1  # --force ran on past a failure; the check still failed
+    if code == 0:
+        print(
+            f"check passed: sanity and overfit; `babysit run --name {spec.name}` with the "
+            "same flags goes on from the coarse search",
+            file=sys.stderr,
+        )
+    return code
+
+
+def _closing_lines(summary: dict[str, Any], storage: Any) -> None:
+    final = summary["stages"]["final"]
+    out = sys.stderr
+    if final["status"] == "passed":
+        params = ", ".join(f"{k}={v:.3g}" for k, v in final["params"].items())
+        print(f"chosen: {params}", file=out)
+        # The test accuracy is the run's result; validation (which chose the epoch) beside it.
+        val = final.get("val_accuracy")
+        beside = f" (val {val:.4f})" if val is not None else ""
+        print(
+            f"test accuracy {final['test_accuracy']:.4f}{beside}, test loss "
+            f"{final['test_loss']:.4f} after {plural(final['epochs'], 'epoch', 'epochs')}; "
+            f"{summary['epochs_spent']:.1f} epochs spent in all stages",
+            file=out,
+        )
+        if final.get("model_path"):
+            print(
+                f"model: {final['model_path']} (babysit.load_model(PATH) rebuilds the network)",
+                file=out,
+            )
+    url = storage.shown
+    flag = "" if url == "sqlite:///babysit.db" else f" --storage '{url}'"
+    print(
+        f"storage: {url}; studies {summary['name']}/<stage>; dashboard: babysit dashboard{flag}",
+        file=out,
+    )
+
+
+def _cmd_worker(args: argparse.Namespace) -> int:
+    from babysit.protocol.prepare import prepare
+    from babysit.protocol.run import run_protocol
+    from babysit.record.stored import stored_spec
+
+    storage = _open(args, create=False)
+    spec = stored_spec(storage, args.name)
+    ctx = prepare(
+        spec,
+        storage,
+        device=args.device,
+        data_dir=args.data_dir,
+        quiet=args.quiet,
+        owner=False,
+        compile=args.compile,
+        final_procs=args.final_procs,
+    )
+    try:
+        run_protocol(ctx)
+    except BabysitError as err:
+        print(f"babysit: {err}", file=sys.stderr)
+        return err.exit_code
+    return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    # babysit.status reads storage without torch: it answers in well under a second.
+    from babysit.report.status import status_lines
+    from babysit.report.status import statuses
+
+    storage = _open(args, create=False)
+    summaries = statuses(storage, args.name)
+    if args.json:
+        print(json.dumps(summaries[0] if args.name else summaries, indent=2))
+        return 0
+    if not summaries:
+        print(f"no runs in {storage.shown}; start one with `babysit run`")
+        return 0
+    for s in summaries:
+        print("\n".join(status_lines(s)))
+    return 0
+
+
+def _cmd_datasets(args: argparse.Namespace) -> int:
+    from babysit.data import default_data_dir
+    from babysit.data import describe_dataset
+    from babysit.data import registered
+
+    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
+    # The sizes are those a run with the default spec stores: each dataset is loaded as a
+    # run loads it (see describe_dataset).
+    rows = [describe_dataset(name, data_dir) for name in sorted(registered())]
+    if args.json:
+        print(json.dumps(rows, indent=2, default=str))
+        return 0
+    for r in rows:
+        if r["sizes"] is None:
+            print(f"{r['name']:<12} {r['missing']}")
+        else:
+            split = "/".join(str(r["sizes"][k]) for k in ("train", "val", "test"))
+            print(f"{r['name']:<12} present  {r['image']:<9} train/val/test {split}")
+        print(f"{'':<12} {r['summary']}; looks in {r.get('where')}")
+    return 0
+
+
+def _cmd_dashboard(args: argparse.Namespace) -> int:
+    from babysit.cli.dashboard import serve
+
+    return serve(_open(args, create=False), host=args.host, port=args.port, quiet=args.quiet)
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from babysit.report.document import write_report
+
+    out = args.out or Path(f"report-{args.name.replace('/', '-')}")
+    html, md = write_report(_open(args, create=False), args.name, out)
+    print(f"report: {html} (and {md.name})", file=sys.stderr)
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    # babysit.export, not babysit.report: no torch, no matplotlib, pandas only here.
+    from babysit.report.export import export_trials
+
+    out = args.out or Path(f"{args.name.replace('/', '-')}-trials.{args.format}")
+    curves = args.curves
+    if curves is True:
+        curves = out.with_name(f"{out.stem.removesuffix('-trials')}-curves{out.suffix}")
+    path, rows = export_trials(
+        _open(args, create=False), args.name, args.format, out, curves=curves
+    )
+    print(f"exported {plural(rows, 'trial')} to {path}", file=sys.stderr)
+    if curves is not None:
+        print(f"exported the curves to {curves}", file=sys.stderr)
+    return 0
+
+
+def _cmd_copy(args: argparse.Namespace) -> int:
+    from babysit.record.transfer import copy_run
+    from babysit.storage import open_storage
+
+    src = open_storage(args.src, args.from_artifact_dir, create=False)
+    dst = open_storage(args.dst, args.to_artifact_dir)
+    copied = copy_run(src, dst, args.name)
+    print(
+        f"copied run {args.name}: {plural(copied['studies'], 'study', 'studies')}, "
+        f"{plural(copied['trials'], 'trial')}, {plural(copied['artifacts'], 'artifact')} "
+        f"from {src.shown} to {dst.shown}",
+        file=sys.stderr,
+    )
+    if copied["interrupted"]:
+        print(
+            f"warning: {plural(copied['interrupted'], 'trial')} "
+            f"{'was' if copied['interrupted'] == 1 else 'were'} RUNNING at the source: FAIL "
+            "in the copy, and the stages will be topped up",
+            file=sys.stderr,
+        )
+    if copied["missing"]:
+        print(
+            f"warning: {plural(len(copied['missing']), 'artifact')} "
+            f"{'was' if len(copied['missing']) == 1 else 'were'} not found in "
+            f"{src.artifact_dir} (pass --from-artifact-dir); without the final checkpoint "
+            "the final training starts over",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def _cmd_storage_proxy(args: argparse.Namespace) -> int:
+    from babysit.storage import open_storage
+    from babysit.storage import resolve_url
+    from babysit.storage.remote import serve_proxy
+
+    if resolve_url(args.storage).startswith("grpc://"):
+        raise UsageError(
+            "--storage of a storage proxy is the database itself (sqlite:/// or "
+            "postgresql+psycopg://), not another proxy"
+        )
+    if args.threads < 1:
+        raise UsageError("--threads must be at least 1")
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"babysit: warning: the storage proxy listens on {args.host}, reachable from "
+            "other machines, without login or encryption; keep it on a private network",
+            file=sys.stderr,
+            flush=True,
+        )
+    # The proxy comes first in a new deployment, so it creates an SQLite file if need be.
+    storage = open_storage(args.storage)
+    return serve_proxy(storage.rdb, args.host, args.port, storage.shown, threads=args.threads)
+
+
+def _cmd_ablate(args: argparse.Namespace) -> int:
+    from babysit.ablate.run import run_ablation
+
+    return run_ablation(
+        args.config,
+        _open(args),
+        sets=args.sets,
+        device=args.device,
+        data_dir=args.data_dir,
+        out=args.out,
+        quiet=args.quiet,
+    )
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "check": _cmd_check,
+    "worker": _cmd_worker,
+    "status": _cmd_status,
+    "datasets": _cmd_datasets,
+    "dashboard": _cmd_dashboard,
+    "report": _cmd_report,
+    "export": _cmd_export,
+    "copy": _cmd_copy,
+    "ablate": _cmd_ablate,
+    "storage-proxy": _cmd_storage_proxy,
+}
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    INTERRUPTED.set()
+    raise KeyboardInterrupt
+
+
+def _storage_refusal(err: BaseException) -> BabysitError | None:
+    if "babysit.storage" not in sys.modules:
+        return None  # no storage was opened
+    from babysit.storage import storage_refusal
+
+    return storage_refusal(err)
+
+
+def main(argv: list[str] | None = None) -> int:
+    # SIGTERM (docker stop, a scheduler) stops like Ctrl-C: the running trial is marked.
+    # SIGINT is set explicitly: a shell without job control starts background commands
+    # with it ignored, and an interrupt must still stop a run cleanly.
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
+    install_warning_format()
+    from babysit.parallel.coordination import quiet_optuna
+
+    quiet_optuna()  # Optuna's logging and warnings, set once for every command
+    try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.command is None:  # bare `babysit`: the verbs, as `pip` with no arguments
+            parser.print_help()
+            return 0
+        return COMMANDS[args.command](args)
+    except BabysitError as err:
+        print(f"babysit: {err}", file=sys.stderr)
+        return err.exit_code
+    except Exception as err:
+        # A refusal raised outside the retrying storage (Optuna's own calls, report code
+        # reading the database) is still one line; anything else keeps its traceback.
+        refusal = _storage_refusal(err)
+        if refusal is None:
+            raise
+        print(f"babysit: {refusal}", file=sys.stderr)
+        return refusal.exit_code
+    except KeyboardInterrupt:
+        print(
+            "babysit: interrupted; the running trial is marked FAIL and the study is intact. "
+            "Rerun the same command to carry on.",
+            file=sys.stderr,
+        )
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""Trials across processes: exactly N finished trials per stage, however many processes fill it.
+
+Every process that can reach the storage may run any stage's trials at once; they agree
+through the database alone. A search stage asks Optuna for trials until it holds its target
+of finished ones; each trial first counts the live trials numbered before it and closes
+itself untrained ("surplus") when the stage is already full (:func:`claim`, :func:`fill`).
+A single-trial stage (sanity, each overfit LR, final) enqueues its trial WAITING under a key
+and the lowest number holding that key wins (:func:`fixed_trial`). A trial whose process
+died is failed with the reason written down (:func:`reclaim`), and its stage tops itself up.
+
+This is the one module that reads Optuna's private attributes and parses its messages; each
+such read is a small named function below, and tests/test_coordination.py pins them, so an
+Optuna upgrade that changes one fails a test instead of a run. (storage.py's reconnecting
+storage overrides RDBStorage methods and so reads RDBStorage internals too, by necessity.)
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import time
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+from typing import Any
+from typing import Literal
+from typing import overload
+
+import optuna
+from optuna.storages._heartbeat import BaseHeartbeat
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+from babysit.errors import raise_if_interrupted
+from babysit.memory import release
+from babysit.parallel.interrupts import marking_interrupts
+from babysit.schema import Reason
+from babysit.schema import StudyKey
+from babysit.schema import TrialKey
+from babysit.storage import StorageLost
+from babysit.storage import StorageRefused
+from babysit.terminal import plural
+
+if TYPE_CHECKING:
+    pass
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
+_POLL_SECONDS = 1.0
+
+# Optuna's logger for a trial's end ("Trial 3 failed with value None.", with the exception
+# that closed it): where a surplus trial would read like a crash.
+_OPTIMIZE_LOGGER = "optuna.study._optimize"
+# The start of the ValueError Optuna raises when a trial another process failed is told.
+_TELL_FAILED = "Cannot tell a FAIL trial"
+
+
+# ---------------------------------------------------------------------------- Optuna internals
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    """The trial's storage id (not its number): what the storage API addresses it by."""
+    return trial._trial_id
+
+
+def study_id(study: optuna.Study) -> int:
+    """The study's storage id: what the storage API and the dashboard's artifact URLs use."""
+    return study._study_id
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    """The storage a study writes through (Optuna's cache in front of an RDB storage)."""
+    return study._storage
+
+
+def _heartbeat_on(study: optuna.Study) -> bool:
+    return bool(getattr(storage_of(study), "get_heartbeat_interval", lambda: None)())
+
+
+def _stale_trial_ids(study: optuna.Study) -> list[int]:
+    """What ``optuna.storages.fail_stale_trials`` would fail: RUNNING trials whose heartbeat
+    is older than the grace period."""
+    storage = storage_of(study)
+    assert isinstance(storage, BaseHeartbeat), type(storage)  # called when _heartbeat_on
+    return list(storage._get_stale_trial_ids(study_id(study)))
+
+
+def _orphaned_trial_ids(study: optuna.Study) -> list[int]:
+    """RUNNING trials that never wrote a heartbeat (babysit's storage.orphaned_trial_ids;
+    behind Optuna's cache of an RDB storage, or the gRPC proxy, it sits at ``_backend``)."""
+    storage = storage_of(study)
+    orphaned = getattr(getattr(storage, "_backend", storage), "orphaned_trial_ids", None)
+    return list(orphaned(study_id(study))) if orphaned else []
+
+
+def _told_a_failed_trial(err: BaseException) -> bool:
+    """Whether ``err`` comes from Optuna telling a trial that another process had failed.
+
+    Optuna 5.0 raises the ValueError, then its own post-processing raises an AssertionError
+    ("Should not reach.") over it, so the ValueError is looked for down the chain."""
+    cause: BaseException | None = err
+    while cause is not None:
+        if isinstance(cause, ValueError) and str(cause).startswith(_TELL_FAILED):
+            return True
+        cause = cause.__cause__ or cause.__context__
+    return False
+
+
+def _trial_number(record: logging.LogRecord) -> str:
+    """ "3" from Optuna's "Trial 3 failed ..." log lines; "" from any other line."""
+    words = record.getMessage().split()
+    return words[1] if len(words) > 1 and words[0] == "Trial" else ""
+
+
+# ---------------------------------------------------------------------------- process-wide
+
+
+class _Surplus(Exception):
+    """This trial was asked for after its stage had filled up; it is closed untrained."""
+
+
+class _QuietSurplus(logging.Filter):
+    """Optuna logs a trial closed by an exception as a failure, traceback and all; a surplus
+    trial is closed on purpose, and its traceback on every worker would read like a crash."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._numbers: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        number = _trial_number(record)
+        if record.exc_info and isinstance(record.exc_info[1], _Surplus):
+            self._numbers.add(number)
+            return False
+        if number in self._numbers and "failed with value" in record.getMessage():
+            self._numbers.discard(number)
+            return False
+        return True
+
+
+def quiet_optuna() -> None:
+    """babysit's changes to Optuna's process-wide logging and warnings, all of them, in one
+    place; called by the entry points (the CLI, ``protocol.prepare``), never on import.
+
+    Optuna's INFO lines (a study created, each trial's value) would bury the verdicts; its
+    ExperimentalWarning (artifacts, heartbeats) says nothing a user can act on; a surplus
+    trial's traceback reads like a crash (:class:`_QuietSurplus`). Calling it twice changes
+    nothing more.
+    """
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    logger = logging.getLogger(_OPTIMIZE_LOGGER)
+    if not any(isinstance(f, _QuietSurplus) for f in logger.filters):
+        logger.addFilter(_QuietSurplus())
+
+
+# ---------------------------------------------------------------------------- studies
+
+
+def worker_id() -> str:
+    return f"{socket.gethostname()}:{os.getpid()}"
+
+
+# ---------------------------------------------------------------------------- dead workers
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A killed process its parent has not reaped yet (a `--jobs` helper, a worker under a
+    # supervisor) is a zombie: it answers signal 0 but will never write again.
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rpartition(")")[2].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def reclaim(study: optuna.Study) -> None:
+    """Mark FAIL the RUNNING trials whose worker is gone.
+
+    Optuna's heartbeat covers every host once the grace period passes; a dead process on
+    this very host is recognised at once by its pid, so a rerun after a kill goes on
+    without waiting out the grace period. Each failed trial says why in its "reason".
+    """
+    host = socket.gethostname()
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = t.user_attrs.get(TrialKey.WORKER, "")
+        owner_host, _, pid = owner.rpartition(":")
+        if owner_host == host and pid.isdigit() and int(pid) != os.getpid():
+            if not _pid_alive(int(pid)):
+                _fail(study, trial_id(t), "worker died")
+    # What optuna.storages.fail_stale_trials does, with the reason written down first.
+    if _heartbeat_on(study):
+        for tid in _stale_trial_ids(study):
+            _fail(study, tid, "heartbeat stale")
+        for tid in _orphaned_trial_ids(study):
+            _fail(study, tid, "no heartbeat")
+
+
+def _fail(study: optuna.Study, tid: int, reason: str) -> None:
+    storage = storage_of(study)
+    try:
+        storage.set_trial_user_attr(tid, TrialKey.REASON, reason)
+        storage.set_trial_state_values(tid, state=TrialState.FAIL)
+    except RuntimeError:
+        pass  # finished meanwhile, or another process failed it first
+
+
+# ---------------------------------------------------------------------------- running trials
+
+
+def _start_trial(trial: optuna.Trial, stage: str) -> None:
+    trial.set_user_attr(TrialKey.STAGE, stage)
+    trial.set_user_attr(TrialKey.WORKER, worker_id())
+
+
+def _surplus(trial: optuna.Trial, reason: str) -> None:
+    trial.set_user_attr(TrialKey.REASON, Reason.SURPLUS)
+    trial.set_user_attr(TrialKey.NOTE, reason)
+    raise _Surplus(reason)
+
+
+def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) -> None:
+    try:
+        study.optimize(marking_interrupts(objective), n_trials=1, catch=(_Surplus,))
+    except Exception as err:
+        # Optuna buries a lost database under its own post-processing errors; say it plainly.
+        cause: BaseException | None = err
+        while cause is not None:
+            if isinstance(cause, (StorageLost, StorageRefused)):
+                raise cause from None
+            cause = cause.__cause__ or cause.__context__
+        if _told_a_failed_trial(err):
+            # Its heartbeat went stale (a long database outage) and another worker failed it
+            # and runs a replacement; this process carries on with the next trial.
+            return
+        raise
+    finally:
+        release()
+    raise_if_interrupted()
+
+
+def claim(study: optuna.Study, trial: optuna.Trial, target: int, stage: str) -> None:
+    """The first thing a search trial does: go ahead only while fewer than ``target`` trials
+    numbered before it are live (not FAIL); otherwise close itself untrained as surplus.
+
+    Trial numbers come from the database, so every process agrees on who came first and
+    a stage ends with exactly ``target`` finished trials however many processes fill it.
+    """
+    earlier = [
+        t
+        for t in study.get_trials(deepcopy=False)
+        if t.number < trial.number and t.state != TrialState.FAIL
+    ]
+    if len(earlier) >= target:
+        _surplus(trial, f"{stage} already had {plural(target, 'trial')}")
+    _start_trial(trial, stage)
+
+
+def fill(
+    study: optuna.Study,
+    target: int,
+    objective: Callable[[optuna.Trial], float],
+    progress: Callable[[int, int, FrozenTrial | None], None] | None = None,
+) -> None:
+    """Run trials of ``objective`` (which starts with :func:`claim`) in this process until
+    ``study`` holds ``target`` finished trials, other processes filling it too."""
+    while True:
+        reclaim(study)
+        trials = study.get_trials(deepcopy=False)
+        live = [t for t in trials if t.user_attrs.get(TrialKey.REASON) != Reason.SURPLUS]
+        finished = sum(t.state in FINISHED for t in live)
+        active = sum(t.state in ACTIVE for t in live)
+        if progress is not None:
+            progress(finished, target, None)
+        if finished >= target:
+            return
+        if finished + active >= target:
+            time.sleep(_POLL_SECONDS)  # the last trials run elsewhere; wait for them
+            continue
+        _run_one(study, objective)
+
+
+def stage_counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    """A stage's trials counted as the protocol counts them (record.counts): surplus trials
+    are not its, and a diverged trial is a pruned one whatever state it was stored in."""
+    from babysit.schema import counts
+
+    n = counts(trials)
+    return {
+        "trials": n["finished"],
+        "complete": n["complete"],
+        "pruned": n["pruned"],
+        "diverged": n["diverged"],
+        "failed": n["failed"],
+    }
+
+
+def holders(study: optuna.Study, wait: float = 10.0) -> list[str]:
+    """Who runs the study's RUNNING trials. A trial is RUNNING a moment before its process
+    writes its "worker" attr (Optuna starts it, then the objective's first line names the
+    worker), so a reader in that moment waits a little rather than say "held by ?"."""
+    deadline = time.monotonic() + wait
+    while True:
+        running = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        named = [t.user_attrs.get(TrialKey.WORKER) for t in running]
+        if all(named) or time.monotonic() > deadline:
+            return [n or "?" for n in named]
+        time.sleep(_POLL_SECONDS / 4)
+
+
+# Waiting, the trial always finishes here or elsewhere: only ``wait=False`` may give None.
+@overload
+def fixed_trial(
+    study: optuna.Study,
+    key: str,
+    params: dict[str, Any],
+    objective: Callable[[optuna.Trial], float],
+    *,
+    wait: Literal[True] = ...,
+) -> FrozenTrial: ...
+@overload
+def fixed_trial(
+    study: optuna.Study,
+    key: str,
+    params: dict[str, Any],
+    objective: Callable[[optuna.Trial], float],
+    *,
+    wait: bool,
+) -> FrozenTrial | None: ...
+def fixed_trial(
+    study: optuna.Study,
+    key: str,
+    params: dict[str, Any],
+    objective: Callable[[optuna.Trial], float],
+    *,
+    wait: bool = True,
+) -> FrozenTrial | None:
+    """Run the single trial named ``key`` in ``study`` unless it is done or held elsewhere.
+
+    The trial is created WAITING with its key, so two processes racing for it hold two
+    numbered trials and the later number closes itself as surplus. Returns the finished
+    trial, or None when a live worker elsewhere holds it and ``wait`` is False.
+    """
+
+    def guarded(trial: optuna.Trial) -> float:
+        if trial.user_attrs.get(TrialKey.KEY) != key:
+            _surplus(trial, "a stray waiting trial")
+        for t in study.get_trials(deepcopy=False):
+            if (
+                t.number < trial.number
+                and t.user_attrs.get(TrialKey.KEY) == key
+                and t.state != TrialState.FAIL
+            ):
+                _surplus(trial, f"trial {t.number} already holds {key}")
+        _start_trial(trial, study.user_attrs.get(StudyKey.STAGE, ""))
+        return objective(trial)
+
+    while True:
+        reclaim(study)
+        mine = [
+            t for t in study.get_trials(deepcopy=False) if t.user_attrs.get(TrialKey.KEY) == key
+        ]
+        done = [t for t in mine if t.state in FINISHED]
+        if done:
+            return done[0]
+        if any(t.state == TrialState.RUNNING for t in mine):
+            if not wait:
+                return None
+            time.sleep(_POLL_SECONDS)
+            continue
+        if not any(t.state == TrialState.WAITING for t in mine):
+            study.enqueue_trial(params, user_attrs={TrialKey.KEY: key}, skip_if_exists=False)
+        _run_one(study, guarded)

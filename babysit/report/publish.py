@@ -1,0 +1,236 @@
+"""What a run leaves for people: stage notes and plots for the dashboard, the report, export.
+
+Everything here is derived from storage. ``publish_stage`` writes, after each stage, a
+Markdown note on the stage's study (optuna-dashboard shows it on the study page) and the
+stage's plots as study artifacts; what it uploaded is recorded in the study's user attr
+``published``, so a rerun of a finished run uploads nothing twice, and a note a person has
+edited in the dashboard since is left as they wrote it. ``write_report`` reads trials back
+through babysit.record and redraws every plot; for a run whose artifact store lives on
+another machine it draws what the database holds (the search scatters), since the
+curves are the trials' JSON artifacts. The tables of ``babysit export`` are built in babysit.export.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from babysit.record.runs import find_study
+from babysit.report.document import _fallback_verdict
+from babysit.report.document import _narrowing_md
+from babysit.report.document import _top
+from babysit.report.document import _trial_row
+from babysit.report.render import TITLES
+from babysit.report.render import TRIAL_COLUMNS
+from babysit.report.render import acc
+from babysit.report.render import blank
+from babysit.report.render import md_table
+from babysit.report.render import num
+from babysit.report.render import pct
+from babysit.schema import FINISHED
+from babysit.schema import Param
+from babysit.schema import StudyAttrs
+from babysit.schema import StudyKey
+from babysit.schema import TrialKey
+from babysit.schema import trial_attrs
+from babysit.storage import Storage
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# One plot per stage that has one, under this file name (the dashboard shows the name).
+_PLOT_FILES = {
+    "overfit": "overfit-curve.png",
+    "coarse": "coarse-search.png",
+    "fine": "fine-search.png",
+    "final": "final-curves.png",
+}
+
+
+# ---------------------------------------------------------------------------- publishing
+
+
+def publish_stage(ctx: Any, result: Any) -> None:
+    """Called after each stage with its StageResult; writes notes and plot artifacts.
+
+    Never raises: a plot that cannot be drawn or uploaded is a warning, not a failed run.
+    Only the process that owns the run publishes, so ``--jobs`` workers finishing the same
+    stage at the same moment do not upload the same plot twice.
+    """
+    if not getattr(ctx, "owner", True):
+        return
+    try:
+        _publish(ctx.storage, ctx.spec.name, result)
+    except Exception as err:  # noqa: BLE001 - publishing must never stop a run
+        ctx.log(
+            f"warning: could not publish the {result.stage} note and plots "
+            f"({type(err).__name__}: {err}); the run goes on"
+        )
+
+
+def _publish(storage: Storage, run: str, result: Any) -> None:
+    from babysit.record.notes import get_note
+    from babysit.record.notes import save_note
+
+    study = find_study(storage, run, result.stage)
+    if study is None:
+        return
+    published = _published(study)
+    if published.get("verdict") != result.verdict or published.get("status") != result.status:
+        _record(study, verdict=result.verdict, status=result.status)
+    # The coarse scatter waits for the narrowed box, which exists once fine starts; so
+    # fine's turn publishes coarse too (and coarse's own turn does when it failed, since
+    # no fine stage follows, or on a rerun, when the box is already there).
+    stages = ("coarse", "fine") if result.stage == "fine" else (result.stage,)
+    for stage in stages:
+        target = study if stage == result.stage else find_study(storage, run, stage)
+        if target is None:
+            continue
+        _publish_plot(storage, run, stage, target)
+        body = _note(storage, run, stage, target)
+        current = get_note(target)
+        if current == body:
+            continue
+        mine = _published(target).get("note")
+        if current and mine != _digest(current):
+            continue  # edited by someone in the dashboard since: theirs stays
+        save_note(target, body)
+        _record(target, note=_digest(body))
+
+
+def _published(study: optuna.Study) -> dict[str, Any]:
+    return dict(StudyAttrs.from_attrs(study.user_attrs).published or {})
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _record(study: optuna.Study, **values: Any) -> None:
+    published = _published(study)
+    published.update(values)
+    study.set_user_attr(StudyKey.PUBLISHED, published)
+
+
+def _publish_plot(storage: Storage, run: str, stage: str, study: optuna.Study) -> None:
+    name = _PLOT_FILES.get(stage)
+    published = _published(study)
+    artifacts = dict(published.get("artifacts") or {})
+    if name is None or name in artifacts:
+        return
+    if stage == "coarse" and published.get("status") != "failed":
+        fine = find_study(storage, run, "fine")
+        if fine is None or StudyAttrs.from_attrs(fine.user_attrs).narrowed is None:
+            return
+    from babysit.report.plots import png
+    from babysit.report.plots import stage_figure
+
+    fig = stage_figure(storage, run, stage)
+    if fig is None:
+        return
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, name)
+        with open(path, "wb") as fh:
+            fh.write(png(fig))
+        artifact_id = optuna.artifacts.upload_artifact(
+            artifact_store=storage.artifacts, file_path=path, study_or_trial=study
+        )
+    artifacts[name] = artifact_id
+    _record(study, artifacts=artifacts)
+
+
+# ---------------------------------------------------------------------------- stage notes
+
+
+def _note(storage: Storage, run: str, stage: str, study: optuna.Study) -> str:
+    """The study's note in Markdown: verdict in words, the numbers, the plot."""
+    published = _published(study)
+    trials = study.get_trials(deepcopy=False)
+    status = published.get("status", "")
+    lines = [
+        f"## {run}: {TITLES[stage]} {status}".rstrip(),
+        "",
+        published.get("verdict") or _fallback_verdict(stage, study, trials),
+        "",
+    ]
+    if stage == "sanity":
+        done = [t for t in trials if t.state in FINISHED]
+        if done:
+            a = trial_attrs(done[0])
+            lines += md_table(
+                ["initial loss", "expected", "with L2 penalty", "reg"],
+                [[num(a.initial_loss), num(a.expected_loss), num(a.loss_with_reg), num(a.reg)]],
+            )
+    elif stage == "overfit":
+        rows = [
+            [
+                num(t.params.get(Param.LR)),
+                pct(t.value),
+                blank(trial_attrs(t).steps),
+                blank(trial_attrs(t).samples),
+            ]
+            for t in sorted(trials, key=lambda t: t.number)
+            if t.state in FINISHED
+        ]
+        lines += md_table(["lr", "train accuracy", "steps", "examples"], rows)
+    elif stage in ("coarse", "fine"):
+        if stage == "fine":
+            lines += _narrowing_md(StudyAttrs.from_attrs(study.user_attrs).narrowed)
+        lines += [f"Top trials by validation accuracy (of {len(trials)}):", ""]
+        lines += md_table(TRIAL_COLUMNS, [_trial_row(t) for t in _top(trials, 5)])
+    elif stage == "final":
+        done = [t for t in trials if t.state == TrialState.COMPLETE]
+        if done:
+            t = done[0]
+            a = trial_attrs(t)
+            lines += md_table(
+                ["lr", "weight_decay", "epochs", "val accuracy", "test accuracy", "test loss"],
+                [
+                    [
+                        num(t.params.get(Param.LR)),
+                        num(t.params.get(Param.WEIGHT_DECAY)),
+                        blank(a.epochs_run),
+                        acc(a.val_accuracy),
+                        acc(a.test_accuracy),
+                        num(a.test_loss),
+                    ]
+                ],
+            )
+    artifact_id = (published.get("artifacts") or {}).get(_PLOT_FILES.get(stage, ""))
+    if artifact_id:
+        # The dashboard serves study artifacts here, so the note shows the plot inline.
+        lines += [f"![{stage}](/artifacts/{study._study_id}/{artifact_id})", ""]
+    lines.append(
+        f"_Written by babysit; `babysit report --name {run}` has every stage on one page._"
+    )
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------- trials
+
+
+def upload_filters(storage: Storage, trial: optuna.Trial, model: nn.Module) -> str:
+    """The first-layer filters of a network with a conv layer (the caller checks) as a
+    PNG artifact of ``trial`` (user attr ``filters_artifact``)."""
+    from babysit.report.plots import first_layer_filters
+    from babysit.report.plots import png
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "first_layer_filters.png"
+        path.write_bytes(png(first_layer_filters(model)))
+        artifact_id = optuna.artifacts.upload_artifact(
+            artifact_store=storage.artifacts,
+            file_path=str(path),
+            study_or_trial=trial,
+            mimetype="image/png",
+        )
+    trial.set_user_attr(TrialKey.FILTERS_ARTIFACT, artifact_id)
+    return artifact_id

@@ -1,0 +1,70 @@
+"""`babysit status`: where each stage of a run stands, read through babysit.record.
+
+The summary (the same dict as ``--summary-json``) plus ``progress``: per stage the trials
+finished of the target, the stage's wall time from its trials' stored start and end, and
+the RUNNING trials with the worker holding each. ``wall_seconds``, which a summary read
+from storage leaves None, is the sum of the stages' wall times here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from babysit.record import stored
+from babysit.record.runs import run_names
+from babysit.storage import Storage
+
+
+def statuses(storage: Storage, name: str | None = None) -> list[dict[str, Any]]:
+    """The status of run ``name``, or of every run in the storage."""
+    out = []
+    for run in [name] if name else run_names(storage):
+        stages = stored.load_run(storage, run)
+        s = stored.summary(storage, run, stages)
+        s["progress"] = stored.progress(storage, run, stages)
+        s["wall_seconds"] = s["progress"]["wall_seconds"]
+        out.append(s)
+    return out
+
+
+def _secs(v: float | None) -> str:
+    if v is None:
+        return "-"
+    return f"{v:.1f} s" if v < 120 else f"{v / 60:.1f} min"
+
+
+def status_lines(s: dict[str, Any]) -> list[str]:
+    """A run's status as text: a header line, then one line per stage."""
+    lines = [
+        f"run {s['name']}  ({s['dataset']}, {s['optimizer']}; "
+        f"{s['epochs_spent']:.1f} epochs spent; {_secs(s['wall_seconds'])} in stages)"
+    ]
+    for stage, v in s["stages"].items():
+        lines.append(_stage_line(stage, v, s["progress"]["stages"][stage]))
+    return lines
+
+
+def _stage_line(stage: str, v: dict[str, Any], p: dict[str, Any]) -> str:
+    line = f"  {stage:<8} {v['status']:<8}"
+    if stage in ("coarse", "fine"):
+        line += (
+            f" {v['trials']}/{v['target']} finished: {v['complete']} complete, "
+            f"{v['pruned']} pruned ({v['diverged']} diverged), {v['failed']} failed"
+        )
+        if v["best"]:
+            line += f"; best {v['best']['value']:.4f}"
+    else:
+        line += f" {p['finished']}/{p['target']} trials"
+        if stage == "sanity" and v["initial_loss"] is not None:
+            line += f"; initial loss {v['initial_loss']:.3f} (expected {v['expected_loss']:.3f})"
+        elif stage == "overfit" and v["train_accuracy"] is not None:
+            line += f"; train accuracy {v['train_accuracy']:.3f}"
+        elif stage == "final" and v.get("test_accuracy") is not None:
+            line += f"; test accuracy {v['test_accuracy']:.4f}, val {v['val_accuracy']:.4f}"
+    if p["wall_seconds"] is not None:
+        line += f"; {_secs(p['wall_seconds'])}"
+    if p["running"]:
+        line += "; running: " + ", ".join(
+            f"#{r['trial']} on {r['worker'] or '?'}" for r in p["running"]
+        )
+    return line

@@ -1,0 +1,359 @@
+"""The schema of everything a run stores in its Optuna studies, and the readers of its trials.
+
+A run is five studies ``<run>/<stage>``. What babysit keeps on them:
+
+- study user attrs: the keys in :class:`StudyKey`, typed as :class:`StudyAttrs`;
+- trial user attrs: the keys in :class:`TrialKey`, typed as :class:`TrialAttrs`; the values
+  of ``reason`` in :class:`Reason`;
+- trial params: :class:`Param` (``lr``, ``weight_decay``);
+- system attrs babysit reads: :data:`ARTIFACT_PREFIX` (Optuna's artifact records);
+- JSON artifacts (babysit.artifacts): what is too large for an attr, which stays at most
+  :data:`MAX_ATTR_BYTES` as JSON (the dashboard lays attrs out in full).
+
+Writers use the constants, ``trial.set_user_attr(TrialKey.REASON, Reason.DIVERGED)``;
+every constant's value is also the name of its dataclass field, so
+``TrialAttrs(reason=Reason.DIVERGED).to_attrs()`` gives the same dict. Readers go through
+``StudyAttrs.from_attrs(study.user_attrs)`` and ``TrialAttrs.from_attrs(t.user_attrs)``,
+which accept any stored dict: a key a run of an older babysit did not write reads as
+None, and a key this module does not know is kept in ``extra``, so old runs stay readable
+and nothing stored is dropped. None means "not stored": ``to_attrs`` leaves it out.
+
+The readers over trials (``counts``, ``best_trial``, ``best_of``, ``timing``) are here; the
+readers over a whole stored run (``load_stage``, ``stored_spec``, ``stage_result``,
+``summary``, ``progress``) are in babysit/stored.py, which also reads the JSON artifacts
+(babysit/artifacts.py builds on this module, so it cannot be imported from here). Neither
+imports torch, matplotlib or pandas, so `babysit status`, `export` and `report` start fast.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from collections.abc import Mapping
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+from typing import TypeVar
+
+from optuna.trial import FrozenTrial
+from optuna.trial import TrialState
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+# Optuna's own system attrs for uploaded artifacts: ``artifacts:<id>`` -> JSON metadata.
+ARTIFACT_PREFIX = "artifacts:"
+MAX_ATTR_BYTES = 1024  # the most a user attr may take as JSON
+
+
+class Param:
+    """The searched parameters' names (trial params)."""
+
+    LR = "lr"
+    WEIGHT_DECAY = "weight_decay"
+
+
+class Reason:
+    """Values of the trial attr ``reason``: why a trial ended the way it did."""
+
+    SURPLUS = "surplus"
+    DIVERGED = "diverged"
+    PRUNED = "pruned"
+    LR_TOO_LOW = "lr too low"
+    RUNNING_WHEN_COPIED = "running when copied"
+    # Ctrl-C or SIGTERM stopped the process while the trial trained; a rerun replaces it.
+    INTERRUPTED = "interrupted"
+
+
+class StudyKey:
+    """Study user attrs. ``SPEC``, ``RUN``, ``STAGE`` on every study; the data facts on
+    sanity's; ``RANGES`` and the search settings on coarse/fine; ``NARROWED`` on fine;
+    ``CHECKPOINT`` on final; ``PUBLISHED`` (notes and plots uploaded) on each."""
+
+    SPEC = "spec"  # the whole spec: runs of older babysit only; now SPEC_ARTIFACT
+    SPEC_ARTIFACT = "spec_artifact"
+    SPEC_SUMMARY = "spec_summary"
+    RUN = "run"
+    STAGE = "stage"
+    VERDICT = "verdict"
+    TRAIN_SIZE = "train_size"
+    NUM_CLASSES = "num_classes"
+    DATA = "data"
+    SIZES = "sizes"
+    RANGES = "ranges"
+    PRUNER = "pruner"
+    SAMPLER = "sampler"
+    PRUNER_RULE = "pruner_rule"
+    LR_RANGE_TEST = "lr_range_test"
+    LR_ANCHOR = "lr_anchor"
+    EXTENSION = "extension"
+    NARROWED = "narrowed"
+    CHECKPOINT = "checkpoint"
+    PUBLISHED = "published"
+
+
+class CheckpointKey:
+    """Keys of the final study's ``checkpoint`` attr. While the final trains it names the
+    newest checkpoint (``ARTIFACT_ID``); once the final passed the file is removed and the
+    attr keeps ``EPOCH`` and ``TRIAL`` with the removed id under ``DELETED`` instead."""
+
+    ARTIFACT_ID = "artifact_id"
+    EPOCH = "epoch"
+    TRIAL = "trial"
+    DELETED = "deleted"
+
+
+class TrialKey:
+    """Trial user attrs, by the stage that writes them (most are on some stages only)."""
+
+    # every trial: who ran it, and how it ended
+    STAGE = "stage"
+    WORKER = "worker"
+    KEY = "key"
+    REASON = "reason"
+    NOTE = "note"
+    VERDICT = "verdict"
+    SECONDS = "seconds"
+    EXAMPLES = "examples"
+    # sanity
+    STATUS = "status"
+    INITIAL_LOSS = "initial_loss"
+    EXPECTED_LOSS = "expected_loss"
+    LOSS_WITH_REG = "loss_with_reg"
+    REG = "reg"
+    TOLERANCE = "tolerance"
+    TOLERANCE_UNIT = "tolerance_unit"
+    MAX_LOGIT_STD = "max_logit_std"
+    LOGIT_STD = "logit_std"
+    TOP_CLASS_SHARE = "top_class_share"
+    TOP_CLASS = "top_class"
+    NONFINITE_OUTPUTS = "nonfinite_outputs"
+    NONFINITE_FIRST_BATCH = "nonfinite_first_batch"
+    OUTPUTS = "outputs"
+    # overfit
+    CURVE = "curve"
+    STEPS = "steps"
+    SAMPLES = "samples"
+    TRAIN_ACCURACY = "train_accuracy"
+    # searches and final
+    CURVES = "curves"
+    EPOCHS_RUN = "epochs_run"
+    DIVERGED_AT_STEP = "diverged_at_step"
+    DIAGNOSTICS = "diagnostics"
+    READINGS = "readings"
+    FILTERS_ARTIFACT = "filters_artifact"
+    # final
+    RESUMED_FROM_EPOCH = "resumed_from_epoch"
+    FINAL_PROCS = "final_procs"
+    BEST_EPOCH = "best_epoch"
+    EPOCHS_SAVED = "epochs_saved"
+    STOPPED = "stopped"
+    CHECKPOINTS_WRITTEN = "checkpoints_written"
+    VAL_ACCURACY = "val_accuracy"
+    TEST_ACCURACY = "test_accuracy"
+    TEST_LOSS = "test_loss"
+    BATCH = "batch"
+    MODEL_ARTIFACT = "model_artifact"
+    # Where the trained weights were written: a file path, or the object store's URL.
+    MODEL_PATH = "model_path"
+    DATA = "data"  # the id of the JSON artifact that holds the fields in DATA_FIELDS
+
+
+# Trial fields kept as JSON artifacts (older runs: in the attrs of the same name).
+DATA_FIELDS = (TrialKey.CURVE, TrialKey.CURVES, TrialKey.DIAGNOSTICS, TrialKey.READINGS)
+
+
+_A = TypeVar("_A", bound="_Attrs")
+
+
+class _Attrs:
+    """to_attrs/from_attrs for a dataclass whose field names are the stored keys."""
+
+    extra: dict[str, Any]
+
+    @classmethod
+    def keys(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls) if f.name != "extra")  # type: ignore[arg-type]
+
+    def to_attrs(self) -> dict[str, Any]:
+        """The dict to store: every field that is not None, then ``extra``."""
+        out = {k: getattr(self, k) for k in self.keys() if getattr(self, k) is not None}
+        out.update({k: v for k, v in self.extra.items() if k not in out})
+        return out
+
+    @classmethod
+    def from_attrs(cls: type[_A], attrs: Mapping[str, Any] | None) -> _A:
+        """Read a stored dict; missing keys are None, unknown ones go to ``extra``."""
+        attrs = attrs or {}
+        known = set(cls.keys())
+        return cls(
+            **{k: v for k, v in attrs.items() if k in known},  # type: ignore[call-arg]
+            extra={k: v for k, v in attrs.items() if k not in known},
+        )
+
+
+@dataclass
+class StudyAttrs(_Attrs):
+    """A stage study's user attrs (see :class:`StudyKey`)."""
+
+    spec: dict[str, Any] | None = None
+    spec_artifact: str | None = None
+    spec_summary: dict[str, str] | None = None
+    run: str | None = None
+    stage: str | None = None
+    verdict: str | None = None
+    train_size: int | None = None
+    num_classes: int | None = None
+    data: dict[str, Any] | None = None
+    sizes: dict[str, int] | None = None
+    ranges: dict[str, list[float]] | None = None
+    pruner: str | None = None
+    sampler: str | None = None
+    pruner_rule: str | None = None
+    lr_range_test: dict[str, Any] | None = None
+    lr_anchor: dict[str, Any] | None = None
+    extension: dict[str, Any] | None = None
+    narrowed: dict[str, Any] | None = None
+    checkpoint: dict[str, Any] | None = None
+    published: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TrialAttrs(_Attrs):
+    """A trial's user attrs (see :class:`TrialKey`)."""
+
+    stage: str | None = None
+    worker: str | None = None
+    key: str | None = None
+    reason: str | None = None
+    note: str | None = None
+    verdict: str | None = None
+    seconds: float | None = None
+    examples: int | None = None
+    status: str | None = None
+    initial_loss: float | None = None
+    expected_loss: float | None = None
+    loss_with_reg: float | None = None
+    reg: float | None = None
+    tolerance: float | None = None
+    tolerance_unit: str | None = None
+    max_logit_std: float | None = None
+    logit_std: float | None = None
+    top_class_share: float | None = None
+    top_class: int | None = None
+    nonfinite_outputs: int | None = None
+    nonfinite_first_batch: int | None = None
+    outputs: int | None = None
+    curve: list[dict[str, float]] | None = None
+    steps: int | None = None
+    samples: int | None = None
+    train_accuracy: float | None = None
+    curves: dict[str, list[float]] | None = None
+    epochs_run: int | None = None
+    diverged_at_step: int | None = None
+    diagnostics: list[dict[str, Any]] | None = None
+    readings: list[str] | None = None
+    filters_artifact: str | None = None
+    resumed_from_epoch: int | None = None
+    final_procs: int | None = None
+    best_epoch: int | None = None
+    epochs_saved: int | None = None
+    stopped: str | None = None
+    checkpoints_written: int | None = None
+    val_accuracy: float | None = None
+    test_accuracy: float | None = None
+    test_loss: float | None = None
+    batch: dict[str, int] | None = None
+    model_artifact: str | None = None
+    model_path: str | None = None
+    data: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def trial_attrs(t: FrozenTrial) -> TrialAttrs:
+    """The trial's attrs as stored; the artifact-kept fields are None (see trial_data)."""
+    return TrialAttrs.from_attrs(t.user_attrs)
+
+
+def real(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The trials that count: not the surplus ones a worker closed at once."""
+    return [t for t in trials if trial_attrs(t).reason != Reason.SURPLUS]
+
+
+def diverged(t: FrozenTrial) -> bool:
+    """A search trial stopped on divergence. Stored COMPLETE with the chance accuracy (see
+    search._search_trial); a run of an older babysit stored it PRUNED with no value."""
+    return trial_attrs(t).reason == Reason.DIVERGED
+
+
+def scored(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """The COMPLETE trials with a value that training earned: not the diverged ones, whose
+    value is the chance accuracy they were given."""
+    return [
+        t
+        for t in trials
+        if t.state == TrialState.COMPLETE and t.value is not None and not diverged(t)
+    ]
+
+
+def counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    """Trials that count, by outcome; ``finished`` is complete + pruned. A diverged trial
+    counts as pruned (stopped early) whichever state it was stored in."""
+    live = real(trials)
+    return {
+        "finished": sum(t.state in FINISHED for t in live),
+        "complete": sum(t.state == TrialState.COMPLETE and not diverged(t) for t in live),
+        "pruned": sum(
+            t.state == TrialState.PRUNED or (t.state == TrialState.COMPLETE and diverged(t))
+            for t in live
+        ),
+        "diverged": sum(diverged(t) for t in live),
+        "failed": sum(t.state == TrialState.FAIL for t in live),
+        "running": sum(t.state == TrialState.RUNNING for t in live),
+    }
+
+
+def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:
+    """The complete trial of highest value; the earlier one on a tie; never a diverged one."""
+    complete = scored(trials)
+    return max(complete, key=lambda t: (t.value, -t.number)) if complete else None
+
+
+def best_of(trials: list[FrozenTrial]) -> dict[str, Any] | None:
+    """The best trial as the summary shows it: number, value, params."""
+    t = best_trial(trials)
+    return None if t is None else {"number": t.number, "value": t.value, "params": dict(t.params)}
+
+
+def examples(trials: list[FrozenTrial]) -> int:
+    """Training examples the trials processed (what "epochs spent" is made of)."""
+    return sum(int(trial_attrs(t).examples or 0) for t in trials)
+
+
+def timing(
+    trials: list[FrozenTrial],
+    now: datetime.datetime | None = None,
+) -> tuple[float | None, float | None]:
+    """(sum of trial durations, wall from the first start to the last end), in seconds.
+
+    From Optuna's own trial times, so every run has them, old ones too. A RUNNING trial
+    ends ``now`` (default: the present), so a stage in progress shows its time so far.
+    """
+    now = now or datetime.datetime.now()
+    spans = [
+        (t.datetime_start, t.datetime_complete or now)
+        for t in trials
+        if t.datetime_start is not None
+        and (t.datetime_complete is not None or t.state == TrialState.RUNNING)
+    ]
+    if not spans:
+        return None, None
+    busy = sum((b - a).total_seconds() for a, b in spans)
+    wall = (max(b for _, b in spans) - min(a for a, _ in spans)).total_seconds()
+    return busy, wall
+
+
+STAGES = ("sanity", "overfit", "coarse", "fine", "final")
+
+
+def study_name(run: str, stage: str) -> str:
+    return f"{run}/{stage}"

@@ -1,0 +1,130 @@
+"""Narrowing: the fine ranges drawn from the best coarse trials, by the rule stored
+on the fine study (``NARROW_RULE``, which the README quotes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import torch
+from optuna.trial import FrozenTrial
+
+from babysit.errors import ProtocolError
+from babysit.schema import Param
+from babysit.schema import StudyKey
+from babysit.schema import scored
+from babysit.spec import CoarseSpec
+from babysit.stages.context import Context
+from babysit.stages.study import open_stage
+
+# The rule as stored on the fine study (``narrowed.rule``); README.md quotes this template
+# word for word (tests/test_readme.py), so the two cannot drift apart.
+NARROW_RULE = (
+    "top {top} of the {good} complete coarse trials with val accuracy >= "
+    "{threshold} (half-way from chance {chance} to the best {best}); log10 span of "
+    "each parameter padded by {pad} decades, clipped to the coarse range"
+)
+
+
+def narrow(
+    trials: list[FrozenTrial],
+    coarse: CoarseSpec,
+    top_k: int,
+    pad: float,
+    edge: float,
+    chance: float = 0.0,
+) -> dict[str, Any]:
+    """Fine ranges from the best coarse trials, by a rule stated in full.
+
+    Keep the COMPLETE coarse trials that got at least half of the best trial's gain over
+    chance (a trial at chance level says nothing about where the good region is), take
+    the top k of them by validation accuracy; for each parameter take the log10 span of
+    their values, pad it by ``pad`` decades on both sides and clip it to the coarse range.
+    Warn when the best value lies within ``edge`` decades of a coarse bound: the optimum
+    may lie outside the range searched.
+    """
+    complete = scored(trials)
+    if not complete:
+        raise ProtocolError(
+            "no coarse trial completed, so there is nothing to narrow from: "
+            "every trial diverged or failed; lower the upper end of coarse.lr"
+        )
+    valued = [(t, t.value) for t in complete if t.value is not None]  # all of them: scored()
+    best_value = max(v for _, v in valued)
+    threshold = chance + 0.5 * (best_value - chance)
+    good = [(t, v) for t, v in valued if v >= threshold]
+    if best_value <= chance or not good:
+        # Every trial is at chance level (or below): by the rule above none says where the
+        # good region is, and with none above chance the half-way threshold keeps no trial.
+        raise ProtocolError(
+            f"narrowing failed: none of the {len(complete)} complete coarse trials beat "
+            f"chance (best val accuracy {best_value:.3f}, chance {chance:.3f}: always "
+            "guessing the most common class), so there is no good region to narrow to; "
+            "the network learned nothing in the coarse budget. Give coarse more epochs "
+            "(coarse.epochs) or trials (coarse.trials), or move coarse.lr, and rerun under a "
+            "new --name (`babysit report` shows every coarse trial)"
+        )
+    top = [t for t, _ in sorted(good, key=lambda tv: (-tv[1], tv[0].number))[:top_k]]
+    best = top[0]
+    ranges: dict[str, list[float]] = {}
+    warnings_: list[str] = []
+    for name in (Param.LR, Param.WEIGHT_DECAY):
+        lo_c, hi_c = (math.log10(v) for v in getattr(coarse, name))
+        logs = [math.log10(t.params[name]) for t in top]
+        lo = max(lo_c, min(logs) - pad)
+        hi = min(hi_c, max(logs) + pad)
+        ranges[name] = [10**lo, 10**hi]
+        b = math.log10(best.params[name])
+        if b - lo_c <= edge or hi_c - b <= edge:
+            side = "lower" if b - lo_c <= edge else "upper"
+            warnings_.append(
+                f"best {name} {best.params[name]:.3g} sits at the {side} edge of the coarse "
+                f"range [{10**lo_c:.3g}, {10**hi_c:.3g}]: widen coarse.{name} and rerun"
+            )
+    rule = NARROW_RULE.format(
+        top=len(top),
+        good=len(good),
+        threshold=f"{threshold:.3f}",
+        chance=f"{chance:.3f}",
+        best=f"{best_value:.3f}",
+        pad=f"{pad:g}",
+    )
+    return {
+        "ranges": ranges,
+        "rule": rule,
+        "top": [t.number for t in top],
+        "threshold": threshold,
+        "chance": chance,
+        "warnings": warnings_,
+    }
+
+
+def narrow_stage(ctx: Context) -> dict[str, Any]:
+    fine = open_stage(ctx, "fine")
+    stored = fine.user_attrs.get(StudyKey.NARROWED)
+    if stored is not None:
+        return stored
+    coarse = open_stage(ctx, "coarse")
+    spec = ctx.spec
+    # Chance: always guessing the most common validation class.
+    counts = torch.bincount(ctx.data.val_labels(), minlength=ctx.data.num_classes)
+    chance = float(counts.max()) / max(1, int(counts.sum()))
+    # Clip to the range the coarse search really used (the LR range test may have set it).
+    bounds = dataclasses.replace(spec.coarse, **coarse.user_attrs.get(StudyKey.RANGES, {}))
+    try:
+        result = narrow(
+            coarse.get_trials(deepcopy=False),
+            bounds,
+            spec.narrow.top_k,
+            spec.narrow.pad,
+            spec.narrow.edge,
+            chance=chance,
+        )
+    except ProtocolError as err:
+        # The verdict stays with the run: `babysit status` and the report show it on fine.
+        fine.set_user_attr(StudyKey.VERDICT, str(err))
+        raise
+    fine.set_user_attr(StudyKey.NARROWED, result)
+    return result
