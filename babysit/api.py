@@ -21,6 +21,7 @@ from babysit.data import Splits
 from babysit.errors import ProtocolError
 from babysit.errors import UsageError
 from babysit.schema import STAGES
+from babysit.schema import Stage
 from babysit.spec import Spec
 from babysit.storage import Storage
 
@@ -229,7 +230,7 @@ class Run:
         """How the data was loaded: loader path, image geometry, skipped files."""
         from babysit.schema import StudyAttrs
 
-        sanity = self.studies.get("sanity")
+        sanity = self.studies.get(Stage.SANITY)
         return dict(StudyAttrs.from_attrs(sanity.user_attrs).data or {}) if sanity else {}
 
     @property
@@ -237,10 +238,10 @@ class Run:
         """The final training's parameters, else the best search trial's, else None."""
         from babysit.schema import best_of
 
-        final = self.summary["stages"]["final"]
+        final = self.summary["stages"][Stage.FINAL]
         if final.get("params"):
             return dict(final["params"])
-        for stage in ("fine", "coarse"):
+        for stage in (Stage.FINE, Stage.COARSE):
             if stage in self.studies:
                 best = best_of(self.studies[stage].get_trials(deepcopy=False))
                 if best is not None:
@@ -260,7 +261,7 @@ class Run:
 
         from babysit.training.models import build_model
 
-        attrs = self.summary["stages"]["final"]
+        attrs = self.summary["stages"][Stage.FINAL]
         artifact = attrs.get("model_artifact")
         facts = self.data
         if not artifact:

@@ -6,7 +6,9 @@ A run is five studies ``<run>/<stage>``. What babysit keeps on them:
 - trial user attrs: the keys in :class:`TrialKey`, typed as :class:`TrialAttrs`; the values
   of ``reason`` in :class:`Reason`;
 - trial params: :class:`Param` (``lr``, ``weight_decay``);
-- system attrs babysit reads: :data:`ARTIFACT_PREFIX` (Optuna's artifact records);
+- stage names: :class:`Stage` (a run's studies are ``<run>/<stage>``, in :data:`STAGES` order);
+- system attrs: babysit's own in :class:`SystemKey`; :data:`ARTIFACT_PREFIX` (Optuna's
+  artifact records);
 - JSON artifacts (babysit.artifacts): what is too large for an attr, which stays at most
   :data:`MAX_ATTR_BYTES` as JSON (the dashboard lays attrs out in full).
 
@@ -42,6 +44,37 @@ FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 # Optuna's own system attrs for uploaded artifacts: ``artifacts:<id>`` -> JSON metadata.
 ARTIFACT_PREFIX = "artifacts:"
 MAX_ATTR_BYTES = 1024  # the most a user attr may take as JSON
+
+
+class Stage:
+    """The five stages' names, which are also their studies' names under the run."""
+
+    SANITY = "sanity"
+    OVERFIT = "overfit"
+    COARSE = "coarse"
+    FINE = "fine"
+    FINAL = "final"
+
+
+# The order the protocol runs them in (and the summary, status and report show them in).
+STAGES = (Stage.SANITY, Stage.OVERFIT, Stage.COARSE, Stage.FINE, Stage.FINAL)
+SEARCHES = (Stage.COARSE, Stage.FINE)
+
+
+def study_name(run: str, stage: str) -> str:
+    """A stage's study: ``<run>/<stage>``."""
+    return f"{run}/{stage}"
+
+
+class SystemKey:
+    """System attrs babysit writes itself (apart from Optuna's and optuna-dashboard's)."""
+
+    # A study's spec, for runs of an older babysit that kept it here (now SPEC_ARTIFACT).
+    SPEC = "babysit:spec"
+    # The token of the process whose trial creation won (babysit/storage/rdb.py).
+    CLAIM = "babysit:claim"
+    # A trial's last heartbeat through the gRPC storage proxy (babysit/storage/remote.py).
+    HEARTBEAT = "babysit:heartbeat"
 
 
 class Param:
@@ -350,10 +383,3 @@ def timing(
     busy = sum((b - a).total_seconds() for a, b in spans)
     wall = (max(b for _, b in spans) - min(a for a, _ in spans)).total_seconds()
     return busy, wall
-
-
-STAGES = ("sanity", "overfit", "coarse", "fine", "final")
-
-
-def study_name(run: str, stage: str) -> str:
-    return f"{run}/{stage}"

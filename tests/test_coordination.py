@@ -21,15 +21,16 @@ import pytest
 from optuna.trial import TrialState
 
 from babysit.parallel import coordination
-from babysit.parallel.coordination import FINISHED
 from babysit.parallel.coordination import claim
 from babysit.parallel.coordination import fill
 from babysit.parallel.coordination import fixed_trial
 from babysit.parallel.coordination import quiet_optuna
 from babysit.parallel.coordination import reclaim
-from babysit.parallel.coordination import trial_id
+from babysit.schema import FINISHED
 from babysit.stages import samplers
 from babysit.storage import open_storage
+from babysit.storage import private
+from babysit.storage.private import trial_id
 
 # Trials asked for outside optimize() on a storage with heartbeats: what these tests do.
 pytestmark = pytest.mark.filterwarnings("ignore:Heartbeat of storage:UserWarning")
@@ -53,15 +54,15 @@ def test_private_reads_exist_and_agree_with_the_public_api(rdb) -> None:  # noqa
     frozen = study.get_trials(deepcopy=False)[0]
     assert trial_id(trial) == trial_id(frozen) == 2
     assert frozen.number == trial.number == 0
-    assert coordination.study_id(study) == study._study_id != coordination.study_id(other)
-    storage = coordination.storage_of(study)
+    assert private.study_id(study) == study._study_id != private.study_id(other)
+    storage = private.storage_of(study)
     # Optuna wraps an RDB storage in its cache; babysit's storage sits behind it, where
     # _orphaned_trial_ids looks for it.
     assert storage is rdb or storage._backend is rdb
     # The storage API addresses trials by id: what _fail and distributed's ranks use.
     assert storage.get_trial(trial_id(trial)).number == 0
-    assert coordination._stale_trial_ids(study) == []
-    assert coordination._orphaned_trial_ids(study) == []  # RUNNING, but not for long yet
+    assert private.stale_trial_ids(study) == []
+    assert private.orphaned_trial_ids(study) == []  # RUNNING, but not for long yet
 
 
 def test_trial_numbers_count_up_per_study_in_creation_order(rdb) -> None:  # noqa: ANN001
@@ -120,7 +121,7 @@ def test_fill_ends_with_exactly_the_target_and_closes_the_surplus(rdb) -> None: 
 
 
 def test_optunas_failed_trial_log_lines_are_the_ones_the_filter_parses(rdb) -> None:  # noqa: ANN001
-    logger = logging.getLogger(coordination._OPTIMIZE_LOGGER)
+    logger = logging.getLogger(private.OPTIMIZE_LOGGER)
     seen: list[logging.LogRecord] = []
 
     class Keep(logging.Handler):
@@ -143,7 +144,7 @@ def test_optunas_failed_trial_log_lines_are_the_ones_the_filter_parses(rdb) -> N
             logger.addFilter(f)
     failed = [r for r in seen if "failed" in r.getMessage()]
     assert len(failed) == 2, [r.getMessage() for r in seen]
-    assert [coordination._trial_number(r) for r in failed] == ["0", "0"]
+    assert [private.trial_number(r) for r in failed] == ["0", "0"]
     assert isinstance(failed[0].exc_info[1], coordination._Surplus)
     assert "failed with value" in failed[1].getMessage()
     # Both lines are the ones _QuietSurplus drops, and only those.
@@ -158,7 +159,7 @@ def test_optunas_failed_trial_log_lines_are_the_ones_the_filter_parses(rdb) -> N
 def test_quiet_optuna_installs_its_filter_once() -> None:
     quiet_optuna()
     quiet_optuna()
-    logger = logging.getLogger(coordination._OPTIMIZE_LOGGER)
+    logger = logging.getLogger(private.OPTIMIZE_LOGGER)
     assert sum(isinstance(f, coordination._QuietSurplus) for f in logger.filters) == 1
     assert optuna.logging.get_verbosity() == optuna.logging.WARNING
 
@@ -174,8 +175,8 @@ def test_telling_a_trial_another_process_failed_is_recognised(rdb) -> None:  # n
 
     with pytest.raises(Exception) as caught:
         study.optimize(objective, n_trials=1)
-    assert coordination._told_a_failed_trial(caught.value)
-    assert not coordination._told_a_failed_trial(ValueError("something else"))
+    assert private.told_a_failed_trial(caught.value)
+    assert not private.told_a_failed_trial(ValueError("something else"))
     coordination._run_one(study, objective)  # carries on, raises nothing
     assert [t.user_attrs["reason"] for t in study.get_trials(deepcopy=False)] == [
         "heartbeat stale"
@@ -202,9 +203,9 @@ def test_a_stale_heartbeat_is_found_and_failed(tmp_path: Path) -> None:
     study = _study(storage.rdb)
     beating = study.ask()
     storage.rdb.record_heartbeat(trial_id(beating))
-    assert coordination._heartbeat_on(study)
+    assert private.heartbeat_on(study)
     time.sleep(2.5)
-    assert coordination._stale_trial_ids(study) == [trial_id(beating)]
+    assert private.stale_trial_ids(study) == [trial_id(beating)]
     reclaim(study)
     t = study.get_trials(deepcopy=False)[0]
     assert t.state == TrialState.FAIL and t.user_attrs["reason"] == "heartbeat stale"

@@ -12,13 +12,14 @@ from typing import Any
 
 from babysit.errors import UsageError
 from babysit.schema import Param
+from babysit.schema import Stage
 from babysit.spec import Spec
 from babysit.spec import build_spec
 from babysit.spec import load_toml
 from babysit.spec import validate
 from babysit.spec.parse import apply_set
 
-_MODES = ("final", "full")
+_MODES = (Stage.FINAL, "full")
 _ABLATION_KEYS = ("name", "mode", "params", "repeats")
 _VARIANT_KEYS = ("name", "set", "params", "description", "reported")
 _PARAM_KEYS = (Param.LR, Param.WEIGHT_DECAY)
@@ -144,13 +145,13 @@ def load_ablation(config: Path, sets: list[str] | tuple[str, ...] = ()) -> Ablat
     name = table.get("name", base.name or config.stem)
     if not isinstance(name, str) or not all(_NAME.match(p) for p in name.split("/")):
         raise UsageError(f"ablation.name must be letters, digits, - _ . + (and /), got {name!r}")
-    mode = table.get("mode", "final")
+    mode = table.get("mode", Stage.FINAL)
     if mode not in _MODES:
         raise UsageError(f"ablation.mode must be one of {', '.join(_MODES)}, got {mode!r}")
     repeats = table.get("repeats", 1)
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
         raise UsageError(f"ablation.repeats must be a whole number >= 1, got {repeats!r}")
-    if mode == "final":
+    if mode == Stage.FINAL:
         if "params" not in table:
             raise UsageError(
                 "ablation.mode 'final' trains at fixed parameters: give "
@@ -192,7 +193,7 @@ def load_ablation(config: Path, sets: list[str] | tuple[str, ...] = ()) -> Ablat
             raise UsageError(f"{where}: set cannot change the run name; it is {name}/{vname}")
         params = default_params
         if "params" in raw:
-            if mode != "final":
+            if mode != Stage.FINAL:
                 raise UsageError(f"{where}: params is for mode 'final'")
             params = _params(raw["params"], f"{where} params")
         reported = raw.get("reported")

@@ -39,6 +39,7 @@ from babysit.ablate.table import table_rows
 from babysit.ablate.table import write_table
 from babysit.errors import ProtocolError
 from babysit.record import stored
+from babysit.schema import Stage
 from babysit.spec import Spec
 from babysit.storage import Storage
 from babysit.terminal import Progress
@@ -50,7 +51,7 @@ def _log(message: str) -> None:
 
 
 def _finished(storage: Storage, run: str) -> bool:
-    return bool(stored.load_stage(storage, run, "final").complete)
+    return bool(stored.load_stage(storage, run, Stage.FINAL).complete)
 
 
 def _train(

@@ -15,6 +15,7 @@ from babysit.record import stored
 from babysit.record.artifacts import trial_data
 from babysit.schema import STAGES
 from babysit.schema import Param
+from babysit.schema import Stage
 from babysit.schema import trial_attrs
 from babysit.storage import Storage
 from babysit.terminal import plural
@@ -23,7 +24,7 @@ from babysit.terminal import plural
 def _run_facts(storage: Storage, run: str) -> dict[str, Any] | None:
     """Test accuracy and loss, params, epochs and seconds of one run, from storage."""
     stages = stored.load_run(storage, run)
-    final = stages["final"]
+    final = stages[Stage.FINAL]
     if final.study is None:
         return _earlier_failure(storage, run, stages)
     seconds = sum(

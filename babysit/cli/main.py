@@ -15,6 +15,7 @@ from babysit.cli.rejected import nothing_left_if_rejected
 from babysit.errors import INTERRUPTED
 from babysit.errors import BabysitError
 from babysit.errors import UsageError
+from babysit.schema import Stage
 from babysit.terminal import install_warning_format
 from babysit.terminal import plural
 
@@ -134,7 +135,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
     if (
         code == 0
         and summary is not None
-        and any(summary["stages"][s]["status"] != "passed" for s in ("sanity", "overfit"))
+        and any(summary["stages"][s]["status"] != "passed" for s in (Stage.SANITY, Stage.OVERFIT))
     ):
         code = 1  # --force ran on past a failure; the check still failed
     if code == 0:
@@ -147,7 +148,7 @@ def _cmd_check(args: argparse.Namespace) -> int:
 
 
 def _closing_lines(summary: dict[str, Any], storage: Any) -> None:
-    final = summary["stages"]["final"]
+    final = summary["stages"][Stage.FINAL]
     out = sys.stderr
     if final["status"] == "passed":
         params = ", ".join(f"{k}={v:.3g}" for k, v in final["params"].items())

@@ -8,10 +8,9 @@ A single-trial stage (sanity, each overfit LR, final) enqueues its trial WAITING
 and the lowest number holding that key wins (:func:`fixed_trial`). A trial whose process
 died is failed with the reason written down (:func:`reclaim`), and its stage tops itself up.
 
-This is the one module that reads Optuna's private attributes and parses its messages; each
-such read is a small named function below, and tests/test_coordination.py pins them, so an
-Optuna upgrade that changes one fails a test instead of a run. (storage.py's reconnecting
-storage overrides RDBStorage methods and so reads RDBStorage internals too, by necessity.)
+What it needs of Optuna's private attributes, log lines and messages it reads through
+babysit/storage/private.py, the one place outside the storage implementations that reads
+them.
 """
 
 from __future__ import annotations
@@ -22,95 +21,36 @@ import socket
 import time
 import warnings
 from collections.abc import Callable
-from typing import TYPE_CHECKING
 from typing import Any
 from typing import Literal
 from typing import overload
 
 import optuna
-from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from babysit.errors import raise_if_interrupted
 from babysit.memory import release
 from babysit.parallel.interrupts import marking_interrupts
+from babysit.schema import FINISHED
 from babysit.schema import Reason
 from babysit.schema import StudyKey
 from babysit.schema import TrialKey
+from babysit.schema import counts
 from babysit.storage import StorageLost
 from babysit.storage import StorageRefused
+from babysit.storage.private import OPTIMIZE_LOGGER
+from babysit.storage.private import heartbeat_on
+from babysit.storage.private import orphaned_trial_ids
+from babysit.storage.private import stale_trial_ids
+from babysit.storage.private import storage_of
+from babysit.storage.private import told_a_failed_trial
+from babysit.storage.private import trial_id
+from babysit.storage.private import trial_number
 from babysit.terminal import plural
 
-if TYPE_CHECKING:
-    pass
-
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 ACTIVE = (TrialState.RUNNING, TrialState.WAITING)
 _POLL_SECONDS = 1.0
-
-# Optuna's logger for a trial's end ("Trial 3 failed with value None.", with the exception
-# that closed it): where a surplus trial would read like a crash.
-_OPTIMIZE_LOGGER = "optuna.study._optimize"
-# The start of the ValueError Optuna raises when a trial another process failed is told.
-_TELL_FAILED = "Cannot tell a FAIL trial"
-
-
-# ---------------------------------------------------------------------------- Optuna internals
-
-
-def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
-    """The trial's storage id (not its number): what the storage API addresses it by."""
-    return trial._trial_id
-
-
-def study_id(study: optuna.Study) -> int:
-    """The study's storage id: what the storage API and the dashboard's artifact URLs use."""
-    return study._study_id
-
-
-def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
-    """The storage a study writes through (Optuna's cache in front of an RDB storage)."""
-    return study._storage
-
-
-def _heartbeat_on(study: optuna.Study) -> bool:
-    return bool(getattr(storage_of(study), "get_heartbeat_interval", lambda: None)())
-
-
-def _stale_trial_ids(study: optuna.Study) -> list[int]:
-    """What ``optuna.storages.fail_stale_trials`` would fail: RUNNING trials whose heartbeat
-    is older than the grace period."""
-    storage = storage_of(study)
-    assert isinstance(storage, BaseHeartbeat), type(storage)  # called when _heartbeat_on
-    return list(storage._get_stale_trial_ids(study_id(study)))
-
-
-def _orphaned_trial_ids(study: optuna.Study) -> list[int]:
-    """RUNNING trials that never wrote a heartbeat (babysit's storage.orphaned_trial_ids;
-    behind Optuna's cache of an RDB storage, or the gRPC proxy, it sits at ``_backend``)."""
-    storage = storage_of(study)
-    orphaned = getattr(getattr(storage, "_backend", storage), "orphaned_trial_ids", None)
-    return list(orphaned(study_id(study))) if orphaned else []
-
-
-def _told_a_failed_trial(err: BaseException) -> bool:
-    """Whether ``err`` comes from Optuna telling a trial that another process had failed.
-
-    Optuna 5.0 raises the ValueError, then its own post-processing raises an AssertionError
-    ("Should not reach.") over it, so the ValueError is looked for down the chain."""
-    cause: BaseException | None = err
-    while cause is not None:
-        if isinstance(cause, ValueError) and str(cause).startswith(_TELL_FAILED):
-            return True
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
-def _trial_number(record: logging.LogRecord) -> str:
-    """ "3" from Optuna's "Trial 3 failed ..." log lines; "" from any other line."""
-    words = record.getMessage().split()
-    return words[1] if len(words) > 1 and words[0] == "Trial" else ""
 
 
 # ---------------------------------------------------------------------------- process-wide
@@ -129,7 +69,7 @@ class _QuietSurplus(logging.Filter):
         self._numbers: set[str] = set()
 
     def filter(self, record: logging.LogRecord) -> bool:
-        number = _trial_number(record)
+        number = trial_number(record)
         if record.exc_info and isinstance(record.exc_info[1], _Surplus):
             self._numbers.add(number)
             return False
@@ -150,7 +90,7 @@ def quiet_optuna() -> None:
     """
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    logger = logging.getLogger(_OPTIMIZE_LOGGER)
+    logger = logging.getLogger(OPTIMIZE_LOGGER)
     if not any(isinstance(f, _QuietSurplus) for f in logger.filters):
         logger.addFilter(_QuietSurplus())
 
@@ -196,10 +136,10 @@ def reclaim(study: optuna.Study) -> None:
             if not _pid_alive(int(pid)):
                 _fail(study, trial_id(t), "worker died")
     # What optuna.storages.fail_stale_trials does, with the reason written down first.
-    if _heartbeat_on(study):
-        for tid in _stale_trial_ids(study):
+    if heartbeat_on(study):
+        for tid in stale_trial_ids(study):
             _fail(study, tid, "heartbeat stale")
-        for tid in _orphaned_trial_ids(study):
+        for tid in orphaned_trial_ids(study):
             _fail(study, tid, "no heartbeat")
 
 
@@ -236,7 +176,7 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) ->
             if isinstance(cause, (StorageLost, StorageRefused)):
                 raise cause from None
             cause = cause.__cause__ or cause.__context__
-        if _told_a_failed_trial(err):
+        if told_a_failed_trial(err):
             # Its heartbeat went stale (a long database outage) and another worker failed it
             # and runs a replacement; this process carries on with the next trial.
             return
@@ -290,8 +230,6 @@ def fill(
 def stage_counts(trials: list[FrozenTrial]) -> dict[str, int]:
     """A stage's trials counted as the protocol counts them (record.counts): surplus trials
     are not its, and a diverged trial is a pruned one whatever state it was stored in."""
-    from babysit.schema import counts
-
     n = counts(trials)
     return {
         "trials": n["finished"],

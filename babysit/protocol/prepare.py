@@ -21,6 +21,7 @@ from babysit.data.streaming import data_facts
 from babysit.data.streaming import stream_if_asked
 from babysit.errors import UsageError
 from babysit.parallel.coordination import quiet_optuna
+from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.spec import Spec
 from babysit.spec import default_run_name
@@ -118,7 +119,7 @@ def prepare(
 
 def record_data_facts(ctx: Context) -> None:
     """What the summary needs to know of the data, stored once on the sanity study."""
-    study = open_stage(ctx, "sanity", direction="minimize")
+    study = open_stage(ctx, Stage.SANITY, direction="minimize")
     if StudyAttrs.from_attrs(study.user_attrs).train_size is None:
         facts = StudyAttrs(
             train_size=ctx.data.train_size,

@@ -13,6 +13,7 @@ from babysit.protocol.helpers import _stop
 from babysit.protocol.prepare import record_data_facts
 from babysit.record.stored import summary as summarize
 from babysit.report.publish import publish_stage
+from babysit.schema import Stage
 from babysit.stages.context import Context
 from babysit.stages.context import StageResult
 from babysit.stages.final.launch import launch_final
@@ -95,13 +96,15 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
     # The bar starts at the search's first report: after the LR range test or the anchoring
     # has said its piece, and at the trials a previous run stored.
     ranges = _coarse_ranges(ctx)
-    bar = Progress("coarse", "trial", ctx.quiet)
-    coarse = search(ctx, "coarse", spec.coarse, ranges, initial_loss=initial_loss, progress=bar.to)
+    bar = Progress(Stage.COARSE, "trial", ctx.quiet)
+    coarse = search(
+        ctx, Stage.COARSE, spec.coarse, ranges, initial_loss=initial_loss, progress=bar.to
+    )
     bar.close()
     _gate(ctx, coarse)
     from babysit.stages.learned import extend_coarse
 
-    bar = Progress("coarse", "trial", ctx.quiet)
+    bar = Progress(Stage.COARSE, "trial", ctx.quiet)
     extended = extend_coarse(ctx, initial_loss, progress=bar.to)
     bar.close()
     if extended is not None:
@@ -113,14 +116,14 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
     for warning in narrowed["warnings"]:
         ctx.log(f"warning: {warning}")
 
-    bar = Progress("fine", "trial", ctx.quiet)
+    bar = Progress(Stage.FINE, "trial", ctx.quiet)
     fine = search(
-        ctx, "fine", spec.fine, narrowed["ranges"], initial_loss=initial_loss, progress=bar.to
+        ctx, Stage.FINE, spec.fine, narrowed["ranges"], initial_loss=initial_loss, progress=bar.to
     )
     bar.close()
     _gate(ctx, fine)
 
-    bar = Progress("final", "epoch", ctx.quiet)
+    bar = Progress(Stage.FINAL, "epoch", ctx.quiet)
     result = final(ctx, progress=bar.to, launch=launch_final)
     bar.close()
     if result.status == "skipped":

@@ -22,14 +22,16 @@ from babysit.schema import DATA_FIELDS
 from babysit.schema import MAX_ATTR_BYTES
 from babysit.schema import StudyAttrs
 from babysit.schema import StudyKey
+from babysit.schema import SystemKey
 from babysit.schema import TrialAttrs
 from babysit.schema import TrialKey
 from babysit.schema import trial_attrs
 from babysit.spec import Spec
 from babysit.storage import Storage
+from babysit.storage.private import storage_of
+from babysit.storage.private import study_id
 
 # The spec as a study system attr (see store_spec).
-SPEC_SYSTEM_ATTR = "babysit:spec"
 
 
 def upload_json(
@@ -110,9 +112,9 @@ def study_spec(storage: Storage, study: optuna.Study) -> dict[str, Any] | None:
     attrs = StudyAttrs.from_attrs(study.user_attrs)
     if attrs.spec is not None or not attrs.spec_artifact:
         return attrs.spec
-    system = study._storage.get_study_system_attrs(study._study_id)
-    if isinstance(system.get(SPEC_SYSTEM_ATTR), dict):
-        return dict(system[SPEC_SYSTEM_ATTR])
+    system = storage_of(study).get_study_system_attrs(study_id(study))
+    if isinstance(system.get(SystemKey.SPEC), dict):
+        return dict(system[SystemKey.SPEC])
     found = read_json(storage, attrs.spec_artifact)
     if not isinstance(found, dict):
         raise UsageError(
@@ -132,8 +134,8 @@ def store_spec(storage: Storage, spec: Spec, study: optuna.Study) -> None:
     """
     study.set_user_attr(StudyKey.SPEC_ARTIFACT, spec_artifact(storage, spec, study))
     study.set_user_attr(StudyKey.SPEC_SUMMARY, spec_summary(spec))
-    study._storage.set_study_system_attr(
-        study._study_id, SPEC_SYSTEM_ATTR, json.loads(json.dumps(spec.to_dict()))
+    storage_of(study).set_study_system_attr(
+        study_id(study), SystemKey.SPEC, json.loads(json.dumps(spec.to_dict()))
     )
 
 

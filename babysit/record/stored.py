@@ -21,6 +21,7 @@ from babysit.record.runs import find_study
 from babysit.schema import FINISHED
 from babysit.schema import STAGES
 from babysit.schema import Param
+from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.schema import StudyKey
 from babysit.schema import best_of
@@ -94,7 +95,7 @@ def stage_result(
     spec = spec or stored_spec(storage, run)
     rec = rec or load_stage(storage, run, stage)
     attrs, done = rec.attrs, rec.finished
-    if stage == "sanity":
+    if stage == Stage.SANITY:
         if not done:
             return {"status": "skipped", "initial_loss": None, "expected_loss": None}
         a = trial_attrs(done[0])
@@ -107,7 +108,7 @@ def stage_result(
             "logit_std": a.logit_std,
             "top_class_share": a.top_class_share,
         }
-    if stage == "overfit":
+    if stage == Stage.OVERFIT:
         if not done:
             return {"status": "skipped", "train_accuracy": None}
         top = max(done, key=lambda t: t.value or 0.0)
@@ -122,7 +123,7 @@ def stage_result(
             "lr": top.params.get(Param.LR),
             "verdict": attrs.verdict,
         }
-    if stage in ("coarse", "fine"):
+    if stage in (Stage.COARSE, Stage.FINE):
         n = counts(rec.trials)
         target = getattr(spec, stage).trials
         best = best_of(rec.trials)
@@ -143,7 +144,7 @@ def stage_result(
             "target": target,
             "best": best,
         }
-        if stage == "fine":
+        if stage == Stage.FINE:
             entry["range"] = attrs.narrowed["ranges"] if attrs.narrowed else None
             entry["narrowing"] = attrs.narrowed
         else:
@@ -193,9 +194,9 @@ def summary(
     """
     spec = stored_spec(storage, run)
     stages = stages or load_run(storage, run)
-    sanity = stages["sanity"].attrs
+    sanity = stages[Stage.SANITY].attrs
     by_stage = {stage: float(examples(stages[stage].trials)) for stage in STAGES}
-    by_stage["sanity"] = 0
+    by_stage[Stage.SANITY] = 0
     train_size = sanity.train_size or 1
     return {
         "name": run,
@@ -216,9 +217,9 @@ def summary(
 
 
 def _target(spec: Spec, stage: str) -> int:
-    if stage in ("coarse", "fine"):
+    if stage in (Stage.COARSE, Stage.FINE):
         return int(getattr(spec, stage).trials)
-    if stage == "overfit":
+    if stage == Stage.OVERFIT:
         return len(spec.overfit.lrs.get(spec.optimizer, []))  # at most: it stops at a pass
     return 1
 
@@ -255,7 +256,7 @@ def progress(
 def narrowing_warnings(storage: Storage, run: str) -> list[str]:
     """The narrowing's edge warnings ("best lr ... sits at the upper edge of the coarse
     range ...: widen coarse.lr"), read without creating a study."""
-    study = find_study(storage, run, "fine")
+    study = find_study(storage, run, Stage.FINE)
     narrowed = study.user_attrs.get(StudyKey.NARROWED) if study is not None else None
     return list(narrowed.get("warnings", [])) if narrowed else []
 
@@ -265,7 +266,7 @@ def trial_readings(storage: Storage, run: str) -> dict[str, list[str]]:
     from babysit.record.artifacts import trial_data
 
     out: dict[str, list[str]] = {}
-    for stage in ("coarse", "fine", "final"):
+    for stage in (Stage.COARSE, Stage.FINE, Stage.FINAL):
         study = find_study(storage, run, stage)
         if study is None:
             continue

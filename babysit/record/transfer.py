@@ -41,6 +41,9 @@ from babysit.schema import TrialKey
 from babysit.schema import study_name
 from babysit.schema import trial_attrs
 from babysit.storage import Storage
+from babysit.storage.private import storage_of
+from babysit.storage.private import study_id
+from babysit.storage.private import trial_id
 
 _TRIAL_NOTE = re.compile(r"^dashboard:(\d+):(note_ver|note_str:\d+)$")
 # optuna-dashboard's artifact URLs (artifact/_backend.py): study's, then a trial's.
@@ -90,7 +93,7 @@ def copy_run(src: Storage, dst: Storage, run: str) -> dict[str, Any]:
             target = optuna.load_study(study_name=name, storage=dst.rdb)
             result["interrupted"] += _close_running(target)
             _renumber_notes(source, target)
-            study_ids[source._study_id] = target._study_id
+            study_ids[study_id(source)] = study_id(target)
             trial_ids.update(_trial_ids(source, target))
             targets.append(target)
             artifact_ids += _artifact_ids(source)
@@ -107,11 +110,11 @@ def copy_run(src: Storage, dst: Storage, run: str) -> dict[str, Any]:
 
 
 def _close_running(study: optuna.Study) -> int:
-    storage = study._storage
+    storage = storage_of(study)
     closed = 0
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        storage.set_trial_user_attr(t._trial_id, TrialKey.REASON, Reason.RUNNING_WHEN_COPIED)
-        storage.set_trial_state_values(t._trial_id, state=TrialState.FAIL)
+        storage.set_trial_user_attr(trial_id(t), TrialKey.REASON, Reason.RUNNING_WHEN_COPIED)
+        storage.set_trial_state_values(trial_id(t), state=TrialState.FAIL)
         closed += 1
     return closed
 
@@ -119,8 +122,8 @@ def _close_running(study: optuna.Study) -> int:
 def _renumber_notes(source: optuna.Study, target: optuna.Study) -> None:
     """Point the dashboard's trial notes at the target's trial ids."""
     ids = _trial_ids(source, target)
-    storage = target._storage
-    attrs = storage.get_study_system_attrs(target._study_id)
+    storage = storage_of(target)
+    attrs = storage.get_study_system_attrs(study_id(target))
     moved = {}
     for key, value in attrs.items():
         match = _TRIAL_NOTE.match(key)
@@ -128,16 +131,16 @@ def _renumber_notes(source: optuna.Study, target: optuna.Study) -> None:
             moved[f"dashboard:{ids[int(match.group(1))]}:{match.group(2)}"] = value
     stale = [k for k in attrs if _TRIAL_NOTE.match(k) and k not in moved]
     for key, value in moved.items():
-        storage.set_study_system_attr(target._study_id, key, value)
+        storage.set_study_system_attr(study_id(target), key, value)
     # A key naming a source id that is also a target id was just overwritten; the rest
     # would attach a note to whichever trial later gets that id, so they are emptied.
     for key in stale:
-        storage.set_study_system_attr(target._study_id, key, 0 if key.endswith("note_ver") else "")
+        storage.set_study_system_attr(study_id(target), key, 0 if key.endswith("note_ver") else "")
 
 
 def _trial_ids(source: optuna.Study, target: optuna.Study) -> dict[int, int]:
     return {
-        s._trial_id: t._trial_id
+        trial_id(s): trial_id(t)
         for s, t in zip(
             source.get_trials(deepcopy=False), target.get_trials(deepcopy=False), strict=True
         )
@@ -166,20 +169,18 @@ def _relink_notes(
 
     get_note_from_system_attrs = note_module().get_note_from_system_attrs
     save_note_with_version = note_module().save_note_with_version
-    storage = target._storage
-    attrs = storage.get_study_system_attrs(target._study_id)
-    for trial_id in [None, *(t._trial_id for t in target.get_trials(deepcopy=False))]:
-        note = get_note_from_system_attrs(attrs, trial_id)
+    storage = storage_of(target)
+    attrs = storage.get_study_system_attrs(study_id(target))
+    for tid in [None, *(trial_id(t) for t in target.get_trials(deepcopy=False))]:
+        note = get_note_from_system_attrs(attrs, tid)
         body = relink(note["body"], study_ids, trial_ids)
         if body != note["body"]:
-            save_note_with_version(
-                storage, target._study_id, trial_id, int(note["version"]) + 1, body
-            )
+            save_note_with_version(storage, study_id(target), tid, int(note["version"]) + 1, body)
 
 
 def _artifact_ids(study: optuna.Study) -> list[str]:
     ids: list[str] = []
-    attrs = [study._storage.get_study_system_attrs(study._study_id)]
+    attrs = [storage_of(study).get_study_system_attrs(study_id(study))]
     attrs += [t.system_attrs for t in study.get_trials(deepcopy=False)]
     for system_attrs in attrs:
         for key, value in system_attrs.items():

@@ -33,6 +33,7 @@ from babysit.report.render import secs
 from babysit.schema import FINISHED
 from babysit.schema import STAGES
 from babysit.schema import Param
+from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.schema import trial_attrs
 from babysit.storage import Storage
@@ -63,9 +64,9 @@ def _fallback_verdict(stage: str, study: optuna.Study, trials: list[FrozenTrial]
     if verdict is not None:
         return str(verdict)
     done = [t for t in trials if t.state in FINISHED]
-    if stage in ("sanity", "final"):
+    if stage in (Stage.SANITY, Stage.FINAL):
         return blank(trial_attrs(done[0]).verdict) if done else "not run yet"
-    if stage in ("coarse", "fine"):
+    if stage in (Stage.COARSE, Stage.FINE):
         counts = schema.counts(trials)
         best = schema.best_trial(trials)
         text = (
@@ -177,7 +178,7 @@ def _build(storage: Storage, run: str) -> Report:
             f"{summary['epochs_spent']:.2f}",
         ]
     )
-    final = stages["final"]
+    final = stages[Stage.FINAL]
     if final.get("status") == "passed":
         params = ", ".join(f"{k} {g3(v)}" for k, v in (final.get("params") or {}).items())
         headline = (
@@ -222,19 +223,19 @@ def _stage_facts(
     summary: dict[str, Any],
 ) -> None:
     facts = section.facts
-    if stage == "sanity":
+    if stage == Stage.SANITY:
         facts += [
             ("initial loss", num(info.get("initial_loss"))),
             ("expected loss", num(info.get("expected_loss"))),
             ("loss with L2 penalty", num(info.get("loss_with_reg"))),
         ]
-    elif stage == "overfit":
+    elif stage == Stage.OVERFIT:
         facts += [
             ("train accuracy", pct(info.get("train_accuracy"))),
             ("lr", num(info.get("lr"))),
             ("learning rates tried", str(len(trials))),
         ]
-    elif stage in ("coarse", "fine") and trials:
+    elif stage in (Stage.COARSE, Stage.FINE) and trials:
         facts += [
             ("trials", f"{info.get('trials', 0)} of {info.get('target', '?')} finished"),
             ("complete", str(info.get("complete", 0))),
@@ -254,13 +255,13 @@ def _stage_facts(
         ranges = info.get("range")
         if ranges:
             facts += [(f"{k} range", f"[{v[0]:.3g}, {v[1]:.3g}]") for k, v in ranges.items()]
-        narrowed = info.get("narrowing") if stage == "fine" else None
+        narrowed = info.get("narrowing") if stage == Stage.FINE else None
         if narrowed:
             facts.append(("narrowing rule", narrowed["rule"]))
             section.notes += [f"warning: {w}" for w in narrowed.get("warnings") or []]
         section.trials = [_trial_row(t) for t in _top(trials, _TOP_TRIALS)]
         section.total_trials = len(trials)
-    elif stage == "final" and info.get("status") == "passed":
+    elif stage == Stage.FINAL and info.get("status") == "passed":
         facts += [(k, num(v)) for k, v in (info.get("params") or {}).items()]
         facts += [
             ("epochs", str(info.get("epochs"))),

@@ -26,6 +26,7 @@ from babysit import schema
 from babysit.errors import UsageError
 from babysit.record import stored
 from babysit.record.artifacts import trial_data
+from babysit.schema import Stage
 from babysit.schema import TrialKey
 from babysit.storage import Storage
 
@@ -34,11 +35,11 @@ if TYPE_CHECKING:
 
 # What a trial's objective value means, by stage: the column it goes to.
 OBJECTIVE = {
-    "sanity": TrialKey.INITIAL_LOSS,
-    "overfit": TrialKey.TRAIN_ACCURACY,
-    "coarse": TrialKey.VAL_ACCURACY,
-    "fine": TrialKey.VAL_ACCURACY,
-    "final": TrialKey.VAL_ACCURACY,
+    Stage.SANITY: TrialKey.INITIAL_LOSS,
+    Stage.OVERFIT: TrialKey.TRAIN_ACCURACY,
+    Stage.COARSE: TrialKey.VAL_ACCURACY,
+    Stage.FINE: TrialKey.VAL_ACCURACY,
+    Stage.FINAL: TrialKey.VAL_ACCURACY,
 }
 # Attrs that are curves: in the curves table, not in a cell of the trials table.
 _CURVE_KEYS = (TrialKey.CURVE, TrialKey.CURVES, TrialKey.DIAGNOSTICS, TrialKey.DATA)

@@ -24,6 +24,7 @@ from babysit.record import stored
 from babysit.schema import FINISHED
 from babysit.schema import Param
 from babysit.schema import Reason
+from babysit.schema import Stage
 from babysit.schema import TrialAttrs
 from babysit.schema import trial_attrs
 from babysit.storage import Storage
@@ -288,22 +289,22 @@ def stage_figure(storage: Storage, run: str, stage: str) -> Figure | None:
     trials = rec.trials
     if rec.study is None:
         return None
-    if stage == "overfit":
+    if stage == Stage.OVERFIT:
         found = [trial_data(storage, t) for t in trials]
         if not any(a.curve for a in found):
             return None
         return overfit_curve(
             trials, next((a.samples for a in found if a.samples is not None), None), found
         )
-    if stage in ("coarse", "fine"):
+    if stage in (Stage.COARSE, Stage.FINE):
         if not any(t.state in FINISHED for t in trials):
             return None
-        coarse = rec if stage == "coarse" else stored.load_stage(storage, run, "coarse")
-        fine = rec if stage == "fine" else stored.load_stage(storage, run, "fine")
+        coarse = rec if stage == Stage.COARSE else stored.load_stage(storage, run, Stage.COARSE)
+        fine = rec if stage == Stage.FINE else stored.load_stage(storage, run, Stage.FINE)
         bounds = coarse.attrs.ranges or rec.attrs.ranges or {}
         narrowed = fine.attrs.narrowed
         return search_scatter(trials, stage, bounds, narrowed["ranges"] if narrowed else None)
-    if stage == "final":
+    if stage == Stage.FINAL:
         done = rec.complete
         data = trial_data(storage, done[0]) if done else None
         if data is None or not data.curves:

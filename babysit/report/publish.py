@@ -36,21 +36,23 @@ from babysit.report.render import num
 from babysit.report.render import pct
 from babysit.schema import FINISHED
 from babysit.schema import Param
+from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.schema import StudyKey
 from babysit.schema import TrialKey
 from babysit.schema import trial_attrs
 from babysit.storage import Storage
+from babysit.storage.private import study_id
 
 if TYPE_CHECKING:
     from torch import nn
 
 # One plot per stage that has one, under this file name (the dashboard shows the name).
 _PLOT_FILES = {
-    "overfit": "overfit-curve.png",
-    "coarse": "coarse-search.png",
-    "fine": "fine-search.png",
-    "final": "final-curves.png",
+    Stage.OVERFIT: "overfit-curve.png",
+    Stage.COARSE: "coarse-search.png",
+    Stage.FINE: "fine-search.png",
+    Stage.FINAL: "final-curves.png",
 }
 
 
@@ -88,7 +90,7 @@ def _publish(storage: Storage, run: str, result: Any) -> None:
     # The coarse scatter waits for the narrowed box, which exists once fine starts; so
     # fine's turn publishes coarse too (and coarse's own turn does when it failed, since
     # no fine stage follows, or on a rerun, when the box is already there).
-    stages = ("coarse", "fine") if result.stage == "fine" else (result.stage,)
+    stages = (Stage.COARSE, Stage.FINE) if result.stage == Stage.FINE else (result.stage,)
     for stage in stages:
         target = study if stage == result.stage else find_study(storage, run, stage)
         if target is None:
@@ -125,8 +127,8 @@ def _publish_plot(storage: Storage, run: str, stage: str, study: optuna.Study) -
     artifacts = dict(published.get("artifacts") or {})
     if name is None or name in artifacts:
         return
-    if stage == "coarse" and published.get("status") != "failed":
-        fine = find_study(storage, run, "fine")
+    if stage == Stage.COARSE and published.get("status") != "failed":
+        fine = find_study(storage, run, Stage.FINE)
         if fine is None or StudyAttrs.from_attrs(fine.user_attrs).narrowed is None:
             return
     from babysit.report.plots import png
@@ -161,7 +163,7 @@ def _note(storage: Storage, run: str, stage: str, study: optuna.Study) -> str:
         published.get("verdict") or _fallback_verdict(stage, study, trials),
         "",
     ]
-    if stage == "sanity":
+    if stage == Stage.SANITY:
         done = [t for t in trials if t.state in FINISHED]
         if done:
             a = trial_attrs(done[0])
@@ -169,7 +171,7 @@ def _note(storage: Storage, run: str, stage: str, study: optuna.Study) -> str:
                 ["initial loss", "expected", "with L2 penalty", "reg"],
                 [[num(a.initial_loss), num(a.expected_loss), num(a.loss_with_reg), num(a.reg)]],
             )
-    elif stage == "overfit":
+    elif stage == Stage.OVERFIT:
         rows = [
             [
                 num(t.params.get(Param.LR)),
@@ -181,12 +183,12 @@ def _note(storage: Storage, run: str, stage: str, study: optuna.Study) -> str:
             if t.state in FINISHED
         ]
         lines += md_table(["lr", "train accuracy", "steps", "examples"], rows)
-    elif stage in ("coarse", "fine"):
-        if stage == "fine":
+    elif stage in (Stage.COARSE, Stage.FINE):
+        if stage == Stage.FINE:
             lines += _narrowing_md(StudyAttrs.from_attrs(study.user_attrs).narrowed)
         lines += [f"Top trials by validation accuracy (of {len(trials)}):", ""]
         lines += md_table(TRIAL_COLUMNS, [_trial_row(t) for t in _top(trials, 5)])
-    elif stage == "final":
+    elif stage == Stage.FINAL:
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if done:
             t = done[0]
@@ -207,7 +209,7 @@ def _note(storage: Storage, run: str, stage: str, study: optuna.Study) -> str:
     artifact_id = (published.get("artifacts") or {}).get(_PLOT_FILES.get(stage, ""))
     if artifact_id:
         # The dashboard serves study artifacts here, so the note shows the plot inline.
-        lines += [f"![{stage}](/artifacts/{study._study_id}/{artifact_id})", ""]
+        lines += [f"![{stage}](/artifacts/{study_id(study)}/{artifact_id})", ""]
     lines.append(
         f"_Written by babysit; `babysit report --name {run}` has every stage on one page._"
     )

@@ -13,12 +13,14 @@ from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
 
+from babysit.schema import Stage
+
 TITLES = {
-    "sanity": "sanity check",
-    "overfit": "overfit a small subset",
-    "coarse": "coarse search",
-    "fine": "fine search",
-    "final": "final training",
+    Stage.SANITY: "sanity check",
+    Stage.OVERFIT: "overfit a small subset",
+    Stage.COARSE: "coarse search",
+    Stage.FINE: "fine search",
+    Stage.FINAL: "final training",
 }
 TRIAL_COLUMNS = ["#", "lr", "weight_decay", "val accuracy", "state", "reason"]
 

@@ -12,6 +12,7 @@ from typing import Any
 
 from babysit.record import stored
 from babysit.record.runs import run_names
+from babysit.schema import Stage
 from babysit.storage import Storage
 
 
@@ -46,7 +47,7 @@ def status_lines(s: dict[str, Any]) -> list[str]:
 
 def _stage_line(stage: str, v: dict[str, Any], p: dict[str, Any]) -> str:
     line = f"  {stage:<8} {v['status']:<8}"
-    if stage in ("coarse", "fine"):
+    if stage in (Stage.COARSE, Stage.FINE):
         line += (
             f" {v['trials']}/{v['target']} finished: {v['complete']} complete, "
             f"{v['pruned']} pruned ({v['diverged']} diverged), {v['failed']} failed"
@@ -55,11 +56,11 @@ def _stage_line(stage: str, v: dict[str, Any], p: dict[str, Any]) -> str:
             line += f"; best {v['best']['value']:.4f}"
     else:
         line += f" {p['finished']}/{p['target']} trials"
-        if stage == "sanity" and v["initial_loss"] is not None:
+        if stage == Stage.SANITY and v["initial_loss"] is not None:
             line += f"; initial loss {v['initial_loss']:.3f} (expected {v['expected_loss']:.3f})"
-        elif stage == "overfit" and v["train_accuracy"] is not None:
+        elif stage == Stage.OVERFIT and v["train_accuracy"] is not None:
             line += f"; train accuracy {v['train_accuracy']:.3f}"
-        elif stage == "final" and v.get("test_accuracy") is not None:
+        elif stage == Stage.FINAL and v.get("test_accuracy") is not None:
             line += f"; test accuracy {v['test_accuracy']:.4f}, val {v['val_accuracy']:.4f}"
     if p["wall_seconds"] is not None:
         line += f"; {_secs(p['wall_seconds'])}"

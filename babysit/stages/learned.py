@@ -24,6 +24,7 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from babysit.schema import Param
+from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.schema import StudyKey
 from babysit.schema import best_of
@@ -65,7 +66,7 @@ def user_set_lr(spec: Spec) -> bool:
 
 def overfit_lr(ctx: Context) -> float | None:
     """The LR that memorised the overfit subset, or None when none did (``--force``)."""
-    study = open_stage(ctx, "overfit")
+    study = open_stage(ctx, Stage.OVERFIT)
     passed = [
         t
         for t in study.get_trials(deepcopy=False)
@@ -86,7 +87,7 @@ def anchored_ranges(ctx: Context, ranges: dict[str, list[float]]) -> dict[str, l
     if lr is None:
         return ranges
     anchored = [lr / 10**ANCHOR_BELOW, lr * 10**ANCHOR_ABOVE]
-    study = open_stage(ctx, "coarse")
+    study = open_stage(ctx, Stage.COARSE)
     study.set_user_attr(
         StudyKey.LR_ANCHOR,
         {
@@ -133,7 +134,7 @@ def extend_coarse(
     to what was really searched.
     """
     spec = ctx.spec
-    study = open_stage(ctx, "coarse")
+    study = open_stage(ctx, Stage.COARSE)
     plan = study.user_attrs.get(StudyKey.EXTENSION)
     if plan is None:
         best = best_of(study.get_trials(deepcopy=False))
@@ -170,7 +171,7 @@ def extend_coarse(
     )
     bigger = dataclasses.replace(spec.coarse, trials=spec.coarse.trials + plan["extra_trials"])
     result = search(
-        ctx, "coarse", bigger, plan["strip"], initial_loss=initial_loss, progress=progress
+        ctx, Stage.COARSE, bigger, plan["strip"], initial_loss=initial_loss, progress=progress
     )
     result.verdict += (
         f"; the first round's best had {shown}, so "
@@ -186,7 +187,7 @@ def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
     search stored them, so every worker and every rerun uses the same."""
     spec = ctx.spec
     ranges = {Param.LR: list(spec.coarse.lr), Param.WEIGHT_DECAY: list(spec.coarse.weight_decay)}
-    study = open_stage(ctx, "coarse")
+    study = open_stage(ctx, Stage.COARSE)
     stored = StudyAttrs.from_attrs(study.user_attrs).ranges
     if stored is not None:
         return stored

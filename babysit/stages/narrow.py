@@ -13,6 +13,7 @@ from optuna.trial import FrozenTrial
 
 from babysit.errors import ProtocolError
 from babysit.schema import Param
+from babysit.schema import Stage
 from babysit.schema import StudyKey
 from babysit.schema import scored
 from babysit.spec import CoarseSpec
@@ -102,11 +103,11 @@ def narrow(
 
 
 def narrow_stage(ctx: Context) -> dict[str, Any]:
-    fine = open_stage(ctx, "fine")
+    fine = open_stage(ctx, Stage.FINE)
     stored = fine.user_attrs.get(StudyKey.NARROWED)
     if stored is not None:
         return stored
-    coarse = open_stage(ctx, "coarse")
+    coarse = open_stage(ctx, Stage.COARSE)
     spec = ctx.spec
     # Chance: always guessing the most common validation class.
     counts = torch.bincount(ctx.data.val_labels(), minlength=ctx.data.num_classes)

@@ -15,6 +15,7 @@ from babysit.parallel.coordination import fixed_trial
 from babysit.record.artifacts import store_trial_data
 from babysit.record.artifacts import trial_data
 from babysit.schema import Param
+from babysit.schema import Stage
 from babysit.schema import StudyKey
 from babysit.schema import TrialKey
 from babysit.stages.context import Context
@@ -31,7 +32,7 @@ def overfit(ctx: Context) -> StageResult:
     """Memorise a small subset with no regularisation (weight decay 0, dropout off) and no
     augmentation; try a few LRs before failing."""
     spec = ctx.spec
-    study = open_stage(ctx, "overfit")
+    study = open_stage(ctx, Stage.OVERFIT)
     data = ctx.data
     n = min(spec.overfit.samples, data.train_size)
     x, y = data.head(n)
@@ -41,7 +42,7 @@ def overfit(ctx: Context) -> StageResult:
 
         def objective(trial: optuna.Trial, lr: float = lr, i: int = i) -> float:
             trial.suggest_float(Param.LR, lr, lr, log=True)
-            model = fresh_model(ctx, seed_for(spec, "overfit", i))
+            model = fresh_model(ctx, seed_for(spec, Stage.OVERFIT, i))
             # Dropout is regularisation too: switched off, like weight decay, for this check.
             for module in model.modules():
                 if isinstance(module, torch.nn.Dropout):
@@ -68,7 +69,7 @@ def overfit(ctx: Context) -> StageResult:
             )
             study.set_user_attr(StudyKey.VERDICT, verdict)
             return StageResult(
-                "overfit",
+                Stage.OVERFIT,
                 "passed",
                 verdict,
                 {"train_accuracy": 1.0, "lr": lr, "steps": trial.user_attrs[TrialKey.STEPS]},
@@ -76,7 +77,7 @@ def overfit(ctx: Context) -> StageResult:
     verdict = _overfit_verdict(ctx, tried, n)
     study.set_user_attr(StudyKey.VERDICT, verdict)
     best = max((t.value or 0.0) for t in tried)
-    return StageResult("overfit", "failed", verdict, {"train_accuracy": best})
+    return StageResult(Stage.OVERFIT, "failed", verdict, {"train_accuracy": best})
 
 
 def _overfit_verdict(ctx: Context, trials: list[FrozenTrial], n: int) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import optuna
 from optuna.trial import FrozenTrial
 
-from babysit.parallel.coordination import FINISHED
+from babysit.schema import FINISHED
 from babysit.spec import SearchSpec
 
 # Successive halving in the coarse stage: every trial gets one epoch, the top third of

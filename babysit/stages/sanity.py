@@ -17,6 +17,7 @@ import optuna
 import torch
 
 from babysit.parallel.coordination import fixed_trial
+from babysit.schema import Stage
 from babysit.schema import TrialKey
 from babysit.schema import trial_attrs
 from babysit.stages.context import Context
@@ -41,11 +42,11 @@ def sanity(ctx: Context) -> SanityResult:
     how far the logits spread, how much of the batch one class takes), the loss against
     ln C, and whether adding the L2 penalty raises it."""
     spec = ctx.spec
-    study = open_stage(ctx, "sanity", direction="minimize")
+    study = open_stage(ctx, Stage.SANITY, direction="minimize")
     expected = expected_initial_loss(spec.loss, ctx.data.num_classes)
 
     def objective(trial: optuna.Trial) -> float:
-        model = fresh_model(ctx, seed_for(spec, "sanity", 0))
+        model = fresh_model(ctx, seed_for(spec, Stage.SANITY, 0))
         readings = read_untrained(ctx, model)
         initial, with_reg = readings.pop("initial_loss"), readings.pop("loss_with_reg")
         status, verdict = _sanity_verdict(
@@ -73,11 +74,11 @@ def sanity(ctx: Context) -> SanityResult:
             trial.set_user_attr(k, v)
         return initial if math.isfinite(initial) else float("inf")
 
-    trial = fixed_trial(study, "sanity", {}, objective)
+    trial = fixed_trial(study, Stage.SANITY, {}, objective)
     a = trial_attrs(trial)
     initial_loss = float(a.initial_loss if a.initial_loss is not None else "nan")
     return SanityResult(
-        "sanity",
+        Stage.SANITY,
         str(a.status),
         str(a.verdict),
         {

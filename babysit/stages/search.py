@@ -20,6 +20,7 @@ from babysit.parallel.coordination import stage_counts
 from babysit.record.artifacts import store_trial_data
 from babysit.schema import Param
 from babysit.schema import Reason
+from babysit.schema import Stage
 from babysit.schema import StudyKey
 from babysit.schema import TrialKey
 from babysit.schema import best_of
@@ -231,8 +232,8 @@ def _search_result(
         f"{best['value']:.3f} at lr {best['params']['lr']:.3g}, "
         f"weight_decay {best['params']['weight_decay']:.3g}"
     )
-    if stage == "fine":
-        coarse_best = best_of(open_stage(ctx, "coarse").get_trials(deepcopy=False))
+    if stage == Stage.FINE:
+        coarse_best = best_of(open_stage(ctx, Stage.COARSE).get_trials(deepcopy=False))
         if coarse_best is not None and coarse_best["value"] > best["value"]:
             values["worse_than_coarse"] = coarse_best
             verdict += (

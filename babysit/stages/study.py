@@ -18,6 +18,7 @@ import optuna
 from babysit.errors import UsageError
 from babysit.parallel.interrupts import interrupted_last
 from babysit.schema import STAGES
+from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.schema import StudyKey
 from babysit.schema import study_name
@@ -63,11 +64,11 @@ def open_stage(
 
 # What each stage's objective is, as the dashboard names it ("Objective 0" otherwise).
 METRICS = {
-    "sanity": "initial_loss",
-    "overfit": "train_accuracy",
-    "coarse": "val_accuracy",
-    "fine": "val_accuracy",
-    "final": "val_accuracy",
+    Stage.SANITY: "initial_loss",
+    Stage.OVERFIT: "train_accuracy",
+    Stage.COARSE: "val_accuracy",
+    Stage.FINE: "val_accuracy",
+    Stage.FINAL: "val_accuracy",
 }
 
 
@@ -120,6 +121,8 @@ def say_interrupted(ctx: Context, study: optuna.Study, stage: str) -> None:
             continue
         _SAID.add(said)
         again = (
-            "a new trial takes its place" if stage in ("coarse", "fine") else "running it again"
+            "a new trial takes its place"
+            if stage in (Stage.COARSE, Stage.FINE)
+            else "running it again"
         )
         ctx.log(f"{stage}: trial {t.number} was interrupted; {again}")

@@ -27,6 +27,7 @@ from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
+from babysit.schema import SystemKey
 from babysit.storage.errors import _BRIEF
 from babysit.storage.errors import _BRIEF_TRIES
 from babysit.storage.errors import _BRIEF_WAITED
@@ -37,6 +38,8 @@ from babysit.storage.errors import StorageRefused
 from babysit.storage.errors import _advice
 from babysit.storage.errors import _classify
 from babysit.storage.errors import _reason
+from babysit.storage.private import RDB_METHODS
+from babysit.storage.private import STORAGE_METHODS
 from babysit.storage.url import redact_text
 
 # A worker whose heartbeat is older than the grace period is presumed dead and its trial
@@ -52,7 +55,6 @@ DEFAULT_RECONNECT = 60
 # The claim of a WAITING trial, written in the same transaction that makes it RUNNING, so
 # that after a connection lost during the commit the process can tell whether it was its
 # own claim that committed (run the trial) or another process's (skip it).
-CLAIM_ATTR = "babysit:claim"
 
 
 class _ReconnectingRDBStorage(optuna.storages.RDBStorage):
@@ -179,7 +181,7 @@ def _claim(storage: _ReconnectingRDBStorage, trial_id: int, token: str) -> bool:
             trial.state = TrialState.RUNNING
             trial.datetime_start = datetime.now()
             storage._set_trial_attr_without_commit(
-                session, _models.TrialSystemAttributeModel, trial_id, CLAIM_ATTR, token
+                session, _models.TrialSystemAttributeModel, trial_id, SystemKey.CLAIM, token
             )
     except sqlalchemy.exc.IntegrityError:
         return False
@@ -188,7 +190,7 @@ def _claim(storage: _ReconnectingRDBStorage, trial_id: int, token: str) -> bool:
 
 def _settle_claim(storage: _ReconnectingRDBStorage, trial_id: int, token: str) -> bool:
     attrs = optuna.storages.RDBStorage.get_trial_system_attrs(storage, trial_id)
-    if attrs.get(CLAIM_ATTR) == token:
+    if attrs.get(SystemKey.CLAIM) == token:
         return True  # our claim committed before the connection broke: the trial is ours
     return _claim(storage, trial_id, token)
 
@@ -352,36 +354,6 @@ def _retried(name: str) -> Callable[..., Any]:
     return call
 
 
-for _name in (
-    "create_new_study",
-    "delete_study",
-    "set_study_user_attr",
-    "set_study_system_attr",
-    "get_study_id_from_name",
-    "get_study_name_from_id",
-    "get_study_directions",
-    "get_study_user_attrs",
-    "get_study_system_attrs",
-    "get_trial_user_attrs",
-    "get_trial_system_attrs",
-    "get_all_studies",
-    "create_new_trial",
-    "set_trial_param",
-    "get_trial_param",
-    "set_trial_state_values",
-    "set_trial_intermediate_value",
-    "set_trial_user_attr",
-    "set_trial_system_attr",
-    "get_trial_id_from_study_id_trial_number",
-    "get_trial",
-    "get_all_trials",
-    "get_best_trial",
-    "_get_stale_trial_ids",
-    # Optuna's cache layer calls these private ones directly (study.get_trials, ask, suggest).
-    "_get_trials",
-    "_create_new_trial",
-    "_set_trial_param",
-    "_get_best_trial_id",
-):
+for _name in STORAGE_METHODS + RDB_METHODS:
     if _name not in vars(_ReconnectingRDBStorage):  # those settle a possibly committed write
         setattr(_ReconnectingRDBStorage, _name, _retried(_name))

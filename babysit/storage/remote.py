@@ -38,8 +38,9 @@ from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from babysit.errors import UsageError
+from babysit.schema import SystemKey
+from babysit.storage.private import STORAGE_METHODS
 
-HEARTBEAT_ATTR = "babysit:heartbeat"
 DEFAULT_PROXY_PORT = 13000  # Optuna's run_grpc_proxy_server default
 
 
@@ -90,7 +91,7 @@ class HeartbeatGrpcProxy(GrpcStorageProxy, BaseHeartbeat):
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
-            self.set_trial_system_attr(trial_id, HEARTBEAT_ATTR, time.time())
+            self.set_trial_system_attr(trial_id, SystemKey.HEARTBEAT, time.time())
         except Exception:  # noqa: BLE001 - the thread must live on; a lost proxy shows on
             pass  # the main thread's next call, and the trial finished meanwhile is fine
 
@@ -156,33 +157,13 @@ def _retrying(name: str) -> Callable[..., Any]:
     return call
 
 
-for _name in (
-    "create_new_study",
-    "delete_study",
-    "set_study_user_attr",
-    "set_study_system_attr",
-    "get_study_id_from_name",
-    "get_study_name_from_id",
-    "get_study_directions",
-    "get_study_user_attrs",
-    "get_study_system_attrs",
-    "get_all_studies",
-    "create_new_trial",
-    "set_trial_param",
-    "set_trial_state_values",
-    "set_trial_intermediate_value",
-    "set_trial_user_attr",
-    "set_trial_system_attr",
-    "get_trial_id_from_study_id_trial_number",
-    "get_trial",
-    "get_all_trials",
-):
+for _name in STORAGE_METHODS:
     setattr(HeartbeatGrpcProxy, _name, _retrying(_name))
 
 
 def _stale(trial: FrozenTrial, now: float, grace: int) -> bool:
     # A trial with no stamp yet is never stale, as in Optuna's RDB heartbeat.
-    stamp = trial.system_attrs.get(HEARTBEAT_ATTR)
+    stamp = trial.system_attrs.get(SystemKey.HEARTBEAT)
     return isinstance(stamp, (int, float)) and now - stamp > grace
 
 

@@ -16,7 +16,6 @@ searches used.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
 import os
 import signal
@@ -33,6 +32,7 @@ import torch.distributed as dist
 
 from babysit.errors import INTERRUPTED
 from babysit.errors import UsageError
+from babysit.parallel.lifeline import die_with_parent_now
 
 if TYPE_CHECKING:
     from babysit.stages.context import Context
@@ -86,8 +86,8 @@ def launch_final(
     from torch.distributed.launcher.api import elastic_launch
 
     from babysit.data.device import DeviceData
-    from babysit.parallel.coordination import trial_id
     from babysit.stages.final.checkpoint import load_checkpoint
+    from babysit.storage.private import trial_id
 
     procs = ctx.final_procs
     data = ctx.data
@@ -176,22 +176,9 @@ def _first_line(err: BaseException) -> str:
     return text[0] if text else type(err).__name__
 
 
-def _die_with_parent() -> None:
-    """A rank goes when its launcher goes, even killed outright (SIGKILL runs no handler):
-    no orphan keeps a GPU or a stale trial busy."""
-    if sys.platform.startswith("linux"):
-        try:
-            libc = ctypes.CDLL("libc.so.6", use_errno=True)
-            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-        except OSError:
-            return
-        if os.getppid() == 1:  # the launcher died before prctl took effect
-            os._exit(1)
-
-
 def _rank_main(job: _Job) -> dict[str, Any]:
     """One rank: join the process group, rebuild the context, train its shard."""
-    _die_with_parent()
+    die_with_parent_now()
     from babysit.data.device import DeviceData
     from babysit.spec import Spec
     from babysit.stages.context import Context

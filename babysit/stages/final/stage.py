@@ -18,6 +18,7 @@ from optuna.trial import TrialState
 from babysit.errors import ProtocolError
 from babysit.parallel.coordination import fixed_trial
 from babysit.parallel.coordination import holders
+from babysit.schema import Stage
 from babysit.schema import TrialKey
 from babysit.schema import best_of
 from babysit.stages.context import Context
@@ -35,7 +36,8 @@ def best_params(ctx: Context) -> dict[str, float]:
     # first on a tie: it trained longer). A fine stage that did worse than coarse does not
     # hand the final its worse parameters.
     bests = [
-        best_of(open_stage(ctx, stage).get_trials(deepcopy=False)) for stage in ("fine", "coarse")
+        best_of(open_stage(ctx, stage).get_trials(deepcopy=False))
+        for stage in (Stage.FINE, Stage.COARSE)
     ]
     found = [b for b in bests if b is not None]
     if found:
@@ -61,7 +63,7 @@ def final(
     ``ctx.final_procs`` > 1 trains on that many processes through ``launch``
     (babysit.distributed.launch_final, passed in by the caller: the launcher imports this
     module to run each rank, so this module does not import it back)."""
-    study = open_stage(ctx, "final")
+    study = open_stage(ctx, Stage.FINAL)
     params = params if params is not None else best_params(ctx)
 
     def objective(trial: optuna.Trial) -> float:
@@ -89,25 +91,25 @@ def final(
         return result["val_acc"]
 
     # A worker (not the run's owner) that finds the final held by another process stops.
-    trial = fixed_trial(study, "final", {}, objective, wait=ctx.owner)
+    trial = fixed_trial(study, Stage.FINAL, {}, objective, wait=ctx.owner)
     if trial is None:
         holder = holders(study)
         return StageResult(
-            "final",
+            Stage.FINAL,
             "skipped",
             f"final training is held by {', '.join(holder) or 'another worker'}",
             {"held_by": holder},
         )
     if trial.state != TrialState.COMPLETE:
         return StageResult(
-            "final", "failed", trial.user_attrs.get(TrialKey.VERDICT, "final failed"), {}
+            Stage.FINAL, "failed", trial.user_attrs.get(TrialKey.VERDICT, "final failed"), {}
         )
     # Only the model is kept of a passed final: its resumable checkpoint goes (here, and
     # on a rerun that finds it left by a process killed in between).
     delete_checkpoint(ctx, study)
     a = trial.user_attrs
     return StageResult(
-        "final",
+        Stage.FINAL,
         "passed",
         a["verdict"],
         {

@@ -19,6 +19,7 @@ import torch
 from babysit.record.artifacts import store_trial_data
 from babysit.record.stored import narrowing_warnings
 from babysit.report.publish import upload_filters
+from babysit.schema import Stage
 from babysit.schema import TrialKey
 from babysit.stages.context import Context
 from babysit.stages.context import fresh_model
@@ -145,7 +146,7 @@ def train_final(
     """
     spec = ctx.spec
     main = rank == 0
-    seed = seed_for(spec, "final", 0)
+    seed = seed_for(spec, Stage.FINAL, 0)
     model = fresh_model(ctx, seed)
     net: torch.nn.Module = model
     gen = generator_for(ctx, seed)  # the permutation: the same on every rank
