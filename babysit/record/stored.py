@@ -94,65 +94,83 @@ def stage_result(
     """The summary's entry for one stage (its status, numbers and verdict)."""
     spec = spec or stored_spec(storage, run)
     rec = rec or load_stage(storage, run, stage)
-    attrs, done = rec.attrs, rec.finished
     if stage == Stage.SANITY:
-        if not done:
-            return {"status": "skipped", "initial_loss": None, "expected_loss": None}
-        a = trial_attrs(done[0])
-        return {
-            "status": a.status,
-            "initial_loss": a.initial_loss,
-            "expected_loss": a.expected_loss,
-            "loss_with_reg": a.loss_with_reg,
-            "verdict": a.verdict,
-            "logit_std": a.logit_std,
-            "top_class_share": a.top_class_share,
-        }
+        return _sanity_entry(rec)
     if stage == Stage.OVERFIT:
-        if not done:
-            return {"status": "skipped", "train_accuracy": None}
-        top = max(done, key=lambda t: t.value or 0.0)
-        status = (
-            "passed"
-            if (top.value or 0.0) >= 1.0
-            else ("failed" if attrs.verdict is not None else "running")
-        )
-        return {
-            "status": status,
-            "train_accuracy": top.value,
-            "lr": top.params.get(Param.LR),
-            "verdict": attrs.verdict,
-        }
+        return _overfit_entry(rec)
     if stage in (Stage.COARSE, Stage.FINE):
-        n = counts(rec.trials)
-        target = getattr(spec, stage).trials
-        best = best_of(rec.trials)
-        if not rec.trials:
-            # A fine stage that narrowing refused to start carries that verdict.
-            status = "failed" if attrs.verdict is not None else "skipped"
-        elif n["finished"] >= target:
-            status = "passed" if best is not None else "failed"
-        else:
-            status = "running"
-        entry: dict[str, Any] = {
-            "status": status,
-            "trials": n["finished"],
-            "complete": n["complete"],
-            "pruned": n["pruned"],
-            "failed": n["failed"],
-            "diverged": n["diverged"],
-            "target": target,
-            "best": best,
+        return _search_entry(rec, stage, spec)
+    return _final_entry(storage, rec)
+
+
+def _sanity_entry(rec: StageRecord) -> dict[str, Any]:
+    done = rec.finished
+    if not done:
+        return {"status": "skipped", "initial_loss": None, "expected_loss": None}
+    a = trial_attrs(done[0])
+    return {
+        "status": a.status,
+        "initial_loss": a.initial_loss,
+        "expected_loss": a.expected_loss,
+        "loss_with_reg": a.loss_with_reg,
+        "verdict": a.verdict,
+        "logit_std": a.logit_std,
+        "top_class_share": a.top_class_share,
+    }
+
+
+def _overfit_entry(rec: StageRecord) -> dict[str, Any]:
+    attrs, done = rec.attrs, rec.finished
+    if not done:
+        return {"status": "skipped", "train_accuracy": None}
+    top = max(done, key=lambda t: t.value or 0.0)
+    status = (
+        "passed"
+        if (top.value or 0.0) >= 1.0
+        else ("failed" if attrs.verdict is not None else "running")
+    )
+    return {
+        "status": status,
+        "train_accuracy": top.value,
+        "lr": top.params.get(Param.LR),
+        "verdict": attrs.verdict,
+    }
+
+
+def _search_entry(rec: StageRecord, stage: str, spec: Spec) -> dict[str, Any]:
+    attrs = rec.attrs
+    n = counts(rec.trials)
+    target = getattr(spec, stage).trials
+    best = best_of(rec.trials)
+    if not rec.trials:
+        # A fine stage that narrowing refused to start carries that verdict.
+        status = "failed" if attrs.verdict is not None else "skipped"
+    elif n["finished"] >= target:
+        status = "passed" if best is not None else "failed"
+    else:
+        status = "running"
+    entry: dict[str, Any] = {
+        "status": status,
+        "trials": n["finished"],
+        "complete": n["complete"],
+        "pruned": n["pruned"],
+        "failed": n["failed"],
+        "diverged": n["diverged"],
+        "target": target,
+        "best": best,
+    }
+    if stage == Stage.FINE:
+        entry["range"] = attrs.narrowed["ranges"] if attrs.narrowed else None
+        entry["narrowing"] = attrs.narrowed
+    else:
+        entry["range"] = attrs.ranges or {
+            Param.LR: spec.coarse.lr,
+            Param.WEIGHT_DECAY: spec.coarse.weight_decay,
         }
-        if stage == Stage.FINE:
-            entry["range"] = attrs.narrowed["ranges"] if attrs.narrowed else None
-            entry["narrowing"] = attrs.narrowed
-        else:
-            entry["range"] = attrs.ranges or {
-                Param.LR: spec.coarse.lr,
-                Param.WEIGHT_DECAY: spec.coarse.weight_decay,
-            }
-        return entry
+    return entry
+
+
+def _final_entry(storage: Storage, rec: StageRecord) -> dict[str, Any]:
     complete = rec.complete
     if not complete:
         return {

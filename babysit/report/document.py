@@ -188,17 +188,7 @@ def _build(storage: Storage, run: str) -> Report:
         )
     else:
         headline = f"no final result yet (final: {final.get('status')})"
-    header = [
-        ("dataset", f"{summary['dataset']} ({summary['num_classes']} classes)"),
-        ("model", str(summary["model"])),
-        ("optimizer", str(summary["optimizer"])),
-        ("storage", summary["storage"]),
-        (
-            "epochs spent",
-            f"{summary['epochs_spent']:.2f} (training examples processed "
-            "by all stages / training split size)",
-        ),
-    ]
+    header = _header(summary)
     spec_rows = [
         (k, json.dumps(v) if not isinstance(v, str) else v) for k, v in flatten(spec.to_dict())
     ]
@@ -213,6 +203,21 @@ def _build(storage: Storage, run: str) -> Report:
         images=images,
         generated=generated,
     )
+
+
+def _header(summary: dict[str, Any]) -> list[tuple[str, str]]:
+    """The report's first lines: what was trained, where it is stored, what it cost."""
+    return [
+        ("dataset", f"{summary['dataset']} ({summary['num_classes']} classes)"),
+        ("model", str(summary["model"])),
+        ("optimizer", str(summary["optimizer"])),
+        ("storage", summary["storage"]),
+        (
+            "epochs spent",
+            f"{summary['epochs_spent']:.2f} (training examples processed "
+            "by all stages / training split size)",
+        ),
+    ]
 
 
 def _stage_facts(

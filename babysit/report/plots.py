@@ -146,20 +146,7 @@ def search_scatter(
             zorder=5,
         )
     if box is not None:
-        (x0, x1), (y0, y1) = box[lr], box[wd]
-        ax.add_patch(
-            Rectangle(
-                (x0, y0),
-                x1 - x0,
-                y1 - y0,
-                fill=False,
-                edgecolor="tab:blue",
-                linestyle="--",
-                linewidth=1.5,
-                label="narrowed",
-                zorder=1,
-            )
-        )
+        _narrowed_box(ax, box[lr], box[wd])
     ax.set_xscale("log")
     ax.set_yscale("log")
     if bounds:
@@ -171,6 +158,24 @@ def search_scatter(
     if real or box is not None:
         ax.legend(loc="best", fontsize="small", framealpha=0.8)
     return fig
+
+
+def _narrowed_box(ax: Any, x: list[float], y: list[float]) -> None:
+    """The narrowed ranges as a dashed rectangle behind the trials."""
+    (x0, x1), (y0, y1) = x, y
+    ax.add_patch(
+        Rectangle(
+            (x0, y0),
+            x1 - x0,
+            y1 - y0,
+            fill=False,
+            edgecolor="tab:blue",
+            linestyle="--",
+            linewidth=1.5,
+            label="narrowed",
+            zorder=1,
+        )
+    )
 
 
 def _padded(bounds: list[float]) -> tuple[float, float]:

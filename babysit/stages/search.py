@@ -40,6 +40,7 @@ from babysit.terminal import plural
 from babysit.training.diagnostics import Monitor
 from babysit.training.diagnostics import record_diagnostics
 from babysit.training.step import EpochStats
+from babysit.training.step import History
 from babysit.training.step import fit
 from babysit.training.step import make_optimizer
 
@@ -165,6 +166,19 @@ def _search_trial(
     trial.set_user_attr(TrialKey.SECONDS, time.perf_counter() - t0)
     trial.set_user_attr(TrialKey.EXAMPLES, history.examples)
     trial.set_user_attr(TrialKey.STEPS, history.steps)
+    return _ended(ctx, trial, search_spec, history, initial, curves)
+
+
+def _ended(
+    ctx: Context,
+    trial: optuna.Trial,
+    search_spec: SearchSpec,
+    history: History,
+    initial: float,
+    curves: dict[str, list[float]],
+) -> float:
+    """How a trained search trial ended, in words on the trial (diverged, lr too low, or
+    its val accuracy), and the value it returns."""
     if history.stopped == "diverged":
         trial.set_user_attr(TrialKey.REASON, Reason.DIVERGED)
         trial.set_user_attr(TrialKey.DIVERGED_AT_STEP, history.stopped_at_step)

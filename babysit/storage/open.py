@@ -101,6 +101,18 @@ def _lost_creation_race(err: BaseException) -> bool:
     )
 
 
+def _check_sqlite_file(db: str | None, create: bool, shown: str) -> None:
+    """An SQLite storage is a file: one that keeps something, in a folder that exists, and
+    already there unless ``create``."""
+    if not db or db == ":memory:":
+        raise UsageError("an in-memory SQLite storage keeps nothing; give sqlite:///file.db")
+    path = Path(db)
+    if not create and not path.exists():
+        raise UsageError(f"no storage at {path}; run `babysit run` first or pass --storage")
+    if not path.parent.exists():
+        raise UsageError(f"folder {path.parent} for storage {shown} does not exist")
+
+
 def open_storage(
     url: str | None = None,
     artifact_dir: str | Path | None = None,
@@ -146,14 +158,7 @@ def open_storage(
         # psycopg (v3) is the driver we ship; plain postgresql:// would ask for psycopg2.
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)
     if backend == "sqlite":
-        db = parsed.database
-        if not db or db == ":memory:":
-            raise UsageError("an in-memory SQLite storage keeps nothing; give sqlite:///file.db")
-        path = Path(db)
-        if not create and not path.exists():
-            raise UsageError(f"no storage at {path}; run `babysit run` first or pass --storage")
-        if not path.parent.exists():
-            raise UsageError(f"folder {path.parent} for storage {shown} does not exist")
+        _check_sqlite_file(parsed.database, create, shown)
     interval = (
         heartbeat if heartbeat is not None else _int_env("BABYSIT_HEARTBEAT", DEFAULT_HEARTBEAT)
     )

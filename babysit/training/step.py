@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass
 from dataclasses import field
@@ -182,6 +183,21 @@ def evaluate(
     return float(total_loss) / max(1, n), float(correct) / max(1, n)
 
 
+def _epoch_batches(
+    data: DeviceData | StreamingData,
+    batch_size: int,
+    generator: torch.Generator,
+    shard: tuple[int, int],
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """One epoch's training batches: all of them, or a rank's shard of the permutation."""
+    if shard[1] == 1:
+        return data.train_batches(batch_size, generator)
+    # Streamed data (babysit/data/streaming.py) has no shards; it never runs data parallel
+    # (babysit/stages/final/launch.py trains it on one process).
+    assert isinstance(data, DeviceData), type(data)
+    return data.train_batches(batch_size, generator, shard=shard)
+
+
 def fit(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
@@ -220,14 +236,7 @@ def fit(
         run_loss = torch.zeros((), device=dev)
         run_correct = torch.zeros((), device=dev, dtype=torch.long)
         seen = 0
-        if shard[1] == 1:
-            batches = data.train_batches(batch_size, generator)
-        else:
-            # Streamed data (babysit.data.streaming) has no shards; it never runs data
-            # parallel (babysit.distributed trains it on one process).
-            assert isinstance(data, DeviceData), type(data)
-            batches = data.train_batches(batch_size, generator, shard=shard)
-        for xraw, yb in batches:
+        for xraw, yb in _epoch_batches(data, batch_size, generator, shard):
             xb = data.pre(xraw, train=True, generator=augment_generator or generator)
             batch_loss, logits = train_step(
                 model, optimizer, xb, yb, loss, monitor, history.steps + 1

@@ -78,16 +78,67 @@ class _Job:
     threads: int
 
 
+def _job(
+    ctx: Context, study: optuna.Study, trial: optuna.Trial, lr: float, wd: float, path: str | None
+) -> _Job:
+    """What every rank needs: the spec, where the storage is, the trial, the splits on the
+    CPU, the checkpoint file (``path``) to resume from."""
+    from babysit.storage.private import trial_id
+
+    data = ctx.data
+    procs = ctx.final_procs
+    cpu = torch.device("cpu")
+    return _Job(
+        spec=ctx.spec.to_dict(),
+        storage_url=ctx.storage.url,
+        artifact_dir=str(ctx.storage.artifact_dir),
+        artifact_store=ctx.storage.artifact_store,
+        study_name=study.study_name,
+        trial_id=trial_id(trial),
+        lr=lr,
+        weight_decay=wd,
+        checkpoint=path,
+        splits={
+            k: getattr(data, k).to(cpu)
+            for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
+        },
+        pre=dataclasses.replace(data.pre, mean=data.pre.mean.to(cpu), std=data.pre.std.to(cpu)),
+        num_classes=data.num_classes,
+        device_type=ctx.device.type,
+        check_every=ctx.check_every,
+        compile=ctx.compile,
+        # The CPU's cores shared out, not N ranks each spinning one thread per core.
+        threads=max(1, (os.cpu_count() or 1) // procs),
+    )
+
+
+def _launch_config(procs: int) -> Any:
+    """torchrun --standalone's launch: one node, ``procs`` local workers."""
+    from torch.distributed.launcher.api import LaunchConfig
+
+    return LaunchConfig(
+        min_nodes=1,
+        max_nodes=1,
+        nproc_per_node=procs,
+        # torchrun --standalone: a c10d rendezvous on a free local port.
+        rdzv_backend="c10d",
+        rdzv_endpoint="127.0.0.1:0",
+        run_id=f"babysit-{uuid.uuid4().hex[:12]}",
+        # A failed rank fails the trial; a rerun resumes from the checkpoint.
+        max_restarts=0,
+        monitor_interval=0.5,
+        start_method="spawn",
+    )
+
+
 def launch_final(
     ctx: Context, study: optuna.Study, trial: optuna.Trial, lr: float, wd: float
 ) -> dict[str, Any]:
     """Train the final on ``ctx.final_procs`` processes; rank 0's result."""
-    from torch.distributed.launcher.api import LaunchConfig
     from torch.distributed.launcher.api import elastic_launch
 
     from babysit.data.device import DeviceData
     from babysit.stages.final.checkpoint import load_checkpoint
-    from babysit.storage.private import trial_id
 
     procs = ctx.final_procs
     data = ctx.data
@@ -110,44 +161,8 @@ def launch_final(
             torch.save(ckpt, path)
             ctx.log(f"final: resuming from the checkpoint of epoch {int(ckpt['epoch'])}")
             del ckpt
-        cpu = torch.device("cpu")
-        job = _Job(
-            spec=ctx.spec.to_dict(),
-            storage_url=ctx.storage.url,
-            artifact_dir=str(ctx.storage.artifact_dir),
-            artifact_store=ctx.storage.artifact_store,
-            study_name=study.study_name,
-            trial_id=trial_id(trial),
-            lr=lr,
-            weight_decay=wd,
-            checkpoint=path,
-            splits={
-                k: getattr(data, k).to(cpu)
-                for k in ("train_x", "train_y", "val_x", "val_y", "test_x", "test_y")
-            },
-            pre=dataclasses.replace(
-                data.pre, mean=data.pre.mean.to(cpu), std=data.pre.std.to(cpu)
-            ),
-            num_classes=data.num_classes,
-            device_type=ctx.device.type,
-            check_every=ctx.check_every,
-            compile=ctx.compile,
-            # The CPU's cores shared out, not N ranks each spinning one thread per core.
-            threads=max(1, (os.cpu_count() or 1) // procs),
-        )
-        config = LaunchConfig(
-            min_nodes=1,
-            max_nodes=1,
-            nproc_per_node=procs,
-            # torchrun --standalone: a c10d rendezvous on a free local port.
-            rdzv_backend="c10d",
-            rdzv_endpoint="127.0.0.1:0",
-            run_id=f"babysit-{uuid.uuid4().hex[:12]}",
-            # A failed rank fails the trial; a rerun resumes from the checkpoint.
-            max_restarts=0,
-            monitor_interval=0.5,
-            start_method="spawn",
-        )
+        job = _job(ctx, study, trial, lr, wd, path)
+        config = _launch_config(procs)
         ctx.log(
             f"final: {procs} processes, DistributedDataParallel over "
             f"{backend_for(ctx.device.type)}; global batch {ctx.batch_size} split "

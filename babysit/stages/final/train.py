@@ -11,7 +11,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from typing import TypedDict
 
 import optuna
 import torch
@@ -35,21 +34,6 @@ from babysit.training.step import EpochStats
 from babysit.training.step import evaluate
 from babysit.training.step import fit
 from babysit.training.step import make_optimizer
-
-
-class _Clock(TypedDict):
-    """Checkpoint timing of the final training (the rule of ``checkpoint_due``)."""
-
-    since: float  # perf_counter() at the last write (or the start)
-    write: float | None  # seconds the last write took; None before the first
-    writes: int
-
-
-class _Outcome(TypedDict):
-    """How the final training ended, as ``on_epoch`` leaves it."""
-
-    stopped: str  # "", "diverged" or "plateau"
-    epochs: int
 
 
 class _StopFinal(Exception):
@@ -127,25 +111,181 @@ def _carried(ckpt: dict[str, Any] | None, model: torch.nn.Module, epochs: int) -
     return _Carried(start, curves, best, best_state)
 
 
-def train_final(
-    ctx: Context,
-    study: optuna.Study | None,
-    trial: optuna.Trial | None,
-    lr: float,
-    wd: float,
-    ckpt: dict[str, Any] | None,
-    progress: Callable[[int, int], None] | None = None,
-    rank: int = 0,
-    world: int = 1,
-) -> dict[str, Any]:
-    """The final training of one process, or of one rank of ``world`` (DistributedDataParallel
-    over an initialised process group; babysit.distributed launches it).
+class _Epochs:
+    """What the final carries from epoch to epoch, and what it does after each one.
 
-    Only rank 0 has ``study`` and ``trial`` and writes anything: curves, checkpoints, the
-    model. Every rank starts from ``ckpt`` when resuming. Returns rank 0's results.
+    The curves and the best epoch so far (``carried``), the checkpoint clock (the rule of
+    ``checkpoint_due``) and how the training ended. :meth:`observe` takes an epoch's
+    numbers and says whether to stop; it records them on the trial and writes a checkpoint
+    when one is due. Every rank holds one and takes the same decisions (rank 0's numbers);
+    only rank 0 (``trial`` not None) writes.
     """
+
+    def __init__(
+        self,
+        ctx: Context,
+        study: optuna.Study | None,
+        trial: optuna.Trial | None,
+        model: torch.nn.Module,
+        opt: torch.optim.Optimizer,
+        gen: torch.Generator,
+        augment: torch.Generator | None,
+        carried: _Carried,
+        world: int,
+        ckpt: dict[str, Any] | None,
+    ) -> None:
+        self.ctx, self.study, self.trial = ctx, study, trial
+        self.model, self.opt, self.gen, self.augment = model, opt, gen, augment
+        self.world = world
+        self.start = carried.start
+        self.curves = carried.curves
+        self.best = carried.best
+        self.best_state = carried.best_state  # None: the current weights are best
+        self.since = time.perf_counter()  # at the last checkpoint write (or the start)
+        self.write: float | None = None  # seconds the last write took; None before one
+        self.writes = 0
+        self.stopped = ""  # "", "diverged" or "plateau"
+        self.epochs = carried.start
+        self.diag: dict[str, Any] = {}  # diagnostics and readings, artifacts at the end
+        self.monitor: Monitor | None = None
+        self.edge: list[str] = []
+        if trial is not None:
+            if ckpt is not None:
+                trial.set_user_attr(TrialKey.RESUMED_FROM_EPOCH, carried.start)
+            trial.set_user_attr(TrialKey.FINAL_PROCS, world)
+            self.monitor = Monitor(model)  # diagnostics
+            self.edge = narrowing_warnings(ctx.storage, ctx.spec.name)  # diagnostics
+
+    def observe(self, stats: EpochStats) -> bool:
+        """One epoch's numbers: the curves, the best epoch, the trial's attrs, a checkpoint
+        when due. True when the training stops here (divergence or a plateau)."""
+        spec = self.ctx.spec
+        stats = _synced_stats(stats, self.world)
+        for k in self.curves:
+            self.curves[k].append(getattr(stats, k))
+        self.epochs = stats.epoch
+        best = self.best
+        diverged = not (math.isfinite(stats.train_loss) and math.isfinite(stats.val_loss))
+        if not diverged and (
+            stats.val_acc > best["val_acc"]
+            or (stats.val_acc == best["val_acc"] and stats.val_loss < best["val_loss"])
+        ):
+            best.update(epoch=stats.epoch, val_acc=stats.val_acc, val_loss=stats.val_loss)
+            self.best_state = None
+        plateau = spec.final.patience > 0 and stats.epoch - best["epoch"] >= spec.final.patience
+        last = diverged or plateau or stats.epoch >= spec.final.epochs
+        if self._record(stats, diverged, last):
+            self._checkpoint(stats.epoch)
+        if self.best_state is None and not last:
+            self.best_state = copy_weights(self.model)
+        if diverged or plateau:
+            self.stopped = "diverged" if diverged else "plateau"
+            return True
+        return False
+
+    def _record(self, stats: EpochStats, diverged: bool, last: bool) -> bool:
+        """Rank 0 writes the epoch on the trial; whether a checkpoint is due, as rank 0
+        says (no checkpoint of diverged weights: a rerun would resume into NaN)."""
+        due = 0.0
+        trial = self.trial
+        if trial is not None:
+            assert self.monitor is not None
+            ctx = self.ctx
+            self.diag.update(
+                record_diagnostics(
+                    self.monitor, self.curves, epoch=stats.epoch, warnings=self.edge
+                )
+            )
+            trial.set_user_attr(TrialKey.EPOCHS_RUN, stats.epoch)
+            trial.set_user_attr(TrialKey.BEST_EPOCH, self.best["epoch"])
+            trial.set_user_attr(
+                TrialKey.EXAMPLES, (stats.epoch - self.start) * ctx.data.train_size
+            )
+            trial.report(stats.val_acc, stats.epoch)
+            due = float(
+                not diverged
+                and checkpoint_due(
+                    stats.epoch,
+                    last,
+                    time.perf_counter() - self.since,
+                    self.write,
+                    ctx.spec.final.checkpoint_share,
+                )
+            )
+        if self.world > 1:
+            from babysit.stages.final.ddp import from_rank0
+
+            due = from_rank0([due])[0]
+        return bool(due)
+
+    def _checkpoint(self, epoch: int) -> None:
+        """Every rank's random streams to rank 0, which writes the checkpoint."""
+        rng = {
+            "torch_rng": torch.get_rng_state(),
+            "augment": self.augment.get_state() if self.augment is not None else None,
+        }
+        ranks = None
+        if self.world > 1:
+            from babysit.stages.final.ddp import gather_to_rank0
+
+            ranks = gather_to_rank0(rng)
+        if self.trial is None:
+            return
+        assert self.study is not None, "rank 0 has both"
+        w0 = time.perf_counter()
+        save_checkpoint(
+            self.ctx,
+            self.study,
+            self.trial,
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "generator": self.gen.get_state(),
+                "torch_rng": torch.get_rng_state(),
+                "ranks": ranks,
+                "epoch": epoch,
+                "curves": self.curves,
+                "best": dict(self.best),
+                "best_model": self.best_state,
+            },
+            epoch,
+        )
+        self.write = time.perf_counter() - w0
+        self.since = time.perf_counter()
+        self.writes += 1
+
+    def budget(self) -> int:
+        """The epochs to train to: the spec's, or none left when a run was killed after
+        the plateau stop's checkpoint."""
+        patience = self.ctx.spec.final.patience
+        if patience > 0 and self.start - self.best["epoch"] >= patience:
+            return self.start
+        return self.ctx.spec.final.epochs
+
+    def store(self, t0: float) -> None:
+        """Rank 0, after the last epoch: curves, diagnostics, counts and the seconds since
+        ``t0`` on the trial."""
+        trial, ctx = self.trial, self.ctx
+        assert trial is not None and self.monitor is not None
+        self.diag.update(record_diagnostics(self.monitor, self.curves, warnings=self.edge))
+        store_trial_data(ctx.storage, trial, **{TrialKey.CURVES: self.curves}, **self.diag)
+        trial.set_user_attr(TrialKey.SECONDS, time.perf_counter() - t0)
+        trial.set_user_attr(TrialKey.EXAMPLES, (self.epochs - self.start) * ctx.data.train_size)
+        trial.set_user_attr(TrialKey.CHECKPOINTS_WRITTEN, self.writes)
+
+
+def _setup(
+    ctx: Context, lr: float, wd: float, rank: int, world: int
+) -> tuple[
+    torch.nn.Module,
+    torch.nn.Module,
+    torch.optim.Optimizer,
+    torch.Generator,
+    torch.Generator | None,
+]:
+    """(model, the network trained: the model or DDP around it, optimiser, the permutation's
+    generator, a rank's own augmentation generator or None) for the final's seed."""
     spec = ctx.spec
-    main = rank == 0
     seed = seed_for(spec, Stage.FINAL, 0)
     model = fresh_model(ctx, seed)
     net: torch.nn.Module = model
@@ -160,124 +300,63 @@ def train_final(
         torch.manual_seed(seed + 1 + rank)
         augment = generator_for(ctx, seed + 1 + rank)
     opt = make_optimizer(spec.optimizer, net.parameters(), lr, wd, spec.momentum)
+    return model, net, opt, gen, augment
+
+
+def train_final(
+    ctx: Context,
+    study: optuna.Study | None,
+    trial: optuna.Trial | None,
+    lr: float,
+    wd: float,
+    ckpt: dict[str, Any] | None,
+    progress: Callable[[int, int], None] | None = None,
+    rank: int = 0,
+    world: int = 1,
+) -> dict[str, Any]:
+    """The final training of one process, or of one rank of ``world`` (DistributedDataParallel
+    over an initialised process group; babysit/stages/final/launch.py launches it).
+
+    Only rank 0 has ``study`` and ``trial`` and writes anything: curves, checkpoints, the
+    model. Every rank starts from ``ckpt`` when resuming. Returns rank 0's results.
+    """
+    spec = ctx.spec
+    main = rank == 0
+    model, net, opt, gen, augment = _setup(ctx, lr, wd, rank, world)
     if ckpt is not None:
         _restore(ckpt, model, opt, gen, augment, rank, world)
     carried = _carried(ckpt, model, spec.final.epochs)
-    start, curves, best = carried.start, carried.curves, carried.best
-    best_state = carried.best_state  # None: the current weights are best
-    if main:
-        assert trial is not None, "rank 0 records on the final trial"
-        if ckpt is not None:
-            trial.set_user_attr(TrialKey.RESUMED_FROM_EPOCH, start)
-        trial.set_user_attr(TrialKey.FINAL_PROCS, world)
-        monitor = Monitor(model)  # diagnostics
-        edge = narrowing_warnings(ctx.storage, spec.name)  # diagnostics
-    diag: dict[str, Any] = {}  # diagnostics and readings, stored as artifacts at the end
-    batch = ctx.batch_size
-    per_rank = max(1, batch // world)
+    assert trial is not None or not main, "rank 0 records on the final trial"
+    state = _Epochs(
+        ctx, study, trial if main else None, model, opt, gen, augment, carried, world, ckpt
+    )
+    per_rank = max(1, ctx.batch_size // world)
     t0 = time.perf_counter()
-    clock: _Clock = {"since": time.perf_counter(), "write": None, "writes": 0}
-    outcome: _Outcome = {"stopped": "", "epochs": start}
 
     def on_epoch(stats: EpochStats) -> None:
-        nonlocal best_state
-        stats = _synced_stats(stats, world)
-        for k in curves:
-            curves[k].append(getattr(stats, k))
-        outcome["epochs"] = stats.epoch
-        diverged = not (math.isfinite(stats.train_loss) and math.isfinite(stats.val_loss))
-        if not diverged and (
-            stats.val_acc > best["val_acc"]
-            or (stats.val_acc == best["val_acc"] and stats.val_loss < best["val_loss"])
-        ):
-            best.update(epoch=stats.epoch, val_acc=stats.val_acc, val_loss=stats.val_loss)
-            best_state = None
-        plateau = spec.final.patience > 0 and stats.epoch - best["epoch"] >= spec.final.patience
-        last = diverged or plateau or stats.epoch >= spec.final.epochs
-        due = 0.0
-        if main:
-            assert trial is not None
-            diag.update(record_diagnostics(monitor, curves, epoch=stats.epoch, warnings=edge))
-            trial.set_user_attr(TrialKey.EPOCHS_RUN, stats.epoch)
-            trial.set_user_attr(TrialKey.BEST_EPOCH, best["epoch"])
-            trial.set_user_attr(TrialKey.EXAMPLES, (stats.epoch - start) * ctx.data.train_size)
-            trial.report(stats.val_acc, stats.epoch)
-            # No checkpoint of diverged weights: a rerun would resume into NaN.
-            due = float(
-                not diverged
-                and checkpoint_due(
-                    stats.epoch,
-                    last,
-                    time.perf_counter() - clock["since"],
-                    clock["write"],
-                    spec.final.checkpoint_share,
-                )
-            )
-        if world > 1:
-            from babysit.stages.final.ddp import from_rank0
-
-            due = from_rank0([due])[0]
-        if due:
-            rng = {
-                "torch_rng": torch.get_rng_state(),
-                "augment": augment.get_state() if augment is not None else None,
-            }
-            if world > 1:
-                from babysit.stages.final.ddp import gather_to_rank0
-
-                ranks = gather_to_rank0(rng)
-            else:
-                ranks = None
-            if main:
-                assert study is not None and trial is not None, "rank 0 has both"
-                w0 = time.perf_counter()
-                save_checkpoint(
-                    ctx,
-                    study,
-                    trial,
-                    {
-                        "model": model.state_dict(),
-                        "optimizer": opt.state_dict(),
-                        "generator": gen.get_state(),
-                        "torch_rng": torch.get_rng_state(),
-                        "ranks": ranks,
-                        "epoch": stats.epoch,
-                        "curves": curves,
-                        "best": dict(best),
-                        "best_model": best_state,
-                    },
-                    stats.epoch,
-                )
-                clock["write"] = time.perf_counter() - w0
-                clock["since"] = time.perf_counter()
-                clock["writes"] += 1
-        if best_state is None and not last:
-            best_state = copy_weights(model)
+        stop = state.observe(stats)
         if progress is not None:
             progress(stats.epoch, spec.final.epochs)
-        if diverged or plateau:
-            outcome["stopped"] = "diverged" if diverged else "plateau"
+        if stop:
             raise _StopFinal
 
-    budget = spec.final.epochs
-    if spec.final.patience > 0 and start - best["epoch"] >= spec.final.patience:
-        budget = start  # killed after the plateau stop's checkpoint: nothing left to train
     kwargs: dict[str, Any] = {}
     if world > 1:
         kwargs = {"shard": (rank, world), "augment_generator": augment}
     if progress is not None:
-        progress(start, spec.final.epochs)  # the display starts at a resumed epoch
+        progress(state.start, spec.final.epochs)  # the display starts at a resumed epoch
+    monitor = state.monitor
     history = None
     try:
         history = fit(
             net,
             opt,
             ctx.data,
-            epochs=budget,
+            epochs=state.budget(),
             batch_size=per_rank,
             loss=spec.loss,
             generator=gen,
-            start_epoch=start,
+            start_epoch=state.start,
             diverge_above=None,
             # Ranks must leave together: a step-level NaN stop on one rank would
             # leave the others waiting in the next gradient all-reduce, so data
@@ -285,28 +364,24 @@ def train_final(
             stop_on_divergence=world == 1,
             check_every=ctx.check_every,
             on_epoch=on_epoch,
-            monitor=(lambda s, _m, o, v: monitor(s, model, o, v)) if main else None,
+            monitor=(lambda s, _m, o, v: monitor(s, model, o, v)) if monitor is not None else None,
             **kwargs,
         )
     except _StopFinal:
         pass
     if history is not None and history.stopped == "diverged":
-        outcome["stopped"] = "diverged"
+        state.stopped = "diverged"
     if not main:
         return {}
     assert trial is not None
-    diag.update(record_diagnostics(monitor, curves, warnings=edge))  # diagnostics
-    store_trial_data(ctx.storage, trial, **{TrialKey.CURVES: curves}, **diag)
-    trial.set_user_attr(TrialKey.SECONDS, time.perf_counter() - t0)
-    trial.set_user_attr(TrialKey.EXAMPLES, (outcome["epochs"] - start) * ctx.data.train_size)
-    trial.set_user_attr(TrialKey.CHECKPOINTS_WRITTEN, clock["writes"])
-    if outcome["stopped"] == "diverged":
+    state.store(t0)
+    if state.stopped == "diverged":
         trial.set_user_attr(TrialKey.VERDICT, "the final training diverged (loss NaN/inf)")
         return {"diverged": True}
-    if best_state is not None:
-        model.load_state_dict(best_state)
+    if state.best_state is not None:
+        model.load_state_dict(state.best_state)
     return _test_and_store(
-        ctx, trial, model, best, outcome["epochs"], outcome["stopped"], lr, wd, world, per_rank
+        ctx, trial, model, state.best, state.epochs, state.stopped, lr, wd, world, per_rank
     )
 
 
