@@ -302,6 +302,21 @@ class TrialAttrs(_Attrs):
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class Narrowed(_Attrs):
+    """Narrowing's result (babysit/stages/narrow.py), stored on the fine study as
+    ``narrowed``: the fine ranges, the rule in words, the coarse trials it kept, the
+    threshold and chance it measured against, and the edge warnings."""
+
+    ranges: dict[str, list[float]] = field(default_factory=dict)
+    rule: str = ""
+    top: list[int] = field(default_factory=list)
+    threshold: float | None = None
+    chance: float | None = None
+    warnings: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
 def trial_attrs(t: FrozenTrial) -> TrialAttrs:
     """The trial's attrs as stored; the artifact-kept fields are None (see trial_data)."""
     return TrialAttrs.from_attrs(t.user_attrs)

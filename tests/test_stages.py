@@ -42,22 +42,22 @@ def test_narrow_rule_on_known_inputs() -> None:
     for number, t in enumerate(trials):
         t.number = number
     out = narrow(trials, CoarseSpec(), top_k=3, pad=0.5, edge=0.25)
-    lo, hi = out["ranges"]["lr"]
+    lo, hi = out.ranges["lr"]
     assert math.log10(lo) == pytest.approx(-3.5)
     assert math.log10(hi) == pytest.approx(-0.5)
-    wlo, whi = out["ranges"]["weight_decay"]
+    wlo, whi = out.ranges["weight_decay"]
     assert math.log10(wlo) == pytest.approx(-5.5)
     assert math.log10(whi) == pytest.approx(-2.5)
-    assert out["top"] == [0, 2, 1]
-    assert out["warnings"] == []
+    assert out.top == [0, 2, 1]
+    assert out.warnings == []
 
 
 def test_narrow_clips_to_coarse_range_and_warns_at_the_edge() -> None:
     trials = [_trial(0.9, 1.5e-6, 0.95), _trial(0.5, 1e-5, 0.90)]
     out = narrow(trials, CoarseSpec(), top_k=5, pad=0.5, edge=0.25)
-    assert out["ranges"]["lr"][1] == pytest.approx(1.0)  # clipped at the coarse bound
-    assert out["ranges"]["weight_decay"][0] == pytest.approx(1e-6)
-    text = " ".join(out["warnings"])
+    assert out.ranges["lr"][1] == pytest.approx(1.0)  # clipped at the coarse bound
+    assert out.ranges["weight_decay"][0] == pytest.approx(1e-6)
+    text = " ".join(out.warnings)
     assert "best lr" in text and "upper edge" in text
     assert "best weight_decay" in text and "lower edge" in text
 
@@ -129,11 +129,11 @@ def test_narrow_ignores_trials_at_chance_level() -> None:
     ]
     out = narrow(trials, CoarseSpec(), top_k=5, pad=0.5, edge=0.25, chance=0.1)
     # Only 0.66 and 0.50 got at least half the best gain over chance (threshold 0.38).
-    assert out["threshold"] == pytest.approx(0.38)
-    lo, hi = out["ranges"]["lr"]
+    assert out.threshold == pytest.approx(0.38)
+    lo, hi = out.ranges["lr"]
     assert math.log10(lo) == pytest.approx(math.log10(2e-3) - 0.5)
     assert math.log10(hi) == pytest.approx(math.log10(3e-3) + 0.5)
-    assert "half-way from chance" in out["rule"]
+    assert "half-way from chance" in out.rule
 
 
 @pytest.mark.slow

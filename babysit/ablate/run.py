@@ -81,7 +81,10 @@ def _train(
         result = final(ctx, progress=bar.to, params=variant.params, launch=launch_final)
     finally:
         bar.close()
-    publish_stage(ctx, result)
+    if ctx.owner:
+        publish_stage(
+            ctx.storage, ctx.spec.name, result.stage, result.status, result.verdict, ctx.log
+        )
     if result.status == "failed":
         raise ProtocolError(result.verdict)
     if result.status == "skipped":

@@ -35,7 +35,10 @@ def _said(result: StageResult) -> str:
 
 def _gate(ctx: Context, result: StageResult) -> None:
     ctx.log(f"{result.stage} {result.status}: {_said(result)}")
-    publish_stage(ctx, result)
+    if ctx.owner:
+        publish_stage(
+            ctx.storage, ctx.spec.name, result.stage, result.status, result.verdict, ctx.log
+        )
     if result.status == "failed":
         if ctx.force:
             ctx.log(f"{result.stage} failed, continuing because of --force")
@@ -111,14 +114,14 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
         _gate(ctx, extended)
 
     narrowed = narrow_stage(ctx)
-    shown = ", ".join(f"{k} [{v[0]:.3g}, {v[1]:.3g}]" for k, v in narrowed["ranges"].items())
-    ctx.log(f"narrowed: {shown} ({narrowed['rule']})")
-    for warning in narrowed["warnings"]:
+    shown = ", ".join(f"{k} [{v[0]:.3g}, {v[1]:.3g}]" for k, v in narrowed.ranges.items())
+    ctx.log(f"narrowed: {shown} ({narrowed.rule})")
+    for warning in narrowed.warnings:
         ctx.log(f"warning: {warning}")
 
     bar = Progress(Stage.FINE, "trial", ctx.quiet)
     fine = search(
-        ctx, Stage.FINE, spec.fine, narrowed["ranges"], initial_loss=initial_loss, progress=bar.to
+        ctx, Stage.FINE, spec.fine, narrowed.ranges, initial_loss=initial_loss, progress=bar.to
     )
     bar.close()
     _gate(ctx, fine)

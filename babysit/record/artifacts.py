@@ -34,23 +34,38 @@ from babysit.storage.private import study_id
 # The spec as a study system attr (see store_spec).
 
 
-def upload_json(
-    storage: Storage, study_or_trial: optuna.Study | optuna.Trial, name: str, value: Any
+def upload_bytes(
+    storage: Storage,
+    owner: optuna.Study | optuna.Trial,
+    name: str,
+    data: bytes,
+    mimetype: str | None = None,
 ) -> str:
-    """``value`` as the JSON artifact ``name`` of the study or trial; returns its id."""
+    """``data`` as the artifact ``name`` of a study or trial; returns its id. Every artifact
+    babysit uploads (JSON, the dashboard's plots, the filters) goes through here; None as
+    ``mimetype`` lets Optuna guess it from the name."""
     # Imported here: optuna.artifacts pulls in boto3, which the readers' verbs do without.
     from optuna.artifacts import upload_artifact
 
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, name)
-        with open(path, "w") as fh:
-            json.dump(value, fh)  # NaN/inf as JSON's NaN/Infinity: a diverged curve stays one
+        with open(path, "wb") as fh:
+            fh.write(data)
         return upload_artifact(
             artifact_store=storage.artifacts,
             file_path=path,
-            study_or_trial=study_or_trial,
-            mimetype="application/json",
+            study_or_trial=owner,
+            mimetype=mimetype,
         )
+
+
+def upload_json(
+    storage: Storage, study_or_trial: optuna.Study | optuna.Trial, name: str, value: Any
+) -> str:
+    """``value`` as the JSON artifact ``name`` of the study or trial; returns its id."""
+    # NaN/inf as JSON's NaN/Infinity: a diverged curve stays one.
+    data = json.dumps(value).encode()
+    return upload_bytes(storage, study_or_trial, name, data, "application/json")
 
 
 def read_json(storage: Storage, artifact_id: str) -> Any:

@@ -20,10 +20,10 @@ from babysit.record.model_file import model_path
 from babysit.record.runs import find_study
 from babysit.schema import FINISHED
 from babysit.schema import STAGES
+from babysit.schema import Narrowed
 from babysit.schema import Param
 from babysit.schema import Stage
 from babysit.schema import StudyAttrs
-from babysit.schema import StudyKey
 from babysit.schema import best_of
 from babysit.schema import counts
 from babysit.schema import examples
@@ -160,7 +160,7 @@ def _search_entry(rec: StageRecord, stage: str, spec: Spec) -> dict[str, Any]:
         "best": best,
     }
     if stage == Stage.FINE:
-        entry["range"] = attrs.narrowed["ranges"] if attrs.narrowed else None
+        entry["range"] = Narrowed.from_attrs(attrs.narrowed).ranges if attrs.narrowed else None
         entry["narrowing"] = attrs.narrowed
     else:
         entry["range"] = attrs.ranges or {
@@ -275,8 +275,8 @@ def narrowing_warnings(storage: Storage, run: str) -> list[str]:
     """The narrowing's edge warnings ("best lr ... sits at the upper edge of the coarse
     range ...: widen coarse.lr"), read without creating a study."""
     study = find_study(storage, run, Stage.FINE)
-    narrowed = study.user_attrs.get(StudyKey.NARROWED) if study is not None else None
-    return list(narrowed.get("warnings", [])) if narrowed else []
+    stored = StudyAttrs.from_attrs(study.user_attrs).narrowed if study is not None else None
+    return list(Narrowed.from_attrs(stored).warnings) if stored else []
 
 
 def trial_readings(storage: Storage, run: str) -> dict[str, list[str]]:

@@ -32,6 +32,7 @@ from babysit.report.render import render_md
 from babysit.report.render import secs
 from babysit.schema import FINISHED
 from babysit.schema import STAGES
+from babysit.schema import Narrowed
 from babysit.schema import Param
 from babysit.schema import Stage
 from babysit.schema import StudyAttrs
@@ -44,16 +45,17 @@ if TYPE_CHECKING:
     pass
 
 
-def _narrowing_md(narrowed: dict[str, Any] | None) -> list[str]:
-    if not narrowed:
+def _narrowing_md(attr: dict[str, Any] | None) -> list[str]:
+    if not attr:
         return []
+    narrowed = Narrowed.from_attrs(attr)
     lines = ["**Narrowed ranges** (searched here):", ""]
-    for name, (lo, hi) in narrowed["ranges"].items():
+    for name, (lo, hi) in narrowed.ranges.items():
         lines.append(f"- `{name}`: [{lo:.3g}, {hi:.3g}]")
-    lines += ["", f"Rule: {narrowed['rule']}.", ""]
-    for warning in narrowed.get("warnings") or []:
+    lines += ["", f"Rule: {narrowed.rule}.", ""]
+    for warning in narrowed.warnings:
         lines.append(f"- **warning**: {warning}")
-    if narrowed.get("warnings"):
+    if narrowed.warnings:
         lines.append("")
     return lines
 
@@ -260,10 +262,11 @@ def _stage_facts(
         ranges = info.get("range")
         if ranges:
             facts += [(f"{k} range", f"[{v[0]:.3g}, {v[1]:.3g}]") for k, v in ranges.items()]
-        narrowed = info.get("narrowing") if stage == Stage.FINE else None
-        if narrowed:
-            facts.append(("narrowing rule", narrowed["rule"]))
-            section.notes += [f"warning: {w}" for w in narrowed.get("warnings") or []]
+        attr = info.get("narrowing") if stage == Stage.FINE else None
+        if attr:
+            narrowed = Narrowed.from_attrs(attr)
+            facts.append(("narrowing rule", narrowed.rule))
+            section.notes += [f"warning: {w}" for w in narrowed.warnings]
         section.trials = [_trial_row(t) for t in _top(trials, _TOP_TRIALS)]
         section.total_trials = len(trials)
     elif stage == Stage.FINAL and info.get("status") == "passed":

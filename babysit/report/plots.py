@@ -22,6 +22,7 @@ from optuna.trial import TrialState
 from babysit import schema
 from babysit.record import stored
 from babysit.schema import FINISHED
+from babysit.schema import Narrowed
 from babysit.schema import Param
 from babysit.schema import Reason
 from babysit.schema import Stage
@@ -308,7 +309,8 @@ def stage_figure(storage: Storage, run: str, stage: str) -> Figure | None:
         fine = rec if stage == Stage.FINE else stored.load_stage(storage, run, Stage.FINE)
         bounds = coarse.attrs.ranges or rec.attrs.ranges or {}
         narrowed = fine.attrs.narrowed
-        return search_scatter(trials, stage, bounds, narrowed["ranges"] if narrowed else None)
+        box = Narrowed.from_attrs(narrowed).ranges if narrowed else None
+        return search_scatter(trials, stage, bounds, box)
     if stage == Stage.FINAL:
         done = rec.complete
         data = trial_data(storage, done[0]) if done else None

@@ -13,15 +13,14 @@ curves are the trials' JSON artifacts. The tables of ``babysit export`` are buil
 from __future__ import annotations
 
 import hashlib
-import os
-import tempfile
-from pathlib import Path
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
+from babysit.record.artifacts import upload_bytes
 from babysit.record.runs import find_study
 from babysit.report.document import _fallback_verdict
 from babysit.report.document import _narrowing_md
@@ -59,40 +58,46 @@ _PLOT_FILES = {
 # ---------------------------------------------------------------------------- publishing
 
 
-def publish_stage(ctx: Any, result: Any) -> None:
-    """Called after each stage with its StageResult; writes notes and plot artifacts.
+def publish_stage(
+    storage: Storage,
+    run: str,
+    stage: str,
+    status: str,
+    verdict: str,
+    log: Callable[[str], None],
+) -> None:
+    """A stage's verdict, note and plot on its study, for the dashboard; called by the
+    process that owns the run (``--jobs`` workers finishing the same stage at the same
+    moment would upload the same plot twice).
 
-    Never raises: a plot that cannot be drawn or uploaded is a warning, not a failed run.
-    Only the process that owns the run publishes, so ``--jobs`` workers finishing the same
-    stage at the same moment do not upload the same plot twice.
+    Never raises: a plot that cannot be drawn or uploaded is a warning (through ``log``),
+    not a failed run.
     """
-    if not getattr(ctx, "owner", True):
-        return
     try:
-        _publish(ctx.storage, ctx.spec.name, result)
+        _publish(storage, run, stage, status, verdict)
     except Exception as err:  # noqa: BLE001 - publishing must never stop a run
-        ctx.log(
-            f"warning: could not publish the {result.stage} note and plots "
+        log(
+            f"warning: could not publish the {stage} note and plots "
             f"({type(err).__name__}: {err}); the run goes on"
         )
 
 
-def _publish(storage: Storage, run: str, result: Any) -> None:
+def _publish(storage: Storage, run: str, stage_done: str, status: str, verdict: str) -> None:
     from babysit.record.notes import get_note
     from babysit.record.notes import save_note
 
-    study = find_study(storage, run, result.stage)
+    study = find_study(storage, run, stage_done)
     if study is None:
         return
     published = _published(study)
-    if published.get("verdict") != result.verdict or published.get("status") != result.status:
-        _record(study, verdict=result.verdict, status=result.status)
+    if published.get("verdict") != verdict or published.get("status") != status:
+        _record(study, verdict=verdict, status=status)
     # The coarse scatter waits for the narrowed box, which exists once fine starts; so
     # fine's turn publishes coarse too (and coarse's own turn does when it failed, since
     # no fine stage follows, or on a rerun, when the box is already there).
-    stages = (Stage.COARSE, Stage.FINE) if result.stage == Stage.FINE else (result.stage,)
+    stages = (Stage.COARSE, Stage.FINE) if stage_done == Stage.FINE else (stage_done,)
     for stage in stages:
-        target = study if stage == result.stage else find_study(storage, run, stage)
+        target = study if stage == stage_done else find_study(storage, run, stage)
         if target is None:
             continue
         _publish_plot(storage, run, stage, target)
@@ -138,13 +143,7 @@ def _publish_plot(storage: Storage, run: str, stage: str, study: optuna.Study) -
     if fig is None:
         return
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, name)
-        with open(path, "wb") as fh:
-            fh.write(png(fig))
-        artifact_id = optuna.artifacts.upload_artifact(
-            artifact_store=storage.artifacts, file_path=path, study_or_trial=study
-        )
+    artifact_id = upload_bytes(storage, study, name, png(fig))
     artifacts[name] = artifact_id
     _record(study, artifacts=artifacts)
 
@@ -225,14 +224,7 @@ def upload_filters(storage: Storage, trial: optuna.Trial, model: nn.Module) -> s
     from babysit.report.plots import first_layer_filters
     from babysit.report.plots import png
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "first_layer_filters.png"
-        path.write_bytes(png(first_layer_filters(model)))
-        artifact_id = optuna.artifacts.upload_artifact(
-            artifact_store=storage.artifacts,
-            file_path=str(path),
-            study_or_trial=trial,
-            mimetype="image/png",
-        )
+    data = png(first_layer_filters(model))
+    artifact_id = upload_bytes(storage, trial, "first_layer_filters.png", data, "image/png")
     trial.set_user_attr(TrialKey.FILTERS_ARTIFACT, artifact_id)
     return artifact_id

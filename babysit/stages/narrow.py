@@ -6,12 +6,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
 
 import torch
 from optuna.trial import FrozenTrial
 
 from babysit.errors import ProtocolError
+from babysit.schema import Narrowed
 from babysit.schema import Param
 from babysit.schema import Stage
 from babysit.schema import StudyKey
@@ -36,7 +36,7 @@ def narrow(
     pad: float,
     edge: float,
     chance: float = 0.0,
-) -> dict[str, Any]:
+) -> Narrowed:
     """Fine ranges from the best coarse trials, by a rule stated in full.
 
     Keep the COMPLETE coarse trials that got at least half of the best trial's gain over
@@ -92,21 +92,21 @@ def narrow(
         best=f"{best_value:.3f}",
         pad=f"{pad:g}",
     )
-    return {
-        "ranges": ranges,
-        "rule": rule,
-        "top": [t.number for t in top],
-        "threshold": threshold,
-        "chance": chance,
-        "warnings": warnings_,
-    }
+    return Narrowed(
+        ranges=ranges,
+        rule=rule,
+        top=[t.number for t in top],
+        threshold=threshold,
+        chance=chance,
+        warnings=warnings_,
+    )
 
 
-def narrow_stage(ctx: Context) -> dict[str, Any]:
+def narrow_stage(ctx: Context) -> Narrowed:
     fine = open_stage(ctx, Stage.FINE)
     stored = fine.user_attrs.get(StudyKey.NARROWED)
     if stored is not None:
-        return stored
+        return Narrowed.from_attrs(stored)
     coarse = open_stage(ctx, Stage.COARSE)
     spec = ctx.spec
     # Chance: always guessing the most common validation class.
@@ -127,5 +127,5 @@ def narrow_stage(ctx: Context) -> dict[str, Any]:
         # The verdict stays with the run: `babysit status` and the report show it on fine.
         fine.set_user_attr(StudyKey.VERDICT, str(err))
         raise
-    fine.set_user_attr(StudyKey.NARROWED, result)
+    fine.set_user_attr(StudyKey.NARROWED, result.to_attrs())
     return result
