@@ -9,7 +9,7 @@ A run is five studies ``<run>/<stage>``. What babysit keeps on them:
 - stage names: :class:`Stage` (a run's studies are ``<run>/<stage>``, in :data:`STAGES` order);
 - system attrs: babysit's own in :class:`SystemKey`; :data:`ARTIFACT_PREFIX` (Optuna's
   artifact records);
-- JSON artifacts (babysit.artifacts): what is too large for an attr, which stays at most
+- JSON artifacts (babysit.record.artifacts): what is too large for an attr, which stays at most
   :data:`MAX_ATTR_BYTES` as JSON (the dashboard lays attrs out in full).
 
 Writers use the constants, ``trial.set_user_attr(TrialKey.REASON, Reason.DIVERGED)``;
@@ -22,8 +22,8 @@ and nothing stored is dropped. None means "not stored": ``to_attrs`` leaves it o
 
 The readers over trials (``counts``, ``best_trial``, ``best_of``, ``timing``) are here; the
 readers over a whole stored run (``load_stage``, ``stored_spec``, ``stage_result``,
-``summary``, ``progress``) are in babysit/stored.py, which also reads the JSON artifacts
-(babysit/artifacts.py builds on this module, so it cannot be imported from here). Neither
+``summary``, ``progress``) are in babysit/record/stored.py, which also reads the JSON artifacts
+(babysit/record/artifacts.py builds on this module, so it cannot be imported from here). Neither
 imports torch, matplotlib or pandas, so `babysit status`, `export` and `report` start fast.
 """
 

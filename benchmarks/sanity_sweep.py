@@ -4,7 +4,7 @@ datasets and a photo-like set at full pixel scale, five seeds each.
 
     PYTHONPATH=. python benchmarks/sanity_sweep.py
 
-Run from the repository root; the photo-like set is tests/test_sanity.py's PHOTOS module.
+Run from the repository root; the photo-like set is tests/stages/test_sanity.py's PHOTOS module.
 """
 
 from __future__ import annotations

@@ -26,7 +26,7 @@ TINY = [
     "--set",
     "coarse.lr=[1e-3, 0.1]",
     # Exactly coarse.trials trials, as the tests count them: no extra round at an edge
-    # (tests/test_learned.py covers it).
+    # (tests/stages/test_learned.py covers it).
     "--set",
     "coarse.extend=false",
     "--set",

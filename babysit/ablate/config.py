@@ -1,4 +1,4 @@
-"""The ablation config of `babysit ablate` (its format: the docstring of babysit/ablate.py),
+"""The ablation config of `babysit ablate` (its format: the docstring of babysit/ablate/run.py),
 read and checked whole, every variant's spec included, before anything trains."""
 
 from __future__ import annotations

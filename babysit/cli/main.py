@@ -201,7 +201,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    # babysit.status reads storage without torch: it answers in well under a second.
+    # babysit.report.status reads storage without torch: it answers in well under a second.
     from babysit.report.status import status_lines
     from babysit.report.status import statuses
 
@@ -256,7 +256,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    # babysit.export, not babysit.report: no torch, no matplotlib, pandas only here.
+    # babysit.report.export, not babysit.report: no torch, no matplotlib, pandas only here.
     from babysit.report.export import export_trials
 
     out = args.out or Path(f"{args.name.replace('/', '-')}-trials.{args.format}")

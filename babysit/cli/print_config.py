@@ -1,6 +1,6 @@
 """``--print-config``: the resolved spec, each value with where it came from and why.
 
-The reasons are the comments written beside each field in babysit/spec.py (one place
+The reasons are the comments written beside each field in babysit/spec/fields.py (one place
 states a default and its reason); the allowed values are the field's rule. Nothing here
 touches storage, the data or torch: it answers before anything runs.
 """

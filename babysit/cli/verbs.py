@@ -1,5 +1,5 @@
 """The command line's words: each verb's one-line description and its examples, and the
-version. Kept apart from babysit.cli_parser so the parser reads as flags, not prose."""
+version. Kept apart from babysit.cli.parser so the parser reads as flags, not prose."""
 
 from __future__ import annotations
 

@@ -4,7 +4,7 @@ Every entry yields uint8 images (N, C, H, W) and int64 labels, so the training l
 hold a split as one tensor on the device and take batches as index slices.
 
 The shared types (Splits, DataRequest, DatasetEntry, DataError) live in babysit.data.core,
-which the loaders and babysit.plugins import, so nothing the registry loads imports the
+which the loaders and babysit.refs import, so nothing the registry loads imports the
 registry back; they are importable from here as before.
 """
 

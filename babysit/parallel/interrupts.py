@@ -1,6 +1,6 @@
 """Ctrl-C and SIGTERM in the middle of a trial: the trial says so, and the rerun says so.
 
-The CLI's handler (babysit/cli.py) raises KeyboardInterrupt; :func:`marking_interrupts`
+The CLI's handler (babysit/cli/main.py) raises KeyboardInterrupt; :func:`marking_interrupts`
 writes ``reason=interrupted`` on the trial it stopped, before Optuna stores it FAIL. The next
 ``babysit run`` of the run names such a trial in one line as it opens the stage
 (:func:`say_interrupted`).

@@ -1,6 +1,6 @@
 """A stored run read back: its stages, its spec, the summary JSON and where it stands.
 
-Built on babysit/record.py (the schema) and babysit/artifacts.py (what is kept as JSON
+Built on babysit/schema.py (the schema) and babysit/record/artifacts.py (what is kept as JSON
 artifacts); `babysit status`, `export`, `report`, `ablate`, the summary and the Python API
 read a run through here. No torch, matplotlib or pandas.
 """

@@ -7,7 +7,7 @@ stage's plots as study artifacts; what it uploaded is recorded in the study's us
 edited in the dashboard since is left as they wrote it. ``write_report`` reads trials back
 through babysit.record and redraws every plot; for a run whose artifact store lives on
 another machine it draws what the database holds (the search scatters), since the
-curves are the trials' JSON artifacts. The tables of ``babysit export`` are built in babysit.export.
+curves are the trials' JSON artifacts. The tables of ``babysit export`` are built in babysit.report.export.
 """
 
 from __future__ import annotations

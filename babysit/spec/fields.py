@@ -5,8 +5,8 @@ them, ``--set KEY=VALUE`` overrides the file, and explicit flags override ``--se
 The spec is stored on every stage study as user attrs, so any machine can rebuild the run
 from storage alone.
 
-What each field allows (the choices, the rules, run names) is in babysit/spec_rules.py, and
-reading TOML, --set and mappings in babysit/spec_parse.py; their public names are importable
+What each field allows (the choices, the rules, run names) is in babysit/spec/rules.py, and
+reading TOML, --set and mappings in babysit/spec/parse.py; their public names are importable
 from here.
 """
 
@@ -178,7 +178,7 @@ class CoarseSpec(SearchSpec):
     # Leslie Smith's LR range test (exponentially growing LR, stopped on divergence) picks
     # the coarse lr range instead of `lr` above; its curve is stored on the coarse study.
     lr_range_test: bool = _f(False, _FLAG)
-    # Centre the lr range on the LR that memorised the overfit subset (babysit/learned.py
+    # Centre the lr range on the LR that memorised the overfit subset (babysit/stages/learned.py
     # states the rule) unless `lr` above was set by the user.
     lr_from_overfit: bool = _f(True, _FLAG)
     # A best value on an edge of the range widens it and runs a few extra trials, once.

@@ -1,7 +1,7 @@
 """Reading spec values: TOML files, ``--set KEY=VALUE`` and mappings (flags, stored specs).
 
 Everything here works on any tree of dataclasses, so it holds no knowledge of the spec's
-fields: babysit/spec.py builds the spec and layers defaults, file, --set and flags.
+fields: babysit/spec/fields.py builds the spec and layers defaults, file, --set and flags.
 """
 
 from __future__ import annotations

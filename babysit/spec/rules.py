@@ -20,7 +20,7 @@ from babysit.errors import UsageError
 
 # ---------------------------------------------------------------------------- choices
 # The spec's closed sets. The first of each is not necessarily its default: the defaults
-# and the reasons for them stand beside the fields in babysit/spec.py.
+# and the reasons for them stand beside the fields in babysit/spec/fields.py.
 OPTIMIZERS = ("sgd", "adam")
 LOSSES = ("ce", "bce")
 SAMPLERS = ("random", "tpe")
@@ -30,7 +30,7 @@ NORMALIZATIONS = ("dataset", "imagenet", "none")
 MODELS = ("alexnet",)
 # The datasets babysit registers itself (babysit/data); tests check the registry matches.
 DATASETS = ("digits", "faces", "cifar10", "fddb", "imagefolder")
-# AlexNet's knobs (babysit/models.py builds each of them).
+# AlexNet's knobs (babysit/training/models.py builds each of them).
 CONV_LAYERS = (3, 4, 5)
 FC_LAYERS = (1, 2, 3)
 ACTIVATIONS = ("relu", "leaky_relu")

@@ -51,7 +51,7 @@ class Context:
     compile: bool = False
     # What loading the data found (tensor or streaming path, skipped files), for storage.
     data_info: dict[str, Any] = field(default_factory=dict)
-    # Processes training the final data parallel (`--final-procs`; babysit.distributed).
+    # Processes training the final data parallel (`--final-procs`; babysit.stages.final.launch).
     final_procs: int = 1
 
     @property

@@ -183,7 +183,7 @@ def extend_coarse(
 
 def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
     """The spec's coarse ranges, the lr range the LR range test proposes, or the lr range
-    anchored on the overfit LR (babysit/learned.py); read back from the coarse study once a
+    anchored on the overfit LR (babysit/stages/learned.py); read back from the coarse study once a
     search stored them, so every worker and every rerun uses the same."""
     spec = ctx.spec
     ranges = {Param.LR: list(spec.coarse.lr), Param.WEIGHT_DECAY: list(spec.coarse.weight_decay)}

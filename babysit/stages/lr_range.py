@@ -1,7 +1,7 @@
 """Leslie Smith's LR range test (Cyclical Learning Rates, 2017, section 3.3), and the coarse
 learning-rate range it proposes for a run (``coarse.lr_range_test``).
 
-Numbers only: the test's curve is drawn in babysit/plots.py.
+Numbers only: the test's curve is drawn in babysit/report/plots.py.
 """
 
 from __future__ import annotations

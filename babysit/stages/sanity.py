@@ -1,7 +1,7 @@
 """The protocol's short stages, each a function that reads top to bottom: sanity, overfit,
 and narrowing (the fine ranges drawn from the coarse trials). The searches (coarse and fine)
-are in babysit/search.py; the final training in babysit/final.py; how trials are shared
-between processes in babysit/coordination.py.
+are in babysit/stages/search.py; the final training in babysit/stages/final/stage.py; how trials are shared
+between processes in babysit/parallel/coordination.py.
 
 Every stage reads and writes its own Optuna study ``<run>/<stage>`` and nothing else holds
 state, so any process that can reach the storage can resume a run or join it. What a stage

@@ -1,8 +1,8 @@
 """The searches, coarse and fine: a log-uniform search over lr and weight_decay that several
 processes can fill at once, each trial trained for a few epochs and pruned (median or
 successive halving) or stopped on divergence on the way, and the stage's verdict with its
-counts and best trial. How the fine ranges are narrowed from coarse is in babysit/stages.py;
-how trials are claimed and counted across processes in babysit/coordination.py.
+counts and best trial. How the fine ranges are narrowed from coarse is in babysit/stages/sanity.py;
+how trials are claimed and counted across processes in babysit/parallel/coordination.py.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Storage URL -> Optuna storage, artifact store and study names. Nobody else parses URLs.
 
-The pieces live beside it: babysit.storage_url (defaults, redaction), babysit.storage_errors
-(what a failed call means) and babysit.storage_rdb (the reconnecting RDBStorage); their
+The pieces live beside it: babysit.storage.url (defaults, redaction), babysit.storage.errors
+(what a failed call means) and babysit.storage.rdb (the reconnecting RDBStorage); their
 public names are importable from here."""
 
 from __future__ import annotations

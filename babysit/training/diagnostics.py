@@ -5,8 +5,8 @@ Networks" name the signals: the ratio of each update to its weights, gradient no
 ReLUs, activation statistics, a loss that does not move, a train/val gap. ``Monitor`` samples
 them every few steps (the first step, every ``every``-th step and the first step of each
 epoch), so a run pays a few percent at most; ``readings`` turns them into plain words.
-Leslie Smith's LR range test is in babysit/lr_range.py. Readings only: every figure (the
-first-layer filters among them) is drawn in babysit/plots.py.
+Leslie Smith's LR range test is in babysit/stages/lr_range.py. Readings only: every figure (the
+first-layer filters among them) is drawn in babysit/report/plots.py.
 """
 
 from __future__ import annotations
@@ -339,7 +339,7 @@ def record_diagnostics(
     warnings: Sequence[str] = (),
 ) -> dict[str, Any]:
     """Close the epoch's samples; return the trial's "diagnostics" and "readings" so far
-    (the caller stores them as JSON artifacts, babysit.artifacts.store_trial_data).
+    (the caller stores them as JSON artifacts, babysit.record.artifacts.store_trial_data).
 
     With ``epoch=None`` (after ``fit`` returns) it closes a partial epoch, the one a
     diverged trial stopped in, and removes the monitor's hooks from the model.

@@ -45,7 +45,7 @@ _MIN_SIDE_227 = 63
 HEAD_LOGIT_STD = 0.05
 # Examples measured for that scale: one batch; 64 x C logits pin a std within a few %.
 _CALIBRATION_EXAMPLES = 64
-# The knobs' allowed values: the spec's choices (babysit/spec_rules.py), checked again here
+# The knobs' allowed values: the spec's choices (babysit/spec/rules.py), checked again here
 # for AlexNet built directly.
 _KNOBS: dict[str, tuple[Any, ...]] = {
     "conv_layers": CONV_LAYERS,

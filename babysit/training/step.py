@@ -212,9 +212,9 @@ def fit(
     stop_on_divergence: bool = True,
     check_every: int = 1,
     on_epoch: Callable[[EpochStats], None] | None = None,
-    # diagnostics (babysit.diagnostics.Monitor): called after each backward, before the step
+    # diagnostics (babysit.training.diagnostics.Monitor): called after each backward, before the step
     monitor: Callable[[int, nn.Module, torch.optim.Optimizer, torch.Tensor], None] | None = None,
-    # Data parallel (babysit.distributed): this rank's shard of each epoch's permutation,
+    # Data parallel (babysit.stages.final.launch): this rank's shard of each epoch's permutation,
     # and a generator of its own for augmentation (``generator`` draws the permutation,
     # which must stay the same on every rank).
     shard: tuple[int, int] = (0, 1),

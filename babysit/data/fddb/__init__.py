@@ -27,8 +27,8 @@ Building the patches decodes every photo with PIL once; the result is cached as 
 training loop never touches PIL. A changed photo (same annotations) is not detected:
 delete the cache folder after editing ``originalPics/``.
 
-This module is the loader and its cache; babysit.data.fddb_annotations reads the folds and
-ellipses, babysit.data.fddb_patches cuts the patches and babysit.data.fddb_download fetches
+This module is the loader and its cache; babysit.data.fddb.annotations reads the folds and
+ellipses, babysit.data.fddb.patches cuts the patches and babysit.data.fddb.download fetches
 the archives. Their public names are importable from here.
 """
 

@@ -1,6 +1,6 @@
 """The collectives the final stage calls while it runs as one rank of DistributedDataParallel.
 
-Apart from babysit/distributed.py (which launches the ranks and imports the final stage), so
+Apart from babysit/stages/final/launch.py (which launches the ranks and imports the final stage), so
 the final stage can use them without importing its own launcher back.
 """
 

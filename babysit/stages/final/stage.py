@@ -1,9 +1,9 @@
 """The final stage: train with the chosen parameters for the long budget, keep the best
 epoch's weights, evaluate them on the test split, store the model.
 
-Resumable: a checkpoint (babysit/checkpoint.py) is written by the rule of
+Resumable: a checkpoint (babysit/stages/final/checkpoint.py) is written by the rule of
 ``final.checkpoint_share``, and a rerun or another worker goes on from it. One process or
-``--final-procs`` ranks of DistributedDataParallel (babysit/distributed.py) run
+``--final-procs`` ranks of DistributedDataParallel (babysit/stages/final/launch.py) run
 :func:`train_final`; only rank 0 writes.
 """
 
@@ -61,7 +61,7 @@ def final(
     ``params`` ({"lr", "weight_decay"}) skips the searches' choice: `babysit ablate`'s
     mode "final" trains each variant with fixed parameters, as seed 000 did.
     ``ctx.final_procs`` > 1 trains on that many processes through ``launch``
-    (babysit.distributed.launch_final, passed in by the caller: the launcher imports this
+    (babysit.stages.final.launch.launch_final, passed in by the caller: the launcher imports this
     module to run each rank, so this module does not import it back)."""
     study = open_stage(ctx, Stage.FINAL)
     params = params if params is not None else best_params(ctx)
@@ -75,7 +75,7 @@ def final(
             if launch is None:
                 raise ProtocolError(
                     f"final.procs {ctx.final_procs} needs a launcher: call "
-                    "final() with launch=babysit.distributed.launch_final"
+                    "final() with launch=babysit.stages.final.launch.launch_final"
                 )
             result = launch(ctx, study, trial, lr, wd)
         else:

@@ -3,7 +3,7 @@
 The server serves two small archives laid out like the published ones: the photos archive
 holds ``2002/...`` at its top (it unpacks into ``originalPics/``), the folds archive holds
 ``FDDB-folds/``. The folds are cut from the real fold-01 annotations in tests/fixtures and
-the photos are painted JPEGs (the same tree tests/test_data_fddb.py builds).
+the photos are painted JPEGs (the same tree tests/data/test_data_fddb.py builds).
 """
 
 from __future__ import annotations
@@ -31,11 +31,11 @@ from babysit.data.download import fetch
 from babysit.errors import UsageError
 from tests.conftest import babysit
 from tests.conftest import cli_env
-from tests.test_data_fddb import FOLD_SLICES
-from tests.test_data_fddb import _entries
-from tests.test_data_fddb import _options
-from tests.test_data_fddb import _write_folds
-from tests.test_data_fddb import _write_photos
+from tests.data.test_data_fddb import FOLD_SLICES
+from tests.data.test_data_fddb import _entries
+from tests.data.test_data_fddb import _options
+from tests.data.test_data_fddb import _write_folds
+from tests.data.test_data_fddb import _write_photos
 
 FOLD_SETS = [
     "--set",

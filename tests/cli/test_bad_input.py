@@ -338,7 +338,7 @@ def _png_header(width: int, height: int) -> bytes:
 
 
 def test_oversized_images_are_named_and_skipped(tmp_path: Path) -> None:
-    from tests.test_imagefolder import make_folder
+    from tests.data.test_imagefolder import make_folder
 
     images = tmp_path / "images"
     make_folder(images, per_class=6)

@@ -30,7 +30,7 @@ from babysit.spec import DataSpec
 # The real fold-01 files, kept in tests/fixtures; another copy can be named with
 # BABYSIT_FDDB_FIXTURE.
 _FIXTURE = os.environ.get(
-    "BABYSIT_FDDB_FIXTURE", str(Path(__file__).resolve().parent / "fixtures" / "fddb")
+    "BABYSIT_FDDB_FIXTURE", str(Path(__file__).resolve().parents[1] / "fixtures" / "fddb")
 )
 REAL_FOLDS = Path(_FIXTURE) / "FDDB-folds"
 REAL_ELLIPSES = REAL_FOLDS / "FDDB-fold-01-ellipseList.txt"

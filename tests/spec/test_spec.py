@@ -9,7 +9,7 @@ from babysit.spec import Spec
 from babysit.spec import all_keys
 from babysit.spec import build_spec
 
-STUDIES = Path(__file__).resolve().parents[1] / "studies"
+STUDIES = Path(__file__).resolve().parents[2] / "studies"
 
 
 def test_precedence_flags_beat_set_beat_file_beat_defaults(tmp_path: Path) -> None:

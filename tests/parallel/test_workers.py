@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
 PASSWORD = "w0rker-Pa55"
 
-# The cheapest protocol that still trains (see tests/test_transfer.py); per test, the
+# The cheapest protocol that still trains (see tests/record/test_transfer.py); per test, the
 # search sizes and epochs are set where the test needs trials to last.
 FAST = [
     *CHEAP,
