@@ -266,7 +266,7 @@ def _stop(helpers: list[subprocess.Popen]) -> None:
             proc.kill()
 
 
-def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
+def _coarse_ranges(ctx: Context, initial_loss: float) -> dict[str, list[float]]:
     """The spec's coarse ranges, the lr range the LR range test proposes, or the lr range
     anchored on the overfit LR (babysit/learned.py); read back from the coarse study once a
     search stored them, so every worker and every rerun uses the same."""
@@ -278,8 +278,12 @@ def _coarse_ranges(ctx: Context) -> dict[str, list[float]]:
         return stored
     if not spec.coarse.lr_range_test:
         from babysit.learned import anchored_ranges
+        from babysit.learned import probe_top
+        from babysit.learned import user_set_lr
 
-        return anchored_ranges(ctx, ranges)
+        chosen = anchored_ranges(ctx, ranges)
+        # A range babysit chose is probed at its top; a range the user set is theirs.
+        return chosen if user_set_lr(spec) else probe_top(ctx, chosen, initial_loss)
     from babysit.lr_range import propose_coarse_lr
 
     test = propose_coarse_lr(ctx)
@@ -309,11 +313,14 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
     spec = ctx.spec
     # The bar starts at the search's first report: after the LR range test or the anchoring
     # has said its piece, and at the trials a previous run stored.
-    ranges = _coarse_ranges(ctx)
+    ranges = _coarse_ranges(ctx, initial_loss)
     bar = Progress("coarse", "trial", ctx.quiet)
     coarse = search(ctx, "coarse", spec.coarse, ranges, initial_loss=initial_loss, progress=bar.to)
     bar.close()
-    _gate(ctx, coarse)
+    # A first round in which every trial diverged is not the end: the extra round looks
+    # below where it diverged (babysit/learned.py), and only then is the stage judged.
+    if coarse.status != "failed":
+        _gate(ctx, coarse)
     from babysit.learned import extend_coarse
 
     bar = Progress("coarse", "trial", ctx.quiet)
@@ -321,6 +328,8 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
     bar.close()
     if extended is not None:
         _gate(ctx, extended)
+    elif coarse.status == "failed":
+        _gate(ctx, coarse)
 
     narrowed = narrow_stage(ctx)
     shown = ", ".join(f"{k} [{v[0]:.3g}, {v[1]:.3g}]" for k, v in narrowed["ranges"].items())

@@ -85,7 +85,9 @@ class StudyKey:
     LR_RANGE_TEST = "lr_range_test"
     LR_ANCHOR = "lr_anchor"
     EXTENSION = "extension"
+    LR_PROBE = "lr_probe"
     NARROWED = "narrowed"
+    RECOVERY = "recovery"
     CHECKPOINT = "checkpoint"
     PUBLISHED = "published"
 
@@ -128,6 +130,17 @@ class TrialKey:
     NONFINITE_OUTPUTS = "nonfinite_outputs"
     NONFINITE_FIRST_BATCH = "nonfinite_first_batch"
     OUTPUTS = "outputs"
+    # sanity, how the outputs line up with the labels: the loss they give under labels
+    # independent of them (ln C plus the spread's cost) and the least and most they can give
+    # (true class always on top / at the bottom), CE only; the share of each class's samples
+    # whose true class the untrained network ranks first / last, averaged over the classes;
+    # the share of output rows that are probabilities (>= 0, summing to 1).
+    INDEPENDENT_LOSS = "independent_loss"
+    ALIGNED_LOSS = "aligned_loss"
+    OPPOSED_LOSS = "opposed_loss"
+    TRUE_CLASS_FIRST = "true_class_first"
+    TRUE_CLASS_LAST = "true_class_last"
+    PROBABILITY_ROWS = "probability_rows"
     # overfit
     CURVE = "curve"
     STEPS = "steps"
@@ -211,7 +224,9 @@ class StudyAttrs(_Attrs):
     lr_range_test: dict[str, Any] | None = None
     lr_anchor: dict[str, Any] | None = None
     extension: dict[str, Any] | None = None
+    lr_probe: dict[str, Any] | None = None
     narrowed: dict[str, Any] | None = None
+    recovery: str | None = None
     checkpoint: dict[str, Any] | None = None
     published: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -243,6 +258,12 @@ class TrialAttrs(_Attrs):
     nonfinite_outputs: int | None = None
     nonfinite_first_batch: int | None = None
     outputs: int | None = None
+    independent_loss: float | None = None
+    aligned_loss: float | None = None
+    opposed_loss: float | None = None
+    true_class_first: float | None = None
+    true_class_last: float | None = None
+    probability_rows: float | None = None
     curve: list[dict[str, float]] | None = None
     steps: int | None = None
     samples: int | None = None

@@ -221,9 +221,29 @@ def _search_result(
         verdict = (
             f"{stage}: none of {plural(counts['trials'], 'trial')} completed "
             f"({counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
-            "pruned): lower the upper end of the lr range"
+            f"pruned, {counts['failed']} failed)"
         )
-        return StageResult(stage, "failed", verdict, values)
+        coarse_best = (
+            best_of(open_stage(ctx, "coarse").get_trials(deepcopy=False))
+            if stage == "fine"
+            else None
+        )
+        if coarse_best is None:
+            return StageResult(
+                stage, "failed", f"{verdict}: lower the upper end of the lr range", values
+            )
+        # A careful person keeps a good coarse result when the fine round went badly.
+        recovery = (
+            f"recovered: the final takes the best coarse trial {coarse_best['number']} "
+            f"(val accuracy {coarse_best['value']:.3f} at lr "
+            f"{coarse_best['params']['lr']:.3g}, weight_decay "
+            f"{coarse_best['params']['weight_decay']:.3g})"
+        )
+        study = open_stage(ctx, stage)
+        if study.user_attrs.get(StudyKey.RECOVERY) != recovery:
+            study.set_user_attr(StudyKey.RECOVERY, recovery)
+        values["recovery"] = recovery
+        return StageResult(stage, "recovered", f"{verdict}; {recovery}", values)
     verdict = (
         f"{stage}: {plural(counts['trials'], 'trial')} ({counts['complete']} complete, "
         f"{counts['diverged']} diverged and stopped early, "

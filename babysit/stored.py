@@ -129,7 +129,7 @@ def stage_result(
             # A fine stage that narrowing refused to start carries that verdict.
             status = "failed" if attrs.verdict is not None else "skipped"
         elif n["finished"] >= target:
-            status = "passed" if best is not None else "failed"
+            status = "passed" if best is not None or attrs.recovery else "failed"
         else:
             status = "running"
         entry: dict[str, Any] = {
@@ -142,6 +142,11 @@ def stage_result(
             "target": target,
             "best": best,
         }
+        # How the stage recovered, in words, when it did (README.md, "When a stage goes
+        # wrong"): fine's best coarse trial carried into the final, coarse's extra round
+        # below where its first round diverged.
+        extension = attrs.extension or {}
+        entry["recovery"] = attrs.recovery if stage == "fine" else extension.get("recovery")
         if stage == "fine":
             entry["range"] = attrs.narrowed["ranges"] if attrs.narrowed else None
             entry["narrowing"] = attrs.narrowed

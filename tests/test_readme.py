@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 
 from babysit.learned import ANCHOR_RULE
+from babysit.learned import CEILING_RULE
+from babysit.learned import PROBE_RULE
 from babysit.samplers import HALVING_RULE
 from babysit.stages import NARROW_RULE
 from tests.conftest import ROOT
@@ -21,6 +23,8 @@ def _words(text: str) -> str:
         ("narrowing (fine study: narrowed.rule)", NARROW_RULE),
         ("successive halving (coarse study: pruner_rule)", HALVING_RULE),
         ("anchored coarse lr (coarse study: lr_anchor.rule)", ANCHOR_RULE),
+        ("divergence ceiling (fine study: narrowed.ceiling.rule)", CEILING_RULE),
+        ("probe of the top lr (coarse study: lr_probe.rule)", PROBE_RULE),
     ],
 )
 def test_readme_quotes_each_stored_rule(name: str, rule: str) -> None:
