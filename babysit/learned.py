@@ -26,10 +26,13 @@ from optuna.trial import TrialState
 from babysit.context import Context
 from babysit.context import StageResult
 from babysit.coordination import open_stage
+from babysit.divergence import below_ceiling
+from babysit.divergence import divergence_ceiling
+from babysit.divergence import lowest
+from babysit.divergence import probe_ceiling
 from babysit.record import Param
 from babysit.record import StudyKey
 from babysit.record import best_of
-from babysit.record import diverged
 from babysit.search import search
 from babysit.spec import CoarseSpec
 from babysit.spec import Spec
@@ -243,64 +246,6 @@ def _extension_plan(
             }
         )
     return plan
-
-
-# ---------------------------------------------------------------------------- divergence
-# cs231n: a loss that explodes means the learning rate is too high, and a careful person
-# never searches above where they saw it explode. Every LR at which a search trial
-# diverged bounds the searches from then on, a factor 10^DIVERGE_MARGIN below it: the
-# LR that diverged did so for one seed, and its neighbours just below often do too.
-DIVERGE_MARGIN = 0.3
-# The rule as stored on the fine study (``narrowed.ceiling_rule``); README.md quotes it.
-CEILING_RULE = (
-    "fine lr stays below {margin}x the lowest lr at which a coarse trial in the fine "
-    "weight_decay range, or the probe of the coarse top, diverged (above the best "
-    "trial's lr)"
-)
-
-
-def divergence_ceiling(
-    trials: list[FrozenTrial],
-    above: float,
-    weight_decay: tuple[float, float] | None = None,
-) -> float | None:
-    """The lowest LR above ``above`` at which a trial diverged (among those whose
-    weight_decay lies in ``weight_decay``, when given); None when none did.
-
-    Only LRs above ``above`` (the best trial's) count: a trial that diverged below an LR
-    that learned well was an unlucky seed, not a bound, and the fine range must keep the
-    best trial."""
-    lrs = [
-        float(t.params[Param.LR])
-        for t in trials
-        if diverged(t)
-        and Param.LR in t.params
-        and float(t.params[Param.LR]) > above
-        and (
-            weight_decay is None
-            or weight_decay[0]
-            <= float(t.params.get(Param.WEIGHT_DECAY, weight_decay[0]))
-            <= weight_decay[1]
-        )
-    ]
-    return min(lrs) if lrs else None
-
-
-def probe_ceiling(probe: dict[str, Any] | None) -> float | None:
-    """The lowest lr at which the probe of the coarse range's top (``lr_probe``) diverged."""
-    lrs = [float(p["lr"]) for p in (probe or {}).get("tried", []) if p["diverged_at_step"]]
-    return min(lrs) if lrs else None
-
-
-def lowest(*ceilings: float | None) -> float | None:
-    """The lowest of the bounds that exist."""
-    known = [c for c in ceilings if c is not None]
-    return min(known) if known else None
-
-
-def below_ceiling(ceiling: float) -> float:
-    """The highest LR the searches may draw under a divergence ``ceiling``."""
-    return ceiling / 10**DIVERGE_MARGIN
 
 
 # ---------------------------------------------------------------------------- the probe

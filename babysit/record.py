@@ -86,6 +86,7 @@ class StudyKey:
     LR_ANCHOR = "lr_anchor"
     EXTENSION = "extension"
     LR_PROBE = "lr_probe"
+    MOVED = "moved"
     NARROWED = "narrowed"
     RECOVERY = "recovery"
     CHECKPOINT = "checkpoint"
@@ -225,6 +226,7 @@ class StudyAttrs(_Attrs):
     lr_anchor: dict[str, Any] | None = None
     extension: dict[str, Any] | None = None
     lr_probe: dict[str, Any] | None = None
+    moved: dict[str, Any] | None = None
     narrowed: dict[str, Any] | None = None
     recovery: str | None = None
     checkpoint: dict[str, Any] | None = None

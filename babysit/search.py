@@ -26,8 +26,14 @@ from babysit.coordination import open_stage
 from babysit.coordination import stage_counts
 from babysit.diagnostics import Monitor
 from babysit.diagnostics import record_diagnostics
+from babysit.divergence import DIVERGE_MARGIN
+from babysit.divergence import MOVE_AFTER
+from babysit.divergence import MOVE_DECADES
+from babysit.divergence import MOVE_RULE
+from babysit.divergence import moved_range
 from babysit.record import Param
 from babysit.record import Reason
+from babysit.record import StudyAttrs
 from babysit.record import StudyKey
 from babysit.record import TrialKey
 from babysit.record import best_of
@@ -71,10 +77,48 @@ def search(
 
     def objective(trial: optuna.Trial) -> float:
         claim(study, trial, search_spec.trials, stage)
-        return _search_trial(ctx, trial, stage, search_spec, ranges, initial_loss)
+        drawn = _moved(ctx, study, ranges) if stage == "coarse" else ranges
+        return _search_trial(ctx, trial, stage, search_spec, drawn, initial_loss)
 
     fill(study, search_spec.trials, objective, progress)
     return _search_result(ctx, stage, study.get_trials(deepcopy=False), ranges)
+
+
+def _moved(
+    ctx: Context, study: optuna.Study, ranges: dict[str, list[float]]
+) -> dict[str, list[float]]:
+    """The ranges this coarse trial draws from: ``ranges``, or below where the trials so far
+    diverged when none of them trained (babysit/divergence.py, MOVE_RULE). A move is
+    stored on the study (``moved``) and widens its ``ranges``, which narrowing clips to."""
+    attrs = StudyAttrs.from_attrs(study.user_attrs)
+    before = attrs.moved if attrs.moved and attrs.moved["from"] == ranges[Param.LR] else None
+    moved = moved_range(study.get_trials(deepcopy=False), ranges)
+    if moved is None:
+        # Once moved, the rest of the stage stays where trials trained.
+        return ranges if before is None else {**ranges, Param.LR: before["range"]}
+    if before is None or before["range"] != moved[Param.LR]:
+        study.set_user_attr(
+            StudyKey.MOVED,
+            {
+                "from": ranges[Param.LR],
+                "range": moved[Param.LR],
+                "rule": MOVE_RULE.format(
+                    after=MOVE_AFTER,
+                    decades=f"{MOVE_DECADES:g}",
+                    margin=f"{10**-DIVERGE_MARGIN:.2g}",
+                ),
+            },
+        )
+        stored = attrs.ranges or ranges
+        lo, hi = stored[Param.LR]
+        study.set_user_attr(
+            StudyKey.RANGES, {**stored, Param.LR: [min(lo, moved[Param.LR][0]), hi]}
+        )
+        ctx.log(
+            f"coarse: every trial so far diverged; new trials draw lr from "
+            f"[{moved[Param.LR][0]:.3g}, {moved[Param.LR][1]:.3g}], below where they did"
+        )
+    return moved
 
 
 def _describe_search(

@@ -28,13 +28,13 @@ from babysit.context import fresh_model
 from babysit.context import seed_for
 from babysit.coordination import fixed_trial
 from babysit.coordination import open_stage
+from babysit.divergence import CEILING_RULE
+from babysit.divergence import DIVERGE_MARGIN
+from babysit.divergence import below_ceiling
+from babysit.divergence import divergence_ceiling
+from babysit.divergence import lowest
+from babysit.divergence import probe_ceiling
 from babysit.errors import ProtocolError
-from babysit.learned import CEILING_RULE
-from babysit.learned import DIVERGE_MARGIN
-from babysit.learned import below_ceiling
-from babysit.learned import divergence_ceiling
-from babysit.learned import lowest
-from babysit.learned import probe_ceiling
 from babysit.record import Param
 from babysit.record import StudyKey
 from babysit.record import TrialKey
@@ -446,17 +446,16 @@ def narrow(
         logs = [math.log10(t.params[name]) for t in top]
         spans[name] = (max(lo_c, min(logs) - pad), min(hi_c, max(logs) + pad))
     # Divergence is evidence (babysit/learned.py, CEILING_RULE): fine's lr stays below where
-    # coarse trials of the good weight-decay region diverged, never below the best trial.
+    # coarse trials of the good weight-decay region (or the probe of the top) diverged. An
+    # lr that diverged for one trial is no place to search, even below a good one: when the
+    # cap cuts below the top trials, fine searches the decade under the cap, and the final
+    # still compares the best coarse trial with fine's.
     wd_lo, wd_hi = spans[Param.WEIGHT_DECAY]
-    best_lr = float(best.params[Param.LR])
-    ceiling = lowest(
-        divergence_ceiling(trials, best_lr, (10**wd_lo, 10**wd_hi)),
-        probed if probed is not None and probed > best_lr else None,
-    )
+    ceiling = lowest(divergence_ceiling(trials, 0.0, (10**wd_lo, 10**wd_hi)), probed)
     if ceiling is not None:
         lo, hi = spans[Param.LR]
-        hi = max(math.log10(best_lr), min(hi, math.log10(below_ceiling(ceiling))))
-        spans[Param.LR] = (min(lo, hi), hi)
+        hi = min(hi, math.log10(below_ceiling(ceiling)))
+        spans[Param.LR] = (min(lo, hi - 2 * pad), hi)
     ranges: dict[str, list[float]] = {}
     warnings_: list[str] = []
     for name in (Param.LR, Param.WEIGHT_DECAY):
@@ -491,7 +490,7 @@ def narrow(
         else {
             "diverged_lr": ceiling,
             "max_lr": ranges[Param.LR][1],
-            "rule": CEILING_RULE.format(margin=f"{10**-DIVERGE_MARGIN:.2g}"),
+            "rule": CEILING_RULE.format(margin=f"{10**-DIVERGE_MARGIN:.2g}", span=f"{2 * pad:g}"),
         },
     }
 

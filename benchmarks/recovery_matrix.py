@@ -8,7 +8,8 @@
 that test's coarse lr range [1e-3, 1e-2], and with the default (anchored, probed) ranges;
 per run it reports the exit code, the final's test accuracy, how many coarse trials
 diverged, whether a stage recovered, and whether any fine trial was drawn above the lowest
-lr at which a coarse trial diverged.
+lr at which a coarse trial of the fine weight_decay range diverged (in brackets: at
+which any coarse trial diverged).
 
 `share` runs the default coarse stage (12 trials, 3 epochs, the default AlexNet; fine and
 final cut to one trial and one epoch, which do not change coarse) and reports the share of
@@ -91,13 +92,26 @@ def _run(dataset: str, seed: int, sets: list[str], tmp: Path) -> dict:
     out["probe"] = coarse.user_attrs.get("lr_probe")
     out["ranges"] = coarse.user_attrs.get("ranges")
     lowest = min((t.params["lr"] for t in diverged), default=None)
+    region = None
     try:
         fine = optuna.load_study(study_name=f"{name}/fine", storage=url)
         fine_lrs = [t.params["lr"] for t in fine.trials if "lr" in t.params]
         out["fine_recovered"] = bool(fine.user_attrs.get("recovery"))
         out["fine_diverged"] = sum(t.user_attrs.get("reason") == "diverged" for t in fine.trials)
+        narrowed = fine.user_attrs.get("narrowed") or {}
+        if narrowed:
+            wd_lo, wd_hi = narrowed["ranges"]["weight_decay"]
+            region = min(
+                (t.params["lr"] for t in diverged if wd_lo <= t.params["weight_decay"] <= wd_hi),
+                default=None,
+            )
+            out["fine_range"] = narrowed["ranges"]
     except KeyError:
         fine_lrs = []
+    # The criterion: no fine trial above the lowest lr that diverged in coarse among the
+    # trials of the fine weight_decay range (the good region); and, for information, above
+    # the lowest that diverged anywhere.
+    out["fine_above_region_diverged"] = sum(region is not None and lr > region for lr in fine_lrs)
     out["fine_above_lowest_diverged"] = sum(lowest is not None and lr > lowest for lr in fine_lrs)
     summary_file = tmp / (name + ".json")
     if summary_file.exists():
@@ -146,14 +160,15 @@ def main() -> None:
             accs = [r["test_accuracy"] for r in mine if r.get("test_accuracy") is not None]
             div = sum(r.get("coarse_diverged", 0) for r in mine)
             tot = sum(r.get("coarse_trials", 0) for r in mine)
-            above = sum(r.get("fine_above_lowest_diverged", 0) for r in mine)
+            above = sum(r.get("fine_above_region_diverged", 0) for r in mine)
+            anywhere = sum(r.get("fine_above_lowest_diverged", 0) for r in mine)
             rec = sum(bool(r.get("fine_recovered") or r.get("coarse_recovered")) for r in mine)
             print(
                 f"| {budget} | {dataset} | {len(mine)} | {ok} | "
                 f"{min(accs):.3f} / {sum(accs) / max(1, len(accs)):.3f} | "
-                f"{div}/{tot} = {div / max(1, tot):.0%} | {above} | {rec} |"
+                f"{div}/{tot} = {div / max(1, tot):.0%} | {above} ({anywhere}) | {rec} |"
                 if accs
-                else f"| {budget} | {dataset} | {len(mine)} | {ok} | - | {div}/{tot} | {above} | {rec} |"
+                else f"| {budget} | {dataset} | {len(mine)} | {ok} | - | {div}/{tot} | {above} ({anywhere}) | {rec} |"
             )
 
 

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from babysit.divergence import CEILING_RULE
+from babysit.divergence import MOVE_RULE
 from babysit.learned import ANCHOR_RULE
-from babysit.learned import CEILING_RULE
 from babysit.learned import PROBE_RULE
 from babysit.samplers import HALVING_RULE
 from babysit.stages import NARROW_RULE
@@ -25,6 +26,7 @@ def _words(text: str) -> str:
         ("anchored coarse lr (coarse study: lr_anchor.rule)", ANCHOR_RULE),
         ("divergence ceiling (fine study: narrowed.ceiling.rule)", CEILING_RULE),
         ("probe of the top lr (coarse study: lr_probe.rule)", PROBE_RULE),
+        ("coarse moved below divergence (coarse study: moved.rule)", MOVE_RULE),
     ],
 )
 def test_readme_quotes_each_stored_rule(name: str, rule: str) -> None:

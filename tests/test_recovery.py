@@ -17,14 +17,16 @@ from optuna.distributions import FloatDistribution
 from optuna.trial import TrialState
 from optuna.trial import create_trial
 
+from babysit.divergence import DIVERGE_MARGIN
+from babysit.divergence import MOVE_DECADES
+from babysit.divergence import divergence_ceiling
+from babysit.divergence import moved_range
+from babysit.divergence import probe_ceiling
 from babysit.learned import BELOW_DIVERGENCE
-from babysit.learned import DIVERGE_MARGIN
 from babysit.learned import EDGE_DECADES
 from babysit.learned import PROBE_STEPS
 from babysit.learned import _extension_plan
-from babysit.learned import divergence_ceiling
 from babysit.learned import edges
-from babysit.learned import probe_ceiling
 from babysit.learned import probe_top
 from babysit.protocol import prepare
 from babysit.spec import CoarseSpec
@@ -80,6 +82,7 @@ def test_fine_stays_below_the_lowest_lr_that_diverged() -> None:
     assert out["ceiling"]["diverged_lr"] == pytest.approx(4.0e-3)
     assert out["ceiling"]["max_lr"] == pytest.approx(hi)
     assert "0.5x the lowest lr" in out["ceiling"]["rule"]
+    assert all(isinstance(v, float) for v in out["ranges"]["lr"])
 
 
 def test_without_divergence_the_narrowing_rule_is_unchanged() -> None:
@@ -90,24 +93,30 @@ def test_without_divergence_the_narrowing_rule_is_unchanged() -> None:
     assert out["ranges"]["lr"][1] == pytest.approx(1.6e-3 * 10**0.5)
 
 
-def test_only_divergence_above_the_best_and_in_the_good_decay_region_bounds_fine() -> None:
+def test_only_divergence_in_the_good_decay_region_bounds_fine() -> None:
     trials = [
         _trial(0, 1e-3, 1e-4, 0.9),
         _trial(1, 2e-3, 2e-4, 0.85),
-        _diverged(2, 5e-4, 1e-4),  # below the best trial: an unlucky seed, not a bound
-        _diverged(3, 4e-3, 5e-3),  # decay 5e-3: outside the fine weight_decay range
-        _diverged(4, 8e-3, 1e-4),  # the bound
+        _diverged(2, 4e-3, 5e-3),  # decay 5e-3: outside the fine weight_decay range
+        _diverged(3, 8e-3, 1e-4),  # the bound
     ]
     out = narrow(trials, CoarseSpec(), top_k=5, pad=0.5, edge=0.25, chance=0.1)
     wd_lo, wd_hi = out["ranges"]["weight_decay"]
     assert not wd_lo <= 5e-3 <= wd_hi
     assert out["ceiling"]["diverged_lr"] == pytest.approx(8e-3)
     assert out["ranges"]["lr"][1] == pytest.approx(8e-3 / 10**DIVERGE_MARGIN)
-    # Divergence just above the best trial never cuts the best trial out.
-    tight = [_trial(0, 1e-3, 1e-4, 0.9), _diverged(1, 1.2e-3, 1e-4)]
-    out = narrow(tight, CoarseSpec(), top_k=5, pad=0.5, edge=0.25, chance=0.1)
-    assert out["ranges"]["lr"][1] == pytest.approx(1e-3)
-    assert out["ranges"]["lr"][0] <= 1e-3
+
+
+def test_divergence_below_the_best_trial_moves_fine_below_it() -> None:
+    """An lr that diverged once is no place to search, even just under a trial that
+    learned there: fine searches the decade under the cap (2 x pad), and the final
+    still compares the best coarse trial with fine's."""
+    trials = [_trial(0, 1e-3, 1e-4, 0.9), _trial(1, 2e-3, 1e-4, 0.8), _diverged(2, 8e-4, 1e-4)]
+    out = narrow(trials, CoarseSpec(), top_k=5, pad=0.5, edge=0.25, chance=0.1)
+    lo, hi = out["ranges"]["lr"]
+    assert hi == pytest.approx(8e-4 / 10**DIVERGE_MARGIN)
+    assert math.log10(hi) - math.log10(lo) == pytest.approx(1.0)
+    assert "the 1 decade below it" in out["ceiling"]["rule"]
 
 
 def test_a_probe_that_diverged_bounds_fine_and_the_edge_round_like_a_trial() -> None:
@@ -122,7 +131,7 @@ def test_a_probe_that_diverged_bounds_fine_and_the_edge_round_like_a_trial() -> 
     assert _extension_plan(trials, best, ranges, spec, probed=3.16e-3)["edges"] == {}
     coarse = CoarseSpec(lr=ranges["lr"])
     out = narrow(trials, coarse, top_k=5, pad=0.5, edge=0.25, chance=0.1, probed=1.2e-3)
-    assert out["ranges"]["lr"][1] == pytest.approx(9e-4)  # capped, but keeps the best
+    assert out["ranges"]["lr"][1] == pytest.approx(1.2e-3 / 10**DIVERGE_MARGIN)
     assert out["ceiling"]["diverged_lr"] == pytest.approx(1.2e-3)
     out = narrow(trials, coarse, top_k=5, pad=0.5, edge=0.25, chance=0.1, probed=3.16e-3)
     assert out["ranges"]["lr"][1] == pytest.approx(1e-3)  # the coarse bound is lower
@@ -158,6 +167,25 @@ def test_a_coarse_round_that_all_diverged_is_followed_by_one_below() -> None:
     # Nothing diverged (every trial failed): nothing says where to look instead.
     assert _extension_plan([], None, ranges, spec) is None
     assert divergence_ceiling(trials, 0.0) == pytest.approx(2e-2)
+
+
+def test_the_rest_of_coarse_moves_below_when_its_first_trials_all_diverge() -> None:
+    ranges = {"lr": [1e-3, 1e-2], "weight_decay": [1e-6, 1e-2]}
+    # One diverged trial is not yet a pattern; a trial that trained means the range works.
+    assert moved_range([_diverged(0, 5e-3)], ranges) is None
+    assert moved_range([_diverged(0, 5e-3), _trial(1, 2e-3, 1e-4, 0.8)], ranges) is None
+    pruned = _trial(1, 2e-3, 1e-4, 0.3)
+    pruned.state = TrialState.PRUNED  # pruned after an epoch: it trained without diverging
+    assert moved_range([_diverged(0, 5e-3), pruned], ranges) is None
+    moved = moved_range([_diverged(0, 5e-3), _diverged(1, 2e-3)], ranges)
+    assert moved is not None
+    top = 2e-3 / 10**DIVERGE_MARGIN
+    assert moved["lr"] == pytest.approx([top / 10**MOVE_DECADES, top])
+    assert moved["weight_decay"] == ranges["weight_decay"]
+    # Surplus trials (closed untrained past the target) say nothing.
+    surplus = _diverged(2, 1e-3)
+    surplus.user_attrs["reason"] = "surplus"
+    assert moved_range([_diverged(0, 5e-3), surplus], ranges) is None
 
 
 @pytest.fixture(scope="module")
@@ -370,20 +398,58 @@ def test_coarse_divergence_above_a_good_region_bounds_every_fine_trial(tmp_path:
     )
     assert proc.returncode == 0, proc.stderr
     coarse = optuna.load_study(study_name="c/coarse", storage=url)
-    best = max(
-        (t for t in coarse.trials if t.value is not None and t.user_attrs.get("reason") is None),
-        key=lambda t: t.value,
-    )
-    above = [
+    fine = optuna.load_study(study_name="c/fine", storage=url)
+    narrowed = fine.user_attrs["narrowed"]
+    wd_lo, wd_hi = narrowed["ranges"]["weight_decay"]
+    diverged = [
         t.params["lr"]
         for t in coarse.trials
-        if t.user_attrs.get("reason") == "diverged" and t.params["lr"] > best.params["lr"]
+        if t.user_attrs.get("reason") == "diverged" and wd_lo <= t.params["weight_decay"] <= wd_hi
     ]
-    assert above, "the seed no longer draws a diverging lr above the best: pick another"
-    fine = optuna.load_study(study_name="c/fine", storage=url)
-    ceiling = fine.user_attrs["narrowed"]["ceiling"]
-    assert ceiling is not None and ceiling["diverged_lr"] in above
-    limit = ceiling["diverged_lr"]
+    assert diverged, "the seed no longer draws a diverging lr in the good region: pick another"
+    ceiling = narrowed["ceiling"]
+    assert ceiling["diverged_lr"] == pytest.approx(min(diverged))
+    limit = min(diverged)
     assert fine.trials and all(t.params["lr"] <= ceiling["max_lr"] < limit for t in fine.trials)
     summary = json.loads((tmp_path / "s.json").read_text())
     assert summary["stages"]["final"]["test_accuracy"] > 0.5
+
+
+@pytest.mark.slow
+def test_coarse_trials_that_all_diverge_move_the_rest_of_the_budget_below(tmp_path: Path) -> None:
+    """Adam at lr 1 to 10 explodes on its first steps: after two diverged trials the rest
+    of the coarse budget (no extra round: coarse.extend=false) draws below them, and the
+    run ends well instead of failing coarse."""
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    proc = babysit(
+        "run",
+        "--name",
+        "m",
+        "--storage",
+        url,
+        *TINY,
+        *CHEAP,
+        "--set",
+        "coarse.lr=[1.0, 10.0]",
+        "--set",
+        "coarse.trials=5",
+        "--summary-json",
+        str(tmp_path / "s.json"),
+        cwd=tmp_path,
+        env=cli_env(),
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "below where they did" in proc.stderr
+    coarse = optuna.load_study(study_name="m/coarse", storage=url)
+    trials = sorted(coarse.trials, key=lambda t: t.number)
+    assert len(trials) == 5  # within the stage's budget
+    assert [t.user_attrs.get("reason") for t in trials[:2]] == ["diverged", "diverged"]
+    moved = coarse.user_attrs["moved"]
+    assert moved["from"] == [1.0, 10.0] and moved["range"][1] < 1.0
+    assert "once 2 coarse trials have diverged" in moved["rule"]
+    assert coarse.user_attrs["ranges"]["lr"] == pytest.approx([moved["range"][0], 10.0])
+    assert all(t.params["lr"] < 1.0 for t in trials[2:])
+    assert any(t.user_attrs.get("reason") != "diverged" for t in trials[2:])
+    summary = json.loads((tmp_path / "s.json").read_text())
+    assert summary["stages"]["coarse"]["status"] == "passed"
+    assert summary["stages"]["final"]["status"] == "passed"
