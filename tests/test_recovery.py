@@ -346,6 +346,11 @@ def test_a_fine_stage_in_which_every_trial_diverges_hands_the_final_the_coarse_b
     from babysit.notes import get_note
 
     assert "recovered: the final takes the best coarse trial" in get_note(fine)
+    report = babysit(
+        "report", "--name", "r", "--storage", url, "--out", "rep", cwd=user_models, env=env
+    )
+    assert report.returncode == 0, report.stderr
+    assert recovery in " ".join((user_models / "rep" / "report.md").read_text().split())
 
 
 @pytest.mark.slow
