@@ -118,7 +118,10 @@ class StudyKey:
     LR_RANGE_TEST = "lr_range_test"
     LR_ANCHOR = "lr_anchor"
     EXTENSION = "extension"
+    LR_PROBE = "lr_probe"
+    MOVED = "moved"
     NARROWED = "narrowed"
+    RECOVERY = "recovery"
     CHECKPOINT = "checkpoint"
     PUBLISHED = "published"
 
@@ -161,6 +164,17 @@ class TrialKey:
     NONFINITE_OUTPUTS = "nonfinite_outputs"
     NONFINITE_FIRST_BATCH = "nonfinite_first_batch"
     OUTPUTS = "outputs"
+    # sanity, how the outputs line up with the labels: the loss they give under labels
+    # independent of them (ln C plus the spread's cost) and the least and most they can give
+    # (true class always on top / at the bottom), CE only; the share of each class's samples
+    # whose true class the untrained network ranks first / last, averaged over the classes;
+    # the share of output rows that are probabilities (>= 0, summing to 1).
+    INDEPENDENT_LOSS = "independent_loss"
+    ALIGNED_LOSS = "aligned_loss"
+    OPPOSED_LOSS = "opposed_loss"
+    TRUE_CLASS_FIRST = "true_class_first"
+    TRUE_CLASS_LAST = "true_class_last"
+    PROBABILITY_ROWS = "probability_rows"
     # overfit
     CURVE = "curve"
     STEPS = "steps"
@@ -244,7 +258,10 @@ class StudyAttrs(_Attrs):
     lr_range_test: dict[str, Any] | None = None
     lr_anchor: dict[str, Any] | None = None
     extension: dict[str, Any] | None = None
+    lr_probe: dict[str, Any] | None = None
+    moved: dict[str, Any] | None = None
     narrowed: dict[str, Any] | None = None
+    recovery: str | None = None
     checkpoint: dict[str, Any] | None = None
     published: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
@@ -276,6 +293,12 @@ class TrialAttrs(_Attrs):
     nonfinite_outputs: int | None = None
     nonfinite_first_batch: int | None = None
     outputs: int | None = None
+    independent_loss: float | None = None
+    aligned_loss: float | None = None
+    opposed_loss: float | None = None
+    true_class_first: float | None = None
+    true_class_last: float | None = None
+    probability_rows: float | None = None
     curve: list[dict[str, float]] | None = None
     steps: int | None = None
     samples: int | None = None
@@ -306,7 +329,9 @@ class TrialAttrs(_Attrs):
 class Narrowed(_Attrs):
     """Narrowing's result (babysit/stages/narrow.py), stored on the fine study as
     ``narrowed``: the fine ranges, the rule in words, the coarse trials it kept, the
-    threshold and chance it measured against, and the edge warnings."""
+    threshold and chance it measured against, the edge warnings, and the divergence bound
+    on fine's lr (``ceiling``: the lowest lr that diverged, fine's top lr and the rule; None
+    when no coarse trial diverged in the good region, stored as such)."""
 
     ranges: dict[str, list[float]] = field(default_factory=dict)
     rule: str = ""
@@ -314,7 +339,12 @@ class Narrowed(_Attrs):
     threshold: float | None = None
     chance: float | None = None
     warnings: list[str] = field(default_factory=list)
+    ceiling: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_attrs(self) -> dict[str, Any]:
+        # ``ceiling`` is stored even when None: the summary JSON reads it as "no bound".
+        return {**super().to_attrs(), "ceiling": self.ceiling}
 
 
 def trial_attrs(t: FrozenTrial) -> TrialAttrs:

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
+from babysit.stages.divergence import CEILING_RULE
+from babysit.stages.divergence import MOVE_RULE
 from babysit.stages.learned import ANCHOR_RULE
+from babysit.stages.learned import PROBE_RULE
 from babysit.stages.narrow import NARROW_RULE
 from babysit.stages.samplers import HALVING_RULE
 from tests.conftest import ROOT
@@ -21,6 +24,9 @@ def _words(text: str) -> str:
         ("narrowing (fine study: narrowed.rule)", NARROW_RULE),
         ("successive halving (coarse study: pruner_rule)", HALVING_RULE),
         ("anchored coarse lr (coarse study: lr_anchor.rule)", ANCHOR_RULE),
+        ("divergence ceiling (fine study: narrowed.ceiling.rule)", CEILING_RULE),
+        ("probe of the top lr (coarse study: lr_probe.rule)", PROBE_RULE),
+        ("coarse moved below divergence (coarse study: moved.rule)", MOVE_RULE),
     ],
 )
 def test_readme_quotes_each_stored_rule(name: str, rule: str) -> None:

@@ -98,13 +98,16 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
     spec = ctx.spec
     # The bar starts at the search's first report: after the LR range test or the anchoring
     # has said its piece, and at the trials a previous run stored.
-    ranges = _coarse_ranges(ctx)
+    ranges = _coarse_ranges(ctx, initial_loss)
     bar = Progress(Stage.COARSE, "trial", ctx.quiet)
     coarse = search(
         ctx, Stage.COARSE, spec.coarse, ranges, initial_loss=initial_loss, progress=bar.to
     )
     bar.close()
-    _gate(ctx, coarse)
+    # A first round in which every trial diverged is not the end: the extra round looks
+    # below where it diverged (babysit/stages/learned.py), and only then is the stage judged.
+    if coarse.status != "failed":
+        _gate(ctx, coarse)
     from babysit.stages.learned import extend_coarse
 
     bar = Progress(Stage.COARSE, "trial", ctx.quiet)
@@ -112,6 +115,8 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
     bar.close()
     if extended is not None:
         _gate(ctx, extended)
+    elif coarse.status == "failed":
+        _gate(ctx, coarse)
 
     narrowed = narrow_stage(ctx)
     shown = ", ".join(f"{k} [{v[0]:.3g}, {v[1]:.3g}]" for k, v in narrowed.ranges.items())

@@ -146,7 +146,7 @@ def _search_entry(rec: StageRecord, stage: str, spec: Spec) -> dict[str, Any]:
         # A fine stage that narrowing refused to start carries that verdict.
         status = "failed" if attrs.verdict is not None else "skipped"
     elif n["finished"] >= target:
-        status = "passed" if best is not None else "failed"
+        status = "passed" if best is not None or attrs.recovery else "failed"
     else:
         status = "running"
     entry: dict[str, Any] = {
@@ -159,6 +159,11 @@ def _search_entry(rec: StageRecord, stage: str, spec: Spec) -> dict[str, Any]:
         "target": target,
         "best": best,
     }
+    # How the stage recovered, in words, when it did (README.md, "When a stage goes
+    # wrong"): fine's best coarse trial carried into the final, coarse's extra round
+    # below where its first round diverged.
+    extension = attrs.extension or {}
+    entry["recovery"] = attrs.recovery if stage == Stage.FINE else extension.get("recovery")
     if stage == Stage.FINE:
         entry["range"] = Narrowed.from_attrs(attrs.narrowed).ranges if attrs.narrowed else None
         entry["narrowing"] = attrs.narrowed

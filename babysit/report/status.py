@@ -54,6 +54,8 @@ def _stage_line(stage: str, v: dict[str, Any], p: dict[str, Any]) -> str:
         )
         if v["best"]:
             line += f"; best {v['best']['value']:.4f}"
+        if v.get("recovery"):
+            line += f"; {v['recovery']}"
     else:
         line += f" {p['finished']}/{p['target']} trials"
         if stage == Stage.SANITY and v["initial_loss"] is not None:

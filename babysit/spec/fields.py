@@ -181,8 +181,13 @@ class CoarseSpec(SearchSpec):
     # Centre the lr range on the LR that memorised the overfit subset (babysit/stages/learned.py
     # states the rule) unless `lr` above was set by the user.
     lr_from_overfit: bool = _f(True, _FLAG)
-    # A best value on an edge of the range widens it and runs a few extra trials, once.
+    # A best value on an edge of the range widens it and runs a few extra trials, once;
+    # so does a first round in which every trial diverged, below where they did.
     extend: bool = _f(True, _FLAG)
+    # Before the search, probe the top of the lr range for a few steps and bring it down
+    # while it diverges (babysit/stages/learned.py, PROBE_RULE). Only for a range babysit chose
+    # (the default or anchored one), never for a coarse.lr the user set.
+    probe: bool = _f(True, _FLAG)
 
 
 @dataclass

@@ -87,7 +87,9 @@ _MIN_STEPS = 4
 @dataclass
 class StageResult:
     stage: str
-    status: str  # passed, failed, skipped
+    # passed, failed, skipped; or recovered: the stage failed its own aim but the run goes
+    # on from what an earlier stage found, as the verdict says (the summary: passed + recovery)
+    status: str
     verdict: str
     values: dict[str, Any] = field(default_factory=dict)
 

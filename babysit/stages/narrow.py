@@ -18,6 +18,12 @@ from babysit.schema import StudyKey
 from babysit.schema import scored
 from babysit.spec import CoarseSpec
 from babysit.stages.context import Context
+from babysit.stages.divergence import CEILING_RULE
+from babysit.stages.divergence import DIVERGE_MARGIN
+from babysit.stages.divergence import below_ceiling
+from babysit.stages.divergence import divergence_ceiling
+from babysit.stages.divergence import lowest
+from babysit.stages.divergence import probe_ceiling
 from babysit.stages.study import open_stage
 
 # The rule as stored on the fine study (``narrowed.rule``); README.md quotes this template
@@ -36,6 +42,7 @@ def narrow(
     pad: float,
     edge: float,
     chance: float = 0.0,
+    probed: float | None = None,
 ) -> Narrowed:
     """Fine ranges from the best coarse trials, by a rule stated in full.
 
@@ -44,7 +51,7 @@ def narrow(
     the top k of them by validation accuracy; for each parameter take the log10 span of
     their values, pad it by ``pad`` decades on both sides and clip it to the coarse range.
     Warn when the best value lies within ``edge`` decades of a coarse bound: the optimum
-    may lie outside the range searched.
+    may lie outside the range searched. lr stays below a divergence (``_spans``).
     """
     complete = scored(trials)
     if not complete:
@@ -69,13 +76,12 @@ def narrow(
         )
     top = [t for t, _ in sorted(good, key=lambda tv: (-tv[1], tv[0].number))[:top_k]]
     best = top[0]
+    spans, ceiling = _spans(trials, top, coarse, pad, probed)
     ranges: dict[str, list[float]] = {}
     warnings_: list[str] = []
     for name in (Param.LR, Param.WEIGHT_DECAY):
         lo_c, hi_c = (math.log10(v) for v in getattr(coarse, name))
-        logs = [math.log10(t.params[name]) for t in top]
-        lo = max(lo_c, min(logs) - pad)
-        hi = min(hi_c, max(logs) + pad)
+        lo, hi = spans[name]
         ranges[name] = [10**lo, 10**hi]
         b = math.log10(best.params[name])
         if b - lo_c <= edge or hi_c - b <= edge:
@@ -99,7 +105,43 @@ def narrow(
         threshold=threshold,
         chance=chance,
         warnings=warnings_,
+        # The divergence bound (None when no coarse trial diverged above the best one).
+        ceiling=None
+        if ceiling is None
+        else {
+            "diverged_lr": ceiling,
+            "max_lr": ranges[Param.LR][1],
+            "rule": CEILING_RULE.format(margin=f"{10**-DIVERGE_MARGIN:.2g}", span=f"{2 * pad:g}"),
+        },
     )
+
+
+def _spans(
+    trials: list[FrozenTrial],
+    top: list[FrozenTrial],
+    coarse: CoarseSpec,
+    pad: float,
+    probed: float | None,
+) -> tuple[dict[str, tuple[float, float]], float | None]:
+    """The log10 span of each parameter over the ``top`` trials, padded and clipped to the
+    coarse range, lr's capped below a divergence; and that divergence's lr (or None)."""
+    spans: dict[str, tuple[float, float]] = {}
+    for name in (Param.LR, Param.WEIGHT_DECAY):
+        lo_c, hi_c = (math.log10(v) for v in getattr(coarse, name))
+        logs = [math.log10(t.params[name]) for t in top]
+        spans[name] = (max(lo_c, min(logs) - pad), min(hi_c, max(logs) + pad))
+    # Divergence is evidence (babysit/stages/divergence.py, CEILING_RULE): fine's lr stays
+    # below where coarse trials of the good weight-decay region (or the probe of the top)
+    # diverged. An lr that diverged for one trial is no place to search, even below a good
+    # one: when the cap cuts below the top trials, fine searches the decade under the cap,
+    # and the final still compares the best coarse trial with fine's.
+    wd_lo, wd_hi = spans[Param.WEIGHT_DECAY]
+    ceiling = lowest(divergence_ceiling(trials, 0.0, (10**wd_lo, 10**wd_hi)), probed)
+    if ceiling is not None:
+        lo, hi = spans[Param.LR]
+        hi = min(hi, math.log10(below_ceiling(ceiling)))
+        spans[Param.LR] = (min(lo, hi - 2 * pad), hi)
+    return spans, ceiling
 
 
 def narrow_stage(ctx: Context) -> Narrowed:
@@ -122,6 +164,7 @@ def narrow_stage(ctx: Context) -> Narrowed:
             spec.narrow.pad,
             spec.narrow.edge,
             chance=chance,
+            probed=probe_ceiling(coarse.user_attrs.get(StudyKey.LR_PROBE)),
         )
     except ProtocolError as err:
         # The verdict stays with the run: `babysit status` and the report show it on fine.

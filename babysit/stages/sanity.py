@@ -113,7 +113,7 @@ def read_untrained(ctx: Context, model: torch.nn.Module) -> dict[str, Any]:
         "initial_loss": initial,
         "loss_with_reg": initial + 0.5 * spec.sanity.reg * l2,
         "l2": l2,
-        **sanity_readings(torch.cat(outputs), outputs[0], spec.loss),
+        **sanity_readings(torch.cat(outputs), outputs[0], spec.loss, ys),
     }
 
 
@@ -124,14 +124,23 @@ def max_logit_std(tolerance: float) -> float:
     return math.sqrt(2.0 * tolerance)
 
 
-def sanity_readings(logits: torch.Tensor, first: torch.Tensor, loss: str) -> dict[str, Any]:
-    """What the untrained network's outputs say, beside its loss."""
+# A label leak: the untrained network ranks the true class first (or last) for at least this
+# share of each class's samples, on average over the classes (see _sanity_verdict).
+LEAK_SHARE = 0.95
+
+
+def sanity_readings(
+    logits: torch.Tensor, first: torch.Tensor, loss: str, labels: torch.Tensor
+) -> dict[str, Any]:
+    """What the untrained network's outputs say, beside its loss: how they spread, whether
+    they are probabilities, and how they line up with ``labels`` (one per row)."""
     from babysit.training.models import logit_spread
 
     finite = torch.isfinite(logits)
-    good = logits[finite.all(dim=1)]
+    rows = finite.all(dim=1)
+    good, y = logits[rows].double(), labels.to(logits.device)[rows]
     top = torch.bincount(good.argmax(dim=1), minlength=logits.shape[1]) if len(good) else None
-    return {
+    readings = {
         "logit_std": logit_spread(good, loss) if len(good) else float("nan"),
         "top_class_share": float(top.max()) / len(good) if top is not None else float("nan"),
         "top_class": int(top.argmax()) if top is not None else None,
@@ -139,6 +148,29 @@ def sanity_readings(logits: torch.Tensor, first: torch.Tensor, loss: str) -> dic
         "nonfinite_first_batch": int((~torch.isfinite(first)).sum()),
         "outputs": int(logits.numel()),
     }
+    if not len(good):
+        return readings
+    # Probabilities, not logits: every value >= 0 and each row summing to 1 (a softmax
+    # inside the network; float32 softmax sums to 1 within about 1e-6).
+    probs = (good >= 0).all(dim=1) & ((good.sum(dim=1) - 1).abs() <= 1e-3)
+    readings["probability_rows"] = float(probs.double().mean())
+    counts = torch.bincount(y, minlength=good.shape[1])
+    present = counts > 0
+    for key, picked in (("true_class_first", good.argmax(1)), ("true_class_last", good.argmin(1))):
+        hits = torch.bincount(y, weights=(picked == y).double(), minlength=good.shape[1])
+        # Averaged over the classes, so a network that always picks the commonest class
+        # scores 1/C, not that class's share of the data; not read with one class present.
+        if int(present.sum()) > 1:
+            readings[key] = float((hits[present] / counts[present]).mean())
+    if loss != "bce":
+        # Per sample, CE - ln C = [lse(z) - ln C - mean(z)] + [mean(z) - z_true]: the first
+        # term is the loss under labels independent of the logits (their spread's cost, >= 0);
+        # the second, the alignment, lies between mean(z) - max(z) and mean(z) - min(z).
+        lse, mean = torch.logsumexp(good, dim=1), good.mean(dim=1)
+        readings["independent_loss"] = float((lse - mean).mean())
+        readings["aligned_loss"] = float((lse - good.max(dim=1).values).mean())
+        readings["opposed_loss"] = float((lse - good.min(dim=1).values).mean())
+    return readings
 
 
 def _sanity_verdict(
@@ -173,6 +205,12 @@ def _sanity_verdict(
             f"the outputs are finite but the loss is not ({initial}): check that the "
             "labels lie in 0..C-1 and that the outputs are logits, not probabilities"
         )
+    if r.get("probability_rows", 0.0) >= 1.0 and classes > 1:
+        return "failed", (
+            f"outputs are probabilities, not logits (every row >= 0, summing to 1; initial "
+            f"loss {initial:.2f}, expected {expected:.2f}): remove the softmax at the end of "
+            "forward(); the loss applies it to raw logits itself"
+        )
     if std > limit:
         one = (
             f"; the untrained network puts {share:.0%} of the batch on class {r['top_class']}"
@@ -185,22 +223,11 @@ def _sanity_verdict(
             f"{what}; scale the last layer's init down (e.g. normal std 0.01, or zero its "
             f"weights){one}"
         )
-    if abs(initial - expected) > tol:
-        if initial > expected:
-            hint = (
-                "higher than chance although the logits spread little: check the label "
-                "encoding and that the outputs are raw logits (no softmax or sigmoid "
-                "inside the network)"
-            )
-        else:
-            hint = (
-                "lower than chance before any training: check for labels leaking into "
-                "the input, or a loss that sees fewer classes than the data has"
-            )
-        return "failed", (
-            f"initial loss {initial:.2f}, expected {expected:.2f} = {what} (tolerance "
-            f"{tol:g} nats, logits {spread} {std:.3g}): {hint}"
-        )
+    off = abs(initial - expected) > tol
+    if off:
+        failed = _off_chance(initial, expected, tol, loss, what, f"{spread} {std:.3g}", r)
+        if failed is not None:
+            return failed
     if not (math.isfinite(with_reg) and with_reg > initial):
         cause = (
             "no parameter reaches it: the network has no weight matrix or kernel, or "
@@ -213,10 +240,72 @@ def _sanity_verdict(
             f"{with_reg:.3f} with an L2 penalty)"
         )
     # Short: the dashboard lays each attr out on one line, and a trial page must stay readable.
+    if off:
+        return "passed", (
+            f"initial loss {initial:.3f} vs {what} = {expected:.3f} ± {tol:g}: the logits "
+            f"(std {std:.2g} ≤ {limit:.2f}) line up with the classes by chance, through the "
+            f"inputs; with L2 {with_reg:.3f}"
+        )
     return "passed", (
         f"initial loss {initial:.3f}, expected {what} = {expected:.3f} ± {tol:g}; logit "
         f"{'rms' if loss == 'bce' else 'std'} {std:.2g} (≤ {limit:.2f}); top class {share:.0%}; "
         f"with L2 {with_reg:.3f}"
+    )
+
+
+def _off_chance(
+    initial: float,
+    expected: float,
+    tol: float,
+    loss: str,
+    what: str,
+    logits: str,
+    r: dict[str, Any],
+) -> tuple[str, str] | None:
+    """The failure when an initial loss more than ``tol`` off chance, with small logits
+    (``logits``: their spread in words), is a defect; None when the logits explain it."""
+    if loss != "bce":
+        # Off chance although the logits are small. Per sample, CE - ln C = spread cost +
+        # alignment (sanity_readings): the spread cost is about std^2/2, within the tolerance
+        # by the check before; the alignment mean(z) - z_true lies between the logits' own
+        # bounds mean(z) - max(z) and mean(z) - min(z). So the loss lies in [aligned_loss,
+        # opposed_loss], and anywhere in there the measured logits explain it: a random
+        # network lines its logits up with the classes, because the inputs (and the class
+        # shares) do. How far is no sign of a defect: issue 20's plain MLP on easy 4-class
+        # images with shares 85/5/5/5 (tests/stages/test_sanity.py) gets 72-94 % of the way
+        # from independent_loss to a bound on the seeds that start off chance. What a random
+        # function of the inputs does not do is rank the true class first (or last) for
+        # nearly every sample of every class (that MLP: at most 75 %); balanced separable
+        # classes do it by chance about once in C^C draws (1 in 4 for 2 classes, where it
+        # clears the tolerance only at std > 0.41 ranked first, 0.32 last). Only that fails:
+        # outputs that follow the labels themselves.
+        where = "first" if initial < expected else "last"
+        ranked = r.get(f"true_class_{where}", 0.0)
+        if ranked >= LEAK_SHARE:
+            return "failed", (
+                f"initial loss {initial:.2f}, expected {expected:.2f} = {what}: before any "
+                f"training the network ranks the true class {where} for {ranked:.0%} of each "
+                "class's samples, so its outputs follow the labels: check for labels leaking "
+                "into the input (a mark in the image) or into forward()"
+            )
+        return None
+    # One-hot BCE keeps the plain rule: it reads each output on its own, so a shift shared
+    # by all outputs moves its loss and the alignment moves it by at most 1/C of the
+    # logits' range; the bound above does not carry over.
+    if initial > expected:
+        hint = (
+            "higher than chance although the logits spread little: check the label "
+            "encoding and that the outputs are raw logits (no softmax or sigmoid "
+            "inside the network)"
+        )
+    else:
+        hint = (
+            "lower than chance before any training: check for labels leaking into "
+            "the input, or a loss that sees fewer classes than the data has"
+        )
+    return "failed", (
+        f"initial loss {initial:.2f}, expected {expected:.2f} = {what} (tolerance "
+        f"{tol:g} nats, logits {logits}): {hint}"
     )
 
 

@@ -1,7 +1,7 @@
 """The searches, coarse and fine: a log-uniform search over lr and weight_decay that several
 processes can fill at once, each trial trained for a few epochs and pruned (median or
 successive halving) or stopped on divergence on the way, and the stage's verdict with its
-counts and best trial. How the fine ranges are narrowed from coarse is in babysit/stages/sanity.py;
+counts and best trial. How the fine ranges are narrowed from coarse is in babysit/stages/narrow.py;
 how trials are claimed and counted across processes in babysit/parallel/coordination.py.
 """
 
@@ -21,6 +21,7 @@ from babysit.record.artifacts import store_trial_data
 from babysit.schema import Param
 from babysit.schema import Reason
 from babysit.schema import Stage
+from babysit.schema import StudyAttrs
 from babysit.schema import StudyKey
 from babysit.schema import TrialKey
 from babysit.schema import best_of
@@ -30,6 +31,11 @@ from babysit.stages.context import StageResult
 from babysit.stages.context import fresh_model
 from babysit.stages.context import generator_for
 from babysit.stages.context import seed_for
+from babysit.stages.divergence import DIVERGE_MARGIN
+from babysit.stages.divergence import MOVE_AFTER
+from babysit.stages.divergence import MOVE_DECADES
+from babysit.stages.divergence import MOVE_RULE
+from babysit.stages.divergence import moved_range
 from babysit.stages.samplers import HALVING_FACTOR
 from babysit.stages.samplers import HALVING_RULE
 from babysit.stages.samplers import HALVING_STARTUP
@@ -73,10 +79,48 @@ def search(
 
     def objective(trial: optuna.Trial) -> float:
         claim(study, trial, search_spec.trials, stage)
-        return _search_trial(ctx, trial, stage, search_spec, ranges, initial_loss)
+        drawn = _moved(ctx, study, ranges) if stage == Stage.COARSE else ranges
+        return _search_trial(ctx, trial, stage, search_spec, drawn, initial_loss)
 
     fill(study, search_spec.trials, objective, progress)
     return _search_result(ctx, stage, study.get_trials(deepcopy=False), ranges)
+
+
+def _moved(
+    ctx: Context, study: optuna.Study, ranges: dict[str, list[float]]
+) -> dict[str, list[float]]:
+    """The ranges this coarse trial draws from: ``ranges``, or below where the trials so far
+    diverged when none of them trained (babysit/stages/divergence.py, MOVE_RULE). A move is
+    stored on the study (``moved``) and widens its ``ranges``, which narrowing clips to."""
+    attrs = StudyAttrs.from_attrs(study.user_attrs)
+    before = attrs.moved if attrs.moved and attrs.moved["from"] == ranges[Param.LR] else None
+    moved = moved_range(study.get_trials(deepcopy=False), ranges)
+    if moved is None:
+        # Once moved, the rest of the stage stays where trials trained.
+        return ranges if before is None else {**ranges, Param.LR: before["range"]}
+    if before is None or before["range"] != moved[Param.LR]:
+        study.set_user_attr(
+            StudyKey.MOVED,
+            {
+                "from": ranges[Param.LR],
+                "range": moved[Param.LR],
+                "rule": MOVE_RULE.format(
+                    after=MOVE_AFTER,
+                    decades=f"{MOVE_DECADES:g}",
+                    margin=f"{10**-DIVERGE_MARGIN:.2g}",
+                ),
+            },
+        )
+        stored = attrs.ranges or ranges
+        lo, hi = stored[Param.LR]
+        study.set_user_attr(
+            StudyKey.RANGES, {**stored, Param.LR: [min(lo, moved[Param.LR][0]), hi]}
+        )
+        ctx.log(
+            f"coarse: every trial so far diverged; new trials draw lr from "
+            f"[{moved[Param.LR][0]:.3g}, {moved[Param.LR][1]:.3g}], below where they did"
+        )
+    return moved
 
 
 def _describe_search(
@@ -236,9 +280,29 @@ def _search_result(
         verdict = (
             f"{stage}: none of {plural(counts['trials'], 'trial')} completed "
             f"({counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
-            "pruned): lower the upper end of the lr range"
+            f"pruned, {counts['failed']} failed)"
         )
-        return StageResult(stage, "failed", verdict, values)
+        coarse_best = (
+            best_of(open_stage(ctx, Stage.COARSE).get_trials(deepcopy=False))
+            if stage == Stage.FINE
+            else None
+        )
+        if coarse_best is None:
+            return StageResult(
+                stage, "failed", f"{verdict}: lower the upper end of the lr range", values
+            )
+        # A careful person keeps a good coarse result when the fine round went badly.
+        recovery = (
+            f"recovered: the final takes the best coarse trial {coarse_best['number']} "
+            f"(val accuracy {coarse_best['value']:.3f} at lr "
+            f"{coarse_best['params']['lr']:.3g}, weight_decay "
+            f"{coarse_best['params']['weight_decay']:.3g})"
+        )
+        study = open_stage(ctx, stage)
+        if study.user_attrs.get(StudyKey.RECOVERY) != recovery:
+            study.set_user_attr(StudyKey.RECOVERY, recovery)
+        values["recovery"] = recovery
+        return StageResult(stage, "recovered", f"{verdict}; {recovery}", values)
     verdict = (
         f"{stage}: {plural(counts['trials'], 'trial')} ({counts['complete']} complete, "
         f"{counts['diverged']} diverged and stopped early, "

@@ -93,7 +93,17 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     assert st["overfit"]["status"] == "passed" and st["overfit"]["train_accuracy"] == 1.0
     assert st["coarse"]["trials"] == 4
     assert st["coarse"]["complete"] + st["coarse"]["pruned"] == 4
-    assert st["fine"]["trials"] == 2 and st["fine"]["range"]["lr"][0] >= 1e-3
+    assert st["fine"]["trials"] == 2
+    # Narrowing clips to the coarse range [1e-3, 0.1], unless a coarse trial diverged in
+    # the good region: then fine stays below half that lr (README.md, "Divergence bounds
+    # the search"), under the coarse range if it must.
+    lo, hi = st["fine"]["range"]["lr"]
+    ceiling = st["fine"]["narrowing"]["ceiling"]
+    if ceiling is None:
+        assert lo >= 1e-3 - 1e-12 and hi <= 0.1 + 1e-12
+    else:
+        assert hi <= ceiling["diverged_lr"] / 10**0.3 * (1 + 1e-9)
+        assert hi == pytest.approx(ceiling["max_lr"])
     assert st["final"]["status"] == "passed" and st["final"]["epochs"] == 2
     assert 0.0 <= st["final"]["test_accuracy"] <= 1.0
     assert set(st["final"]["params"]) == {"lr", "weight_decay"}
