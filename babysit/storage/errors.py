@@ -54,9 +54,23 @@ _BRIEF_WAITED = 5.0
 def _classify(err: BaseException) -> tuple[str | None, BaseException]:
     """(kind, the driver-level error) for an error of a storage call; kind None: not ours."""
     e: BaseException | None = err
-    for _ in range(6):  # StorageInternalError -> SQLAlchemy error -> driver error
+    for _ in range(8):  # StorageInternalError -> SQLAlchemy error -> driver error
         if e is None:
             break
+        if isinstance(e, sqlalchemy.exc.PendingRollbackError):
+            # A statement ran on a transaction that an earlier error spoilt: Optuna's
+            # _get_trials falls back to a slower query in the same session after an
+            # OperationalError, so a server restart mid-query surfaces as this. What it
+            # means is what the earlier error (its context) meant; "can't reconnect" is
+            # SQLAlchemy's words for a connection invalidated inside a transaction. Optuna's
+            # scoped session rolls back on the way out, so a retry starts clean.
+            if e.__context__ is not None:
+                kind, cause = _classify(e.__context__)
+                if kind is not None:
+                    return kind, cause
+            if "can't reconnect" in str(e).lower():
+                return _OUTAGE, e
+            return None, e
         if isinstance(e, sqlalchemy.exc.DBAPIError):
             if e.connection_invalidated:
                 return _OUTAGE, e

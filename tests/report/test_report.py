@@ -7,6 +7,7 @@ must publish nothing twice.
 from __future__ import annotations
 
 import base64
+import html
 import json
 import math
 import re
@@ -70,7 +71,9 @@ def _artifacts(url: str) -> dict[str, list[tuple[str, str]]]:
 def _verdicts(stderr: str) -> dict[str, str]:
     found = dict(
         re.findall(
-            r"^(sanity|overfit|coarse|fine|final) (?:passed|failed): (.+)$", stderr, flags=re.M
+            r"^(sanity|overfit|coarse|fine|final) (?:passed|failed|recovered): (.+)$",
+            stderr,
+            flags=re.M,
         )
     )
     assert set(found) == set(STAGES), stderr
@@ -184,9 +187,8 @@ def test_report_html_is_self_contained_and_has_every_verdict(finished: Finished)
     assert f"report: {out / 'report.html'}" in proc.stderr
     page = (out / "report.html").read_text()
     for stage, verdict in finished.verdicts.items():
-        assert verdict.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;") in page, (
-            stage
-        )
+        # Escaped as the page escapes text (quotes too: "the coarse stage's best").
+        assert html.escape(verdict, quote=True) in page, stage
     final = finished.summary["stages"]["final"]
     assert (
         f"test accuracy {final['test_accuracy']:.4f}, test loss {final['test_loss']:.4f}" in page

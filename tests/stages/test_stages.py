@@ -155,7 +155,7 @@ def test_lr_range_test_sets_the_coarse_range(tmp_path: Path, monkeypatch) -> Non
     )
     storage = open_storage(f"sqlite:///{tmp_path / 's.db'}")
     ctx = prepare(spec, storage, device="cpu", quiet=True)
-    ranges = _coarse_ranges(ctx, initial_loss=math.log(10))  # not read: no probe after a test
+    ranges = _coarse_ranges(ctx, math.log(10))
     low, high = ranges["lr"]
     assert 0 < low < high and [low, high] != spec.coarse.lr
     study = optuna.load_study(study_name="lrt/coarse", storage=storage.rdb)
@@ -165,4 +165,4 @@ def test_lr_range_test_sets_the_coarse_range(tmp_path: Path, monkeypatch) -> Non
     assert len(curve["lrs"]) == len(curve["losses"]) > 10 and oversized_attrs(stored) == {}
     # Read back, not rerun, the second time (workers and reruns agree).
     study.set_user_attr("ranges", ranges)
-    assert _coarse_ranges(ctx, initial_loss=math.log(10)) == ranges
+    assert _coarse_ranges(ctx, math.log(10)) == ranges

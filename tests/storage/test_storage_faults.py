@@ -389,3 +389,49 @@ def test_helpers_of_a_sigkilled_jobs_run_die_within_seconds(tmp_path: Path) -> N
         for pid in helpers:
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_query_retried_on_a_connection_that_broke_mid_transaction_is_an_outage() -> None:
+    """The CI failure of a PostgreSQL restart mid-search: Optuna's _get_trials caught the
+    lost connection, tried its slower query in the same session, and SQLAlchemy refused
+    that with PendingRollbackError, wrapped in StorageInternalError. That is the outage the
+    first error was, waited out, not a failure of the run."""
+    import sqlalchemy
+
+    from babysit.storage.errors import _OUTAGE
+    from babysit.storage.errors import _REFUSED
+    from babysit.storage.errors import _classify
+
+    def chain(first: BaseException) -> BaseException:
+        try:
+            try:
+                raise first
+            except BaseException:
+                raise sqlalchemy.exc.PendingRollbackError(
+                    "Can't reconnect until invalid transaction is rolled back."
+                ) from None
+        except sqlalchemy.exc.PendingRollbackError as pending:
+            pending.__context__ = first
+            wrapped = optuna.exceptions.StorageInternalError("commit failed")
+            wrapped.__cause__ = pending
+            return wrapped
+
+    class Closed(Exception):
+        sqlstate = None
+
+    lost = sqlalchemy.exc.OperationalError("SELECT 1", {}, Closed("server closed"))
+    lost.connection_invalidated = True
+    assert _classify(chain(lost))[0] == _OUTAGE
+
+    class Denied(Exception):
+        sqlstate = "42501"
+
+    denied = sqlalchemy.exc.ProgrammingError("SELECT 1", {}, Denied("permission denied"))
+    assert _classify(chain(denied))[0] == _REFUSED
+    # No context kept: SQLAlchemy's own words for an invalidated connection still say it.
+    bare = sqlalchemy.exc.PendingRollbackError(
+        "Can't reconnect until invalid transaction is rolled back."
+    )
+    assert _classify(bare)[0] == _OUTAGE
+    flush = sqlalchemy.exc.PendingRollbackError("rolled back due to a previous exception")
+    assert _classify(flush)[0] is None
