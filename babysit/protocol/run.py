@@ -10,6 +10,8 @@ from babysit.memory import frozen_heap
 from babysit.protocol.helpers import _reap
 from babysit.protocol.helpers import _spawn_workers
 from babysit.protocol.helpers import _stop
+from babysit.protocol.helpers import await_ready
+from babysit.protocol.helpers import say_ready
 from babysit.protocol.prepare import record_data_facts
 from babysit.record.stored import summary as summarize
 from babysit.report.publish import publish_stage
@@ -60,12 +62,15 @@ def run_protocol(ctx: Context, jobs: int = 1) -> dict[str, Any]:
     # Everything imported and loaded so far lives as long as the run: out of the
     # collections that free each trial's network.
     with frozen_heap():
-        checked = sanity(ctx)
-        _gate(ctx, checked)
-        _gate(ctx, overfit(ctx))
-
+        # `--jobs` helpers load while this process checks sanity and overfit (and may take
+        # an overfit LR), then all start the searches together (babysit/protocol/helpers.py).
         helpers = _spawn_workers(ctx, jobs)
         try:
+            checked = sanity(ctx)
+            _gate(ctx, checked)
+            _gate(ctx, overfit(ctx))
+            await_ready(ctx, helpers)
+            say_ready()  # in a helper: the owner waits for this
             summary = _searches_and_final(ctx, checked.initial_loss, t0)
         except BaseException:
             _stop(helpers)

@@ -329,6 +329,6 @@ def test_jobs_helpers_spread_round_robin_over_visible_gpus(
         log=lambda _m: None,
     )
     helpers = _spawn_workers(ctx, 4)  # type: ignore[arg-type]
-    assert [p.wait(timeout=60) for p in helpers] == [0, 0, 0]
+    assert [h.proc.wait(timeout=60) for h in helpers] == [0, 0, 0]
     devices = sorted(f.read_text().strip() for f in seen.iterdir())
     assert devices == ["1", "2", "3"]
