@@ -39,7 +39,8 @@ def run(
     sets: Sequence[str] = (),
     device: str = "auto",
     data_dir: str | Path | None = None,
-    download: bool = False,
+    download: bool | None = None,
+    offline: bool = False,
     artifact_dir: str | Path | None = None,
     force: bool = False,
     quiet: bool = False,
@@ -57,6 +58,9 @@ def run(
     ``"module:callable"``, a Python callable returning the splits, or the splits themselves
     (babysit's ``Splits``, or ``{"classes", "train", "val", "test"}`` with ``(images,
     labels)`` uint8 tensor pairs or torch Datasets).
+    ``download``/``offline``: a published dataset that is missing (FDDB, CIFAR-10) is
+    downloaded unless ``offline`` (or ``$BABYSIT_OFFLINE``) says not to; ``download=True``
+    fetches it even then, ``download=False`` never.
     ``storage``: an Optuna storage URL, a path to an SQLite file (``"runs.db"``), or an open
     ``Storage``;
     default ``$BABYSIT_STORAGE``, else ``sqlite:///babysit.db`` in the working directory.
@@ -122,6 +126,7 @@ def run(
         device=device,
         data_dir=str(data_dir) if data_dir else None,
         download=download,
+        offline=offline,
         force=force,
         quiet=quiet,
         compile=compile,

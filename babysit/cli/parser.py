@@ -51,8 +51,17 @@ def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
         "--data-dir",
         help="where dataset files live (default: $BABYSIT_DATA, else ~/.cache/babysit)",
     )
-    p.add_argument(
-        "--download", action="store_true", help="download the dataset if missing (needs internet)"
+    fetch = p.add_mutually_exclusive_group()
+    fetch.add_argument(
+        "--download",
+        action="store_true",
+        help="download a missing dataset even where BABYSIT_OFFLINE is set",
+    )
+    fetch.add_argument(
+        "--offline",
+        action="store_true",
+        help="never download: a missing dataset exits 2 with the manual steps "
+        "(default: download it, saying its size; also BABYSIT_OFFLINE=1)",
     )
     p.add_argument("--model", help=f"{rules.either(rules.MODELS)} or module:callable")
     p.add_argument("--optimizer", help=f"{rules.either(rules.OPTIMIZERS)} (sgd with momentum 0.9)")

@@ -18,7 +18,7 @@ the same command again skips the stages already done and goes on where it stoppe
 examples:
   babysit run --dataset digits
   babysit run --config studies/digits.toml --name digits-adam
-  babysit run --dataset cifar10 --download --set coarse.trials=20 --device cuda
+  babysit run --dataset cifar10 --set coarse.trials=20 --device cuda
   babysit run --model mynets:build --dataset faces --jobs 4
   babysit run --config studies/digits.toml --print-config   # what would run, and why
 """,

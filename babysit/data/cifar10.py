@@ -26,6 +26,7 @@ from babysit.data.core import DataRequest
 from babysit.data.core import DatasetEntry
 from babysit.data.core import Splits
 from babysit.data.core import register
+from babysit.data.core import say_download
 
 PY_FOLDER = "cifar-10-batches-py"
 BIN_FOLDER = "cifar-10-batches-bin"
@@ -92,8 +93,8 @@ class _CifarUnpickler(pickle.Unpickler):
 
 def _how_to_get(data_dir: Path) -> str:
     return (
-        f"pass --download on a machine with internet, or copy {PY_FOLDER}/ "
-        f"(from cifar-10-python.tar.gz) into {data_dir}"
+        "`babysit run` downloads it (about 170 MB) unless --offline or BABYSIT_OFFLINE=1, "
+        f"or copy {PY_FOLDER}/ (from cifar-10-python.tar.gz) into {data_dir}"
     )
 
 
@@ -240,7 +241,7 @@ def _missing_error(data_dir: Path) -> DataError:
     )
 
 
-def download(data_dir: Path) -> Path:
+def download(data_dir: Path, quiet: bool = False) -> Path:
     """Fetch the python version with torchvision into a temporary folder, then move it in.
 
     A download that fails half-way leaves nothing behind, so the next run does not find a
@@ -252,6 +253,7 @@ def download(data_dir: Path) -> Path:
     except OSError as err:
         raise DataError(f"cannot create {data_dir} for the download: {err}") from None
     target = data_dir / PY_FOLDER
+    say_download("CIFAR-10", "about 170 MB", data_dir, quiet)
     try:
         from torchvision.datasets import CIFAR10
 
@@ -292,7 +294,7 @@ def load(request: DataRequest) -> Splits:
     data_dir = Path(request.data_dir)
     found = _find(data_dir)
     if found is None and request.download:
-        download(data_dir)
+        download(data_dir, quiet=request.quiet)
         found = _find(data_dir)
     if found is None:
         raise _missing_error(data_dir)

@@ -5,6 +5,7 @@ entry, and the error for missing or bad data. Loaders import these from here; th
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from dataclasses import field
@@ -18,6 +19,35 @@ from babysit.errors import UsageError
 
 class DataError(UsageError):
     """Missing, corrupt or unsafe data: exit 2 with a line that says what to do."""
+
+
+# A published dataset that is missing is downloaded, as a user who typed `babysit run
+# --dataset fddb` expects, unless downloads are off: `--offline`, or this variable set to
+# anything but "", "0", "false" or "no" (for clusters whose nodes have no internet).
+OFFLINE_ENV = "BABYSIT_OFFLINE"
+
+
+def offline_by_env() -> bool:
+    return os.environ.get(OFFLINE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def wants_download(download: bool | None, offline: bool = False) -> bool:
+    """Whether a loader may fetch a missing dataset: ``download`` True asks for it (the
+    `--download` flag), False forbids it; None (the default) downloads unless offline."""
+    if download is not None:
+        return download
+    return not (offline or offline_by_env())
+
+
+def say_download(what: str, size: str, data_dir: Path, quiet: bool) -> None:
+    """The line before a download starts: what, how big, where, and how not to."""
+    if not quiet:
+        print(
+            f"{what} is not in {data_dir}: downloading it ({size}) into {data_dir}; "
+            f"--offline or {OFFLINE_ENV}=1 stops this",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 @dataclass

@@ -14,6 +14,7 @@ from babysit.data import DataRequest
 from babysit.data import default_data_dir
 from babysit.data import load_dataset
 from babysit.data.augment import build_preprocess
+from babysit.data.core import wants_download
 from babysit.data.device import DeviceData
 from babysit.data.streaming import DatasetSplits
 from babysit.data.streaming import StreamingData
@@ -47,7 +48,8 @@ def prepare(
     *,
     device: str = "auto",
     data_dir: str | None = None,
-    download: bool = False,
+    download: bool | None = None,
+    offline: bool = False,
     force: bool = False,
     quiet: bool = False,
     owner: bool = True,
@@ -72,7 +74,7 @@ def prepare(
     request = DataRequest(
         data_dir=Path(data_dir) if data_dir else default_data_dir(),
         seed=spec.seed,
-        download=download,
+        download=wants_download(download, offline),
         options=spec.data,
         quiet=quiet,
     )

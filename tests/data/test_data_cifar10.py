@@ -276,7 +276,7 @@ def test_missing_tree_says_where_what_and_how(tmp_path: Path) -> None:
     message = str(err.value)
     assert str(tmp_path / cifar10.PY_FOLDER) in message
     assert "data_batch_1" in message and "test_batch" in message
-    assert "--download" in message
+    assert "downloads it (about 170 MB) unless --offline or BABYSIT_OFFLINE=1" in message
     assert "\n" not in message
 
 
@@ -345,7 +345,7 @@ def test_registered_with_a_describe_that_reports_presence(tmp_path: Path) -> Non
 def test_the_listing_says_why_it_has_no_sizes(tmp_path: Path) -> None:
     listed = describe_dataset("cifar10", tmp_path)
     assert listed["sizes"] is None
-    assert listed["missing"].startswith("not downloaded: ") and "--download" in listed["missing"]
+    assert listed["missing"].startswith("not downloaded: ") and "--offline" in listed["missing"]
     folder = _write_bin(tmp_path, _batches())
     (folder / "data_batch_1.bin").write_bytes(b"not a batch")  # here, but unreadable
     listed = describe_dataset("cifar10", tmp_path)

@@ -357,14 +357,28 @@ def test_unreachable_and_offline_both_exit_2_with_the_manual_steps(tmp_path: Pat
     assert f"cannot reach {url}" in lines[0] and "tar -xzf FDDB-folds.tgz" in lines[0]
     assert "check the connection and run again" in lines[0]
     assert not (data / fddb.PICS_DIR).exists()
-    # Without --download nothing is fetched: the same steps, and no network needed.
-    # (In process: the exit 2 path through the CLI is the one just taken.)
-    with pytest.raises(UsageError, match=r"FDDB not found .*; pass --download, or get"):
+    # Offline nothing is fetched: the same steps, and no network needed, whether it is the
+    # flag or the environment (a cluster node) that says so.
+    for how, flags, offline_env in (
+        ("--offline", ["--offline"], env),
+        ("BABYSIT_OFFLINE=1", [], cli_env(BABYSIT_FDDB_PICS_URL=url, BABYSIT_OFFLINE="1")),
+    ):
+        proc = babysit(*args, *flags, cwd=tmp_path, env=offline_env, timeout=120)
+        assert proc.returncode == 2, (how, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in proc.stderr, how
+        assert lines[0].startswith("babysit: FDDB not found in "), how
+        assert "downloads it (about 580 MB) unless --offline or BABYSIT_OFFLINE=1" in lines[0]
+        assert "tar -xzf FDDB-folds.tgz" in lines[0] and "cannot reach" not in lines[0]
+    with pytest.raises(UsageError, match=r"FDDB not found .*; `babysit run` downloads it"):
         fddb.load(_request(data, download=False))
+    both = babysit(*args, "--download", "--offline", cwd=tmp_path, env=env, timeout=120)
+    assert both.returncode == 2 and "not allowed with argument" in both.stderr
 
 
+@pytest.mark.parametrize("how", ["as typed", "--download over BABYSIT_OFFLINE"])
 def test_cli_run_download_reaches_the_loaded_data(
-    site: tuple[str, Served, dict[str, str]], tmp_path: Path
+    site: tuple[str, Served, dict[str, str]], tmp_path: Path, how: str
 ) -> None:
     # A whole protocol on FDDB patches takes over a minute here; a user model that stops
     # the run as it is built (right after the data is loaded) shows the same path: the
@@ -381,16 +395,20 @@ def test_cli_run_download_reaches_the_loaded_data(
         "fddb",
         "--model",
         "fddb_probe:build",
-        "--download",
+        *(["--download"] if how.startswith("--download") else []),
         "--data-dir",
         str(data),
         *FOLD_SETS,
-        "--quiet",
         cwd=tmp_path,
-        env=cli_env(**env),
+        env=cli_env(**env, BABYSIT_OFFLINE="1" if how.startswith("--download") else ""),
         timeout=300,
     )
     assert proc.returncode == 2, proc.stderr
+    # Before the transfer: what, how big, where to, and how not to.
+    assert (
+        f"FDDB is not in {data}: downloading it (about 580 MB) into {data}; --offline or "
+        "BABYSIT_OFFLINE=1 stops this"
+    ) in proc.stderr
     assert "failed to build for (2, 3, " in proc.stderr and "probe reached" in proc.stderr
     assert [path for path, _ in served.log] == ["/pics.tar.gz", "/folds.tgz"]
     # What `babysit datasets` reports for the folder.

@@ -11,6 +11,7 @@ import shutil
 from pathlib import Path
 
 from babysit.data.core import DataError
+from babysit.data.core import say_download
 from babysit.data.download import Archive
 from babysit.data.download import ChecksumError
 from babysit.data.download import DownloadError
@@ -71,7 +72,11 @@ def _how_to_get(data_dir: Path, downloading: bool = False) -> str:
         urls = {"pics_url": pics.url, "folds_url": folds.url}
     except DataError:
         urls = {"pics_url": PICS_URL, "folds_url": FOLDS_URL}
-    first = "check the connection and run again" if downloading else "pass --download"
+    first = (
+        "check the connection and run again"
+        if downloading
+        else "`babysit run` downloads it (about 580 MB) unless --offline or BABYSIT_OFFLINE=1"
+    )
     return _HOW_TO_GET.format(data_dir=data_dir, first=first, **urls)
 
 
@@ -94,6 +99,8 @@ def download(data_dir: Path, quiet: bool = False) -> None:
     data_dir = Path(data_dir)
     pics, folds = _archives()
     work = data_dir / DOWNLOAD_DIR
+    if not all((data_dir / d).is_dir() for d in (PICS_DIR, FOLDS_DIR)):
+        say_download("FDDB", "about 580 MB", data_dir, quiet)
     for archive, target in ((pics, data_dir / PICS_DIR), (folds, data_dir / FOLDS_DIR)):
         if target.is_dir():
             continue
