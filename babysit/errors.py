@@ -1,4 +1,4 @@
-"""The two ways a run ends badly, each with its exit code (README.md, "Commands"; docs/design.md)."""
+"""The two ways a run ends badly, each with its exit code (docs/usage.md, "Commands"; docs/design.md)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""The README states the rules the code stores on the studies, in the code's own words."""
+"""The README starts where a user starts; docs/protocol.md states the rules the code stores on
+the studies, in the code's own words."""
 
 from __future__ import annotations
 
@@ -29,9 +30,21 @@ def _words(text: str) -> str:
         ("coarse moved below divergence (coarse study: moved.rule)", MOVE_RULE),
     ],
 )
-def test_readme_quotes_each_stored_rule(name: str, rule: str) -> None:
-    readme = _words((ROOT / "README.md").read_text())
-    assert f'"{_words(rule)}"' in readme, f"README.md does not quote the {name} rule: {rule}"
+def test_the_protocol_page_quotes_each_stored_rule(name: str, rule: str) -> None:
+    page = _words((ROOT / "docs" / "protocol.md").read_text())
+    assert f'"{_words(rule)}"' in page, f"docs/protocol.md does not quote the {name} rule: {rule}"
+
+
+def test_the_readme_opens_with_the_quick_start() -> None:
+    """What it is, the two set-up commands (and pip for those without make), a first run and
+    what it prints, all within the first 40 lines; the rules live in docs/ and are linked."""
+    readme = (ROOT / "README.md").read_text()
+    first = "\n".join(readme.splitlines()[:40])
+    for needed in ("make run", "make test", "pip install", "babysit run", "final passed: test"):
+        assert needed in first, f"the README's first 40 lines lack {needed!r}"
+    for page in ("docs/usage.md", "docs/protocol.md", "docs/scaling.md", "docs/own-network.md"):
+        assert f"]({page})" in readme and (ROOT / page).is_file(), page
+    assert "seed 00" not in readme and "The rules, stated" not in readme
 
 
 def test_the_stored_narrowing_rule_is_the_template_filled_in() -> None:

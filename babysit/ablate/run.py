@@ -1,4 +1,4 @@
-"""`babysit ablate`: one run per variant of a base spec, then seed 000's table from storage.
+"""`babysit ablate`: one run per variant of a base spec, then the ablation lab's table from storage.
 The config is read in ablate_config.py, the table built in ablate_table.py.
 
 A config is a run's usual TOML (the base spec) plus an ``[ablation]`` table and a list of
@@ -6,7 +6,7 @@ A config is a run's usual TOML (the base spec) plus an ``[ablation]`` table and 
 
     [ablation]
     name = "alexnet-ablation"   # runs are <name>/<variant>; default: the config file's stem
-    mode = "final"              # "final": only the final training, at `params` (seed 000);
+    mode = "final"              # "final": only the final training, at `params` (the ablation lab);
                                 # "full": the whole five-stage protocol per variant
     params = {lr = 1e-4, weight_decay = 5e-4}   # mode "final" only; a variant may override
     repeats = 1                 # seeded repeats per variant, for the spread

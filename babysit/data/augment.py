@@ -1,6 +1,6 @@
 """Batched preprocessing on the training device: no PIL, no Python per image.
 
-Seed 003's torchvision pipeline (RandomHorizontalFlip, RandomVerticalFlip,
+the babysitting report's torchvision pipeline (RandomHorizontalFlip, RandomVerticalFlip,
 ColorJitter(brightness), Resize, ToTensor, Normalize) applied to a whole uint8 batch at
 once, each sample drawing its own random choices from one seeded generator.
 """
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Seed 003 normalised with ImageNet's statistics.
+# The babysitting report normalised with ImageNet's statistics.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 

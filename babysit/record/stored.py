@@ -159,7 +159,7 @@ def _search_entry(rec: StageRecord, stage: str, spec: Spec) -> dict[str, Any]:
         "target": target,
         "best": best,
     }
-    # How the stage recovered, in words, when it did (README.md, "When a stage goes
+    # How the stage recovered, in words, when it did (docs/protocol.md, "When a stage goes
     # wrong"): fine's best coarse trial carried into the final, coarse's extra round
     # below where its first round diverged.
     extension = attrs.extension or {}
@@ -210,7 +210,7 @@ def _final_entry(storage: Storage, rec: StageRecord) -> dict[str, Any]:
 def summary(
     storage: Storage, run: str, stages: dict[str, StageRecord] | None = None
 ) -> dict[str, Any]:
-    """The summary JSON (README.md, "Commands"; docs/design.md), read from storage alone.
+    """The summary JSON (docs/usage.md, "Commands"; docs/design.md), read from storage alone.
 
     ``wall_seconds`` is None here: the process that ran the protocol fills it in with its
     own clock; `babysit status` shows the time from the trials' stored times instead.

@@ -66,40 +66,40 @@ class ModelSpec:
     # The network: babysit's "alexnet" (the knobs below) or a user's module:callable, which
     # the knobs do not touch. TOML, --set and --model may give it as `model = "..."`.
     name: str = _f("alexnet", _text())
-    # The seed's AlexNet for 32x32 inputs (seeds/003): five convs, three FC layers.
+    # The babysitting report's AlexNet for 32x32 inputs: five convs, three FC layers.
     conv_layers: int = _f(5, _one_of(*CONV_LAYERS))
-    # Seed 000 compared 1, 2 and 3 FC layers; 3 is the original.
+    # The ablation lab compared 1, 2 and 3 FC layers; 3 is the original.
     fc_layers: int = _f(3, _one_of(*FC_LAYERS))
-    # Width of the hidden FC layers: 4096 in AlexNet and in both seeds.
+    # Width of the hidden FC layers: 4096 in AlexNet and in both reference reports.
     # At most 4x AlexNet's: a 16384-wide layer already holds 16384^2 weights (1 GiB as
     # float32); a width of 1e8 failed allocating memory with a traceback.
     fc_width: int = _f(4096, _whole(1, 16384))
-    # relu or leaky_relu (seed 000 tried LeakyReLU and lost ~7 points).
+    # relu or leaky_relu (the ablation lab tried LeakyReLU and lost ~7 points).
     activation: str = _f("relu", _choice(*ACTIVATIONS))
-    # none, "first2" (after the first two convs, as seed 000 did) or "all".
+    # none, "first2" (after the first two convs, as the ablation lab did) or "all".
     batch_norm: str = _f("none", _choice(*BATCH_NORMS))
     # Dropout before the hidden FC layers, p=0.5 as in AlexNet.
     dropout: float = _f(0.5, _number(0, 1))
-    # he (seed 000) or default (PyTorch's own). He keeps the signal alive through AlexNet's
+    # he (the ablation lab) or default (PyTorch's own). He keeps the signal alive through AlexNet's
     # eight layers; with PyTorch's default init the 8x8 digits net still predicts one class
     # after 200 overfit steps at every LR tried, with He it memorises 20 examples in 90.
     init: str = _f("he", _choice(*INITS))
-    # cifar32 (seed 003: 3x3 convs, stride 2 first) or alexnet227 (11x11 stride 4 on 227x227).
+    # cifar32 (the babysitting report: 3x3 convs, stride 2 first) or alexnet227 (11x11 stride 4 on 227x227).
     geometry: str = _f("cifar32", _choice(*GEOMETRIES))
 
 
 @dataclass
 class DataSpec:
-    # Per-dataset mean/std from the train split; "imagenet" is what seed 003 used.
+    # Per-dataset mean/std from the train split; "imagenet" is what the babysitting report used.
     normalize: str = _f("dataset", _choice(*NORMALIZATIONS))
-    # Seed 003's augmentation: horizontal + vertical flips and brightness jitter.
+    # the babysitting report's augmentation: horizontal + vertical flips and brightness jitter.
     hflip: bool = _f(False, _FLAG)
     vflip: bool = _f(False, _FLAG)
-    # ColorJitter-style brightness factor range [max(0, 1-b), 1+b]; seed 003 used b=2.
+    # ColorJitter-style brightness factor range [max(0, 1-b), 1+b]; the babysitting report used b=2.
     brightness: float = _f(0.0, _number(0))
     # Random crop after zero padding by this many pixels (0 = off), the CIFAR habit.
     crop_pad: int = _f(0, _at_least(0))
-    # Resize every image to this side on the device (0 = keep; 227 = seed 000's geometry).
+    # Resize every image to this side on the device (0 = keep; 227 = the ablation lab's geometry).
     # 0, or 8 (the digits' own side) to 1024: every image is held on the device at this
     # side, and resize=100000 failed allocating 5 TB with a traceback.
     resize: int = _f(0, _ZERO_OR_SIDE)
@@ -157,7 +157,7 @@ class SearchSpec:
     # reached epoch 1, 3, 9, ... go on); "none" runs every trial in full.
     pruner: str = _f("median", _choice(*PRUNERS))
     # Divergence: loss NaN/inf or above this multiple of the initial loss (cs231n's 3x).
-    # 0 turns stopping off: every trial runs all its epochs, NaN or not, as the seeds did.
+    # 0 turns stopping off: every trial runs all its epochs, NaN or not, as the reference reports did.
     # Between 0 and 1 every trial would stop at its first step (the loss starts at 1x).
     diverge_factor: float = _f(3.0, _DIVERGE)
     # Train loss moved less than this fraction over the trial: labelled "lr too low".
@@ -202,7 +202,7 @@ class NarrowSpec:
 
 @dataclass
 class FinalSpec:
-    # The seeds trained their final model for 20 epochs.
+    # The reference reports trained their final model for 20 epochs.
     epochs: int = _f(20, _at_least(1))
     # Stop once validation has not improved (higher accuracy, or equal accuracy at a lower
     # loss) for this many epochs; the best epoch's weights are the ones tested. 0 = off.
@@ -231,9 +231,9 @@ class Spec:
     # "ce": softmax cross-entropy (expects ln C at init); "bce": one-hot BCE (expects ln 2).
     loss: str = _f("ce", _choice(*LOSSES))
     seed: int = _f(0, _at_least(0))
-    # 0 = auto: 128 as in the seeds, halved (down to 8) until an epoch has >= 4 steps.
+    # 0 = auto: 128 as in the reference reports, halved (down to 8) until an epoch has >= 4 steps.
     batch_size: int = _f(0, _at_least(0))
-    # SGD momentum (the seeds used 0.9).
+    # SGD momentum (the reference reports used 0.9).
     momentum: float = _f(0.9, _number(0, 1))
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)

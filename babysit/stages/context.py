@@ -64,7 +64,7 @@ class Context:
 
 
 def effective_batch_size(asked: int, train_size: int) -> int:
-    """``batch_size = 0`` means auto: 128 (the seeds' choice), halved (down to 8) until an
+    """``batch_size = 0`` means auto: 128 (the reference reports' choice), halved (down to 8) until an
     epoch has at least 4 full steps, so 140 training faces are not two steps an epoch.
 
     Why 4 and not more: on the CPU a step of the AlexNet costs about the same at batch 16

@@ -28,7 +28,7 @@ from babysit.schema import real
 # The margin below an lr that diverged: it did so for one seed, and its neighbours just
 # below often do too. 0.3 decades: half the lr.
 DIVERGE_MARGIN = 0.3
-# The rule as stored on the fine study (``narrowed.ceiling_rule``); README.md quotes it.
+# The rule as stored on the fine study (``narrowed.ceiling_rule``); docs/protocol.md quotes it.
 CEILING_RULE = (
     "fine lr stays below {margin}x the lowest lr at which a coarse trial in the fine "
     "weight_decay range, or the probe of the coarse top, diverged; when that cuts below "
@@ -82,7 +82,7 @@ def below_ceiling(ceiling: float) -> float:
 MOVE_AFTER = 2
 # How far below the cap a moved range reaches (decades).
 MOVE_DECADES = 2.0
-# The rule as stored on the coarse study (``moved.rule``); README.md quotes it.
+# The rule as stored on the coarse study (``moved.rule``); docs/protocol.md quotes it.
 MOVE_RULE = (
     "once {after} coarse trials have diverged and none has trained without diverging, each "
     "new coarse trial draws lr from the {decades} decades below {margin}x the lowest lr "

@@ -52,7 +52,7 @@ from babysit.terminal import plural
 # 0.84-0.93. Half a decade below keeps the memorising LR off the edge.
 ANCHOR_BELOW = 0.5
 ANCHOR_ABOVE = 2.0
-# The rule as stored on the coarse study (``lr_anchor.rule``); README.md quotes it word for word.
+# The rule as stored on the coarse study (``lr_anchor.rule``); docs/protocol.md quotes it word for word.
 ANCHOR_RULE = (
     "coarse lr = [overfit lr / 10^{below}, overfit lr x 10^{above}] around the lr "
     "{lr} that memorised the overfit subset"
@@ -298,7 +298,7 @@ def _extension_plan(
 PROBE_STEPS = 20
 PROBE_DECADES = 0.5
 PROBE_MOST = 4
-# The rule as stored on the coarse study (``lr_probe.rule``); README.md quotes it.
+# The rule as stored on the coarse study (``lr_probe.rule``); docs/protocol.md quotes it.
 PROBE_RULE = (
     "before coarse, its top lr is trained alone for {steps} steps at the lowest "
     "weight_decay; while the loss diverges, the top comes down {decades} decade (at most "

@@ -1,5 +1,5 @@
 """Narrowing: the fine ranges drawn from the best coarse trials, by the rule stored
-on the fine study (``NARROW_RULE``, which the README quotes).
+on the fine study (``NARROW_RULE``, which docs/protocol.md quotes).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from babysit.stages.divergence import lowest
 from babysit.stages.divergence import probe_ceiling
 from babysit.stages.study import open_stage
 
-# The rule as stored on the fine study (``narrowed.rule``); README.md quotes this template
+# The rule as stored on the fine study (``narrowed.rule``); docs/protocol.md quotes this template
 # word for word (tests/test_readme.py), so the two cannot drift apart.
 NARROW_RULE = (
     "top {top} of the {good} complete coarse trials with val accuracy >= "

@@ -3,7 +3,7 @@
 Only Optuna's public API is used here; the private reads stay in coordination.py. The
 coarse stage's successive halving waits for ``HALVING_STARTUP`` finished trials before it
 prunes anything (:class:`_StartupHalving`), and ``HALVING_RULE`` is the rule in words, as
-stored on the coarse study and quoted by the README.
+stored on the coarse study and quoted by docs/protocol.md.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ HALVING_FACTOR = 3
 # in a 3-trial coarse search on three shapes it stopped the one trial at a good lr (2.9e-3,
 # val 0.44 after epoch 1) because a slow low-lr trial had 0.49 there.
 HALVING_STARTUP = 5
-# The rule as stored on the coarse study (``pruner_rule``); README.md quotes it word for word.
+# The rule as stored on the coarse study (``pruner_rule``); docs/protocol.md quotes it word for word.
 HALVING_RULE = (
     "successive halving after {startup} finished trials: rungs at epochs 1, "
     "{factor}, {factor2}, ...; a trial goes on past a rung only when its val "

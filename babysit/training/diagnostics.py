@@ -44,7 +44,7 @@ UPDATE_RATIO_HIGH = 1e-1
 # going down"; the same 1 % as coarse.flat_tolerance).
 FLAT_TOLERANCE = 0.01
 # Train accuracy this far above validation accuracy: overfitting. cs231n's picture of a
-# "big gap" is ~20 points; seed 003's healthy AlexNet ended within 10 points (78 vs 70 %).
+# "big gap" is ~20 points; the babysitting report's healthy AlexNet ended within 10 points (78 vs 70 %).
 GAP_POINTS = 0.15
 # cs231n: "you may find that as much as 40% of your network can be 'dead' (i.e. neurons that
 # never activate across the entire training dataset) if the learning rate is set too high."

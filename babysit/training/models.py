@@ -1,4 +1,4 @@
-"""The AlexNet family: seed 003's 32x32 network and seed 000's knobs.
+"""The AlexNet family: the babysitting report's 32x32 network and the ablation lab's knobs.
 
 ``build_model`` resolves the spec's ``model`` (``alexnet`` or ``module:callable``) so the
 built-in network is just one entry, and a user's own ``nn.Module`` goes through the same
@@ -24,14 +24,14 @@ from babysit.spec.rules import INITS
 from babysit.spec.rules import MODELS
 from babysit.spec.rules import either
 
-# Channels of the five convs. Seed 003 (3x3 convs on 32x32) used torchvision's plan:
-# 64, 192, 384, 256, 256. Seed 000 (227x227) used the paper's: 96, 256, 384, 384, 256 -- its
+# Channels of the five convs. The babysitting report (3x3 convs on 32x32) used torchvision's plan:
+# 64, 192, 384, 256, 256. The ablation lab (227x227) used the paper's: 96, 256, 384, 384, 256 -- its
 # 4-conv variant "changed the output channels of the fourth Conv2d layer from 384 to 256".
 _CHANNELS = {
     "cifar32": (64, 192, 384, 256, 256),
     "alexnet227": (96, 256, 384, 384, 256),
 }
-# LeakyReLU's slope for negative inputs: PyTorch's default (seed 000 names no other).
+# LeakyReLU's slope for negative inputs: PyTorch's default (the ablation lab names no other).
 _LEAKY_SLOPE = 0.01
 # The smallest side alexnet227 takes: three 3x3/2 pools after an 11x11/4 conv need 63 px.
 _MIN_SIDE_227 = 63
@@ -64,7 +64,7 @@ def _activation(name: str) -> nn.Module:
 
 
 def _conv_plan(conv_layers: int, geometry: str) -> list[int]:
-    # Seed 000: with 4 convs the last conv outputs 256 (the fifth is gone); with 3 convs the
+    # The ablation lab: with 4 convs the last conv outputs 256 (the fifth is gone); with 3 convs the
     # network stops after the third (384 channels).
     plan = list(_CHANNELS[geometry][:conv_layers])
     if conv_layers == 4:
@@ -120,7 +120,7 @@ class AlexNet(nn.Module):
                     layers.append(nn.MaxPool2d(kernel_size=2, ceil_mode=True))
             prev = out
         self.features = nn.Sequential(*layers)
-        # Seed 003 flattens 256x2x2 at 32x32 inputs; seed 000 flattens 256x6x6 at 227x227.
+        # The babysitting report flattens 256x2x2 at 32x32 inputs; the ablation lab flattens 256x6x6 at 227x227.
         side = 6 if geometry == "alexnet227" else 2
         self.pool = nn.AdaptiveAvgPool2d((side, side))
         flat = prev * side * side
@@ -258,7 +258,7 @@ def build_model(model: Any, num_classes: int, in_channels: int, image_size: int)
 
 
 def input_size(model: Any, image_size: int, resize: int) -> int:
-    """The side the network sees: seed 000's geometry needs 227x227 inputs."""
+    """The side the network sees: the ablation lab's geometry needs 227x227 inputs."""
     if resize:
         return resize
     if model.name == "alexnet" and model.geometry == "alexnet227":

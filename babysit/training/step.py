@@ -224,7 +224,7 @@ def fit(
 
     ``diverge_above``: a loss above it (or NaN/inf) stops training with
     ``history.stopped == "diverged"``. ``stop_on_divergence=False`` trains on regardless,
-    the way the seed reports did (for measuring what stopping saves). ``on_epoch`` sees
+    the way the reference reports did (for measuring what stopping saves). ``on_epoch`` sees
     each epoch's stats after validation and may raise (Optuna's TrialPruned) to stop.
     """
     history = History()

@@ -95,7 +95,7 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     assert st["coarse"]["complete"] + st["coarse"]["pruned"] == 4
     assert st["fine"]["trials"] == 2
     # Narrowing clips to the coarse range [1e-3, 0.1], unless a coarse trial diverged in
-    # the good region: then fine stays below half that lr (README.md, "Divergence bounds
+    # the good region: then fine stays below half that lr (docs/protocol.md, "Divergence bounds
     # the search"), under the coarse range if it must.
     lo, hi = st["fine"]["range"]["lr"]
     ceiling = st["fine"]["narrowing"]["ceiling"]
@@ -129,8 +129,8 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     assert "artifact_id" not in checkpoint and checkpoint["epoch"] == 2
     assert not (store / checkpoint["deleted"]).exists()
     assert not list(store.glob("digits-final-*"))
-    # The README's example loads it as written, in a fresh process, as a user would.
-    readme = (ROOT / "README.md").read_text()
+    # The usage page's example loads it as written, in a fresh process, as a user would.
+    readme = (ROOT / "docs" / "usage.md").read_text()
     section = readme[readme.index("### The result and the model") :]
     example = re.search(r"```python\n(.*?)```", section, re.S)
     assert example and 'babysit.load_model("babysit.db.artifacts/digits/model.pt")' in (

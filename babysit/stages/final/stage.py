@@ -59,7 +59,7 @@ def final(
     """Train with the best parameters for the long budget, then evaluate on the test split.
 
     ``params`` ({"lr", "weight_decay"}) skips the searches' choice: `babysit ablate`'s
-    mode "final" trains each variant with fixed parameters, as seed 000 did.
+    mode "final" trains each variant with fixed parameters, as the ablation lab did.
     ``ctx.final_procs`` > 1 trains on that many processes through ``launch``
     (babysit.stages.final.launch.launch_final, passed in by the caller: the launcher imports this
     module to run each rank, so this module does not import it back)."""
