@@ -353,8 +353,8 @@ def _cmd_storage_proxy(args: argparse.Namespace) -> int:
 
     if resolve_url(args.storage).startswith("grpc://"):
         raise UsageError(
-            "--storage of a storage proxy is the database itself (sqlite:/// or "
-            "postgresql+psycopg://), not another proxy"
+            "--storage of a storage proxy is the database itself (sqlite:///, journal:// "
+            "or postgresql+psycopg://), not another proxy"
         )
     if args.threads < 1:
         raise UsageError("--threads must be at least 1")
