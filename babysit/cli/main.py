@@ -308,9 +308,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     from babysit.cli import submit
 
     # The spec is checked here, before anything is submitted: a bad one is exit 2 at once.
-    _, spec = _spec_of(args)
+    flags, spec = _spec_of(args)
     if args.print_config:
-        return _print_config(args, {}, spec)
+        return _print_config(args, flags, spec)
     if args.jobs < 1:
         raise UsageError("--jobs must be at least 1")
     from babysit.spec.rules import default_run_name

@@ -15,6 +15,13 @@ as a trial system attr, the worker's clock written every ``heartbeat`` seconds (
 in the file each time); a RUNNING trial whose last stamp is older than ``grace`` is
 stale, and one that never wrote a stamp is orphaned once it started over ``grace`` ago.
 Hosts' clocks must agree to well within the grace period (NTP does that).
+
+A stalled lock: a process killed while it holds the lock (a write takes milliseconds, but
+a worker stamping every second is often in one) leaves the lock file behind, and nobody
+writes until Optuna breaks it after its grace period (30 s). No heartbeat lands meanwhile,
+so every live trial would look stale the moment the lock is free again. A process that
+waited that long for the lock counts its stamps from the end of the wait instead: a
+trial is stale only once it has had ``grace`` seconds of a writable file to stamp in.
 """
 
 from __future__ import annotations
@@ -27,21 +34,52 @@ from datetime import timedelta
 import optuna
 from optuna.storages._heartbeat import BaseHeartbeat
 from optuna.storages.journal import JournalFileBackend
+from optuna.storages.journal import JournalFileSymlinkLock
 from optuna.storages.journal import JournalStorage
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
 from babysit.schema import SystemKey
 
+# A wait for the lock longer than this is a stall (a write holds it for milliseconds).
+STALL_S = 1.0
+# Optuna's default: a lock file unchanged this long is taken to be a dead holder's.
+LOCK_GRACE = 30
+
+
+class _TimedLock(JournalFileSymlinkLock):
+    """Optuna's symlink lock that remembers when a long wait for it ended."""
+
+    stall_end = 0.0
+
+    def acquire(self) -> bool:
+        began = time.time()
+        got = super().acquire()
+        now = time.time()
+        if now - began > STALL_S:
+            self.stall_end = now
+        return got
+
 
 class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
     """Optuna's journal storage with a heartbeat carried as a trial system attr."""
 
-    def __init__(self, path: str, heartbeat: int | None, grace: int) -> None:
-        super().__init__(JournalFileBackend(path))
+    def __init__(
+        self, path: str, heartbeat: int | None, grace: int, lock_grace: int = LOCK_GRACE
+    ) -> None:
+        self._lock = _TimedLock(path, grace_period=lock_grace)
+        super().__init__(JournalFileBackend(path, lock_obj=self._lock))
         self.path = path
         self._heartbeat = heartbeat if heartbeat and heartbeat > 0 else None
         self._grace = grace
+
+    def _since(self) -> float:
+        """Stamps count from here at the earliest: the end of this process's last stall
+        for the lock, found by taking the lock once (a stall still going on is waited out
+        here, before anyone is failed)."""
+        self._lock.acquire()
+        self._lock.release()
+        return self._lock.stall_end
 
     def record_heartbeat(self, trial_id: int) -> None:
         try:
@@ -50,23 +88,32 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
             pass  # failed (stale) or that finished meanwhile shows on the main thread
 
     def _get_stale_trial_ids(self, study_id: int) -> list[int]:
-        now = time.time()
         running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        return [t._trial_id for t in running if _stale(t, now, self._grace)]
+        if not [t for t in running if _stale(t, time.time(), self._grace, 0.0)]:
+            return []  # the common case: no lock taken
+        since = self._since()
+        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+        return [t._trial_id for t in running if _stale(t, time.time(), self._grace, since)]
 
     def orphaned_trial_ids(self, study_id: int) -> list[int]:
         """RUNNING trials that never wrote a heartbeat and started over a grace period ago:
         taken by a process that died between taking the trial and its first stamp."""
-        # datetime_start is the writer's clock, as local time (JournalStorage converts it).
-        cutoff = datetime.now() - timedelta(seconds=self._grace)
-        running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
-        return [
-            t._trial_id
-            for t in running
-            if SystemKey.HEARTBEAT not in t.system_attrs
-            and t.datetime_start is not None
-            and t.datetime_start < cutoff
-        ]
+
+        def orphaned(since: float) -> list[int]:
+            # datetime_start is the writer's clock as local time (JournalStorage's reading).
+            cutoff = datetime.now() - timedelta(seconds=self._grace)
+            if since and datetime.fromtimestamp(since) > cutoff:
+                return []  # within a grace period of a stall: nobody could stamp
+            running = self.get_all_trials(study_id, deepcopy=False, states=(TrialState.RUNNING,))
+            return [
+                t._trial_id
+                for t in running
+                if SystemKey.HEARTBEAT not in t.system_attrs
+                and t.datetime_start is not None
+                and t.datetime_start < cutoff
+            ]
+
+        return orphaned(self._since()) if orphaned(0.0) else []
 
     def get_heartbeat_interval(self) -> int | None:
         return self._heartbeat
@@ -77,7 +124,7 @@ class HeartbeatJournalStorage(JournalStorage, BaseHeartbeat):
         return None
 
 
-def _stale(trial: FrozenTrial, now: float, grace: int) -> bool:
+def _stale(trial: FrozenTrial, now: float, grace: int, since: float) -> bool:
     # A trial with no stamp yet is never stale (orphaned_trial_ids covers it).
     stamp = trial.system_attrs.get(SystemKey.HEARTBEAT)
-    return isinstance(stamp, (int, float)) and now - stamp > grace
+    return isinstance(stamp, (int, float)) and now - max(stamp, since) > grace

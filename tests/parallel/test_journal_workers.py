@@ -127,6 +127,16 @@ def test_run_and_three_workers_on_a_journal_file_survive_a_killed_worker(
     store = path.with_name("run.journal.artifacts")
     assert (store / complete[0].user_attrs["model_artifact"]).is_file()
 
+    # Resumed by name: the same command again finds every stage done and trains nothing.
+    again = _spawn(
+        "run", "--name", "j", *FAST, *budget, "--storage", url, cwd=tmp_path, env=_env()
+    )
+    code, _, err = _finish({"again": again})["again"]
+    assert code == 0, err
+    reread = open_storage(url, create=False).rdb
+    for name in ("sanity", "overfit", "coarse", "fine", "final"):
+        assert len(_trials(reread, f"j/{name}")) == len(_trials(stored, f"j/{name}")), name
+
     data = json.loads(summary.read_text())
     assert data["stages"]["coarse"]["trials"] == 6
     assert data["stages"]["fine"]["trials"] == 3
