@@ -272,3 +272,38 @@ def test_a_lock_left_by_a_killed_process_fails_no_live_trial(tmp_path: Path) -> 
     reclaim(study)
     trial = study.get_trials()[0]
     assert trial.state == TrialState.FAIL and trial.user_attrs["reason"] == "heartbeat stale"
+
+
+def test_babysit_dashboard_serves_a_journal_file(tmp_path: Path) -> None:
+    import json
+    import re
+    import urllib.request
+
+    url = f"journal://{tmp_path / 'run.journal'}"
+    study = optuna.create_study(study_name="r/coarse", storage=open_storage(url).rdb)
+    study.tell(study.ask(), 0.5)
+    dashboard = subprocess.Popen(
+        [sys.executable, "-m", "babysit", "dashboard", "--storage", url, "--port", "0"],
+        cwd=tmp_path,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert dashboard.stderr is not None
+        lines = []
+        while not (lines and "dashboard: http" in lines[-1]):
+            line = dashboard.stderr.readline()
+            assert line, "".join(lines)
+            lines.append(line)
+        found = re.search(r"http://[^/]+:(\d+)/", lines[-1])
+        assert found is not None
+        port = found.group(1)
+        assert f"storage: {url}" in "".join(lines)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=30) as r:
+            studies = json.load(r)["study_summaries"]
+        assert [s["study_name"] for s in studies] == ["r/coarse"]
+    finally:
+        dashboard.send_signal(signal.SIGINT)
+        dashboard.communicate(timeout=30)
