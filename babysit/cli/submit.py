@@ -110,7 +110,10 @@ def _wait_for_run(argv: list[str], run: str, every: float = 2.0) -> None:
     while True:
         try:
             storage = open_storage(
-                _flag_value(argv, "--storage"), _flag_value(argv, "--artifact-dir"), create=False
+                _flag_value(argv, "--storage"),
+                _flag_value(argv, "--artifact-dir"),
+                create=False,
+                artifact_store=_flag_value(argv, "--artifact-store"),
             )
             stored_spec(storage, run)
             return
