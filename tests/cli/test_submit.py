@@ -127,6 +127,50 @@ def test_dry_run_keeps_a_given_storage_and_makes_a_journal_path_absolute(
     )
 
 
+def test_the_dry_run_scripts_are_what_submitits_slurm_executor_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The executors `submit` hands the jobs to, on a machine that looks like Slurm's (no
+    sbatch is run): their sbatch scripts are the dry run's, word for word."""
+    from submitit import SlurmExecutor
+
+    from babysit.cli import submit
+    from babysit.cli.parser import build_parser
+
+    monkeypatch.setattr(SlurmExecutor, "affinity", classmethod(lambda cls: 1))
+    args = build_parser().parse_args(
+        [
+            "submit",
+            "--dataset",
+            "digits",
+            "--name",
+            "d2",
+            "--workers",
+            "2",
+            "--partition",
+            "gpu",
+            "--gpus",
+            "2",
+            "--time",
+            "30",
+            "--folder",
+            str(tmp_path / "jobs"),
+        ]
+    )
+    plan = submit.plan(args, "d2")
+    dry = submit.dry_run(plan)
+    run = submit._executor(plan, "run")
+    workers = submit._executor(plan, "worker", run_id="4242")
+    assert isinstance(run, SlurmExecutor) and isinstance(workers, SlurmExecutor)
+    run_script = run._make_submission_file_text(run._submitit_command_str, "uid")
+    workers.parameters["map_count"] = 2  # what submitit sets when it submits the array
+    array_script = workers._make_submission_file_text(workers._submitit_command_str, "uid")
+    assert "#SBATCH --gpus-per-node=2" in run_script and "#SBATCH --array=0-1%2" in array_script
+    assert run_script in dry
+    assert "#SBATCH --dependency=after:4242" in array_script
+    assert array_script.replace("after:4242", "after:RUN_JOB_ID") in dry
+
+
 @pytest.mark.parametrize(
     ("flags", "words"),
     [
