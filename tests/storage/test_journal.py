@@ -189,6 +189,7 @@ def _trial_view(url: str, name: str) -> list[tuple]:
     return [(t.number, t.state, t.params, t.values, t.user_attrs) for t in study.get_trials()]
 
 
+@pytest.mark.slow  # real CLI processes, as in tests/record/test_transfer.py
 def test_babysit_copy_moves_a_run_into_a_journal_file_and_back(tmp_path: Path) -> None:
     db = f"sqlite:///{tmp_path / 'babysit.db'}"
     source = open_storage(db).rdb
@@ -274,6 +275,7 @@ def test_a_lock_left_by_a_killed_process_fails_no_live_trial(tmp_path: Path) -> 
     assert trial.state == TrialState.FAIL and trial.user_attrs["reason"] == "heartbeat stale"
 
 
+@pytest.mark.slow  # real CLI processes, as in tests/record/test_transfer.py
 def test_babysit_dashboard_serves_a_journal_file(tmp_path: Path) -> None:
     import json
     import re
