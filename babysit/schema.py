@@ -73,7 +73,8 @@ class SystemKey:
     SPEC = "babysit:spec"
     # The token of the process whose trial creation won (babysit/storage/rdb.py).
     CLAIM = "babysit:claim"
-    # A trial's last heartbeat through the gRPC storage proxy (babysit/storage/remote.py).
+    # A trial's last heartbeat through the gRPC storage proxy (babysit/storage/remote.py)
+    # or on a journal file (babysit/storage/journal.py).
     HEARTBEAT = "babysit:heartbeat"
 
 

@@ -304,6 +304,49 @@ def _cmd_copy(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_submit(args: argparse.Namespace) -> int:
+    """The run and its workers as Slurm jobs (babysit/cli/submit.py)."""
+    from babysit.cli import submit
+
+    # The spec is checked here, before anything is submitted: a bad one is exit 2 at once.
+    flags, spec = _spec_of(args)
+    if args.print_config:
+        return _print_config(args, flags, spec)
+    if args.jobs < 1:
+        raise UsageError("--jobs must be at least 1")
+    from babysit.spec.rules import default_run_name
+
+    plan = submit.plan(args, spec.name or default_run_name(spec.dataset))
+    if args.dry_run:
+        print(submit.dry_run(plan))
+        return 0
+    # The storage opens (and a journal file is made) before any job exists: a bad URL is
+    # one line and exit 2, and nothing is submitted.
+    submit.check_executor(plan)
+    made = not plan.folder.exists()
+    plan.folder.mkdir(parents=True, exist_ok=True)
+    try:
+        with nothing_left_if_rejected(plan.storage):
+            _open_url(args, plan.storage)
+    except UsageError:
+        if made and not any(plan.folder.iterdir()):
+            plan.folder.rmdir()
+        raise
+    return submit.submit(plan, wait=args.wait)
+
+
+def _open_url(args: argparse.Namespace, url: str) -> Any:
+    from babysit.storage import open_storage
+
+    return open_storage(
+        url,
+        args.artifact_dir,
+        heartbeat=args.heartbeat,
+        grace=args.grace,
+        artifact_store=args.artifact_store,
+    )
+
+
 def _cmd_storage_proxy(args: argparse.Namespace) -> int:
     from babysit.storage import open_storage
     from babysit.storage import resolve_url
@@ -311,8 +354,8 @@ def _cmd_storage_proxy(args: argparse.Namespace) -> int:
 
     if resolve_url(args.storage).startswith("grpc://"):
         raise UsageError(
-            "--storage of a storage proxy is the database itself (sqlite:/// or "
-            "postgresql+psycopg://), not another proxy"
+            "--storage of a storage proxy is the database itself (sqlite:///, journal:// "
+            "or postgresql+psycopg://), not another proxy"
         )
     if args.threads < 1:
         raise UsageError("--threads must be at least 1")
@@ -354,6 +397,7 @@ COMMANDS = {
     "copy": _cmd_copy,
     "ablate": _cmd_ablate,
     "storage-proxy": _cmd_storage_proxy,
+    "submit": _cmd_submit,
 }
 
 

@@ -24,11 +24,13 @@ class _Parser(argparse.ArgumentParser):
 def _storage_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage",
-        help="Optuna storage URL (default: $BABYSIT_STORAGE, else sqlite:///babysit.db)",
+        help="Optuna storage URL: sqlite:///FILE, journal://PATH, postgresql+psycopg://..., "
+        "grpc://HOST:PORT (default: $BABYSIT_STORAGE, else sqlite:///babysit.db)",
     )
     p.add_argument(
         "--artifact-dir",
-        help="artifact store folder (default: next to an SQLite file, else ./babysit-artifacts)",
+        help="artifact store folder (default: next to an SQLite or journal file, else "
+        "./babysit-artifacts)",
     )
     p.add_argument(
         "--artifact-store",
@@ -126,6 +128,34 @@ def _check_flags(p: argparse.ArgumentParser) -> None:
     _storage_flags(p)
 
 
+def _submit_flags(p: argparse.ArgumentParser) -> None:
+    """`submit`'s own flags, beside `run`'s."""
+    p.add_argument("--workers", type=int, default=2, help="worker jobs (a job array; default 2)")
+    p.add_argument("--partition", help="Slurm partition (default: the cluster's)")
+    p.add_argument(
+        "--time", type=int, default=60, metavar="MINUTES", help="time limit per job (default 60)"
+    )
+    p.add_argument("--gpus", type=int, default=0, help="GPUs per job (default 0)")
+    p.add_argument("--cpus", type=int, default=4, help="CPUs per job (default 4)")
+    p.add_argument(
+        "--folder",
+        type=Path,
+        default=Path("babysit-slurm"),
+        help="the jobs' logs and files, and the default journal storage, on a disk every "
+        "node shares (default ./babysit-slurm)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=("slurm", "local"),
+        default="slurm",
+        help="slurm (default), or local: the same jobs as processes on this machine",
+    )
+    p.add_argument(
+        "--dry-run", action="store_true", help="print the jobs and sbatch scripts, submit nothing"
+    )
+    p.add_argument("--wait", action="store_true", help="wait for every job to end")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="babysit",
@@ -153,6 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true")
     _final_procs_flag(p)
     _storage_flags(p)
+
+    p = add_verb(sub, "submit")
+    _run_flags(p)
+    _submit_flags(p)
 
     p = add_verb(sub, "status")
     p.add_argument("--name")

@@ -1,4 +1,4 @@
-"""A command refused as bad input leaves no empty SQLite file behind."""
+"""A command refused as bad input leaves no empty SQLite or journal file behind."""
 
 from __future__ import annotations
 
@@ -8,6 +8,16 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from babysit.errors import UsageError
+
+
+def _journal_file(url: str | None) -> Path | None:
+    """The file a journal storage URL names (None for any other URL)."""
+    from babysit.storage import resolve_url
+    from babysit.storage.url import is_journal
+    from babysit.storage.url import journal_path
+
+    resolved = resolve_url(url)
+    return journal_path(resolved) if is_journal(resolved) else None
 
 
 def _sqlite_file(url: str | None) -> Path | None:
@@ -31,11 +41,18 @@ def nothing_left_if_rejected(url: str | None) -> Iterator[None]:
     storage creates its file before the dataset or the model has been checked, and an empty
     babysit.db in the working directory looked like a run had started. Removed only when
     this command created it and it holds no study (nothing stored is ever lost)."""
-    path = _sqlite_file(url)
+    journal = _journal_file(url)
+    path = None if journal else _sqlite_file(url)
     existed = path is None or path.exists()
+    journal_existed = journal is None or journal.exists()
     try:
         yield
     except UsageError:
+        # A journal file holds a line per write: one this command created and left empty
+        # holds nothing.
+        if not journal_existed and journal is not None and journal.is_file():
+            if journal.stat().st_size == 0:
+                journal.unlink()
         if not existed and path is not None and path.exists():
             import sqlite3
 

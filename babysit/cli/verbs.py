@@ -101,6 +101,20 @@ examples:
   babysit ablate --config studies/alexnet-ablation.toml --set final.epochs=5 --device cuda
 """,
     ),
+    "submit": (
+        "the run and N workers as Slurm jobs (submitit)",
+        """\
+One job runs `babysit run`, a job array runs the workers, all on one storage: by default
+a journal file in --folder, which must be on a disk every node shares. A job that Slurm
+preempts or stops at its time limit stores its trial as interrupted and is requeued.
+
+
+examples:
+  babysit submit --dataset cifar10 --workers 8 --partition gpu --gpus 1 --time 240
+  babysit submit --config studies/digits.toml --workers 4 --dry-run   # jobs and sbatch script
+  babysit submit --dataset digits --workers 2 --executor local --wait  # on this machine
+""",
+    ),
     "storage-proxy": (
         "Optuna's gRPC storage proxy, shared by many workers",
         """\

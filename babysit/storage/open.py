@@ -26,6 +26,8 @@ from babysit.storage.rdb import DEFAULT_HEARTBEAT
 from babysit.storage.rdb import DEFAULT_RECONNECT
 from babysit.storage.rdb import _ReconnectingRDBStorage
 from babysit.storage.url import default_artifact_dir
+from babysit.storage.url import is_journal
+from babysit.storage.url import journal_path
 from babysit.storage.url import redact
 from babysit.storage.url import redact_text
 from babysit.storage.url import resolve_url
@@ -34,7 +36,8 @@ from babysit.storage.url import resolve_url
 @dataclass
 class Storage:
     url: str = field(repr=False)  # may hold a password; print .shown
-    # An RDBStorage, or for grpc://host:port the client of `babysit storage-proxy`.
+    # An RDBStorage, for grpc://host:port the client of `babysit storage-proxy`, for
+    # journal://PATH Optuna's JournalStorage (babysit/storage/journal.py).
     rdb: optuna.storages.BaseStorage
     artifact_dir: Path
     # s3://bucket/prefix when artifacts live on object storage (then artifact_dir is unused).
@@ -141,18 +144,20 @@ def open_storage(
         artifact_dir, store = artifact_dir or store, None
     if url.startswith("grpc://"):
         return _open_proxy(url, artifact_dir, store, heartbeat, grace)
+    if is_journal(url):
+        return _open_journal(url, artifact_dir, store, heartbeat, grace, create)
     try:
         parsed = make_url(url)
     except (ArgumentError, ValueError):
         raise UsageError(
-            f"cannot parse storage URL '{shown}'; use sqlite:///path.db or "
-            "postgresql+psycopg://user@host/db"
+            f"cannot parse storage URL '{shown}'; use sqlite:///path.db, "
+            "journal:///shared/path/run.journal or postgresql+psycopg://user@host/db"
         ) from None
     backend = parsed.get_backend_name()
     if backend not in ("sqlite", "postgresql", "mysql"):
         raise UsageError(
-            f"unsupported storage '{shown}'; use sqlite:///path.db or "
-            "postgresql+psycopg://user@host/db"
+            f"unsupported storage '{shown}'; use sqlite:///path.db, "
+            "journal:///shared/path/run.journal or postgresql+psycopg://user@host/db"
         )
     if backend == "postgresql" and parsed.drivername == "postgresql":
         # psycopg (v3) is the driver we ship; plain postgresql:// would ask for psycopg2.
@@ -226,4 +231,35 @@ def _open_proxy(
     )
     return _with_artifacts(
         Storage(url=url, rdb=proxy, artifact_dir=Path(".")), artifact_dir, store
+    )
+
+
+def _open_journal(
+    url: str,
+    artifact_dir: str | Path | None,
+    store: str | None,
+    heartbeat: int | None,
+    grace: int | None,
+    create: bool,
+) -> Storage:
+    """Optuna's journal file storage: a file on a (shared) disk, no server."""
+    from babysit.storage.journal import HeartbeatJournalStorage
+
+    path = journal_path(url)
+    if not str(path) or str(path) in (".", "/") or path.is_dir():
+        raise UsageError(f"storage {url} names no file; give journal:///shared/path/run.journal")
+    if not create and not path.exists():
+        raise UsageError(f"no storage at {path}; run `babysit run` first or pass --storage")
+    if not path.parent.exists():
+        raise UsageError(f"folder {path.parent} for storage {url} does not exist")
+    interval = (
+        heartbeat if heartbeat is not None else _int_env("BABYSIT_HEARTBEAT", DEFAULT_HEARTBEAT)
+    )
+    grace_period = grace if grace is not None else _int_env("BABYSIT_GRACE", DEFAULT_GRACE)
+    try:
+        journal = HeartbeatJournalStorage(str(path), heartbeat=interval, grace=grace_period)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"cannot open storage {url}: {err}") from None
+    return _with_artifacts(
+        Storage(url=url, rdb=journal, artifact_dir=Path(".")), artifact_dir, store
     )

@@ -54,10 +54,13 @@ def stale_trial_ids(study: optuna.Study) -> list[int]:
 
 
 def orphaned_trial_ids(study: optuna.Study) -> list[int]:
-    """RUNNING trials that never wrote a heartbeat (babysit's storage.orphaned_trial_ids;
-    behind Optuna's cache of an RDB storage, or the gRPC proxy, it sits at ``_backend``)."""
+    """RUNNING trials that never wrote a heartbeat (babysit's storage.orphaned_trial_ids:
+    on the journal storage itself; behind Optuna's cache of an RDB storage, or the gRPC
+    proxy, at ``_backend``)."""
     storage = storage_of(study)
-    orphaned = getattr(getattr(storage, "_backend", storage), "orphaned_trial_ids", None)
+    orphaned = getattr(storage, "orphaned_trial_ids", None) or getattr(
+        getattr(storage, "_backend", None), "orphaned_trial_ids", None
+    )
     return list(orphaned(study_id(study))) if orphaned else []
 
 

@@ -199,15 +199,19 @@ def serve_proxy(storage: BaseStorage, host: str, port: int, shown: str, threads:
         raise UsageError(f"--port {port} is not a port number; use 1-65535")
     # Optuna's own advice (run_grpc_proxy_server): a cached storage, not the bare
     # RDBStorage, or every GetTrials reads all finished trials from the database again.
-    # The CLI refuses a grpc:// --storage, so this is the database's own RDB storage.
-    assert isinstance(storage, optuna.storages.RDBStorage), type(storage)
-    cached = optuna.storages._CachedStorage(storage)
+    # The CLI refuses a grpc:// --storage, so this is the database's own RDB storage or a
+    # journal file (which keeps its own replay of the file in memory: served as it is).
+    served = (
+        optuna.storages._CachedStorage(storage)
+        if isinstance(storage, optuna.storages.RDBStorage)
+        else storage
+    )
     pool = ThreadPoolExecutor(max_workers=threads)
     # Optuna's make_server (optuna/storages/_grpc/server.py) with one change: gRPC sets
     # SO_REUSEPORT by default, so a second proxy on a busy port would start and silently
     # share it; without it the second one fails to bind, as a server should.
     server = grpc.server(pool, options=[("grpc.so_reuseport", 0)])
-    api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(cached), server)
+    api_pb2_grpc.add_StorageServiceServicer_to_server(OptunaStorageProxyService(served), server)
     try:
         # grpc raises RuntimeError when it cannot bind the port.
         server.add_insecure_port(f"{host}:{port}")

@@ -11,10 +11,23 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 DEFAULT_STORAGE = "sqlite:///babysit.db"
+# Optuna's journal file storage: everything after the scheme is the file's path, as in a
+# file:// URL, so journal:///shared/runs/run.journal is absolute and journal://run.journal
+# is relative to the working directory.
+JOURNAL_SCHEME = "journal://"
 
 
 def resolve_url(url: str | None) -> str:
     return url or os.environ.get("BABYSIT_STORAGE") or DEFAULT_STORAGE
+
+
+def is_journal(url: str) -> bool:
+    return url.startswith(JOURNAL_SCHEME)
+
+
+def journal_path(url: str) -> Path:
+    """The journal file a ``journal://PATH`` URL names."""
+    return Path(url[len(JOURNAL_SCHEME) :])
 
 
 def _userinfo(url: str) -> tuple[str, str, str] | None:
@@ -67,12 +80,16 @@ def redact_text(text: str, url: str) -> str:
 
 
 def default_artifact_dir(url: str) -> Path:
-    """Next to an SQLite file; ./babysit-artifacts for a server database or a proxy."""
+    """Next to an SQLite or journal file; ./babysit-artifacts for a server database or a
+    proxy."""
     env = os.environ.get("BABYSIT_ARTIFACTS")
     if env:
         return Path(env)
     if url.startswith("grpc://"):
         return Path("babysit-artifacts")
+    if is_journal(url):
+        path = journal_path(url)
+        return path.with_name(path.name + ".artifacts")
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
         db = Path(parsed.database)
