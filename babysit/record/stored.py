@@ -97,7 +97,7 @@ def stage_result(
     if stage == Stage.SANITY:
         return _sanity_entry(rec)
     if stage == Stage.OVERFIT:
-        return _overfit_entry(rec)
+        return _overfit_entry(rec, _target(spec, Stage.OVERFIT))
     if stage in (Stage.COARSE, Stage.FINE):
         return _search_entry(rec, stage, spec)
     return _final_entry(storage, rec)
@@ -119,10 +119,10 @@ def _sanity_entry(rec: StageRecord) -> dict[str, Any]:
     }
 
 
-def _overfit_entry(rec: StageRecord) -> dict[str, Any]:
+def _overfit_entry(rec: StageRecord, tries: int) -> dict[str, Any]:
     attrs, done = rec.attrs, rec.finished
     if not done:
-        return {"status": "skipped", "train_accuracy": None}
+        return {"status": "skipped", "train_accuracy": None, "tried": 0, "lrs": tries}
     top = max(done, key=lambda t: t.value or 0.0)
     status = (
         "passed"
@@ -133,6 +133,10 @@ def _overfit_entry(rec: StageRecord) -> dict[str, Any]:
         "status": status,
         "train_accuracy": top.value,
         "lr": top.params.get(Param.LR),
+        # A stage of tries, not a target: the LRs tried of those it may try (it stops at
+        # the first that memorises the subset).
+        "tried": len(done),
+        "lrs": tries,
         "verdict": attrs.verdict,
     }
 

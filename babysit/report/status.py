@@ -13,6 +13,7 @@ from typing import Any
 from babysit.record import stored
 from babysit.record.runs import run_names
 from babysit.schema import Stage
+from babysit.schema import counts_text
 from babysit.storage import Storage
 
 
@@ -48,20 +49,22 @@ def status_lines(s: dict[str, Any]) -> list[str]:
 def _stage_line(stage: str, v: dict[str, Any], p: dict[str, Any]) -> str:
     line = f"  {stage:<8} {v['status']:<8}"
     if stage in (Stage.COARSE, Stage.FINE):
-        line += (
-            f" {v['trials']}/{v['target']} finished: {v['complete']} complete, "
-            f"{v['pruned']} pruned ({v['diverged']} diverged), {v['failed']} failed"
-        )
+        line += f" {v['trials']} of {v['target']} trials finished: {counts_text(v)}"
         if v["best"]:
             line += f"; best {v['best']['value']:.4f}"
         if v.get("recovery"):
             line += f"; {v['recovery']}"
+    elif stage == Stage.OVERFIT:
+        # A stage of tries: it stops at the first LR that memorises the subset.
+        line += f" {p['finished']} of up to {p['target']} LRs tried"
+        if v["train_accuracy"] is not None:
+            line += f"; best train accuracy {v['train_accuracy']:.0%}"
+            if v.get("lr") is not None:
+                line += f" at lr {v['lr']:g}"
     else:
-        line += f" {p['finished']}/{p['target']} trials"
+        line += f" {p['finished']} of {p['target']} trials"
         if stage == Stage.SANITY and v["initial_loss"] is not None:
             line += f"; initial loss {v['initial_loss']:.3f} (expected {v['expected_loss']:.3f})"
-        elif stage == Stage.OVERFIT and v["train_accuracy"] is not None:
-            line += f"; train accuracy {v['train_accuracy']:.3f}"
         elif stage == Stage.FINAL and v.get("test_accuracy") is not None:
             line += f"; test accuracy {v['test_accuracy']:.4f}, val {v['val_accuracy']:.4f}"
     if p["wall_seconds"] is not None:

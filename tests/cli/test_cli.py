@@ -92,7 +92,7 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     assert st["sanity"]["expected_loss"] == pytest.approx(2.302585, abs=1e-5)
     assert st["overfit"]["status"] == "passed" and st["overfit"]["train_accuracy"] == 1.0
     assert st["coarse"]["trials"] == 4
-    assert st["coarse"]["complete"] + st["coarse"]["pruned"] == 4
+    assert st["coarse"]["complete"] + st["coarse"]["diverged"] + st["coarse"]["pruned"] == 4
     assert st["fine"]["trials"] == 2
     # Narrowing clips to the coarse range [1e-3, 0.1], unless a coarse trial diverged in
     # the good region: then fine stays below half that lr (README.md, "Divergence bounds
