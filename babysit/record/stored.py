@@ -14,10 +14,10 @@ import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
-from babysit.errors import UsageError
 from babysit.record.artifacts import study_spec
 from babysit.record.model_file import model_path
 from babysit.record.runs import find_study
+from babysit.record.runs import no_such_run
 from babysit.schema import FINISHED
 from babysit.schema import STAGES
 from babysit.schema import Narrowed
@@ -75,10 +75,7 @@ def stored_spec(storage: Storage, run: str) -> Spec:
         spec = study_spec(storage, study) if study is not None else None
         if spec is not None:
             return Spec.from_dict(spec)
-    raise UsageError(
-        f"no run named '{run}' in storage {storage.shown}; "
-        "start it with `babysit run --name RUN` first"
-    )
+    raise no_such_run(storage, run)
 
 
 # ---------------------------------------------------------------------------- the summary

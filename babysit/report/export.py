@@ -28,6 +28,7 @@ from babysit import schema
 from babysit.errors import UsageError
 from babysit.record import stored
 from babysit.record.artifacts import trial_data
+from babysit.record.runs import no_such_run
 from babysit.schema import Outcome
 from babysit.schema import Reason
 from babysit.schema import Stage
@@ -67,10 +68,7 @@ CURVE_COLUMNS = ["run", "stage", "trial", "epoch", "step", "metric", "value"]
 def _stages(storage: Storage, run: str) -> dict[str, stored.StageRecord]:
     stages = {s: r for s, r in stored.load_run(storage, run).items() if r.study is not None}
     if not stages:
-        raise UsageError(
-            f"no run named '{run}' in storage {storage.shown}; "
-            "`babysit status` lists the runs there"
-        )
+        raise no_such_run(storage, run)
     return stages
 
 
