@@ -53,7 +53,7 @@ examples:
 """,
     ),
     "runs": (
-        "the runs in a storage: dataset, model, stages, best accuracy, time",
+        "list the runs in a storage: stages, best accuracy, time",
         """\
 examples:
   babysit runs
