@@ -246,6 +246,11 @@ def _cmd_delete(args: argparse.Namespace) -> int:
         f"{plural(what.trials, 'trial')}, {plural(len(what.artifacts), 'artifact')} in "
         f"{storage.artifact_where}"
     )
+    if what.running:
+        said += (
+            f", {plural(what.running, 'trial')} still RUNNING (stop the run and its "
+            "workers first, or they fail on a missing study)"
+        )
     if not args.yes:
         if not (sys.stdin.isatty() and sys.stderr.isatty()):
             raise UsageError(

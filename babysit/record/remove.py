@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
+from optuna.trial import TrialState
 
 from babysit.record.runs import find_study
 from babysit.record.runs import no_such_run
@@ -29,6 +30,7 @@ class Doomed:
     studies: list[optuna.Study]
     trials: int
     artifacts: list[str]
+    running: int = 0  # trials RUNNING now: a process may still be working on the run
 
 
 def doomed(storage: Storage, run: str) -> Doomed:
@@ -40,11 +42,13 @@ def doomed(storage: Storage, run: str) -> Doomed:
     ids: list[str] = []
     for study in studies:
         ids += artifact_ids(study)
+    trials = [t for s in studies for t in s.get_trials(deepcopy=False)]
     return Doomed(
         run,
         studies,
-        sum(len(s.get_trials(deepcopy=False)) for s in studies),
+        len(trials),
         list(dict.fromkeys(ids)),
+        running=sum(t.state == TrialState.RUNNING for t in trials),
     )
 
 
