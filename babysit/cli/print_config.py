@@ -177,13 +177,19 @@ def _left_out(spec: Spec) -> list[tuple[tuple[str, ...], str]]:
 
 
 def check_choices(spec: Spec) -> None:
-    """The choices a run checks only when it loads the data (the dataset's name), checked
-    as the run does, so that --print-config refuses what the run would refuse."""
+    """The choices a run checks only when it loads the data and builds the network (the
+    dataset's name, a user's module:callable, imported as the run imports it), checked the
+    same way, so that --print-config refuses what the run would refuse."""
     if ":" not in spec.dataset and spec.dataset not in rules.DATASETS:
         raise UsageError(
             f"unknown dataset '{spec.dataset}'; choose one of: "
             f"{', '.join(sorted(rules.DATASETS))}, or give module:callable"
         )
+    for ref, what in ((spec.model.name, "model"), (spec.dataset, "dataset")):
+        if ":" in ref:
+            from babysit.refs import resolve
+
+            resolve(ref, what)
 
 
 def _model_lines(spec: Spec, given: dict[str, str]) -> list[str]:
