@@ -176,7 +176,7 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
 
     status = babysit("status", "--name", "digits", cwd=tmp_path)
     assert status.returncode == 0
-    assert "coarse" in status.stdout and "4/4 finished" in status.stdout
+    assert "coarse" in status.stdout and "4 of 4 trials finished: " in status.stdout
     as_json = json.loads(babysit("status", "--name", "digits", "--json", cwd=tmp_path).stdout)
     assert as_json["stages"]["coarse"]["trials"] == 4
 
