@@ -203,16 +203,14 @@ class Run:
         self.storage = storage
         self.studies: dict[str, optuna.Study] = {}
         from babysit.record.runs import find_study
+        from babysit.record.runs import no_such_run
 
         for stage in STAGES:
             study = find_study(storage, name, stage)
             if study is not None:
                 self.studies[stage] = study
         if not self.studies:
-            raise UsageError(
-                f"no run named '{name}' in storage {storage.shown}; "
-                "babysit status lists the runs there"
-            )
+            raise no_such_run(storage, name)
 
     def __repr__(self) -> str:
         return f"Run({self.name!r}, stages={list(self.studies)}, storage={self.storage.shown!r})"

@@ -20,7 +20,7 @@ which accept any stored dict: a key a run of an older babysit did not write read
 None, and a key this module does not know is kept in ``extra``, so old runs stay readable
 and nothing stored is dropped. None means "not stored": ``to_attrs`` leaves it out.
 
-The readers over trials (``counts``, ``best_trial``, ``best_of``, ``timing``) are here; the
+The readers over trials (``outcome``, ``counts``, ``best_trial``, ``best_of``, ``timing``) are here; the
 readers over a whole stored run (``load_stage``, ``stored_spec``, ``stage_result``,
 ``summary``, ``progress``) are in babysit/record/stored.py, which also reads the JSON artifacts
 (babysit/record/artifacts.py builds on this module, so it cannot be imported from here). Neither
@@ -374,21 +374,55 @@ def scored(trials: list[FrozenTrial]) -> list[FrozenTrial]:
     ]
 
 
-def counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    """Trials that count, by outcome; ``finished`` is complete + pruned. A diverged trial
-    counts as pruned (stopped early) whichever state it was stored in."""
-    live = real(trials)
+class Outcome:
+    """How a trial of a stage ended, as every count of trials says it (:func:`outcome`)."""
+
+    COMPLETE = "complete"
+    DIVERGED = "diverged"
+    PRUNED = "pruned"
+    FAILED = "failed"
+    RUNNING = "running"
+    WAITING = "waiting"
+
+
+# The outcomes of a finished trial, in the order every count lists them.
+FINISHED_OUTCOMES = (Outcome.COMPLETE, Outcome.DIVERGED, Outcome.PRUNED)
+
+
+def outcome(t: FrozenTrial) -> str | None:
+    """How the trial ended, the one reading every count uses (status, the stage verdicts,
+    the report, the summary JSON, `babysit export`'s ``outcome`` column). A diverged
+    trial is "diverged" whether it was stored COMPLETE at chance (this babysit) or PRUNED
+    (older runs): never complete, never pruned. None for a surplus trial, which no stage
+    counts."""
+    if trial_attrs(t).reason == Reason.SURPLUS:
+        return None
+    if t.state in FINISHED and diverged(t):
+        return Outcome.DIVERGED
     return {
-        "finished": sum(t.state in FINISHED for t in live),
-        "complete": sum(t.state == TrialState.COMPLETE and not diverged(t) for t in live),
-        "pruned": sum(
-            t.state == TrialState.PRUNED or (t.state == TrialState.COMPLETE and diverged(t))
-            for t in live
-        ),
-        "diverged": sum(diverged(t) for t in live),
-        "failed": sum(t.state == TrialState.FAIL for t in live),
-        "running": sum(t.state == TrialState.RUNNING for t in live),
-    }
+        TrialState.COMPLETE: Outcome.COMPLETE,
+        TrialState.PRUNED: Outcome.PRUNED,
+        TrialState.FAIL: Outcome.FAILED,
+        TrialState.RUNNING: Outcome.RUNNING,
+        TrialState.WAITING: Outcome.WAITING,
+    }[t.state]
+
+
+def counts(trials: list[FrozenTrial]) -> dict[str, int]:
+    """Trials that count, by :func:`outcome`: complete, diverged, pruned, failed, running;
+    ``finished`` is complete + diverged + pruned (a stage's target counts these)."""
+    n = {o: 0 for o in (*FINISHED_OUTCOMES, Outcome.FAILED, Outcome.RUNNING)}
+    for t in trials:
+        o = outcome(t)
+        if o in n:
+            n[o] += 1
+    return {"finished": sum(n[o] for o in FINISHED_OUTCOMES), **n}
+
+
+def counts_text(n: Mapping[str, int]) -> str:
+    """A count of trials in words, the same wherever it is shown: "5 complete, 3 diverged,
+    4 pruned, 0 failed"."""
+    return ", ".join(f"{n.get(o, 0)} {o}" for o in (*FINISHED_OUTCOMES, Outcome.FAILED))
 
 
 def best_trial(trials: list[FrozenTrial]) -> FrozenTrial | None:

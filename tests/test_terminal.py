@@ -132,13 +132,107 @@ def test_print_config_shows_values_sources_reasons_and_touches_no_storage(
     assert f"allowed: {rule.metadata['rule'].allowed}" in tolerance
     # Every key of the spec is there, with the value the run would use.
     assert shown["sanity.tolerance"][0] == f"{spec.sanity.tolerance:g}"
-    assert len(shown) == len([k for k in _all_keys() if k != "model.name"])
+    # Every key the run uses is there (the model by its name), and only those: digits
+    # uses no FDDB folds and patches and no CIFAR-10 validation size.
+    fddb_and_cifar = {
+        "data.train_folds",
+        "data.val_folds",
+        "data.test_folds",
+        "data.patch_size",
+        "data.negatives_per_face",
+        "data.val_size",
+    }
+    assert set(shown) == ({"model"} | set(_all_keys())) - {"model.name"} - fddb_and_cifar
+    assert shown["model"][:2] == ('"alexnet"', "default")
+    assert shown["momentum"][0] == "0.9"  # sgd's
 
 
 def _all_keys() -> list[str]:
     from babysit.spec import all_keys
 
     return all_keys()
+
+
+@pytest.mark.parametrize(
+    "args, shown, left_out",
+    [
+        # A user's model: no AlexNet knobs; digits: no FDDB or CIFAR-10 settings; adam: no
+        # momentum.
+        (
+            ["--model", "mynets:build"],
+            {
+                "model": ('"mynets:build"', "flag --model"),
+                "data.val_fraction": ("0.15", "default"),
+            },
+            {"model.fc_width", "model.geometry", "data.patch_size", "data.val_size", "momentum"},
+        ),
+        # FDDB's own settings, and babysit's AlexNet with its knobs.
+        (
+            ["--dataset", "fddb", "--optimizer", "sgd"],
+            {"data.train_folds": ("[1, 2, 3, 4, 5, 6, 7, 8]", "default")},
+            {"data.val_fraction", "data.val_size"},
+        ),
+        (["--dataset", "cifar10"], {"data.val_size": ("5000", "default")}, {"data.patch_size"}),
+    ],
+)
+def test_print_config_names_the_model_and_only_the_settings_that_apply(
+    tmp_path: Path, args: list[str], shown: dict[str, tuple[str, str]], left_out: set[str]
+) -> None:
+    # The user's module is imported as the run imports it (torch only when it is called).
+    (tmp_path / "mynets.py").write_text(
+        "def build(num_classes, in_channels, image_size):\n    pass\n"
+    )
+    proc = babysit("run", *args, "--print-config", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    found = _config_lines(proc.stdout)
+    for key, (value, source) in shown.items():
+        assert found[key][:2] == (value, source), key
+    assert not left_out & set(found), left_out & set(found)
+    # What is left out is named at the end, with the reason.
+    tail = [line for line in proc.stdout.splitlines() if line.startswith("# not used")]
+    assert left_out <= {k for line in tail for k in line.partition("): ")[2].split(", ")}
+    assert {p.name for p in tmp_path.iterdir()} - {"__pycache__"} == {"mynets.py"}
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["--model", "alexnet2"], ["--dataset", "nosuch"], ["--model", "nosuchmodule:build"]],
+    ids=["model", "dataset", "model-module"],
+)
+def test_print_config_refuses_a_bad_choice_as_the_run_does(
+    tmp_path: Path, args: list[str]
+) -> None:
+    printed = babysit("run", *args, "--print-config", cwd=tmp_path)
+    ran = babysit("run", *args, "--storage", f"sqlite:///{tmp_path / 'b.db'}", cwd=tmp_path)
+    assert printed.returncode == ran.returncode == 2, (printed.stderr, ran.stderr)
+    assert printed.stderr == ran.stderr and printed.stderr.count("\n") == 1
+    assert printed.stdout == "" and list(tmp_path.iterdir()) == []
+
+
+def test_print_config_into_a_closed_pipe_ends_quietly(tmp_path: Path) -> None:
+    """`babysit run --print-config | head -1`, with head gone before babysit writes (what
+    happened in 2 of 3 tries): a pipe whose reading end is already closed."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import cli_env
+
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "babysit", "run", "--print-config"],
+            cwd=tmp_path,
+            env=cli_env(),
+            stdout=write,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+        )
+    finally:
+        os.close(write)
+    assert (proc.returncode, proc.stderr) == (0, "")
 
 
 def test_print_config_with_a_bad_value_is_still_one_line_and_exit_2(tmp_path: Path) -> None:

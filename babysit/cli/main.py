@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
@@ -26,13 +27,14 @@ if TYPE_CHECKING:
 def _open(args: argparse.Namespace, create: bool = True):  # noqa: ANN202
     from babysit.storage import open_storage
 
+    # Read-only verbs have no heartbeat flags, `runs` no artifact flags (babysit/cli/parser.py).
     return open_storage(
         args.storage,
-        args.artifact_dir,
-        heartbeat=args.heartbeat,
-        grace=args.grace,
+        getattr(args, "artifact_dir", None),
+        heartbeat=getattr(args, "heartbeat", None),
+        grace=getattr(args, "grace", None),
         create=create,
-        artifact_store=args.artifact_store,
+        artifact_store=getattr(args, "artifact_store", None),
     )
 
 
@@ -219,6 +221,57 @@ def _cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_runs(args: argparse.Namespace) -> int:
+    from babysit.report.status import run_rows
+    from babysit.report.status import runs_lines
+
+    storage = _open(args, create=False)
+    rows = run_rows(storage)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    elif not rows:
+        print(f"no runs in {storage.shown}; start one with `babysit run`")
+    else:
+        print("\n".join(runs_lines(rows)))
+    return 0
+
+
+def _cmd_delete(args: argparse.Namespace) -> int:
+    from babysit.record.remove import delete_run
+    from babysit.record.remove import doomed
+
+    storage = _open(args, create=False)
+    what = doomed(storage, args.name)
+    said = (
+        f"run {args.name} in {storage.shown}: {plural(len(what.studies), 'study', 'studies')}, "
+        f"{plural(what.trials, 'trial')}, {plural(len(what.artifacts), 'artifact')} in "
+        f"{storage.artifact_where}"
+    )
+    if what.running:
+        said += (
+            f", {plural(what.running, 'trial')} still RUNNING (stop the run and its "
+            "workers first, or they fail on a missing study)"
+        )
+    if not args.yes:
+        if not (sys.stdin.isatty() and sys.stderr.isatty()):
+            raise UsageError(
+                f"not deleting {said} without --yes (no terminal to ask on); "
+                "add --yes to delete it"
+            )
+        print(f"delete {said}? [y/N] ", end="", file=sys.stderr, flush=True)
+        answer = sys.stdin.readline().strip().lower()
+        if answer not in ("y", "yes"):
+            print("babysit: nothing deleted", file=sys.stderr)
+            return 1
+    removed = delete_run(storage, what)
+    print(
+        f"deleted run {args.name}: {plural(len(what.studies), 'study', 'studies')}, "
+        f"{plural(what.trials, 'trial')}, {plural(removed, 'artifact')} from {storage.shown}",
+        file=sys.stderr,
+    )
+    return 0
+
+
 def _cmd_datasets(args: argparse.Namespace) -> int:
     from babysit.data import default_data_dir
     from babysit.data import describe_dataset
@@ -278,8 +331,9 @@ def _cmd_copy(args: argparse.Namespace) -> int:
     from babysit.storage import open_storage
 
     src = open_storage(args.src, args.from_artifact_dir, create=False)
-    dst = open_storage(args.dst, args.to_artifact_dir)
-    copied = copy_run(src, dst, args.name)
+    with nothing_left_if_rejected(args.dst):  # a missing run leaves no empty target behind
+        dst = open_storage(args.dst, args.to_artifact_dir)
+        copied = copy_run(src, dst, args.name)
     print(
         f"copied run {args.name}: {plural(copied['studies'], 'study', 'studies')}, "
         f"{plural(copied['trials'], 'trial')}, {plural(copied['artifacts'], 'artifact')} "
@@ -374,15 +428,16 @@ def _cmd_storage_proxy(args: argparse.Namespace) -> int:
 def _cmd_ablate(args: argparse.Namespace) -> int:
     from babysit.ablate.run import run_ablation
 
-    return run_ablation(
-        args.config,
-        _open(args),
-        sets=args.sets,
-        device=args.device,
-        data_dir=args.data_dir,
-        out=args.out,
-        quiet=args.quiet,
-    )
+    with nothing_left_if_rejected(args.storage):
+        return run_ablation(
+            args.config,
+            _open(args),
+            sets=args.sets,
+            device=args.device,
+            data_dir=args.data_dir,
+            out=args.out,
+            quiet=args.quiet,
+        )
 
 
 COMMANDS = {
@@ -390,6 +445,8 @@ COMMANDS = {
     "check": _cmd_check,
     "worker": _cmd_worker,
     "status": _cmd_status,
+    "runs": _cmd_runs,
+    "delete": _cmd_delete,
     "datasets": _cmd_datasets,
     "dashboard": _cmd_dashboard,
     "report": _cmd_report,
@@ -430,7 +487,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command is None:  # bare `babysit`: the verbs, as `pip` with no arguments
             parser.print_help()
             return 0
-        return COMMANDS[args.command](args)
+        code = COMMANDS[args.command](args)
+        sys.stdout.flush()  # a closed pipe shows here, where it is caught, not at exit
+        return code
+    except BrokenPipeError:
+        # The reader went away (`babysit run --print-config | head -1`): it has what it
+        # wanted. Nothing more is written, and Python's flush at exit must not fail again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 0
     except BabysitError as err:
         print(f"babysit: {err}", file=sys.stderr)
         return err.exit_code

@@ -1,6 +1,6 @@
 """The command line's parser: every verb's flags, shared where verbs share them (the spec's
 flags of `run` and `check`, the storage flags of every verb that opens one). The handlers
-are in cli.py; the words (descriptions, examples) in verbs.py."""
+are in main.py; the words (descriptions, examples) in verbs.py."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from babysit.cli.verbs import VerbListFormat
 from babysit.cli.verbs import add_verb
 from babysit.cli.verbs import version
 from babysit.errors import UsageError
+from babysit.spec import Spec
 from babysit.spec import rules
 
 
@@ -21,12 +22,23 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
-def _storage_flags(p: argparse.ArgumentParser) -> None:
+_DEVICE_HELP = "where trials train: auto (cuda when there is one, else cpu), cpu or cuda"
+_DATA_DIR_HELP = "where dataset files live (default: $BABYSIT_DATA, else ~/.cache/babysit)"
+_QUIET_HELP = "no progress bars"
+
+
+def _url_flag(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--storage",
         help="Optuna storage URL: sqlite:///FILE, journal://PATH, postgresql+psycopg://..., "
         "grpc://HOST:PORT (default: $BABYSIT_STORAGE, else sqlite:///babysit.db)",
     )
+
+
+def _storage_flags(p: argparse.ArgumentParser, trials: bool = False) -> None:
+    """--storage and the artifact store; with ``trials`` (verbs that run trials) the
+    heartbeat flags too, which read-only verbs would not use."""
+    _url_flag(p)
     p.add_argument(
         "--artifact-dir",
         help="artifact store folder (default: next to an SQLite or journal file, else "
@@ -38,21 +50,22 @@ def _storage_flags(p: argparse.ArgumentParser) -> None:
         "object storage (endpoint and keys from AWS_ENDPOINT_URL, AWS_ACCESS_KEY_ID, "
         "AWS_SECRET_ACCESS_KEY; default: $BABYSIT_ARTIFACT_STORE)",
     )
-    p.add_argument("--heartbeat", type=int, help="seconds between a worker's heartbeats")
-    p.add_argument(
-        "--grace", type=int, help="seconds without a heartbeat before a trial is presumed dead"
-    )
+    if trials:
+        p.add_argument("--heartbeat", type=int, help="seconds between a worker's heartbeats")
+        p.add_argument(
+            "--grace", type=int, help="seconds without a heartbeat before a trial is presumed dead"
+        )
 
 
 def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
     """The flags that make a run's spec and find its data: shared by `run` and `check`."""
     p.add_argument("--config", type=Path, help="a TOML spec, e.g. studies/digits.toml")
     p.add_argument("--name", help="run name; studies are <name>/<stage> (default: the dataset)")
-    p.add_argument("--dataset", help=f"{', '.join(rules.DATASETS)}, or module:callable")
     p.add_argument(
-        "--data-dir",
-        help="where dataset files live (default: $BABYSIT_DATA, else ~/.cache/babysit)",
+        "--dataset",
+        help=f"{', '.join(rules.DATASETS)}, or module:callable (default: {Spec().dataset})",
     )
+    p.add_argument("--data-dir", help=_DATA_DIR_HELP)
     fetch = p.add_mutually_exclusive_group()
     fetch.add_argument(
         "--download",
@@ -65,10 +78,22 @@ def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
         help="never download: a missing dataset exits 2 with the manual steps "
         "(default: download it, saying its size; also BABYSIT_OFFLINE=1)",
     )
-    p.add_argument("--model", help=f"{rules.either(rules.MODELS)} or module:callable")
-    p.add_argument("--optimizer", help=f"{rules.either(rules.OPTIMIZERS)} (sgd with momentum 0.9)")
-    p.add_argument("--device", default="auto", choices=rules.DEVICES)
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--model",
+        help=f"{rules.either(rules.MODELS)} or module:callable (default: {Spec().model.name})",
+    )
+    p.add_argument(
+        "--optimizer",
+        help=f"{rules.either(rules.OPTIMIZERS)} (sgd with momentum 0.9; "
+        f"default: {Spec().optimizer})",
+    )
+    p.add_argument("--device", default="auto", choices=rules.DEVICES, help=_DEVICE_HELP)
+    p.add_argument(
+        "--seed",
+        type=int,
+        help="the run's random seed: the data split, the trials' initial weights and the "
+        f"searches' samplers derive from it (default: {Spec().seed})",
+    )
     p.add_argument(
         "--set",
         dest="sets",
@@ -79,12 +104,12 @@ def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
     )
     p.add_argument("--summary-json", type=Path, help="write the run's summary here")
     p.add_argument("--force", action="store_true", help=force_help)
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
     p.add_argument(
         "--print-config",
         action="store_true",
-        help="print the resolved spec, each "
-        "value with where it came from and why, and exit (touches no storage)",
+        help="print what would run: the model, and the resolved spec's sections that apply, "
+        "each value with where it came from and why; then exit (touches no storage)",
     )
 
 
@@ -103,7 +128,7 @@ def _run_flags(p: argparse.ArgumentParser) -> None:
         help="torch.compile each network (pays on a GPU for long trials)",
     )
     _final_procs_flag(p)
-    _storage_flags(p)
+    _storage_flags(p, trials=True)
 
 
 def _final_procs_flag(p: argparse.ArgumentParser) -> None:
@@ -125,7 +150,7 @@ def _check_flags(p: argparse.ArgumentParser) -> None:
         "run the overfit check even after a failed sanity check (the exit code "
         "still says it failed)",
     )
-    _storage_flags(p)
+    _storage_flags(p, trials=True)
 
 
 def _submit_flags(p: argparse.ArgumentParser) -> None:
@@ -176,26 +201,45 @@ def build_parser() -> argparse.ArgumentParser:
     _check_flags(p)
 
     p = add_verb(sub, "worker")
-    p.add_argument("--name", required=True)
-    p.add_argument("--device", default="auto", choices=rules.DEVICES)
-    p.add_argument("--data-dir")
-    p.add_argument("--quiet", action="store_true")
-    p.add_argument("--compile", action="store_true")
+    p.add_argument(
+        "--name", required=True, help="the run to join (its spec is read from the storage)"
+    )
+    p.add_argument("--device", default="auto", choices=rules.DEVICES, help=_DEVICE_HELP)
+    p.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    p.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile each network (pays on a GPU for long trials)",
+    )
     _final_procs_flag(p)
-    _storage_flags(p)
+    _storage_flags(p, trials=True)
 
     p = add_verb(sub, "submit")
     _run_flags(p)
     _submit_flags(p)
 
     p = add_verb(sub, "status")
-    p.add_argument("--name")
+    p.add_argument("--name", help="one run (default: every run in the storage)")
     p.add_argument("--json", action="store_true", help="machine output on stdout")
     _storage_flags(p)
 
+    p = add_verb(sub, "runs")
+    p.add_argument("--json", action="store_true", help="machine output on stdout")
+    _url_flag(p)
+
+    p = add_verb(sub, "delete")
+    p.add_argument("--name", required=True, help="the run to delete")
+    p.add_argument(
+        "--yes",
+        action="store_true",
+        help="delete without asking (needed when not on a terminal)",
+    )
+    _storage_flags(p)
+
     p = add_verb(sub, "datasets")
-    p.add_argument("--data-dir")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--data-dir", help=_DATA_DIR_HELP)
+    p.add_argument("--json", action="store_true", help="machine output on stdout")
 
     p = add_verb(sub, "dashboard")
     p.add_argument(
@@ -203,18 +247,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1",
         help="bind address (default 127.0.0.1: the dashboard has no login and can delete studies)",
     )
-    p.add_argument("--port", type=int, default=8080)
-    p.add_argument("--quiet", action="store_true")
+    p.add_argument("--port", type=int, default=8080, help="port to listen on (default 8080)")
+    p.add_argument("--quiet", action="store_true", help="no request log")
     _storage_flags(p)
 
     p = add_verb(sub, "report")
-    p.add_argument("--name", required=True)
+    p.add_argument("--name", required=True, help="the run to report on")
     p.add_argument("--out", type=Path, help="folder to write into (default: report-<name>)")
     _storage_flags(p)
 
     p = add_verb(sub, "export")
-    p.add_argument("--name", required=True)
-    p.add_argument("--format", choices=rules.EXPORT_FORMATS, default="csv")
+    p.add_argument("--name", required=True, help="the run to export")
+    p.add_argument(
+        "--format", choices=rules.EXPORT_FORMATS, default="csv", help="table format (default csv)"
+    )
     p.add_argument("--out", type=Path, help="file to write (default: <name>-trials.<format>)")
     p.add_argument(
         "--curves",
@@ -228,9 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     _storage_flags(p)
 
     p = add_verb(sub, "copy")
-    p.add_argument("--name", required=True)
-    p.add_argument("--from", dest="src", required=True, metavar="URL")
-    p.add_argument("--to", dest="dst", required=True, metavar="URL")
+    p.add_argument("--name", required=True, help="the run to copy")
+    p.add_argument("--from", dest="src", required=True, metavar="URL", help="the storage it is in")
+    p.add_argument(
+        "--to",
+        dest="dst",
+        required=True,
+        metavar="URL",
+        help="the storage to copy it to (created if need be)",
+    )
     p.add_argument("--from-artifact-dir", help="artifact store of the source storage")
     p.add_argument("--to-artifact-dir", help="artifact store of the target storage")
 
@@ -251,11 +303,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     p = add_verb(sub, "ablate")
-    p.add_argument("--config", type=Path, required=True)
-    p.add_argument("--set", dest="sets", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--device", default="auto", choices=rules.DEVICES)
-    p.add_argument("--data-dir")
+    p.add_argument(
+        "--config",
+        type=Path,
+        required=True,
+        help="the ablation's TOML: a base spec and its variants, e.g. "
+        "studies/alexnet-ablation.toml",
+    )
+    p.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a field of the base spec, e.g. --set final.epochs=5 (repeatable)",
+    )
+    p.add_argument("--device", default="auto", choices=rules.DEVICES, help=_DEVICE_HELP)
+    p.add_argument("--data-dir", help=_DATA_DIR_HELP)
     p.add_argument("--out", type=Path, help="folder for the table (default: ablation-<name>)")
-    p.add_argument("--quiet", action="store_true")
-    _storage_flags(p)
+    p.add_argument("--quiet", action="store_true", help=_QUIET_HELP)
+    _storage_flags(p, trials=True)
     return parser

@@ -13,10 +13,12 @@ import re
 from pathlib import Path
 from typing import Any
 
+from babysit.errors import UsageError
 from babysit.spec import Spec
 from babysit.spec import all_keys
 from babysit.spec import default_run_name
 from babysit.spec import load_toml
+from babysit.spec import rules
 
 _FIELD = re.compile(r"\s+(\w+)\s*:\s*[^=]+=")
 
@@ -68,7 +70,7 @@ def _fields(spec: Spec) -> list[tuple[str, Any, Any, str]]:
 def _key_of(given: str, keys: set[str]) -> str | None:
     """The settable key a TOML, --set or flag key names (``overfit.lrs.adam`` is
     ``overfit.lrs``; ``model.name`` is ``model``)."""
-    if given == "model.name":
+    if given in ("model", "model.name"):
         return "model"
     while given and given not in keys:
         given = given.rpartition(".")[0]
@@ -140,20 +142,93 @@ def _show(value: Any) -> str:
     return f"{value:g}" if isinstance(value, float) else str(value)
 
 
+# Settings that only some runs use: (keys, whom they serve, when they apply).
+_FDDB_KEYS = (
+    "data.train_folds",
+    "data.val_folds",
+    "data.test_folds",
+    "data.patch_size",
+    "data.negatives_per_face",
+)
+_FRACTION_KEYS = ("data.val_fraction", "data.test_fraction")
+# The datasets split from one labelled pool by data.val_fraction / data.test_fraction.
+_POOLED = ("digits", "faces", "imagefolder")
+
+
+def _user_model(spec: Spec) -> bool:
+    return ":" in spec.model.name
+
+
+def _left_out(spec: Spec) -> list[tuple[tuple[str, ...], str]]:
+    """The settings this run does not use, in groups: (keys, why not)."""
+    out: list[tuple[tuple[str, ...], str]] = []
+    if _user_model(spec):
+        knobs = tuple(k for k in all_keys(spec) if k.startswith("model.") and k != "model.name")
+        out.append((knobs, "babysit's AlexNet only, and the model is the user's"))
+    if spec.optimizer != "sgd":
+        out.append((("momentum",), f"SGD only, and the optimizer is {spec.optimizer}"))
+    if spec.dataset != "fddb":
+        out.append((_FDDB_KEYS, "FDDB only"))
+    if spec.dataset != "cifar10":
+        out.append((("data.val_size",), "CIFAR-10 only"))
+    if spec.dataset not in _POOLED:
+        out.append((_FRACTION_KEYS, f"datasets split from one pool ({', '.join(_POOLED)})"))
+    return out
+
+
+def check_choices(spec: Spec) -> None:
+    """The choices a run checks only when it loads the data and builds the network (the
+    dataset's name, a user's module:callable, imported as the run imports it), checked the
+    same way, so that --print-config refuses what the run would refuse."""
+    if ":" not in spec.dataset and spec.dataset not in rules.DATASETS:
+        raise UsageError(
+            f"unknown dataset '{spec.dataset}'; choose one of: "
+            f"{', '.join(sorted(rules.DATASETS))}, or give module:callable"
+        )
+    for ref, what in ((spec.model.name, "model"), (spec.dataset, "dataset")):
+        if ":" in ref:
+            from babysit.refs import resolve
+
+            resolve(ref, what)
+
+
+def _model_lines(spec: Spec, given: dict[str, str]) -> list[str]:
+    """What network will run: babysit's AlexNet (with the model.* knobs below) or the
+    user's module:callable."""
+    source = given.get("model", "default")
+    if _user_model(spec):
+        what = (
+            f"the user's network, built by {spec.model.name} for the data's classes, "
+            "channels and image size, its output shape checked before any trial"
+        )
+    else:
+        what = f"babysit's {spec.model.name}, shaped by the model.* settings below"
+    return [f"model = {_show(spec.model.name)}  ({source})", f"    what runs: {what}"]
+
+
 def spec_lines(
     spec: Spec, config: Path | None, sets: list[str] | tuple[str, ...], flags: dict[str, Any]
 ) -> list[str]:
-    """The resolved spec: ``key = value  (source)``, then why and what is allowed."""
+    """What will run: the model, then the resolved spec's settings this run uses, each as
+    ``key = value  (source)`` with why and what is allowed; last, the settings left out."""
+    check_choices(spec)
     given = sources(config, sets, flags)
     lines = [
-        f"# the run spec as resolved from defaults < {'the TOML file < ' if config else ''}"
+        f"# what will run, resolved from defaults < {'the TOML file < ' if config else ''}"
         "--set < flags; `key = value  (source)`, why, what is allowed"
     ]
+    skipped = {k for keys, _ in _left_out(spec) for k in keys}
     for key, value, rule, reason in _fields(spec):
+        if key in skipped:
+            continue
         source = _learned(spec, key, given) or given.get(key, "default")
         lines.append(f"{key} = {_show(value)}  ({source})")
         if reason:
             lines.append(f"    why: {reason}")
         if rule is not None:
             lines.append(f"    allowed: {rule.allowed}")
+        if key == "dataset":
+            lines += _model_lines(spec, given)
+    for keys, why in _left_out(spec):
+        lines.append(f"# not used by this run ({why}): {', '.join(keys)}")
     return lines

@@ -181,7 +181,7 @@ def _run_argv(args: argparse.Namespace, name: str, storage: str) -> list[str]:
         argv += ["--set", item]
     if args.summary_json:
         argv += ["--summary-json", _abs(args.summary_json)]
-    for flag in ("download", "force"):
+    for flag in ("download", "offline", "force"):
         if getattr(args, flag):
             argv.append(f"--{flag}")
     if args.jobs != 1:
@@ -214,7 +214,11 @@ def plan(args: argparse.Namespace, name: str) -> Plan:
     elif is_journal(storage):
         # The jobs start elsewhere: a relative journal path is made absolute here.
         storage = f"journal://{journal_path(storage).expanduser().resolve()}"
-    elif storage.startswith("sqlite:"):
+    elif not storage.startswith("grpc://"):
+        from babysit.storage.open import check_url
+
+        check_url(storage)  # a URL the jobs could not open is refused before they start
+    if storage.startswith("sqlite:"):
         print(
             "babysit: warning: an SQLite file shared by jobs on several nodes fails on most "
             "network file systems; prefer journal:///shared/path/run.journal",

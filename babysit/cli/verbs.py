@@ -52,6 +52,26 @@ examples:
   babysit status --name digits --json
 """,
     ),
+    "runs": (
+        "list the runs in a storage: stages, best accuracy, time",
+        """\
+examples:
+  babysit runs
+  babysit runs --storage postgresql+psycopg://user@db/babysit --json
+""",
+    ),
+    "delete": (
+        "remove a run: its studies and its artifacts (asks first)",
+        """\
+Removes the run's five studies and every artifact they name (the model, curves, plots),
+in a local artifact folder or on S3. On a terminal it asks first; elsewhere it needs --yes.
+
+
+examples:
+  babysit delete --name digits
+  babysit delete --name digits --storage sqlite:///runs/babysit.db --yes
+""",
+    ),
     "datasets": (
         "list the datasets and whether their files are here",
         """\

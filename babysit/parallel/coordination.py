@@ -228,8 +228,8 @@ def fill(
 
 
 def stage_counts(trials: list[FrozenTrial]) -> dict[str, int]:
-    """A stage's trials counted as the protocol counts them (record.counts): surplus trials
-    are not its, and a diverged trial is a pruned one whatever state it was stored in."""
+    """A stage's trials counted as the protocol counts them (schema.counts): surplus trials
+    are not its, and a diverged trial is diverged whatever state it was stored in."""
     n = counts(trials)
     return {
         "trials": n["finished"],

@@ -14,10 +14,10 @@ import optuna
 from optuna.trial import FrozenTrial
 from optuna.trial import TrialState
 
-from babysit.errors import UsageError
 from babysit.record.artifacts import study_spec
 from babysit.record.model_file import model_path
 from babysit.record.runs import find_study
+from babysit.record.runs import no_such_run
 from babysit.schema import FINISHED
 from babysit.schema import STAGES
 from babysit.schema import Narrowed
@@ -75,10 +75,7 @@ def stored_spec(storage: Storage, run: str) -> Spec:
         spec = study_spec(storage, study) if study is not None else None
         if spec is not None:
             return Spec.from_dict(spec)
-    raise UsageError(
-        f"no run named '{run}' in storage {storage.shown}; "
-        "start it with `babysit run --name RUN` first"
-    )
+    raise no_such_run(storage, run)
 
 
 # ---------------------------------------------------------------------------- the summary
@@ -97,7 +94,7 @@ def stage_result(
     if stage == Stage.SANITY:
         return _sanity_entry(rec)
     if stage == Stage.OVERFIT:
-        return _overfit_entry(rec)
+        return _overfit_entry(rec, _target(spec, Stage.OVERFIT))
     if stage in (Stage.COARSE, Stage.FINE):
         return _search_entry(rec, stage, spec)
     return _final_entry(storage, rec)
@@ -119,10 +116,10 @@ def _sanity_entry(rec: StageRecord) -> dict[str, Any]:
     }
 
 
-def _overfit_entry(rec: StageRecord) -> dict[str, Any]:
+def _overfit_entry(rec: StageRecord, tries: int) -> dict[str, Any]:
     attrs, done = rec.attrs, rec.finished
     if not done:
-        return {"status": "skipped", "train_accuracy": None}
+        return {"status": "skipped", "train_accuracy": None, "tried": 0, "lrs": tries}
     top = max(done, key=lambda t: t.value or 0.0)
     status = (
         "passed"
@@ -133,6 +130,10 @@ def _overfit_entry(rec: StageRecord) -> dict[str, Any]:
         "status": status,
         "train_accuracy": top.value,
         "lr": top.params.get(Param.LR),
+        # A stage of tries, not a target: the LRs tried of those it may try (it stops at
+        # the first that memorises the subset).
+        "tried": len(done),
+        "lrs": tries,
         "verdict": attrs.verdict,
     }
 

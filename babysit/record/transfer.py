@@ -33,6 +33,7 @@ from optuna.trial import TrialState
 
 from babysit.errors import UsageError
 from babysit.record.model_file import model_info_id
+from babysit.record.runs import no_such_run
 from babysit.schema import ARTIFACT_PREFIX
 from babysit.schema import STAGES
 from babysit.schema import Reason
@@ -62,10 +63,7 @@ def copy_run(src: Storage, dst: Storage, run: str) -> dict[str, Any]:
     present = set(optuna.get_all_study_names(src.rdb))
     mine = [n for n in names if n in present]
     if not mine:
-        raise UsageError(
-            f"no run named '{run}' in {src.shown}; `babysit status --storage "
-            f"'{src.shown}'` lists the runs there"
-        )
+        raise no_such_run(src, run)
     clash = [n for n in names if n in set(optuna.get_all_study_names(dst.rdb))]
     if clash:
         raise UsageError(
@@ -81,7 +79,7 @@ def copy_run(src: Storage, dst: Storage, run: str) -> dict[str, Any]:
         "interrupted": 0,
         "missing": [],
     }
-    artifact_ids: list[str] = []
+    named: list[str] = []
     study_ids: dict[int, int] = {}
     trial_ids: dict[int, int] = {}
     targets: list[optuna.Study] = []
@@ -96,12 +94,12 @@ def copy_run(src: Storage, dst: Storage, run: str) -> dict[str, Any]:
             study_ids[study_id(source)] = study_id(target)
             trial_ids.update(_trial_ids(source, target))
             targets.append(target)
-            artifact_ids += _artifact_ids(source)
+            named += artifact_ids(source)
             result["studies"] += 1
             result["trials"] += len(target.get_trials(deepcopy=False))
         for target in targets:  # after all: a note may link another stage's artifacts
             _relink_notes(target, study_ids, trial_ids)
-        result["artifacts"], result["missing"] = _copy_artifacts(src, dst, artifact_ids)
+        result["artifacts"], result["missing"] = _copy_artifacts(src, dst, named)
     except BaseException:
         for name in copied:  # all or nothing: a half-copied run would resume wrongly
             optuna.delete_study(study_name=name, storage=dst.rdb)
@@ -178,7 +176,9 @@ def _relink_notes(
             save_note_with_version(storage, study_id(target), tid, int(note["version"]) + 1, body)
 
 
-def _artifact_ids(study: optuna.Study) -> list[str]:
+def artifact_ids(study: optuna.Study) -> list[str]:
+    """Every artifact the study names: its and its trials' uploads, the final's model and
+    the JSON beside it, the checkpoint still named (`babysit copy` and `delete` use it)."""
     ids: list[str] = []
     attrs = [storage_of(study).get_study_system_attrs(study_id(study))]
     attrs += [t.system_attrs for t in study.get_trials(deepcopy=False)]

@@ -71,11 +71,7 @@ def _fallback_verdict(stage: str, study: optuna.Study, trials: list[FrozenTrial]
     if stage in (Stage.COARSE, Stage.FINE):
         counts = schema.counts(trials)
         best = schema.best_trial(trials)
-        text = (
-            f"{counts['finished']} trials ({counts['complete']} complete, "
-            f"{counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
-            "pruned)"
-        )
+        text = f"{counts['finished']} trials ({schema.counts_text(counts)})"
         if best is not None:
             # .get: a study copied or written by hand may lack a parameter; say so, no crash.
             text += (
@@ -245,9 +241,7 @@ def _stage_facts(
     elif stage in (Stage.COARSE, Stage.FINE) and trials:
         facts += [
             ("trials", f"{info.get('trials', 0)} of {info.get('target', '?')} finished"),
-            ("complete", str(info.get("complete", 0))),
-            ("pruned", f"{info.get('pruned', 0)} ({info.get('diverged', 0)} diverged)"),
-            ("failed", str(info.get("failed", 0))),
+            ("outcomes", schema.counts_text(info)),
         ]
         best = info.get("best")
         if best:

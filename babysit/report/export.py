@@ -5,7 +5,9 @@ objective Optuna calls ``value`` means an initial loss in sanity, a train accura
 overfit and a validation accuracy in the searches and the final, so it lands in the
 column of that name (``initial_loss``, ``train_accuracy``, ``val_accuracy``); the params
 are ``lr`` and ``weight_decay``; every scalar trial attr is a column of its own name
-(babysit.record.TrialKey). Columns keep their type: counts and epochs are nullable
+(babysit.record.TrialKey). ``outcome`` says how each trial ended as every count of trials
+says it (complete, diverged, pruned, failed, running; schema.outcome) and ``diverged`` is
+True for a diverged trial, which Optuna stores COMPLETE at chance. Columns keep their type: counts and epochs are nullable
 integers, not floats, in Parquet, and written without a ".0" in CSV.
 
 Curves go to the long-format curves table (``--curves``): one row per (run, stage, trial,
@@ -26,6 +28,9 @@ from babysit import schema
 from babysit.errors import UsageError
 from babysit.record import stored
 from babysit.record.artifacts import trial_data
+from babysit.record.runs import no_such_run
+from babysit.schema import Outcome
+from babysit.schema import Reason
 from babysit.schema import Stage
 from babysit.schema import TrialKey
 from babysit.storage import Storage
@@ -49,6 +54,8 @@ _LEAD = [
     "study",
     "trial",
     "state",
+    "outcome",
+    "diverged",
     "datetime_start",
     "datetime_complete",
     "duration_s",
@@ -61,10 +68,7 @@ CURVE_COLUMNS = ["run", "stage", "trial", "epoch", "step", "metric", "value"]
 def _stages(storage: Storage, run: str) -> dict[str, stored.StageRecord]:
     stages = {s: r for s, r in stored.load_run(storage, run).items() if r.study is not None}
     if not stages:
-        raise UsageError(
-            f"no run named '{run}' in storage {storage.shown}; "
-            "`babysit status` lists the runs there"
-        )
+        raise no_such_run(storage, run)
     return stages
 
 
@@ -112,6 +116,10 @@ def trials_frame(storage: Storage, run: str) -> pd.DataFrame:
                 "study": rec.study.study_name,
                 "trial": t.number,
                 "state": t.state.name,
+                # How it ended as every count says it (schema.outcome): a diverged trial is
+                # stored COMPLETE at chance, so `state` alone would call it complete.
+                "outcome": schema.outcome(t) or Reason.SURPLUS,
+                "diverged": schema.outcome(t) == Outcome.DIVERGED,
                 "datetime_start": t.datetime_start,
                 "datetime_complete": t.datetime_complete,
                 "duration_s": t.duration.total_seconds() if t.duration is not None else None,

@@ -37,6 +37,7 @@ from babysit.spec.rules import FC_LAYERS
 from babysit.spec.rules import GEOMETRIES
 from babysit.spec.rules import INITS
 from babysit.spec.rules import LOSSES
+from babysit.spec.rules import MODELS
 from babysit.spec.rules import NAME_MAX  # noqa: F401
 from babysit.spec.rules import NAME_RULE  # noqa: F401
 from babysit.spec.rules import NORMALIZATIONS
@@ -58,6 +59,7 @@ from babysit.spec.rules import _whole
 from babysit.spec.rules import check_rules
 from babysit.spec.rules import check_run_name  # noqa: F401
 from babysit.spec.rules import default_run_name  # noqa: F401
+from babysit.spec.rules import either
 from babysit.spec.rules import valid_run_name  # noqa: F401
 
 
@@ -303,6 +305,13 @@ def validate(spec: Spec) -> None:
     """Every field's type and range, then the rules that join fields; the first problem is
     a UsageError of one line naming the field, the value and what is allowed."""
     check_rules(spec)
+    if spec.model.name not in MODELS and ":" not in spec.model.name:
+        # The words babysit.training.models.build_model says it in, for a spec that skipped
+        # this check (rebuilt from a mapping): --print-config refuses it as the run does.
+        raise UsageError(
+            f"unknown model '{spec.model.name}'; use "
+            f"{either(tuple(repr(m) for m in MODELS))} or module:callable"
+        )
     if spec.data.val_fraction + spec.data.test_fraction >= 1:
         raise UsageError(
             f"data.val_fraction + data.test_fraction = {spec.data.val_fraction:g} + "

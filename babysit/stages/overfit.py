@@ -65,7 +65,8 @@ def overfit(ctx: Context) -> StageResult:
         if trial.value is not None and trial.value >= 1.0:
             verdict = (
                 f"{n} examples memorised (100 % train accuracy) in "
-                f"{plural(trial.user_attrs[TrialKey.STEPS], 'step')} at lr {lr:g}"
+                f"{plural(trial.user_attrs[TrialKey.STEPS], 'step')} at lr {lr:g} "
+                f"({i + 1} of up to {len(lrs)} LRs tried)"
             )
             study.set_user_attr(StudyKey.VERDICT, verdict)
             return StageResult(

@@ -25,6 +25,7 @@ from babysit.schema import StudyAttrs
 from babysit.schema import StudyKey
 from babysit.schema import TrialKey
 from babysit.schema import best_of
+from babysit.schema import counts_text
 from babysit.spec import SearchSpec
 from babysit.stages.context import Context
 from babysit.stages.context import StageResult
@@ -262,7 +263,7 @@ def _diverged_value(trial: optuna.Trial, num_classes: int, step: int) -> float:
     and its contour pairs COMPLETE values with all trials' params by position
     (GraphContour.tsx), painting the diverged region best. TPE ranks chance among the worst
     (as a valueless pruned trial); exact-N counts it finished either way; no pruner is asked.
-    record.scored/counts know it by its reason: never best, counted "pruned"."""
+    schema.scored/outcome know it by its reason: never best, counted "diverged"."""
     chance = 1.0 / max(1, num_classes)
     trial.report(chance, step)
     return chance
@@ -279,8 +280,7 @@ def _search_result(
     if best is None:
         verdict = (
             f"{stage}: none of {plural(counts['trials'], 'trial')} completed "
-            f"({counts['diverged']} diverged, {counts['pruned'] - counts['diverged']} "
-            f"pruned, {counts['failed']} failed)"
+            f"({counts_text(counts)})"
         )
         coarse_best = (
             best_of(open_stage(ctx, Stage.COARSE).get_trials(deepcopy=False))
@@ -304,9 +304,7 @@ def _search_result(
         values["recovery"] = recovery
         return StageResult(stage, "recovered", f"{verdict}; {recovery}", values)
     verdict = (
-        f"{stage}: {plural(counts['trials'], 'trial')} ({counts['complete']} complete, "
-        f"{counts['diverged']} diverged and stopped early, "
-        f"{counts['pruned'] - counts['diverged']} pruned); best val accuracy "
+        f"{stage}: {plural(counts['trials'], 'trial')} ({counts_text(counts)}); best val accuracy "
         f"{best['value']:.3f} at lr {best['params']['lr']:.3g}, "
         f"weight_decay {best['params']['weight_decay']:.3g}"
     )

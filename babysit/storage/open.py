@@ -116,6 +116,25 @@ def _check_sqlite_file(db: str | None, create: bool, shown: str) -> None:
         raise UsageError(f"folder {path.parent} for storage {shown} does not exist")
 
 
+def check_url(url: str) -> Any:
+    """The parsed database URL, or the one line that says what is wrong with it; touches
+    nothing (`babysit submit` checks the URL its jobs will open before submitting them)."""
+    shown = redact(url)
+    try:
+        parsed = make_url(url)
+    except (ArgumentError, ValueError):
+        raise UsageError(
+            f"cannot parse storage URL '{shown}'; use sqlite:///path.db, "
+            "journal:///shared/path/run.journal or postgresql+psycopg://user@host/db"
+        ) from None
+    if parsed.get_backend_name() not in ("sqlite", "postgresql", "mysql"):
+        raise UsageError(
+            f"unsupported storage '{shown}'; use sqlite:///path.db, "
+            "journal:///shared/path/run.journal or postgresql+psycopg://user@host/db"
+        )
+    return parsed
+
+
 def open_storage(
     url: str | None = None,
     artifact_dir: str | Path | None = None,
@@ -146,19 +165,8 @@ def open_storage(
         return _open_proxy(url, artifact_dir, store, heartbeat, grace)
     if is_journal(url):
         return _open_journal(url, artifact_dir, store, heartbeat, grace, create)
-    try:
-        parsed = make_url(url)
-    except (ArgumentError, ValueError):
-        raise UsageError(
-            f"cannot parse storage URL '{shown}'; use sqlite:///path.db, "
-            "journal:///shared/path/run.journal or postgresql+psycopg://user@host/db"
-        ) from None
+    parsed = check_url(url)
     backend = parsed.get_backend_name()
-    if backend not in ("sqlite", "postgresql", "mysql"):
-        raise UsageError(
-            f"unsupported storage '{shown}'; use sqlite:///path.db, "
-            "journal:///shared/path/run.journal or postgresql+psycopg://user@host/db"
-        )
     if backend == "postgresql" and parsed.drivername == "postgresql":
         # psycopg (v3) is the driver we ship; plain postgresql:// would ask for psycopg2.
         url = parsed.set(drivername="postgresql+psycopg").render_as_string(hide_password=False)

@@ -55,7 +55,9 @@ def redact(url: str) -> str:
     try:
         return make_url(url).render_as_string(hide_password=True)
     except (ArgumentError, ValueError):
-        return "<unparseable storage URL>"
+        # Shown as typed ("nonsense"), so the person sees what was wrong; only a text that
+        # may hold a password (user info before an '@') stays hidden.
+        return "<unparseable storage URL>" if "@" in url else url
 
 
 def redact_text(text: str, url: str) -> str:

@@ -92,7 +92,7 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     assert st["sanity"]["expected_loss"] == pytest.approx(2.302585, abs=1e-5)
     assert st["overfit"]["status"] == "passed" and st["overfit"]["train_accuracy"] == 1.0
     assert st["coarse"]["trials"] == 4
-    assert st["coarse"]["complete"] + st["coarse"]["pruned"] == 4
+    assert st["coarse"]["complete"] + st["coarse"]["diverged"] + st["coarse"]["pruned"] == 4
     assert st["fine"]["trials"] == 2
     # Narrowing clips to the coarse range [1e-3, 0.1], unless a coarse trial diverged in
     # the good region: then fine stays below half that lr (docs/protocol.md, "Divergence bounds
@@ -176,7 +176,7 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
 
     status = babysit("status", "--name", "digits", cwd=tmp_path)
     assert status.returncode == 0
-    assert "coarse" in status.stdout and "4/4 finished" in status.stdout
+    assert "coarse" in status.stdout and "4 of 4 trials finished: " in status.stdout
     as_json = json.loads(babysit("status", "--name", "digits", "--json", cwd=tmp_path).stdout)
     assert as_json["stages"]["coarse"]["trials"] == 4
 

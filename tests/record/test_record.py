@@ -121,8 +121,8 @@ def test_counts_best_and_timing() -> None:
     assert schema.counts(trials) == {
         "finished": 5,
         "complete": 3,
-        "pruned": 2,
         "diverged": 2,
+        "pruned": 0,
         "failed": 0,
         "running": 1,
     }
@@ -224,7 +224,9 @@ def test_an_old_run_reads_back_with_what_it_has(tmp_path: Path) -> None:
         ["fine", "skipped"],
         ["final", "skipped"],
     ]
-    assert "1/1 trials" in lines[1] and "3.0 s" in lines[2]
+    assert "1 of 1 trials" in lines[1] and "3.0 s" in lines[2]
+    # Overfit is a stage of tries (it stops at the first LR that memorises), not a target.
+    assert " 1 of up to 4 LRs tried; best train accuracy 100% at lr " in lines[2]
     assert "running: #1 on box:42" in lines[3]
 
 
@@ -402,3 +404,35 @@ def test_a_run_stored_today_reads_back_through_record(tmp_path: Path) -> None:
     got = curves[(curves["stage"] == "final") & (curves["metric"] == "val_acc")]
     assert list(got["value"]) == pytest.approx(kept)
     assert len(pd.read_csv(tmp_path / "t-curves.csv")) == len(curves)
+
+
+def test_each_trial_has_one_outcome_and_every_count_says_it_the_same_way() -> None:
+    trials = [
+        _trial(0, TrialState.COMPLETE, 0.8, 0, 1),
+        _trial(1, TrialState.PRUNED, None, 1, 2),
+        # Diverged: stored COMPLETE at chance today, PRUNED by an older babysit.
+        _trial(2, TrialState.COMPLETE, 0.1, 2, 3, reason="diverged"),
+        _trial(3, TrialState.PRUNED, None, 3, 4, reason="diverged"),
+        _trial(4, TrialState.FAIL, None, 4, 5, reason="interrupted"),
+        _trial(5, TrialState.FAIL, None, 5, 6, reason="surplus"),
+        _trial(6, TrialState.RUNNING, None, 6, None),
+    ]
+    assert [schema.outcome(t) for t in trials] == [
+        "complete",
+        "pruned",
+        "diverged",
+        "diverged",
+        "failed",
+        None,
+        "running",
+    ]
+    n = schema.counts(trials)
+    assert n == {
+        "finished": 4,
+        "complete": 1,
+        "diverged": 2,
+        "pruned": 1,
+        "failed": 1,
+        "running": 1,
+    }
+    assert schema.counts_text(n) == "1 complete, 2 diverged, 1 pruned, 1 failed"

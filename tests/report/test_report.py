@@ -316,3 +316,49 @@ def test_unknown_run_is_one_line_and_exit_2(finished: Finished) -> None:
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
     assert proc.stderr.startswith("babysit: no run named 'nope'")
     assert not list(finished.tmp.glob("nope-trials.*"))
+
+
+_OUTCOMES = ("complete", "diverged", "pruned", "failed")
+
+
+def _counted(text: str) -> tuple[int, ...]:
+    """The count of trials in words (schema.counts_text) found in ``text``."""
+    m = re.search(r"(\d+) complete, (\d+) diverged, (\d+) pruned, (\d+) failed", text)
+    assert m, text
+    return tuple(int(g) for g in m.groups())
+
+
+def test_status_verdicts_summary_report_and_export_count_trials_alike(finished: Finished) -> None:
+    """One run: the same numbers in the verdicts, the summary JSON, `status` (JSON and
+    text), the report and the export, diverged trials apart from complete and pruned."""
+    url, tmp = finished.url, finished.tmp
+    where = ("--name", RUN, "--storage", url)
+    as_json = json.loads(babysit("status", *where, "--json", cwd=tmp, check=True).stdout)
+    text = babysit("status", *where, cwd=tmp, check=True).stdout.splitlines()
+    babysit("export", *where, "--out", str(tmp / "counted.csv"), cwd=tmp, check=True)
+    frame = pd.read_csv(tmp / "counted.csv", dtype_backend="numpy_nullable")
+    babysit("report", *where, "--out", str(tmp / "counted"), cwd=tmp, check=True)
+    md = (tmp / "counted" / "report.md").read_text()
+    for stage in ("coarse", "fine"):
+        entry = finished.summary["stages"][stage]
+        want = tuple(entry[k] for k in _OUTCOMES)
+        assert sum(want[:3]) == entry["trials"]
+        assert _counted(finished.verdicts[stage]) == want, stage
+        assert tuple(as_json["stages"][stage][k] for k in _OUTCOMES) == want
+        [line] = [line for line in text if line.split()[:1] == [stage]]
+        assert _counted(line) == want, line
+        section = md.split(f"## {stage}", 1)[1].split("\n## ", 1)[0]
+        assert _counted(section) == want, section
+        rows = frame[frame["stage"] == stage]
+        rows = rows[rows["outcome"] != "surplus"]
+        assert tuple(int((rows["outcome"] == o).sum()) for o in _OUTCOMES) == want
+        # `diverged` is its own column: Optuna's state says COMPLETE for a diverged trial.
+        assert rows["diverged"].tolist() == (rows["outcome"] == "diverged").tolist()
+        complete = rows[(rows["state"] == "COMPLETE") & ~rows["diverged"].astype(bool)]
+        assert len(complete) == want[0]
+    # Overfit is a stage of tries: the LRs tried of those it may try, not a target missed.
+    overfit = as_json["stages"]["overfit"]
+    tried = int((frame["stage"] == "overfit").sum())
+    assert overfit["tried"] == tried and overfit["lrs"] >= tried
+    [line] = [line for line in text if line.split()[:1] == ["overfit"]]
+    assert f" {tried} of up to {overfit['lrs']} LRs tried" in line, line
