@@ -25,22 +25,38 @@ def wrap(model: nn.Module) -> nn.Module:
     return DistributedDataParallel(model)
 
 
+class _SumOverRanks(torch.autograd.Function):
+    """The sum of a tensor over the ranks. Backward: each rank's input fed every rank's
+    output, so its gradient is the sum of the output gradients over the ranks.
+    (torch.distributed.nn.functional.all_reduce does the same and is deprecated.)"""
+
+    @staticmethod
+    def forward(ctx: Any, t: torch.Tensor) -> torch.Tensor:
+        out = t.clone()
+        dist.all_reduce(out)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        out = grad.clone()
+        dist.all_reduce(out)
+        return out
+
+
 class GlobalBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d whose training-mode statistics are those of the global batch: the
     per-channel mean and variance summed over every rank's shard (gloo, on the CPU, where
     torch's SyncBatchNorm refuses to run). Two collectives per layer and step: the sums
     and counts, then the squared deviations from the global mean (two passes, as
     F.batch_norm computes them, rather than E[x^2] - E[x]^2). Both are
-    ``torch.distributed.nn.functional.all_reduce``, which has a backward: the gradient of
-    each rank's loss reaches the other ranks' activations through the shared statistics,
-    as it does in one process. In eval mode it is a plain BatchNorm2d with the running
+    :class:`_SumOverRanks`, a sum with a backward: the gradient of each rank's loss reaches
+    the other ranks' activations through the shared statistics, as in one process. In eval mode it is a plain BatchNorm2d with the running
     statistics (no collective: rank 0 alone evaluates the test split)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not (self.training and dist.is_initialized() and dist.get_world_size() > 1):
             return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
+        all_reduce = _SumOverRanks.apply
         dims = [0, 2, 3]
         count = torch.full((1,), x.numel() / x.shape[1], dtype=x.dtype, device=x.device)
         total = all_reduce(torch.cat([x.sum(dims), count]))
@@ -73,10 +89,13 @@ def sync_batch_norm(model: nn.Module) -> None:
     own shard, ``batch // N`` examples, and keeps running statistics of its own (DDP then
     copies rank 0's to the others at each forward). The same step on one process
     normalises over the whole batch, so N ranks compute another function of the weights,
-    with noisier statistics, and another gradient; measured on a BatchNorm AlexNet,
-    2 gloo ranks drifted from one process after the first step
-    (tests/stages/final/test_ddp_equivalence.py), while without BatchNorm they agree to
-    float rounding. Synchronised, step k of N ranks is step k of one process. CUDA:
+    with noisier statistics, and another gradient. Measured
+    (tests/stages/final/test_ddp_equivalence.py: a small AlexNet with BatchNorm after every
+    conv, 6 SGD steps, global batch 32): 2 gloo ranks with per-rank BatchNorm ended up to
+    1.6e-2 from one process's weights and 0.39 from its running statistics; synchronised,
+    1.2e-7 and 4.8e-7. The default AlexNet has no BatchNorm (``model.batch_norm =
+    "none"``); there 2 ranks already took one process's steps, and the 1-vs-2 gaps seen at
+    a few epochs are seed noise (docs/benchmarks.md, "One process or two"). Synchronised, step k of N ranks is step k of one process. CUDA:
     torch's SyncBatchNorm (NCCL); elsewhere :class:`GlobalBatchNorm2d`. The new layers hold
     the old ones' parameters and a copy of their buffers under the same names, so
     state_dict keys, checkpoints and the model file do not change."""
