@@ -38,6 +38,7 @@ from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.schema import trial_attrs
 from babysit.storage import Storage
+from babysit.terminal import tested_epoch
 
 _TOP_TRIALS = 10
 
@@ -184,9 +185,8 @@ def _build(storage: Storage, run: str) -> Report:
     if final.get("status") == "passed":
         params = ", ".join(f"{k} {g3(v)}" for k, v in (final.get("params") or {}).items())
         headline = (
-            f"test accuracy {acc(final.get('test_accuracy'))}, test loss "
-            f"{acc(final.get('test_loss'))} after {final.get('epochs') or '?'} epochs "
-            f"at {params}"
+            f"test accuracy {acc(final.get('test_accuracy'))} {tested_epoch(final)}, test loss "
+            f"{acc(final.get('test_loss'))}, at {params}"
         )
     else:
         headline = f"no final result yet (final: {final.get('status')})"
@@ -276,4 +276,6 @@ def _stage_facts(
             ("val accuracy", acc(info.get("val_accuracy"))),
             ("test accuracy", acc(info.get("test_accuracy"))),
             ("test loss", num(info.get("test_loss"))),
+            ("tested epoch", str(info.get("best_epoch"))),
+            ("model", str(info.get("model_path"))),
         ]

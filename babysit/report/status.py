@@ -14,6 +14,7 @@ from babysit.record import stored
 from babysit.record.runs import run_names
 from babysit.schema import Stage
 from babysit.storage import Storage
+from babysit.terminal import tested_epoch
 
 
 def statuses(storage: Storage, name: str | None = None) -> list[dict[str, Any]]:
@@ -42,6 +43,9 @@ def status_lines(s: dict[str, Any]) -> list[str]:
     ]
     for stage, v in s["stages"].items():
         lines.append(_stage_line(stage, v, s["progress"]["stages"][stage]))
+    model = s["stages"][Stage.FINAL].get("model_path")
+    if model:
+        lines.append(f"  model    {model}")
     return lines
 
 
@@ -63,7 +67,10 @@ def _stage_line(stage: str, v: dict[str, Any], p: dict[str, Any]) -> str:
         elif stage == Stage.OVERFIT and v["train_accuracy"] is not None:
             line += f"; train accuracy {v['train_accuracy']:.3f}"
         elif stage == Stage.FINAL and v.get("test_accuracy") is not None:
-            line += f"; test accuracy {v['test_accuracy']:.4f}, val {v['val_accuracy']:.4f}"
+            line += (
+                f"; test accuracy {v['test_accuracy']:.4f} {tested_epoch(v)}, "
+                f"val {v['val_accuracy']:.4f}"
+            )
     if p["wall_seconds"] is not None:
         line += f"; {_secs(p['wall_seconds'])}"
     if p["running"]:

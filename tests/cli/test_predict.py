@@ -1,0 +1,286 @@
+"""`babysit predict` and `babysit.load_model`: a finished run's model on image files.
+
+The run is the session's shared one (``finished_run`` in tests/conftest.py); its test split
+is written to PNG files once per module, as a user's images would be.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+from dataclasses import dataclass
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+import babysit
+from babysit.data import load_dataset
+from babysit.data.core import DataRequest
+from babysit.data.core import default_data_dir
+from babysit.record.stored import stored_spec
+from babysit.storage import open_storage
+from tests.conftest import FinishedRun
+from tests.conftest import babysit as cli
+
+
+@dataclass(frozen=True)
+class SplitImages:
+    folder: Path  # <folder>/<class>/<i>.png, the run's test split
+    files: list[Path]
+    labels: list[str]
+    classes: list[str]
+
+
+@pytest.fixture(scope="module")
+def test_images(
+    finished_run: FinishedRun, tmp_path_factory: pytest.TempPathFactory
+) -> SplitImages:
+    """The run's test split, loaded as the run loaded it and written to PNG files."""
+    spec = stored_spec(open_storage(finished_run.url, None, create=False), finished_run.name)
+    request = DataRequest(
+        data_dir=default_data_dir(), seed=spec.seed, download=False, options=spec.data
+    )
+    splits = load_dataset(spec.dataset, request)
+    folder = tmp_path_factory.mktemp("images") / "test"
+    files, labels = [], []
+    for i, (x, y) in enumerate(zip(splits.test_x, splits.test_y, strict=True)):
+        label = splits.classes[int(y)]
+        (folder / label).mkdir(parents=True, exist_ok=True)
+        path = folder / label / f"{i:04d}.png"
+        Image.fromarray(x.numpy()[0]).save(path)  # digits: one channel, 8x8
+        files.append(path)
+        labels.append(label)
+    return SplitImages(folder, files, labels, list(splits.classes))
+
+
+def _model_file(run: FinishedRun) -> Path:
+    return run.tmp / "babysit.db.artifacts" / run.name / "model.pt"
+
+
+def _correct(rows: list[dict], labels: dict[str, str]) -> int:
+    return sum(r["class"] == labels[r["path"]] for r in rows)
+
+
+def _one_line_exit_2(proc) -> None:  # noqa: ANN001
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+    assert proc.stderr.startswith("babysit: ") and "Traceback" not in proc.stderr
+
+
+def test_predict_reproduces_the_runs_test_accuracy_to_the_image(
+    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path
+) -> None:
+    out = tmp_path / "preds.csv"
+    proc = cli(
+        "predict",
+        "--name",
+        finished_run.name,
+        "--storage",
+        finished_run.url,
+        "--out",
+        str(out),
+        str(test_images.folder),
+        cwd=tmp_path,
+        check=True,
+    )
+    n = len(test_images.files)
+    assert n == 269  # digits' test split
+    # One line per image on stdout: path, class, probability.
+    lines = proc.stdout.splitlines()
+    assert len(lines) == n
+    for line, path in zip(lines, sorted(test_images.files), strict=True):  # folder: sorted
+        shown, label, prob = line.split("\t")
+        assert shown == str(path) and label in test_images.classes and 0 < float(prob) <= 1
+    with out.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert list(rows[0]) == ["path", "class", "probability"] + [
+        f"prob_{c}" for c in test_images.classes
+    ]
+    for r in rows:
+        probs = [float(r[f"prob_{c}"]) for c in test_images.classes]
+        assert sum(probs) == pytest.approx(1.0, abs=1e-4)
+        assert float(r["probability"]) == max(probs)
+    labels = {str(p): y for p, y in zip(test_images.files, test_images.labels, strict=True)}
+    test_accuracy = finished_run.final["test_accuracy"]
+    assert _correct(rows, labels) == round(test_accuracy * n), (_correct(rows, labels), n)
+    assert f"classified {n} images with run {finished_run.name}'s model" in proc.stderr
+
+
+def test_predict_on_a_copied_run_reads_the_copys_model(
+    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path
+) -> None:
+    copy = f"sqlite:///{tmp_path / 'copy.db'}"
+    cli(
+        "copy", "--name", finished_run.name, "--from", finished_run.url, "--to", copy,
+        cwd=tmp_path, check=True,
+    )  # fmt: skip
+    out = tmp_path / "preds.json"
+    args = ["predict", "--name", finished_run.name, "--storage", copy]
+    cli(*args, "--out", str(out), str(test_images.folder), cwd=tmp_path, check=True)
+    rows = json.loads(out.read_text())
+    labels = {str(p): y for p, y in zip(test_images.files, test_images.labels, strict=True)}
+    n = len(rows)
+    assert n == len(test_images.files)
+    assert set(rows[0]["probabilities"]) == set(test_images.classes)
+    assert _correct(rows, labels) == round(finished_run.final["test_accuracy"] * n)
+    # The copy's own artifact store is read, not the source's: without it there is no model.
+    (tmp_path / "copy.db.artifacts").rename(tmp_path / "moved")
+    proc = cli(*args, str(test_images.files[0]), cwd=tmp_path)
+    _one_line_exit_2(proc)
+    assert f"{finished_run.name}/model.pt is not in {tmp_path / 'copy.db.artifacts'}" in (
+        proc.stderr
+    )
+
+
+def test_top_k_lines_and_a_parquet_table(
+    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path
+) -> None:
+    files = test_images.files[:5]
+    out = tmp_path / "sub" / "preds.parquet"
+    proc = cli(
+        "predict", "--name", finished_run.name, "--storage", finished_run.url, "--top", "3",
+        "--device", "cpu", "--batch-size", "2", "--out", str(out), *map(str, files),
+        cwd=tmp_path, check=True,
+    )  # fmt: skip
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 5
+    frame = pd.read_parquet(out)
+    assert list(frame["path"]) == [str(f) for f in files]
+    for line, (_, row) in zip(lines, frame.iterrows(), strict=True):
+        fields = line.split("\t")
+        names, probs = fields[1::2], [float(p) for p in fields[2::2]]
+        assert len(names) == 3 and probs == sorted(probs, reverse=True)
+        assert names[0] == row["class"] and probs[0] == pytest.approx(row["probability"], 1e-4)
+        assert probs[1] == pytest.approx(row[f"prob_{names[1]}"], abs=1e-4)
+
+
+def test_load_model_predicts_class_names_from_files_pil_images_and_tensors(
+    finished_run: FinishedRun, test_images: SplitImages
+) -> None:
+    model = babysit.load_model(_model_file(finished_run))
+    files = test_images.files[:8]
+    names = model.predict([str(f) for f in files])
+    assert model.classes == test_images.classes and all(n in model.classes for n in names)
+    pil = [Image.open(f) for f in files]
+    assert model.predict(pil) == names
+    pixels = torch.stack([torch.from_numpy(np.array(p)).unsqueeze(0) for p in pil])
+    assert model.predict(pixels) == names  # uint8 (N, C, H, W)
+    assert model.predict(pixels.float() / 255) == names  # floats in [0, 1]
+    assert model.predict(pixels[0]) == names[:1]  # one (C, H, W) image
+    top = model.top(files, k=2)
+    assert [t[0][0] for t in top] == names and all(t[0][1] >= t[1][1] for t in top)
+    # Still the network: its state_dict is model.pt's, its call gives logits.
+    plain = torch.load(_model_file(finished_run), weights_only=True)
+    assert set(model.state_dict()) == set(plain)
+    assert model(torch.zeros(1, 1, 8, 8)).shape == (1, 10)
+
+
+def test_the_model_card(finished_run: FinishedRun) -> None:
+    card = json.loads(_model_file(finished_run).with_name("model.json").read_text())
+    final = finished_run.final
+    assert card["card"] == 2 and card["run"] == finished_run.name
+    assert card["classes"] == [str(d) for d in range(10)]
+    assert card["num_classes"] == 10 and card["in_channels"] == 1 and card["input_size"] == 8
+    pre = card["preprocessing"]
+    assert pre["mode"] == "L" and pre["image_size"] == 8 and pre["resize"] == 0
+    assert pre["mean"] == card["mean"] and len(pre["std"]) == 1 and 0 < pre["mean"][0] < 1
+    assert card["hyperparameters"] == final["params"]
+    assert card["best_epoch"] == final["best_epoch"] and card["epochs_run"] == final["epochs"]
+    assert card["val_accuracy"] == final["val_accuracy"]
+    assert card["test_accuracy"] == final["test_accuracy"]
+    assert card["test_loss"] == final["test_loss"]
+    sizes = card["dataset"]["sizes"]
+    assert card["dataset"]["name"] == "digits" and sizes["test"] == 269
+    assert sum(sizes.values()) == 1797  # scikit-learn's digits
+    # The batch actually used: the spec says 0 (auto), the final trained with 128.
+    assert card["spec"]["batch_size"] == 0 and card["batch_size"] == 128
+    assert f"batch {card['batch_size']}," in finished_run.stderr
+    assert card["versions"] == {p: version(p) for p in ("babysit", "torch", "optuna")}
+
+
+def test_an_older_model_json_still_loads(
+    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path
+) -> None:
+    src = _model_file(finished_run)
+    card = json.loads(src.with_name("model.json").read_text())
+    shutil.copy(src, tmp_path / "model.pt")
+    first = ("spec", "num_classes", "in_channels", "input_size", "mean", "std")
+    (tmp_path / "model.json").write_text(json.dumps({k: card[k] for k in first}))
+    old = babysit.load_model(tmp_path / "model.pt")
+    files = test_images.files[:20]
+    assert old.classes == [str(i) for i in range(10)]  # named by label
+    assert old.predict(files) == babysit.load_model(src).predict(files)
+
+
+def test_status_and_report_name_the_model(finished_run: FinishedRun, tmp_path: Path) -> None:
+    path = finished_run.final["model_path"]
+    assert path == str(_model_file(finished_run).resolve())
+    status = cli(
+        "status", "--name", finished_run.name, "--storage", finished_run.url, cwd=tmp_path,
+        check=True,
+    )  # fmt: skip
+    assert f"  model    {path}" in status.stdout.splitlines()
+    best, epochs = finished_run.final["best_epoch"], finished_run.final["epochs"]
+    assert f"at epoch {best} of {epochs}, val" in status.stdout
+    cli(
+        "report", "--name", finished_run.name, "--storage", finished_run.url, "--out",
+        str(tmp_path / "rep"), cwd=tmp_path, check=True,
+    )  # fmt: skip
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert path in page
+    assert f"test accuracy {finished_run.final['test_accuracy']:.4f} at epoch {best} of" in page
+    assert f"model: {path} " in finished_run.stderr  # the run's closing lines
+
+
+def test_bad_input_is_one_line_and_exit_2(
+    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path
+) -> None:
+    run = ["--name", finished_run.name, "--storage", finished_run.url]
+    image = str(test_images.files[0])
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
+    colour = tmp_path / "colour.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(colour)
+    cases = {
+        "cannot read image": ["predict", *run, str(broken)],
+        "in colour (RGB) but the model was trained on grey images": [
+            "predict", *run, str(colour)
+        ],
+        "does not exist": ["predict", *run, str(tmp_path / "nosuch.png")],
+        "holds no images": ["predict", *run, str(tmp_path / "empty")],
+        "the table is written as .csv, .json, .parquet": [
+            "predict", *run, "--out", str(tmp_path / "preds.xlsx"), image
+        ],
+        "--top must be at least 1": ["predict", *run, "--top", "0", image],
+        f"no run named 'nosuch' in {finished_run.url} (its runs: {finished_run.name})": [
+            "predict", "--name", "nosuch", "--storage", finished_run.url, image
+        ],
+    }  # fmt: skip
+    (tmp_path / "empty").mkdir()
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for words, args in cases.items():
+        proc = cli(*args, cwd=tmp_path)
+        _one_line_exit_2(proc)
+        assert words in proc.stderr, (words, proc.stderr)
+        assert proc.stdout == ""
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no table, no database
+
+
+def test_a_run_without_a_final_has_no_model(test_images: SplitImages, tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'early.db'}"
+    optuna.create_study(study_name="early/sanity", storage=url)  # a run stopped early
+    proc = cli("predict", "--name", "early", "--storage", url, str(test_images.files[0]),
+               cwd=tmp_path)  # fmt: skip
+    _one_line_exit_2(proc)
+    assert "run 'early' has no trained model: its final stage has not passed" in proc.stderr
+    # No database where none was.
+    proc = cli("predict", "--name", "early", "--storage", f"sqlite:///{tmp_path / 'no.db'}",
+               str(test_images.files[0]), cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 2 and not (tmp_path / "no.db").exists()
