@@ -193,6 +193,6 @@ def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
     tmp = tmp_path_factory.mktemp("finished")
     url = f"sqlite:///{tmp / 'babysit.db'}"
     summary = tmp / "summary.json"
-    args = ["--name", "done", "--storage", url, "--summary-json", str(summary)]
+    args = ["--name", "digits", "--storage", url, "--summary-json", str(summary)]
     proc = babysit("run", *args, *FINISHED_RUN_ARGS, cwd=tmp, check=True)
-    return FinishedRun(tmp, url, "done", json.loads(summary.read_text()), proc.stderr)
+    return FinishedRun(tmp, url, "digits", json.loads(summary.read_text()), proc.stderr)

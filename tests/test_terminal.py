@@ -311,11 +311,11 @@ def test_a_run_without_a_tty_prints_plain_progress_lines_and_clean_verdicts(
         assert not re.search(rf"^{stage} \w+: {stage}:", err, re.M), err
     assert re.search(r"^coarse passed: 3 trials \(", err, re.M)
     assert re.search(
-        r"^final passed: test accuracy [0-9.]+ \(loss [0-9.]+\), val [0-9.]+; best epoch 1 of 1, ",
+        r"^final passed: test accuracy [0-9.]+ at epoch 1 of 1 \(loss [0-9.]+\), val [0-9.]+; lr ",
         err,
         re.M,
     )
-    assert "after 1 epoch;" in err and "1 epochs" not in err
+    assert " at epoch 1 of 1 (val " in err and "1 epochs" not in err
 
 
 def _finished(db: Path, study: str) -> int:

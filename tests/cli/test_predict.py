@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -21,13 +24,19 @@ import torch
 from PIL import Image
 
 import babysit
+from babysit.cli.main import main
 from babysit.data import load_dataset
 from babysit.data.core import DataRequest
 from babysit.data.core import default_data_dir
 from babysit.record.stored import stored_spec
+from babysit.report.document import write_report
+from babysit.report.status import status_lines
+from babysit.report.status import statuses
 from babysit.storage import open_storage
+from tests.conftest import ROOT
 from tests.conftest import FinishedRun
 from tests.conftest import babysit as cli
+from tests.conftest import cli_env
 
 
 @dataclass(frozen=True)
@@ -79,32 +88,26 @@ def test_predict_reproduces_the_runs_test_accuracy_to_the_image(
 ) -> None:
     out = tmp_path / "preds.csv"
     proc = cli(
-        "predict",
-        "--name",
-        finished_run.name,
-        "--storage",
-        finished_run.url,
-        "--out",
-        str(out),
-        str(test_images.folder),
-        cwd=tmp_path,
-        check=True,
-    )
+        "predict", "--name", finished_run.name, "--storage", finished_run.url, "--top", "2",
+        "--out", str(out), str(test_images.folder), cwd=tmp_path, check=True,
+    )  # fmt: skip
     n = len(test_images.files)
     assert n == 269  # digits' test split
-    # One line per image on stdout: path, class, probability.
-    lines = proc.stdout.splitlines()
-    assert len(lines) == n
-    for line, path in zip(lines, sorted(test_images.files), strict=True):  # folder: sorted
-        shown, label, prob = line.split("\t")
-        assert shown == str(path) and label in test_images.classes and 0 < float(prob) <= 1
     with out.open() as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["path", "class", "probability"] + [
         f"prob_{c}" for c in test_images.classes
     ]
-    for r in rows:
+    # One line per image on stdout (a folder's images sorted): path, then the two likeliest
+    # classes with their probabilities, the first the table's.
+    lines = proc.stdout.splitlines()
+    assert len(lines) == n
+    for line, path, r in zip(lines, sorted(test_images.files), rows, strict=True):
+        shown, first, p1, second, p2 = line.split("\t")
         probs = [float(r[f"prob_{c}"]) for c in test_images.classes]
+        assert shown == r["path"] == str(path) and first == r["class"] != second
+        assert float(p1) >= float(p2) and float(p1) == pytest.approx(max(probs), abs=1e-4)
+        assert float(p2) == pytest.approx(float(r[f"prob_{second}"]), abs=1e-4)
         assert sum(probs) == pytest.approx(1.0, abs=1e-4)
         assert float(r["probability"]) == max(probs)
     labels = {str(p): y for p, y in zip(test_images.files, test_images.labels, strict=True)}
@@ -114,51 +117,53 @@ def test_predict_reproduces_the_runs_test_accuracy_to_the_image(
 
 
 def test_predict_on_a_copied_run_reads_the_copys_model(
-    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path
+    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path, capsys
 ) -> None:
     copy = f"sqlite:///{tmp_path / 'copy.db'}"
     cli(
         "copy", "--name", finished_run.name, "--from", finished_run.url, "--to", copy,
         cwd=tmp_path, check=True,
     )  # fmt: skip
-    out = tmp_path / "preds.json"
+    out = tmp_path / "sub" / "preds.parquet"
     args = ["predict", "--name", finished_run.name, "--storage", copy]
     cli(*args, "--out", str(out), str(test_images.folder), cwd=tmp_path, check=True)
-    rows = json.loads(out.read_text())
+    rows = pd.read_parquet(out).to_dict("records")
     labels = {str(p): y for p, y in zip(test_images.files, test_images.labels, strict=True)}
     n = len(rows)
     assert n == len(test_images.files)
-    assert set(rows[0]["probabilities"]) == set(test_images.classes)
+    assert [k for k in rows[0] if k.startswith("prob_")] == [
+        f"prob_{c}" for c in test_images.classes
+    ]
     assert _correct(rows, labels) == round(finished_run.final["test_accuracy"] * n)
     # The copy's own artifact store is read, not the source's: without it there is no model.
     (tmp_path / "copy.db.artifacts").rename(tmp_path / "moved")
-    proc = cli(*args, str(test_images.files[0]), cwd=tmp_path)
-    _one_line_exit_2(proc)
-    assert f"{finished_run.name}/model.pt is not in {tmp_path / 'copy.db.artifacts'}" in (
-        proc.stderr
-    )
+    assert main([*args, str(test_images.files[0])]) == 2
+    said = capsys.readouterr().err
+    assert len(said.splitlines()) == 1
+    assert f"{finished_run.name}/model.pt is not in {tmp_path / 'copy.db.artifacts'}" in said
 
 
-def test_top_k_lines_and_a_parquet_table(
-    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path
+def test_a_json_table_with_each_class_probability(
+    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path, capsys
 ) -> None:
+    # In this process (main() as `babysit` calls it): the subprocess tests above cost seconds.
     files = test_images.files[:5]
-    out = tmp_path / "sub" / "preds.parquet"
-    proc = cli(
-        "predict", "--name", finished_run.name, "--storage", finished_run.url, "--top", "3",
-        "--device", "cpu", "--batch-size", "2", "--out", str(out), *map(str, files),
-        cwd=tmp_path, check=True,
-    )  # fmt: skip
-    lines = proc.stdout.splitlines()
-    assert len(lines) == 5
-    frame = pd.read_parquet(out)
-    assert list(frame["path"]) == [str(f) for f in files]
-    for line, (_, row) in zip(lines, frame.iterrows(), strict=True):
-        fields = line.split("\t")
-        names, probs = fields[1::2], [float(p) for p in fields[2::2]]
-        assert len(names) == 3 and probs == sorted(probs, reverse=True)
-        assert names[0] == row["class"] and probs[0] == pytest.approx(row["probability"], 1e-4)
-        assert probs[1] == pytest.approx(row[f"prob_{names[1]}"], abs=1e-4)
+    out = tmp_path / "preds.json"
+    args = ["predict", "--name", finished_run.name, "--storage", finished_run.url]
+    code = main(
+        [*args, "--device", "cpu", "--batch-size", "2", "--out", str(out), *map(str, files)]
+    )
+    assert code == 0
+    lines = capsys.readouterr().out.splitlines()
+    rows = json.loads(out.read_text())
+    assert (
+        [r["path"] for r in rows] == [str(f) for f in files] == [ln.split("\t")[0] for ln in lines]
+    )
+    model = babysit.load_model(_model_file(finished_run))
+    assert [r["class"] for r in rows] == model.predict(files)
+    for r in rows:
+        assert list(r["probabilities"]) == test_images.classes
+        assert r["probability"] == max(r["probabilities"].values())
 
 
 def test_load_model_predicts_class_names_from_files_pil_images_and_tensors(
@@ -222,25 +227,20 @@ def test_an_older_model_json_still_loads(
 def test_status_and_report_name_the_model(finished_run: FinishedRun, tmp_path: Path) -> None:
     path = finished_run.final["model_path"]
     assert path == str(_model_file(finished_run).resolve())
-    status = cli(
-        "status", "--name", finished_run.name, "--storage", finished_run.url, cwd=tmp_path,
-        check=True,
-    )  # fmt: skip
-    assert f"  model    {path}" in status.stdout.splitlines()
+    storage = open_storage(finished_run.url, None, create=False)
+    lines = status_lines(statuses(storage, finished_run.name)[0])
+    assert f"  model    {path}" in lines
     best, epochs = finished_run.final["best_epoch"], finished_run.final["epochs"]
-    assert f"at epoch {best} of {epochs}, val" in status.stdout
-    cli(
-        "report", "--name", finished_run.name, "--storage", finished_run.url, "--out",
-        str(tmp_path / "rep"), cwd=tmp_path, check=True,
-    )  # fmt: skip
-    page = (tmp_path / "rep" / "report.html").read_text()
+    assert f"at epoch {best} of {epochs}, val" in "\n".join(lines)
+    html, _ = write_report(storage, finished_run.name, tmp_path / "rep")
+    page = html.read_text()
     assert path in page
     assert f"test accuracy {finished_run.final['test_accuracy']:.4f} at epoch {best} of" in page
     assert f"model: {path} " in finished_run.stderr  # the run's closing lines
 
 
 def test_bad_input_is_one_line_and_exit_2(
-    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path
+    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path, capsys
 ) -> None:
     run = ["--name", finished_run.name, "--storage", finished_run.url]
     image = str(test_images.files[0])
@@ -248,32 +248,41 @@ def test_bad_input_is_one_line_and_exit_2(
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
     colour = tmp_path / "colour.png"
     Image.new("RGB", (8, 8), (200, 10, 10)).save(colour)
-    cases = {
-        "cannot read image": ["predict", *run, str(broken)],
-        "in colour (RGB) but the model was trained on grey images": [
-            "predict", *run, str(colour)
-        ],
-        "does not exist": ["predict", *run, str(tmp_path / "nosuch.png")],
-        "holds no images": ["predict", *run, str(tmp_path / "empty")],
-        "the table is written as .csv, .json, .parquet": [
-            "predict", *run, "--out", str(tmp_path / "preds.xlsx"), image
-        ],
-        "--top must be at least 1": ["predict", *run, "--top", "0", image],
-        f"no run named 'nosuch' in {finished_run.url} (its runs: {finished_run.name})": [
-            "predict", "--name", "nosuch", "--storage", finished_run.url, image
-        ],
-    }  # fmt: skip
     (tmp_path / "empty").mkdir()
+    # One through the real command line (no traceback from the process either)...
+    in_a_process = {
+        f"cannot read image {broken} (UnidentifiedImageError": [str(broken)],
+    }
+    # ...and the rest through main(), in this process: each subprocess costs seconds.
+    in_main = {
+        "in colour (RGB) but the model was trained on grey images": [str(colour)],
+        f"no run named 'nosuch' in {finished_run.url} (its runs: {finished_run.name})": [
+            "--name", "nosuch", image
+        ],
+        "does not exist": [str(tmp_path / "nosuch.png")],
+        "holds no images": [str(tmp_path / "empty")],
+        "the table is written as .csv, .json, .parquet": [
+            "--out", str(tmp_path / "preds.xlsx"), image
+        ],
+        "--top must be at least 1": ["--top", "0", image],
+        "--batch-size must be at least 1": ["--batch-size", "0", image],
+    }  # fmt: skip
     before = sorted(p.name for p in tmp_path.iterdir())
-    for words, args in cases.items():
-        proc = cli(*args, cwd=tmp_path)
+    for words, args in in_a_process.items():
+        proc = cli("predict", *run, *args, cwd=tmp_path)
         _one_line_exit_2(proc)
         assert words in proc.stderr, (words, proc.stderr)
         assert proc.stdout == ""
+    for words, args in in_main.items():
+        assert main(["predict", *run, *args]) == 2
+        said = capsys.readouterr()
+        assert said.out == "" and words in said.err and len(said.err.splitlines()) == 1, said
     assert sorted(p.name for p in tmp_path.iterdir()) == before  # no table, no database
 
 
-def test_a_run_without_a_final_has_no_model(test_images: SplitImages, tmp_path: Path) -> None:
+def test_a_run_without_a_final_has_no_model(
+    test_images: SplitImages, tmp_path: Path, capsys
+) -> None:
     url = f"sqlite:///{tmp_path / 'early.db'}"
     optuna.create_study(study_name="early/sanity", storage=url)  # a run stopped early
     proc = cli("predict", "--name", "early", "--storage", url, str(test_images.files[0]),
@@ -281,6 +290,32 @@ def test_a_run_without_a_final_has_no_model(test_images: SplitImages, tmp_path: 
     _one_line_exit_2(proc)
     assert "run 'early' has no trained model: its final stage has not passed" in proc.stderr
     # No database where none was.
-    proc = cli("predict", "--name", "early", "--storage", f"sqlite:///{tmp_path / 'no.db'}",
-               str(test_images.files[0]), cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 2 and not (tmp_path / "no.db").exists()
+    missing = f"sqlite:///{tmp_path / 'no.db'}"
+    assert main(["predict", "--name", "early", "--storage", missing, "x.png"]) == 2
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    assert not (tmp_path / "no.db").exists()
+
+
+def test_the_readme_example_runs_as_written(
+    finished_run: FinishedRun, test_images: SplitImages
+) -> None:
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("### Classify images with a finished run") :]
+    example = re.search(r"```python\n(.*?)```", section, re.S)
+    assert example and "babysit.load_model(" in example.group(1)
+    # In the run's folder, as a user would: its storage is babysit.db there.
+    shutil.copy(test_images.files[0], finished_run.tmp / "digit.png")
+    proc = subprocess.run(
+        [sys.executable, "-c", example.group(1)],
+        cwd=finished_run.tmp,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    model = babysit.load_model(_model_file(finished_run))
+    assert proc.stdout.splitlines() == [
+        str(test_images.classes),
+        str(model.predict([test_images.files[0]])),
+    ]
