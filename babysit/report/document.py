@@ -276,6 +276,9 @@ def _stage_facts(
             ("val accuracy", acc(info.get("val_accuracy"))),
             ("test accuracy", acc(info.get("test_accuracy"))),
             ("test loss", num(info.get("test_loss"))),
-            ("tested epoch", str(info.get("best_epoch"))),
-            ("model", str(info.get("model_path"))),
         ]
+        # The epoch whose weights were tested, and where they are (older runs: neither).
+        if info.get("best_epoch") is not None:
+            facts.append(("tested epoch", str(info["best_epoch"])))
+        if info.get("model_path"):
+            facts.append(("model", str(info["model_path"])))
