@@ -31,7 +31,7 @@ def plural(n: int | float, word: str, many: str | None = None) -> str:
     return f"{n} {form}"
 
 
-def tested_epoch(final: dict[str, Any]) -> str:
+def epoch_tested(final: dict[str, Any]) -> str:
     """Which epoch's weights the final tested, from the summary's final entry: "at epoch
     16 of 20" (the best epoch on validation, of the epochs run); "after 20 epochs" for a run
     that stored no best epoch."""

@@ -20,6 +20,7 @@ from babysit.cli.verbs import VERBS
 from babysit.spec import SanitySpec
 from babysit.spec import build_spec
 from babysit.terminal import Progress
+from babysit.terminal import epoch_tested
 from babysit.terminal import install_warning_format
 from babysit.terminal import plural
 from tests.conftest import CHEAP
@@ -354,3 +355,10 @@ def test_a_resumed_run_counts_progress_from_the_stored_trials(tmp_path: Path) ->
     coarse = _progress(again.stderr, "coarse")
     assert coarse[0] == f"coarse: {stored}/6 trials already done"  # not 0/6
     assert coarse[1:] == [f"coarse: {n}/6 trials" for n in range(stored + 1, 7)]
+
+
+def test_epoch_tested_names_the_epoch_whose_weights_were_tested() -> None:
+    assert epoch_tested({"best_epoch": 16, "epochs": 20}) == "at epoch 16 of 20"
+    # A run that stored no best epoch (an older babysit) says what it can.
+    assert epoch_tested({"best_epoch": None, "epochs": 1}) == "after 1 epoch"
+    assert epoch_tested({"epochs": 20}) == "after 20 epochs"

@@ -16,9 +16,9 @@ from babysit.errors import INTERRUPTED
 from babysit.errors import BabysitError
 from babysit.errors import UsageError
 from babysit.schema import Stage
+from babysit.terminal import epoch_tested
 from babysit.terminal import install_warning_format
 from babysit.terminal import plural
-from babysit.terminal import tested_epoch
 
 if TYPE_CHECKING:
     from babysit.spec import Spec
@@ -158,7 +158,7 @@ def _closing_lines(summary: dict[str, Any], storage: Any) -> None:
         val = final.get("val_accuracy")
         beside = f" (val {val:.4f})" if val is not None else ""
         print(
-            f"test accuracy {final['test_accuracy']:.4f} {tested_epoch(final)}{beside}, "
+            f"test accuracy {final['test_accuracy']:.4f} {epoch_tested(final)}{beside}, "
             f"test loss {final['test_loss']:.4f}; "
             f"{summary['epochs_spent']:.1f} epochs spent in all stages",
             file=out,

@@ -38,7 +38,7 @@ from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.schema import trial_attrs
 from babysit.storage import Storage
-from babysit.terminal import tested_epoch
+from babysit.terminal import epoch_tested
 
 _TOP_TRIALS = 10
 
@@ -185,7 +185,7 @@ def _build(storage: Storage, run: str) -> Report:
     if final.get("status") == "passed":
         params = ", ".join(f"{k} {g3(v)}" for k, v in (final.get("params") or {}).items())
         headline = (
-            f"test accuracy {acc(final.get('test_accuracy'))} {tested_epoch(final)}, test loss "
+            f"test accuracy {acc(final.get('test_accuracy'))} {epoch_tested(final)}, test loss "
             f"{acc(final.get('test_loss'))}, at {params}"
         )
     else:

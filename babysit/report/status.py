@@ -14,7 +14,7 @@ from babysit.record import stored
 from babysit.record.runs import run_names
 from babysit.schema import Stage
 from babysit.storage import Storage
-from babysit.terminal import tested_epoch
+from babysit.terminal import epoch_tested
 
 
 def statuses(storage: Storage, name: str | None = None) -> list[dict[str, Any]]:
@@ -68,7 +68,7 @@ def _stage_line(stage: str, v: dict[str, Any], p: dict[str, Any]) -> str:
             line += f"; train accuracy {v['train_accuracy']:.3f}"
         elif stage == Stage.FINAL and v.get("test_accuracy") is not None:
             line += (
-                f"; test accuracy {v['test_accuracy']:.4f} {tested_epoch(v)}, "
+                f"; test accuracy {v['test_accuracy']:.4f} {epoch_tested(v)}, "
                 f"val {v['val_accuracy']:.4f}"
             )
     if p["wall_seconds"] is not None:

@@ -48,7 +48,7 @@ class SplitImages:
 
 
 @pytest.fixture(scope="module")
-def test_images(
+def split_images(
     finished_run: FinishedRun, tmp_path_factory: pytest.TempPathFactory
 ) -> SplitImages:
     """The run's test split, loaded as the run loaded it and written to PNG files."""
@@ -84,40 +84,40 @@ def _one_line_exit_2(proc) -> None:  # noqa: ANN001
 
 
 def test_predict_reproduces_the_runs_test_accuracy_to_the_image(
-    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path
+    finished_run: FinishedRun, split_images: SplitImages, tmp_path: Path
 ) -> None:
     out = tmp_path / "preds.csv"
     proc = cli(
         "predict", "--name", finished_run.name, "--storage", finished_run.url, "--top", "2",
-        "--out", str(out), str(test_images.folder), cwd=tmp_path, check=True,
+        "--out", str(out), str(split_images.folder), cwd=tmp_path, check=True,
     )  # fmt: skip
-    n = len(test_images.files)
+    n = len(split_images.files)
     assert n == 269  # digits' test split
     with out.open() as fh:
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == ["path", "class", "probability"] + [
-        f"prob_{c}" for c in test_images.classes
+        f"prob_{c}" for c in split_images.classes
     ]
     # One line per image on stdout (a folder's images sorted): path, then the two likeliest
     # classes with their probabilities, the first the table's.
     lines = proc.stdout.splitlines()
     assert len(lines) == n
-    for line, path, r in zip(lines, sorted(test_images.files), rows, strict=True):
+    for line, path, r in zip(lines, sorted(split_images.files), rows, strict=True):
         shown, first, p1, second, p2 = line.split("\t")
-        probs = [float(r[f"prob_{c}"]) for c in test_images.classes]
+        probs = [float(r[f"prob_{c}"]) for c in split_images.classes]
         assert shown == r["path"] == str(path) and first == r["class"] != second
         assert float(p1) >= float(p2) and float(p1) == pytest.approx(max(probs), abs=1e-4)
         assert float(p2) == pytest.approx(float(r[f"prob_{second}"]), abs=1e-4)
         assert sum(probs) == pytest.approx(1.0, abs=1e-4)
         assert float(r["probability"]) == max(probs)
-    labels = {str(p): y for p, y in zip(test_images.files, test_images.labels, strict=True)}
+    labels = {str(p): y for p, y in zip(split_images.files, split_images.labels, strict=True)}
     test_accuracy = finished_run.final["test_accuracy"]
     assert _correct(rows, labels) == round(test_accuracy * n), (_correct(rows, labels), n)
     assert f"classified {n} images with run {finished_run.name}'s model" in proc.stderr
 
 
 def test_predict_on_a_copied_run_reads_the_copys_model(
-    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path, capsys
+    finished_run: FinishedRun, split_images: SplitImages, tmp_path: Path, capsys
 ) -> None:
     copy = f"sqlite:///{tmp_path / 'copy.db'}"
     cli(
@@ -126,28 +126,28 @@ def test_predict_on_a_copied_run_reads_the_copys_model(
     )  # fmt: skip
     out = tmp_path / "sub" / "preds.parquet"
     args = ["predict", "--name", finished_run.name, "--storage", copy]
-    cli(*args, "--out", str(out), str(test_images.folder), cwd=tmp_path, check=True)
+    cli(*args, "--out", str(out), str(split_images.folder), cwd=tmp_path, check=True)
     rows = pd.read_parquet(out).to_dict("records")
-    labels = {str(p): y for p, y in zip(test_images.files, test_images.labels, strict=True)}
+    labels = {str(p): y for p, y in zip(split_images.files, split_images.labels, strict=True)}
     n = len(rows)
-    assert n == len(test_images.files)
+    assert n == len(split_images.files)
     assert [k for k in rows[0] if k.startswith("prob_")] == [
-        f"prob_{c}" for c in test_images.classes
+        f"prob_{c}" for c in split_images.classes
     ]
     assert _correct(rows, labels) == round(finished_run.final["test_accuracy"] * n)
     # The copy's own artifact store is read, not the source's: without it there is no model.
     (tmp_path / "copy.db.artifacts").rename(tmp_path / "moved")
-    assert main([*args, str(test_images.files[0])]) == 2
+    assert main([*args, str(split_images.files[0])]) == 2
     said = capsys.readouterr().err
     assert len(said.splitlines()) == 1
     assert f"{finished_run.name}/model.pt is not in {tmp_path / 'copy.db.artifacts'}" in said
 
 
 def test_a_json_table_with_each_class_probability(
-    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path, capsys
+    finished_run: FinishedRun, split_images: SplitImages, tmp_path: Path, capsys
 ) -> None:
     # In this process (main() as `babysit` calls it): the subprocess tests above cost seconds.
-    files = test_images.files[:5]
+    files = split_images.files[:5]
     out = tmp_path / "preds.json"
     args = ["predict", "--name", finished_run.name, "--storage", finished_run.url]
     code = main(
@@ -162,23 +162,27 @@ def test_a_json_table_with_each_class_probability(
     model = babysit.load_model(_model_file(finished_run))
     assert [r["class"] for r in rows] == model.predict(files)
     for r in rows:
-        assert list(r["probabilities"]) == test_images.classes
+        assert list(r["probabilities"]) == split_images.classes
         assert r["probability"] == max(r["probabilities"].values())
 
 
 def test_load_model_predicts_class_names_from_files_pil_images_and_tensors(
-    finished_run: FinishedRun, test_images: SplitImages
+    finished_run: FinishedRun, split_images: SplitImages
 ) -> None:
     model = babysit.load_model(_model_file(finished_run))
-    files = test_images.files[:8]
+    files = split_images.files[:8]
     names = model.predict([str(f) for f in files])
-    assert model.classes == test_images.classes and all(n in model.classes for n in names)
+    assert model.classes == split_images.classes and all(n in model.classes for n in names)
     pil = [Image.open(f) for f in files]
     assert model.predict(pil) == names
     pixels = torch.stack([torch.from_numpy(np.array(p)).unsqueeze(0) for p in pil])
     assert model.predict(pixels) == names  # uint8 (N, C, H, W)
     assert model.predict(pixels.float() / 255) == names  # floats in [0, 1]
     assert model.predict(pixels[0]) == names[:1]  # one (C, H, W) image
+    with pytest.raises(babysit.UsageError, match=r"\(1, 3, 8, 8\) does not fit the model"):
+        model.predict(torch.zeros(1, 3, 8, 8, dtype=torch.uint8))  # colour, for a grey model
+    with pytest.raises(babysit.UsageError, match="cannot classify a dict"):
+        model.predict([{}])
     top = model.top(files, k=2)
     assert [t[0][0] for t in top] == names and all(t[0][1] >= t[1][1] for t in top)
     # Still the network: its state_dict is model.pt's, its call gives logits.
@@ -211,7 +215,7 @@ def test_the_model_card(finished_run: FinishedRun) -> None:
 
 
 def test_an_older_model_json_still_loads(
-    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path
+    finished_run: FinishedRun, split_images: SplitImages, tmp_path: Path
 ) -> None:
     src = _model_file(finished_run)
     card = json.loads(src.with_name("model.json").read_text())
@@ -219,7 +223,7 @@ def test_an_older_model_json_still_loads(
     first = ("spec", "num_classes", "in_channels", "input_size", "mean", "std")
     (tmp_path / "model.json").write_text(json.dumps({k: card[k] for k in first}))
     old = babysit.load_model(tmp_path / "model.pt")
-    files = test_images.files[:20]
+    files = split_images.files[:20]
     assert old.classes == [str(i) for i in range(10)]  # named by label
     assert old.predict(files) == babysit.load_model(src).predict(files)
 
@@ -240,10 +244,10 @@ def test_status_and_report_name_the_model(finished_run: FinishedRun, tmp_path: P
 
 
 def test_bad_input_is_one_line_and_exit_2(
-    finished_run: FinishedRun, test_images: SplitImages, tmp_path: Path, capsys
+    finished_run: FinishedRun, split_images: SplitImages, tmp_path: Path, capsys
 ) -> None:
     run = ["--name", finished_run.name, "--storage", finished_run.url]
-    image = str(test_images.files[0])
+    image = str(split_images.files[0])
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n not a picture")
     colour = tmp_path / "colour.png"
@@ -281,11 +285,11 @@ def test_bad_input_is_one_line_and_exit_2(
 
 
 def test_a_run_without_a_final_has_no_model(
-    test_images: SplitImages, tmp_path: Path, capsys
+    split_images: SplitImages, tmp_path: Path, capsys
 ) -> None:
     url = f"sqlite:///{tmp_path / 'early.db'}"
     optuna.create_study(study_name="early/sanity", storage=url)  # a run stopped early
-    proc = cli("predict", "--name", "early", "--storage", url, str(test_images.files[0]),
+    proc = cli("predict", "--name", "early", "--storage", url, str(split_images.files[0]),
                cwd=tmp_path)  # fmt: skip
     _one_line_exit_2(proc)
     assert "run 'early' has no trained model: its final stage has not passed" in proc.stderr
@@ -297,14 +301,14 @@ def test_a_run_without_a_final_has_no_model(
 
 
 def test_the_readme_example_runs_as_written(
-    finished_run: FinishedRun, test_images: SplitImages
+    finished_run: FinishedRun, split_images: SplitImages
 ) -> None:
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("### Classify images with a finished run") :]
     example = re.search(r"```python\n(.*?)```", section, re.S)
     assert example and "babysit.load_model(" in example.group(1)
     # In the run's folder, as a user would: its storage is babysit.db there.
-    shutil.copy(test_images.files[0], finished_run.tmp / "digit.png")
+    shutil.copy(split_images.files[0], finished_run.tmp / "digit.png")
     proc = subprocess.run(
         [sys.executable, "-c", example.group(1)],
         cwd=finished_run.tmp,
@@ -316,6 +320,6 @@ def test_the_readme_example_runs_as_written(
     assert proc.returncode == 0, proc.stderr
     model = babysit.load_model(_model_file(finished_run))
     assert proc.stdout.splitlines() == [
-        str(test_images.classes),
-        str(model.predict([test_images.files[0]])),
+        str(split_images.classes),
+        str(model.predict([split_images.files[0]])),
     ]
