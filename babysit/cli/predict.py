@@ -165,7 +165,7 @@ def predict(
     for path, ps, ix in zip(paths, values.tolist(), index.tolist(), strict=True):
         picks = "\t".join(f"{model.classes[i]}\t{p:.4f}" for p, i in zip(ps, ix, strict=True))
         print(f"{path}\t{picks}")
-    told = f"classified {len(paths)} image{'s' if len(paths) != 1 else ''} with run {run}'s model"
+    told = f"classified {len(paths)} image{'s' if len(paths) != 1 else ''} with the model of run {run}"
     if out is not None:
         write_table(_table(paths, model.classes, probs), out)
         told += f"; table: {out}"

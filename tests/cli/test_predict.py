@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -37,6 +38,8 @@ from tests.conftest import ROOT
 from tests.conftest import FinishedRun
 from tests.conftest import babysit as cli
 from tests.conftest import cli_env
+from tests.storage.test_remote import BUCKET
+from tests.storage.test_remote import S3_KEYS
 
 
 @dataclass(frozen=True)
@@ -113,7 +116,7 @@ def test_predict_reproduces_the_runs_test_accuracy_to_the_image(
     labels = {str(p): y for p, y in zip(split_images.files, split_images.labels, strict=True)}
     test_accuracy = finished_run.final["test_accuracy"]
     assert _correct(rows, labels) == round(test_accuracy * n), (_correct(rows, labels), n)
-    assert f"classified {n} images with run {finished_run.name}'s model" in proc.stderr
+    assert f"classified {n} images with the model of run {finished_run.name}" in proc.stderr
 
 
 def test_predict_on_a_copied_run_reads_the_copys_model(
@@ -323,3 +326,48 @@ def test_the_readme_example_runs_as_written(
         str(split_images.classes),
         str(model.predict([split_images.files[0]])),
     ]
+
+
+@pytest.fixture
+def s3_endpoint() -> Iterator[str]:
+    """moto's S3 server on 127.0.0.1 (real HTTP), as in tests/storage/test_remote.py."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    try:
+        yield f"http://{host}:{port}"
+    finally:
+        server.stop()
+
+
+def test_predict_reads_a_model_on_s3(
+    finished_run: FinishedRun,
+    split_images: SplitImages,
+    tmp_path: Path,
+    s3_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The run copied to a database whose artifacts are on S3 (moto's server, real HTTP):
+    the model is read from the bucket, with nothing of it on local disk."""
+    import boto3
+
+    from babysit.record.transfer import copy_run
+
+    for key, value in {**S3_KEYS, "AWS_ENDPOINT_URL": s3_endpoint}.items():
+        monkeypatch.setenv(key, value)  # this process's copy and the command's
+    boto3.client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=BUCKET)
+    url, store = f"sqlite:///{tmp_path / 's3.db'}", f"s3://{BUCKET}/team"
+    src = open_storage(finished_run.url, None, create=False)
+    copy_run(src, open_storage(url, None, artifact_store=store), finished_run.name)
+    assert not list(tmp_path.rglob("model.pt"))
+    out = tmp_path / "preds.json"
+    cli(
+        "predict", "--name", finished_run.name, "--storage", url, "--artifact-store", store,
+        "--out", str(out), str(split_images.folder), cwd=tmp_path, check=True,
+    )  # fmt: skip
+    rows = json.loads(out.read_text())
+    labels = {str(p): y for p, y in zip(split_images.files, split_images.labels, strict=True)}
+    assert len(rows) == len(split_images.files)
+    assert _correct(rows, labels) == round(finished_run.final["test_accuracy"] * len(rows))
