@@ -24,6 +24,7 @@ from babysit.record.stored import load_stage
 from babysit.schema import Stage
 from babysit.schema import trial_attrs
 from babysit.storage import Storage
+from babysit.terminal import plural
 
 TABLE_FORMATS = (".csv", ".json", ".parquet")
 
@@ -165,7 +166,7 @@ def predict(
     for path, ps, ix in zip(paths, values.tolist(), index.tolist(), strict=True):
         picks = "\t".join(f"{model.classes[i]}\t{p:.4f}" for p, i in zip(ps, ix, strict=True))
         print(f"{path}\t{picks}")
-    told = f"classified {len(paths)} image{'s' if len(paths) != 1 else ''} with the model of run {run}"
+    told = f"classified {plural(len(paths), 'image')} with the model of run {run}"
     if out is not None:
         write_table(_table(paths, model.classes, probs), out)
         told += f"; table: {out}"
