@@ -28,8 +28,8 @@ def __getattr__(name: str) -> object:
         from babysit import api
 
         return getattr(api, name)
-    if name == "load_model":  # a finished run's model.pt, rebuilt into its network
-        from babysit.stages.final.checkpoint import load_model
+    if name == "load_model":  # a finished run's model.pt, rebuilt into its classifier
+        from babysit.stages.final.model import load_model
 
         return load_model
     raise AttributeError(f"module 'babysit' has no attribute {name!r}")

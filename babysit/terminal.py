@@ -31,6 +31,16 @@ def plural(n: int | float, word: str, many: str | None = None) -> str:
     return f"{n} {form}"
 
 
+def epoch_tested(final: dict[str, Any]) -> str:
+    """Which epoch's weights the final tested, from the summary's final entry: "at epoch
+    16 of 20" (the best epoch on validation, of the epochs run); "after 20 epochs" for a run
+    that stored no best epoch."""
+    best, run = final.get("best_epoch"), final.get("epochs")
+    if best is None:
+        return f"after {plural(run, 'epoch')}" if run is not None else ""
+    return f"at epoch {best} of {run if run is not None else '?'}"
+
+
 def _one_line_warning(
     message: Warning | str,
     category: type[Warning],

@@ -1,11 +1,13 @@
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 import time
 from collections.abc import Callable
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -163,3 +165,34 @@ def postgres_url() -> Iterator[str]:
     yield make_url(POSTGRES).set(database=name).render_as_string(hide_password=False)
     with postgres_admin() as admin:
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+# A finished run shared by the quick tests that read one (tests/cli/test_predict.py): the
+# cheapest protocol that still ends with a final trained for 2 epochs, run once per session
+# through the real command line.
+FINISHED_RUN_ARGS = [*TINY, *CHEAP]
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A run through every stage: its folder, storage URL, name, summary and stderr."""
+
+    tmp: Path
+    url: str
+    name: str
+    summary: dict
+    stderr: str
+
+    @property
+    def final(self) -> dict:
+        return self.summary["stages"]["final"]
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory) -> FinishedRun:
+    tmp = tmp_path_factory.mktemp("finished")
+    url = f"sqlite:///{tmp / 'babysit.db'}"
+    summary = tmp / "summary.json"
+    args = ["--name", "digits", "--storage", url, "--summary-json", str(summary)]
+    proc = babysit("run", *args, *FINISHED_RUN_ARGS, cwd=tmp, check=True)
+    return FinishedRun(tmp, url, "digits", json.loads(summary.read_text()), proc.stderr)

@@ -20,6 +20,7 @@ from babysit.cli.verbs import VERBS
 from babysit.spec import SanitySpec
 from babysit.spec import build_spec
 from babysit.terminal import Progress
+from babysit.terminal import epoch_tested
 from babysit.terminal import install_warning_format
 from babysit.terminal import plural
 from tests.conftest import CHEAP
@@ -405,11 +406,11 @@ def test_a_run_without_a_tty_prints_plain_progress_lines_and_clean_verdicts(
         assert not re.search(rf"^{stage} \w+: {stage}:", err, re.M), err
     assert re.search(r"^coarse passed: 3 trials \(", err, re.M)
     assert re.search(
-        r"^final passed: test accuracy [0-9.]+ \(loss [0-9.]+\), val [0-9.]+; best epoch 1 of 1, ",
+        r"^final passed: test accuracy [0-9.]+ at epoch 1 of 1 \(loss [0-9.]+\), val [0-9.]+; lr ",
         err,
         re.M,
     )
-    assert "after 1 epoch;" in err and "1 epochs" not in err
+    assert " at epoch 1 of 1 (val " in err and "1 epochs" not in err
 
 
 def _finished(db: Path, study: str) -> int:
@@ -448,3 +449,10 @@ def test_a_resumed_run_counts_progress_from_the_stored_trials(tmp_path: Path) ->
     coarse = _progress(again.stderr, "coarse")
     assert coarse[0] == f"coarse: {stored}/6 trials already done"  # not 0/6
     assert coarse[1:] == [f"coarse: {n}/6 trials" for n in range(stored + 1, 7)]
+
+
+def test_epoch_tested_names_the_epoch_whose_weights_were_tested() -> None:
+    assert epoch_tested({"best_epoch": 16, "epochs": 20}) == "at epoch 16 of 20"
+    # A run that stored no best epoch (an older babysit) says what it can.
+    assert epoch_tested({"best_epoch": None, "epochs": 1}) == "after 1 epoch"
+    assert epoch_tested({"epochs": 20}) == "after 20 epochs"

@@ -17,6 +17,7 @@ from babysit.errors import INTERRUPTED
 from babysit.errors import BabysitError
 from babysit.errors import UsageError
 from babysit.schema import Stage
+from babysit.terminal import epoch_tested
 from babysit.terminal import install_warning_format
 from babysit.terminal import plural
 
@@ -160,8 +161,8 @@ def _closing_lines(summary: dict[str, Any], storage: Any) -> None:
         val = final.get("val_accuracy")
         beside = f" (val {val:.4f})" if val is not None else ""
         print(
-            f"test accuracy {final['test_accuracy']:.4f}{beside}, test loss "
-            f"{final['test_loss']:.4f} after {plural(final['epochs'], 'epoch', 'epochs')}; "
+            f"test accuracy {final['test_accuracy']:.4f} {epoch_tested(final)}{beside}, "
+            f"test loss {final['test_loss']:.4f}; "
             f"{summary['epochs_spent']:.1f} epochs spent in all stages",
             file=out,
         )
@@ -326,6 +327,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_predict(args: argparse.Namespace) -> int:
+    # babysit.cli.predict imports torch only once the flags, the run and the paths are checked.
+    from babysit.cli.predict import predict
+
+    return predict(
+        _open(args, create=False),
+        args.name,
+        args.paths,
+        top=args.top,
+        out=args.out,
+        device=args.device,
+        batch_size=args.batch_size,
+    )
+
+
 def _cmd_copy(args: argparse.Namespace) -> int:
     from babysit.record.transfer import copy_run
     from babysit.storage import open_storage
@@ -451,6 +467,7 @@ COMMANDS = {
     "dashboard": _cmd_dashboard,
     "report": _cmd_report,
     "export": _cmd_export,
+    "predict": _cmd_predict,
     "copy": _cmd_copy,
     "ablate": _cmd_ablate,
     "storage-proxy": _cmd_storage_proxy,

@@ -273,6 +273,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _storage_flags(p)
 
+    p = add_verb(sub, "predict")
+    p.add_argument("--name", required=True, help="the finished run whose model classifies")
+    p.add_argument(
+        "paths",
+        nargs="+",
+        type=Path,
+        metavar="PATH",
+        help="image files, or folders searched for images (png, jpg, ...; any depth)",
+    )
+    p.add_argument(
+        "--top", type=int, default=1, metavar="K", help="print the K likeliest classes (default 1)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        metavar="FILE",
+        help="also write a table (.csv, .json or .parquet): path, class, probability and "
+        "every class's probability",
+    )
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=rules.DEVICES,
+        help="where the model runs (default auto: CUDA when there is one)",
+    )
+    p.add_argument("--batch-size", type=int, default=256, help="images per batch (default 256)")
+    _storage_flags(p)
+
     p = add_verb(sub, "copy")
     p.add_argument("--name", required=True, help="the run to copy")
     p.add_argument("--from", dest="src", required=True, metavar="URL", help="the storage it is in")

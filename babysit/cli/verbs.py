@@ -105,6 +105,21 @@ examples:
   babysit export --name digits --curves   # and the curves in digits-curves.csv
 """,
     ),
+    "predict": (
+        "classify image files with a finished run's model",
+        """\
+One line per image: its path, the likeliest class and its probability (--top K: the K
+likeliest). The model is the one the run's final trained, read from the run's artifact
+store (a folder or S3), with the run's own preprocessing.
+
+
+examples:
+  babysit predict --name digits photos/7.png photos/
+  babysit predict --name digits --top 3 --out preds.csv photos/
+  babysit predict --name faces --storage postgresql+psycopg://user@db/babysit \\
+      --artifact-store s3://bucket/babysit --device cuda images/
+""",
+    ),
     "copy": (
         "move a run (studies, attrs, artifacts) between storages",
         """\

@@ -41,7 +41,8 @@ _HOW = (
 )
 
 
-def _images(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
+    """The images under ``folder`` (any depth) the loader reads, by extension, sorted."""
     return sorted(p for p in folder.rglob("*") if p.suffix.lower() in EXTENSIONS and p.is_file())
 
 
@@ -80,7 +81,7 @@ def _list(split_dir: Path, classes: list[str] | None) -> tuple[list[str], list[P
     files: list[Path] = []
     labels: list[int] = []
     for folder in folders:
-        found = _images(folder)
+        found = image_files(folder)
         if not found:
             raise DataError(
                 f"class folder {folder} holds no images "
@@ -102,16 +103,30 @@ def _mode(path: Path) -> str | None:
         return None
 
 
+def is_grey(mode: str) -> bool:
+    """Whether a PIL mode holds grey images (decoded as L rather than RGB)."""
+    return mode in _GREY_MODES
+
+
+def pixels(img: Any, mode: str, size: int) -> np.ndarray:
+    """A PIL image as a run sees it: converted to ``mode`` (L or RGB) and squashed to
+    ``size`` x ``size`` (bilinear), as (size, size[, 3]) uint8. ``babysit predict`` decodes
+    a new image this way too, so it meets the network as the run's images did."""
+    from PIL import Image
+
+    img = img.convert(mode)
+    if img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR)
+    return np.array(img, dtype=np.uint8)
+
+
 def _decode(path: Path, mode: str, size: int) -> np.ndarray | str:
     """The image as (size, size[, 3]) uint8, or why it could not be read."""
     from PIL import Image
 
     try:
         with Image.open(path) as opened:
-            img = opened.convert(mode)
-            if img.size != (size, size):
-                img = img.resize((size, size), Image.Resampling.BILINEAR)
-            return np.array(img, dtype=np.uint8)
+            return pixels(opened, mode, size)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError) as err:
         # PIL's own words give the pixel count and the limit (Image.MAX_IMAGE_PIXELS).
         return (
@@ -156,7 +171,7 @@ def load_folder(
         with _pool() as pool:
             modes = list(pool.map(_mode, everything))
         readable = [m for m in modes if m is not None]
-        mode = "L" if readable and all(m in _GREY_MODES for m in readable) else "RGB"
+        mode = "L" if readable and all(is_grey(m) for m in readable) else "RGB"
         with _pool() as pool:
             decoded = list(pool.map(lambda p: _decode(p, mode, size), everything))
     skipped: list[str] = []

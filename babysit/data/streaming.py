@@ -430,6 +430,8 @@ def data_facts(splits: Splits | DatasetSplits, data: Any) -> dict[str, Any]:
         "in_channels": data.in_channels,
         "image_size": data.image_size,
         "input_size": data.pre.resize or data.image_size,
+        # The class names, in label order: the model card names its predictions with them.
+        "classes": [str(c) for c in splits.classes],
     }
     if isinstance(data, StreamingData):
         facts["loader_workers"] = data.num_workers

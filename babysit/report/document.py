@@ -38,6 +38,7 @@ from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.schema import trial_attrs
 from babysit.storage import Storage
+from babysit.terminal import epoch_tested
 
 _TOP_TRIALS = 10
 
@@ -180,9 +181,8 @@ def _build(storage: Storage, run: str) -> Report:
     if final.get("status") == "passed":
         params = ", ".join(f"{k} {g3(v)}" for k, v in (final.get("params") or {}).items())
         headline = (
-            f"test accuracy {acc(final.get('test_accuracy'))}, test loss "
-            f"{acc(final.get('test_loss'))} after {final.get('epochs') or '?'} epochs "
-            f"at {params}"
+            f"test accuracy {acc(final.get('test_accuracy'))} {epoch_tested(final)}, test loss "
+            f"{acc(final.get('test_loss'))}, at {params}"
         )
     else:
         headline = f"no final result yet (final: {final.get('status')})"
@@ -271,3 +271,8 @@ def _stage_facts(
             ("test accuracy", acc(info.get("test_accuracy"))),
             ("test loss", num(info.get("test_loss"))),
         ]
+        # The epoch whose weights were tested, and where they are (older runs: neither).
+        if info.get("best_epoch") is not None:
+            facts.append(("tested epoch", str(info["best_epoch"])))
+        if info.get("model_path"):
+            facts.append(("model", str(info["model_path"])))

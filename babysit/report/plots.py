@@ -187,8 +187,10 @@ def _padded(bounds: list[float]) -> tuple[float, float]:
 
 
 def final_curves(trial: FrozenTrial, attrs: TrialAttrs | None = None) -> Figure:
-    """Loss and accuracy per epoch, train and validation; the test result as a marker.
-    ``attrs``: the trial's, with the curves read from their artifact."""
+    """Loss and accuracy per epoch, train and validation; the test result as a marker at
+    the tested epoch (the best on validation, whose weights were tested; the last epoch
+    for a run that stored none), with a dotted line there. ``attrs``: the trial's, with
+    the curves read from their artifact."""
     fig = Figure(figsize=_WIDE, dpi=_DPI, layout=_LAYOUT)
     ax_loss, ax_acc = fig.subplots(1, 2)
     a = attrs or trial_attrs(trial)
@@ -200,9 +202,13 @@ def final_curves(trial: FrozenTrial, attrs: TrialAttrs | None = None) -> Figure:
     for key, label in (("train_acc", "train"), ("val_acc", "val")):
         if curves.get(key):
             ax_acc.plot(epochs, _finite(curves[key]), marker="o", markersize=3, label=label)
+    tested = a.best_epoch if a.best_epoch in epochs else (epochs[-1] if epochs else None)
+    if tested is not None and (a.test_loss is not None or a.test_accuracy is not None):
+        for ax in (ax_loss, ax_acc):
+            ax.axvline(tested, color="tab:red", linestyle=":", linewidth=1)
     if a.test_loss is not None and epochs:
         ax_loss.scatter(
-            [epochs[-1]],
+            [tested],
             [a.test_loss],
             marker="D",
             c="tab:red",
@@ -211,12 +217,12 @@ def final_curves(trial: FrozenTrial, attrs: TrialAttrs | None = None) -> Figure:
         )
     if a.test_accuracy is not None and epochs:
         ax_acc.scatter(
-            [epochs[-1]],
+            [tested],
             [a.test_accuracy],
             marker="D",
             c="tab:red",
             zorder=5,
-            label=f"test {a.test_accuracy:.3f}",
+            label=f"test {a.test_accuracy:.3f} (epoch {tested})",
         )
     for ax, what in ((ax_loss, "loss"), (ax_acc, "accuracy")):
         ax.set_xlabel("epoch")
@@ -229,6 +235,8 @@ def final_curves(trial: FrozenTrial, attrs: TrialAttrs | None = None) -> Figure:
     title = "final training"
     if lr is not None and wd is not None:
         title += f": lr {lr:.3g}, weight_decay {wd:.3g}"
+    if a.test_accuracy is not None and tested is not None:
+        title += f"; test accuracy {a.test_accuracy:.3f} at epoch {tested} of {len(epochs)}"
     fig.suptitle(title)
     return fig
 

@@ -19,6 +19,7 @@ from babysit.schema import STAGES
 from babysit.schema import Stage
 from babysit.schema import counts_text
 from babysit.storage import Storage
+from babysit.terminal import epoch_tested
 
 
 def statuses(storage: Storage, name: str | None = None) -> list[dict[str, Any]]:
@@ -47,6 +48,9 @@ def status_lines(s: dict[str, Any]) -> list[str]:
     ]
     for stage, v in s["stages"].items():
         lines.append(_stage_line(stage, v, s["progress"]["stages"][stage]))
+    model = s["stages"][Stage.FINAL].get("model_path")
+    if model:
+        lines.append(f"  model    {model}")
     return lines
 
 
@@ -70,7 +74,10 @@ def _stage_line(stage: str, v: dict[str, Any], p: dict[str, Any]) -> str:
         if stage == Stage.SANITY and v["initial_loss"] is not None:
             line += f"; initial loss {v['initial_loss']:.3f} (expected {v['expected_loss']:.3f})"
         elif stage == Stage.FINAL and v.get("test_accuracy") is not None:
-            line += f"; test accuracy {v['test_accuracy']:.4f}, val {v['val_accuracy']:.4f}"
+            line += (
+                f"; test accuracy {v['test_accuracy']:.4f} {epoch_tested(v)}, "
+                f"val {v['val_accuracy']:.4f}"
+            )
     if p["wall_seconds"] is not None:
         line += f"; {_secs(p['wall_seconds'])}"
     if p["running"]:

@@ -113,8 +113,8 @@ def test_full_run_end_to_end_then_rerun_skips(tmp_path: Path) -> None:
     # The closing lines headline the test accuracy, validation beside it, then the model.
     final = st["final"]
     assert (
-        f"test accuracy {final['test_accuracy']:.4f} (val {final['val_accuracy']:.4f}), "
-        f"test loss {final['test_loss']:.4f} after 2 epochs;"
+        f"test accuracy {final['test_accuracy']:.4f} at epoch {final['best_epoch']} of 2 "
+        f"(val {final['val_accuracy']:.4f}), test loss {final['test_loss']:.4f};"
     ) in proc.stderr
     assert "final passed: test accuracy" in proc.stderr
     store = tmp_path / "babysit.db.artifacts"

@@ -51,6 +51,8 @@ CASES: dict[str, tuple[str, ...]] = {
     "ablate-config-folder": ("ablate", "--config", "{dir}", "--storage", "{new}"),
     "storage-proxy-storage": ("storage-proxy", "--storage", BAD_URL),
     "submit-storage": ("submit", "--storage", BAD_URL, "--dry-run"),
+    "predict-storage": ("predict", "--name", "other", "--storage", BAD_URL, "x.png"),
+    "predict-missing-run": ("predict", "--name", "nosuch", "--storage", "{db}", "x.png"),
     "submit-config-folder": ("submit", "--config", "{dir}", "--dry-run"),
 }
 # The ones issue 21 found wrong, and one of each kind: in the quick suite.

@@ -191,7 +191,8 @@ def test_report_html_is_self_contained_and_has_every_verdict(finished: Finished)
         assert html.escape(verdict, quote=True) in page, stage
     final = finished.summary["stages"]["final"]
     assert (
-        f"test accuracy {final['test_accuracy']:.4f}, test loss {final['test_loss']:.4f}" in page
+        f"test accuracy {final['test_accuracy']:.4f} at epoch {final['best_epoch']} of "
+        f"{final['epochs']}, test loss {final['test_loss']:.4f}" in page
     )
     images = re.findall(r"<img\b[^>]*\bsrc=\"([^\"]*)\"", page)
     assert len(images) == 4

@@ -4,8 +4,8 @@ One checkpoint per run is kept while the final trains, the newest, named in the 
 study's "checkpoint" attr; a rerun or another worker resumes from it. When to write one is
 :func:`checkpoint_due`'s rule. Once the final passed the checkpoint is deleted
 (:func:`delete_checkpoint`) and the trained weights alone remain, as ``<run>/model.pt`` in
-the artifact store with ``<run>/model.json`` beside it (what :func:`load_model` rebuilds
-the network from).
+the artifact store with ``<run>/model.json`` beside it (its card: what
+:func:`babysit.stages.final.model.load_model` rebuilds the network from).
 """
 
 from __future__ import annotations
@@ -15,22 +15,20 @@ import json
 import os
 import re
 import tempfile
-from pathlib import Path
 from typing import Any
 from typing import BinaryIO
 
 import optuna
 import torch
 
-from babysit.errors import UsageError
 from babysit.record.model_file import MODEL_FILE
-from babysit.record.model_file import MODEL_INFO_FILE
 from babysit.record.model_file import artifact_location
 from babysit.record.model_file import model_info_id
 from babysit.schema import CheckpointKey
 from babysit.schema import StudyKey
 from babysit.schema import TrialKey
 from babysit.stages.context import Context
+from babysit.stages.final.model import model_card
 from babysit.storage import Storage
 
 _CKPT_ATTR = StudyKey.CHECKPOINT
@@ -153,10 +151,13 @@ def _write(storage: Storage, artifact_id: str, body: BinaryIO) -> None:
     storage.artifacts.write(artifact_id, body)
 
 
-def save_model(ctx: Context, trial: optuna.Trial, model: torch.nn.Module) -> str:
+def save_model(
+    ctx: Context, trial: optuna.Trial, model: torch.nn.Module, results: dict[str, Any]
+) -> str:
     """The trained weights (a state_dict: load with ``weights_only=True``) as
-    ``<run>/model.pt`` in the artifact store, ``<run>/model.json`` beside it; the id and the
-    location stored on the final trial. Returns the location.
+    ``<run>/model.pt`` in the artifact store, its card ``<run>/model.json`` beside it
+    (:func:`babysit.stages.final.model.model_card` of ``results``); the id and the location
+    stored on the final trial. Returns the location.
 
     Written through the run's artifact store, so on S3 the model is an object beside the
     run's other artifacts and no local copy is made: a host that trains for a shared bucket
@@ -167,16 +168,7 @@ def save_model(ctx: Context, trial: optuna.Trial, model: torch.nn.Module) -> str
         torch.save(model.state_dict(), path)
         with open(path, "rb") as fh:
             _write(ctx.storage, artifact_id, fh)
-    data = ctx.data
-    info = {
-        "spec": ctx.spec.to_dict(),
-        "num_classes": data.num_classes,
-        "in_channels": data.in_channels,
-        "input_size": data.pre.resize or data.image_size,
-        # The network's input: uint8 pixels / 255, resized, minus mean, over std.
-        "mean": data.pre.mean.flatten().tolist(),
-        "std": data.pre.std.flatten().tolist(),
-    }
+    info = model_card(ctx, results)
     _write(
         ctx.storage,
         str(model_info_id(artifact_id)),
@@ -186,30 +178,3 @@ def save_model(ctx: Context, trial: optuna.Trial, model: torch.nn.Module) -> str
     trial.set_user_attr(TrialKey.MODEL_ARTIFACT, artifact_id)
     trial.set_user_attr(TrialKey.MODEL_PATH, where)
     return where
-
-
-def load_model(path: str | Path, map_location: torch.device | str = "cpu") -> torch.nn.Module:
-    """The network a finished final trained, from its ``model.pt`` file: built as the run
-    built it (``model.json`` beside the file says how), its weights loaded, in eval mode.
-
-    ``net = babysit.load_model("babysit.db.artifacts/digits/model.pt")``. The file alone
-    is a plain state_dict: ``torch.load(path, weights_only=True)``."""
-    from babysit.spec import Spec
-    from babysit.training.models import build_model
-
-    path = Path(path)
-    info_path = path.with_name(MODEL_INFO_FILE)
-    if not path.is_file():
-        raise UsageError(f"no model file at {path}")
-    if not info_path.is_file():
-        raise UsageError(
-            f"{info_path} is missing: it says which network {path.name} holds; "
-            "load the run with babysit.load_run(NAME).model() instead"
-        )
-    info = json.loads(info_path.read_text())
-    spec = Spec.from_dict(info["spec"])
-    net = build_model(
-        spec.model, int(info["num_classes"]), int(info["in_channels"]), int(info["input_size"])
-    )
-    net.load_state_dict(torch.load(path, map_location=map_location, weights_only=True))
-    return net.eval()

@@ -76,6 +76,8 @@ class _Job:
     check_every: int
     compile: bool
     threads: int
+    # What loading the data found (the class names among it), for the model card.
+    data_info: dict[str, Any]
 
 
 def _job(
@@ -109,6 +111,7 @@ def _job(
         compile=ctx.compile,
         # The CPU's cores shared out, not N ranks each spinning one thread per core.
         threads=max(1, (os.cpu_count() or 1) // procs),
+        data_info=ctx.data_info,
     )
 
 
@@ -240,6 +243,7 @@ def _rank_main(job: _Job) -> dict[str, Any]:
             check_every=job.check_every,
             compile=job.compile,
             log=lambda m: print(m, file=sys.stderr, flush=True),
+            data_info=job.data_info,
         )
         ckpt = None
         if job.checkpoint:

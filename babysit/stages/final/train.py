@@ -18,6 +18,7 @@ import torch
 from babysit.record.artifacts import store_trial_data
 from babysit.record.stored import narrowing_warnings
 from babysit.report.publish import upload_filters
+from babysit.schema import Param
 from babysit.schema import Stage
 from babysit.schema import TrialKey
 from babysit.stages.context import Context
@@ -416,16 +417,26 @@ def _test_and_store(
     # Test accuracy first: the number the run is for; validation chose the epoch.
     # Short (the dashboard lays each attr out on one line); why it stopped is in the
     # `stopped`, `epochs_run` and `epochs_saved` attrs beside it.
+    # The epoch named is the one whose weights were tested (the best on validation).
     stop = f" (plateau after {spec.final.patience})" if saved > 0 else ""
     trial.set_user_attr(
         TrialKey.VERDICT,
         (
-            f"test accuracy {test_acc:.3f} (loss {test_loss:.3f}), val {val_acc:.3f}; best epoch "
-            f"{best['epoch']} of {epochs_run}{stop}, lr {lr:.3g}, weight_decay {wd:.3g}"
+            f"test accuracy {test_acc:.3f} at epoch {best['epoch']} of {epochs_run}{stop} "
+            f"(loss {test_loss:.3f}), val {val_acc:.3f}; lr {lr:.3g}, weight_decay {wd:.3g}"
             + (f"; {world} processes" if world > 1 else "")
         ),
     )
-    save_model(ctx, trial, model)
+    results = {
+        "params": {Param.LR: lr, Param.WEIGHT_DECAY: wd},
+        "best_epoch": best["epoch"],
+        "epochs_run": epochs_run,
+        "val_accuracy": val_acc,
+        "test_accuracy": test_acc,
+        "test_loss": test_loss,
+        "batch_size": per_rank * world,  # the global batch, never 0 (auto)
+    }
+    save_model(ctx, trial, model, results)
     if any(isinstance(m, torch.nn.Conv2d) for m in model.modules()):
         upload_filters(ctx.storage, trial, model)  # diagnostics: first-layer filters PNG
     return {"diverged": False, "val_acc": val_acc}
