@@ -46,6 +46,7 @@ def _spec_of(args: argparse.Namespace) -> tuple[dict[str, Any], Spec]:
         "model": args.model,
         "optimizer": args.optimizer,
         "seed": args.seed,
+        "budget": getattr(args, "budget", None),
     }
     return flags, build_spec(args.config, args.sets, flags)
 
