@@ -55,7 +55,7 @@ def budget_line(b: dict[str, Any]) -> str:
     for replan in (b.get("replans") or {}).values():
         plan.update({k: v for k, v in replan.items() if isinstance(v, dict)})
     if b.get("final_epochs") is not None:
-        plan["final"] = {**plan.get("final", {}), "epochs": b["final_epochs"]}
+        plan[Stage.FINAL] = {**plan.get(Stage.FINAL, {}), "epochs": b["final_epochs"]}
     parts = [
         f"{stage} {plural(p['trials'], 'trial')} x {plural(p['epochs'], 'epoch')}"
         if "trials" in p

@@ -237,7 +237,7 @@ class Spec:
     # SGD momentum (the reference reports used 0.9).
     momentum: float = _f(0.9, _number(0, 1))
     # A wall-clock budget for the whole protocol ("10m", "1h30m", "90s", "600"); empty: the
-    # counts below hold. With one, the stages' trials and epochs are planned to fit it
+    # spec's trial and epoch counts hold. With one, the stages' trials and epochs are planned to fit it
     # (babysit/stages/budget.py, BUDGET_RULE). Not part of the run's identity: a resumed run
     # may be given another budget and re-plans what is left.
     budget: str = _f("", _duration())
