@@ -115,6 +115,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     flags, spec = _spec_of(args)
     if args.print_config:
         return _print_config(args, flags, spec)
+    # A budget (from a TOML file) is the searches' and the final's: check measures nothing.
+    spec.budget = ""
     with nothing_left_if_rejected(args.storage):
         ctx = _prepare(args, spec)
     storage = ctx.storage

@@ -12,6 +12,7 @@ import math
 import time
 
 from babysit.errors import UsageError
+from babysit.record.runs import find_study
 from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.schema import StudyKey
@@ -132,7 +133,8 @@ def _timings_now(ctx: Context, budget: Budget) -> tuple[Timings, int]:
     trials = []
     procs = 1
     for stage in (Stage.COARSE, Stage.FINE):
-        done = open_stage(ctx, stage).get_trials(deepcopy=False)
+        study = find_study(ctx.storage, ctx.spec.name, stage)  # none created here
+        done = study.get_trials(deepcopy=False) if study is not None else []
         if done:
             trials.extend(done)
             procs = workers_of(done)
@@ -176,11 +178,14 @@ def final_epochs(ctx: Context) -> Context:
     """The context the final runs with: under a budget its epochs are what the time left
     pays for (at least 1), at most what the plan gave it; stored on the final study."""
     budget = ctx.budget
-    if budget is None:
-        return ctx
     study = open_stage(ctx, Stage.FINAL)
     attrs = StudyAttrs.from_attrs(study.user_attrs)
-    if attrs.epochs is not None and attrs.verdict is not None:
+    if budget is None:
+        # A worker (or a run resumed without --budget) keeps the final's stored plan.
+        epochs = attrs.epochs or _planned_final(ctx)
+        if epochs is None:
+            return ctx
+    elif attrs.epochs is not None and attrs.verdict is not None:
         epochs = int(attrs.epochs)
     else:
         timings, _ = _timings_now(ctx, budget)
@@ -198,6 +203,17 @@ def final_epochs(ctx: Context) -> Context:
     spec = dataclasses.replace(ctx.spec, final=dataclasses.replace(ctx.spec.final, epochs=epochs))
     spec.explicit_keys = ctx.spec.explicit_keys
     return dataclasses.replace(ctx, spec=spec)
+
+
+def _planned_final(ctx: Context) -> int | None:
+    """The final's epochs in the run's last stored plan, if it has a budget."""
+    coarse = find_study(ctx.storage, ctx.spec.name, Stage.COARSE)
+    stored = StudyAttrs.from_attrs(coarse.user_attrs).budget if coarse is not None else None
+    if not stored:
+        return None
+    plans = [stored.get("plan") or {}, *(stored.get("replans") or {}).values()]
+    finals = [p[Stage.FINAL]["epochs"] for p in plans if Stage.FINAL in p]
+    return int(finals[-1]) if finals else None
 
 
 def _store(
