@@ -203,7 +203,7 @@ def _time_up(study: optuna.Study, earlier: int) -> str | None:
     left = float(deadline) - time.time()
     if left >= float(cost):
         return None
-    return f"{left:.0f} s of the stage's time left, a trial may take {float(cost):.0f} s"
+    return f"{max(0.0, left):.0f} s of the stage's time left, a trial may take {float(cost):.0f} s"
 
 
 def claim(study: optuna.Study, trial: optuna.Trial, target: int, stage: str) -> None:

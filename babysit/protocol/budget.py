@@ -189,6 +189,9 @@ def final_epochs(ctx: Context) -> Context:
         epochs = int(attrs.epochs)
     else:
         timings, _ = _timings_now(ctx, budget)
+        # A final epoch may also write a checkpoint, at most final.checkpoint_share of it.
+        share = 1 + ctx.spec.final.checkpoint_share
+        timings = dataclasses.replace(timings, epoch_s=timings.epoch_s * share)
         left = budget.left()
         made = plan(left, timings, _shape(ctx), (Stage.FINAL,))
         planned = budget.plan.get(Stage.FINAL, made[Stage.FINAL])["epochs"]
