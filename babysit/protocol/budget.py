@@ -17,6 +17,7 @@ from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.schema import StudyKey
 from babysit.spec.rules import parse_duration
+from babysit.stages.budget import OVERFIT_EXPECTED
 from babysit.stages.budget import Budget
 from babysit.stages.budget import Shape
 from babysit.stages.budget import Timings
@@ -90,7 +91,7 @@ def measure(ctx: Context) -> Timings:
         trial_s=build_s,
         sanity_s=2 * val_s + build_s,
         # Accuracy on the subset every 5 steps: about a tenth more than the steps alone.
-        overfit_s=1.1 * spec.overfit.steps * small_s + build_s,
+        overfit_s=1.1 * OVERFIT_EXPECTED * spec.overfit.steps * small_s + build_s,
         test_s=val_s * ctx.data.size("test") / val_size,
     )
 
