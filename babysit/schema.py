@@ -125,6 +125,18 @@ class StudyKey:
     RECOVERY = "recovery"
     CHECKPOINT = "checkpoint"
     PUBLISHED = "published"
+    # --budget (babysit/stages/budget.py): the run's plan and its re-plans on the coarse
+    # study; on each search study the planned target and epochs per trial, the wall-clock
+    # time (Unix seconds) by which its trials must end, what a trial may cost at most, and,
+    # once a trial could not start in time, the stage's count when its time was up; on the
+    # final study its planned epochs.
+    BUDGET = "budget"
+    BUDGET_RULE = "budget_rule"
+    TARGET = "target"
+    EPOCHS = "epochs"
+    DEADLINE = "deadline"
+    TRIAL_COST = "trial_cost"
+    TIME_UP = "time_up"
 
 
 class CheckpointKey:
@@ -265,6 +277,13 @@ class StudyAttrs(_Attrs):
     recovery: str | None = None
     checkpoint: dict[str, Any] | None = None
     published: dict[str, Any] | None = None
+    budget: dict[str, Any] | None = None
+    budget_rule: str | None = None
+    target: int | None = None
+    epochs: int | None = None
+    deadline: float | None = None
+    trial_cost: float | None = None
+    time_up: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -41,6 +41,16 @@ def epoch_tested(final: dict[str, Any]) -> str:
     return f"at epoch {best} of {run if run is not None else '?'}"
 
 
+def duration(seconds: float) -> str:
+    """A duration as a person reads it: 48 s, 2m05s, 1h30m."""
+    s = max(0, round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def _one_line_warning(
     message: Warning | str,
     category: type[Warning],
@@ -72,12 +82,19 @@ class Progress:
     or epochs a previous run stored count as done, and the rate counts only this run's),
     and nothing is drawn before work starts. On a terminal it is a tqdm bar; otherwise
     (a log file, a pipe, a test) one plain line per finished trial or epoch, since a
-    bar's carriage-return frames make an unreadable log.
+    bar's carriage-return frames make an unreadable log. Under a --budget, ``ends`` (Unix
+    time) is when the run's budget is spent, and each line (or the bar) says the time left.
     """
 
     def __init__(
-        self, desc: str, unit: str, quiet: bool = False, stream: TextIO | None = None
+        self,
+        desc: str,
+        unit: str,
+        quiet: bool = False,
+        stream: TextIO | None = None,
+        ends: float | None = None,
     ) -> None:
+        self.ends = ends
         self.desc = desc
         self.unit = unit
         self.quiet = quiet
@@ -111,6 +128,8 @@ class Progress:
             said += " already done"
         elif not first:
             said += f" ({time.perf_counter() - self.t0:.0f} s)"
+        if self.ends is not None:
+            said += f"; {self.left()} left of the budget"
         print(f"{self.desc}: {said}", file=self.stream, flush=True)
 
     def _draw(self, n: int, total: int) -> None:
@@ -129,6 +148,12 @@ class Progress:
             return
         self.bar.total = total
         self.bar.update(n - self.bar.n)
+        if self.ends is not None:
+            self.bar.set_postfix_str(f"{self.left()} left of the budget")
+
+    def left(self) -> str:
+        """The budget's time left, in words."""
+        return duration((self.ends or 0.0) - time.time())
 
     def close(self) -> None:
         if self.bar is not None:

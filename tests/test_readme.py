@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from babysit.stages.budget import budget_rule
 from babysit.stages.divergence import CEILING_RULE
 from babysit.stages.divergence import MOVE_RULE
 from babysit.stages.learned import ANCHOR_RULE
@@ -28,6 +29,7 @@ def _words(text: str) -> str:
         ("divergence ceiling (fine study: narrowed.ceiling.rule)", CEILING_RULE),
         ("probe of the top lr (coarse study: lr_probe.rule)", PROBE_RULE),
         ("coarse moved below divergence (coarse study: moved.rule)", MOVE_RULE),
+        ("wall-clock budget (coarse study: budget_rule)", budget_rule()),
     ],
 )
 def test_the_protocol_page_quotes_each_stored_rule(name: str, rule: str) -> None:

@@ -49,6 +49,7 @@ def _spec_of(args: argparse.Namespace) -> tuple[dict[str, Any], Spec]:
         "model": args.model,
         "optimizer": args.optimizer,
         "seed": args.seed,
+        "budget": getattr(args, "budget", None),
     }
     return flags, build_spec(args.config, args.sets, flags)
 
@@ -117,6 +118,8 @@ def _cmd_check(args: argparse.Namespace) -> int:
     flags, spec = _spec_of(args)
     if args.print_config:
         return _print_config(args, flags, spec)
+    # A budget (from a TOML file) is the searches' and the final's: check measures nothing.
+    spec.budget = ""
     with nothing_left_if_rejected(args.storage):
         ctx = _prepare(args, spec)
     storage = ctx.storage

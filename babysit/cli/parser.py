@@ -116,6 +116,12 @@ def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
 def _run_flags(p: argparse.ArgumentParser) -> None:
     _spec_flags(p, "go on after a failed sanity or overfit check")
     p.add_argument(
+        "--budget",
+        metavar="DURATION",
+        help="wall-clock time for the whole protocol (10m, 1h30m, 90s, 600): the stages' "
+        "trials and epochs are planned to end within it (docs/protocol.md)",
+    )
+    p.add_argument(
         "--jobs",
         type=int,
         default=1,

@@ -186,20 +186,53 @@ def _run_one(study: optuna.Study, objective: Callable[[optuna.Trial], float]) ->
     raise_if_interrupted()
 
 
+def planned_target(study: optuna.Study, target: int) -> int:
+    """The stage's target: the one stored on the study (``target``, a --budget plan, which
+    shrinks when the stage's time is up) when there is one, else ``target``."""
+    stored = study.user_attrs.get(StudyKey.TARGET)
+    return int(stored) if stored is not None else target
+
+
+def _time_up(study: optuna.Study, earlier: int) -> str | None:
+    """Why a trial may not start: its stage's stored ``deadline`` is nearer than the most a
+    trial may cost (``trial_cost``). A stage's first trial always starts."""
+    attrs = study.user_attrs
+    deadline, cost = attrs.get(StudyKey.DEADLINE), attrs.get(StudyKey.TRIAL_COST)
+    if deadline is None or cost is None or earlier == 0:
+        return None
+    left = float(deadline) - time.time()
+    if left >= float(cost):
+        return None
+    return f"{max(0.0, left):.0f} s of the stage's time left, a trial may take {float(cost):.0f} s"
+
+
 def claim(study: optuna.Study, trial: optuna.Trial, target: int, stage: str) -> None:
     """The first thing a search trial does: go ahead only while fewer than ``target`` trials
     numbered before it are live (not FAIL); otherwise close itself untrained as surplus.
 
     Trial numbers come from the database, so every process agrees on who came first and
     a stage ends with exactly ``target`` finished trials however many processes fill it.
+    Under a --budget the target is the study's (:func:`planned_target`), and a trial that
+    cannot end before the stage's deadline lowers it to the live trials before it (never
+    raises it, so two processes that find the time up at once agree on the lower).
     """
+    target = planned_target(study, target)
     earlier = [
         t
         for t in study.get_trials(deepcopy=False)
-        if t.number < trial.number and t.state != TrialState.FAIL
+        if t.number < trial.number
+        and t.state != TrialState.FAIL
+        and t.user_attrs.get(TrialKey.REASON) != Reason.SURPLUS
     ]
     if len(earlier) >= target:
         _surplus(trial, f"{stage} already had {plural(target, 'trial')}")
+    why = _time_up(study, len(earlier))
+    if why is not None:
+        kept = min(len(earlier), planned_target(study, target))
+        study.set_user_attr(StudyKey.TARGET, kept)
+        up = study.user_attrs.get(StudyKey.TIME_UP) or {"planned": target}
+        study.set_user_attr(StudyKey.TIME_UP, {**up, "trials": kept, "why": why})
+        _surplus(trial, f"{stage}'s time was up: {why}")
     _start_trial(trial, stage)
 
 
@@ -217,11 +250,12 @@ def fill(
         live = [t for t in trials if t.user_attrs.get(TrialKey.REASON) != Reason.SURPLUS]
         finished = sum(t.state in FINISHED for t in live)
         active = sum(t.state in ACTIVE for t in live)
+        goal = planned_target(study, target)
         if progress is not None:
-            progress(finished, target, None)
-        if finished >= target:
+            progress(finished, goal, None)
+        if finished >= goal:
             return
-        if finished + active >= target:
+        if finished + active >= goal:
             time.sleep(_POLL_SECONDS)  # the last trials run elsewhere; wait for them
             continue
         _run_one(study, objective)

@@ -5,7 +5,9 @@ on the sanity study for the summary.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -22,6 +24,7 @@ from babysit.data.streaming import data_facts
 from babysit.data.streaming import stream_if_asked
 from babysit.errors import UsageError
 from babysit.parallel.coordination import quiet_optuna
+from babysit.protocol.budget import start_budget
 from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.spec import Spec
@@ -57,7 +60,9 @@ def prepare(
     final_procs: int = 1,
 ) -> Context:
     """Check the spec against storage, load the data onto the device: everything before
-    the first trial. Raises UsageError (exit 2) before anything is written."""
+    the first trial. Raises UsageError (exit 2) before anything is written: a --budget
+    too short for the least protocol too, measured here (babysit/protocol/budget.py)."""
+    started = time.time()
     quiet_optuna()
     if not spec.name:
         spec.name = default_run_name(spec.dataset)
@@ -102,7 +107,7 @@ def prepare(
         )
     else:
         data = DeviceData.from_splits(splits, pre, dev)
-    return Context(
+    ctx = Context(
         data_dir=request.data_dir if data_dir else None,
         compile=compile,
         spec=spec,
@@ -117,6 +122,7 @@ def prepare(
         data_info=data_facts(splits, data),
         final_procs=final_procs,
     )
+    return dataclasses.replace(ctx, budget=start_budget(ctx, started))
 
 
 def record_data_facts(ctx: Context) -> None:

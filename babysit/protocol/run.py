@@ -7,6 +7,8 @@ from typing import Any
 
 from babysit.errors import ProtocolError
 from babysit.memory import frozen_heap
+from babysit.protocol.budget import before_search
+from babysit.protocol.budget import final_epochs
 from babysit.protocol.helpers import _reap
 from babysit.protocol.helpers import _spawn_workers
 from babysit.protocol.helpers import _stop
@@ -71,7 +73,7 @@ def run_protocol(ctx: Context, jobs: int = 1) -> dict[str, Any]:
             _gate(ctx, overfit(ctx))
             await_ready(ctx, helpers)
             say_ready()  # in a helper: the owner waits for this
-            summary = _searches_and_final(ctx, checked.initial_loss, t0)
+            summary = _searches_and_final(ctx, checked.initial_loss, t0, jobs)
         except BaseException:
             _stop(helpers)
             raise
@@ -97,14 +99,19 @@ def run_check(ctx: Context) -> dict[str, Any]:
     return summary
 
 
-def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[str, Any]:
+def _searches_and_final(
+    ctx: Context, initial_loss: float, t0: float, jobs: int = 1
+) -> dict[str, Any]:
     """Coarse (and its extra round at an edge), narrow, fine, final. ``initial_loss``: the
-    sanity stage's, which the searches' divergence check is measured against."""
+    sanity stage's, which the searches' divergence check is measured against. Under a
+    --budget each is planned first in the time left (babysit/protocol/budget.py)."""
     spec = ctx.spec
+    ends = ctx.budget.end() if ctx.budget is not None else None
     # The bar starts at the search's first report: after the LR range test or the anchoring
     # has said its piece, and at the trials a previous run stored.
     ranges = _coarse_ranges(ctx, initial_loss)
-    bar = Progress(Stage.COARSE, "trial", ctx.quiet)
+    before_search(ctx, Stage.COARSE, jobs)
+    bar = Progress(Stage.COARSE, "trial", ctx.quiet, ends=ends)
     coarse = search(
         ctx, Stage.COARSE, spec.coarse, ranges, initial_loss=initial_loss, progress=bar.to
     )
@@ -115,7 +122,7 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
         _gate(ctx, coarse)
     from babysit.stages.learned import extend_coarse
 
-    bar = Progress(Stage.COARSE, "trial", ctx.quiet)
+    bar = Progress(Stage.COARSE, "trial", ctx.quiet, ends=ends)
     extended = extend_coarse(ctx, initial_loss, progress=bar.to)
     bar.close()
     if extended is not None:
@@ -123,21 +130,22 @@ def _searches_and_final(ctx: Context, initial_loss: float, t0: float) -> dict[st
     elif coarse.status == "failed":
         _gate(ctx, coarse)
 
+    before_search(ctx, Stage.FINE, jobs)  # before narrowing: workers start fine after it
     narrowed = narrow_stage(ctx)
     shown = ", ".join(f"{k} [{v[0]:.3g}, {v[1]:.3g}]" for k, v in narrowed.ranges.items())
     ctx.log(f"narrowed: {shown} ({narrowed.rule})")
     for warning in narrowed.warnings:
         ctx.log(f"warning: {warning}")
 
-    bar = Progress(Stage.FINE, "trial", ctx.quiet)
+    bar = Progress(Stage.FINE, "trial", ctx.quiet, ends=ends)
     fine = search(
         ctx, Stage.FINE, spec.fine, narrowed.ranges, initial_loss=initial_loss, progress=bar.to
     )
     bar.close()
     _gate(ctx, fine)
 
-    bar = Progress(Stage.FINAL, "epoch", ctx.quiet)
-    result = final(ctx, progress=bar.to, launch=launch_final)
+    bar = Progress(Stage.FINAL, "epoch", ctx.quiet, ends=ends)
+    result = final(final_epochs(ctx), progress=bar.to, launch=launch_final)
     bar.close()
     if result.status == "skipped":
         ctx.log(f"final: {result.verdict}; this process stops here")

@@ -141,7 +141,8 @@ def _overfit_entry(rec: StageRecord, tries: int) -> dict[str, Any]:
 def _search_entry(rec: StageRecord, stage: str, spec: Spec) -> dict[str, Any]:
     attrs = rec.attrs
     n = counts(rec.trials)
-    target = getattr(spec, stage).trials
+    # Under --budget the planned target stored on the study, else the spec's.
+    target = attrs.target if attrs.target is not None else getattr(spec, stage).trials
     best = best_of(rec.trials)
     if not rec.trials:
         # A fine stage that narrowing refused to start carries that verdict.
@@ -234,13 +235,44 @@ def summary(
         "epochs_by_stage": {k: by_stage[k] / train_size for k in STAGES},
         # How the data was loaded: "loader" (tensor or streaming), skipped_files, ...
         "data": sanity.data,
+        "budget": budget_entry(stages),
         "stages": {
             stage: stage_result(storage, run, stage, spec, stages[stage]) for stage in STAGES
         },
     }
 
 
-def _target(spec: Spec, stage: str) -> int:
+def budget_entry(stages: dict[str, StageRecord]) -> dict[str, Any] | None:
+    """The run's --budget (None without one): what was given, the plan and its re-plans,
+    the rule, and the wall time used from the budget's start to the last trial's end."""
+    coarse = stages[Stage.COARSE].attrs
+    stored = coarse.budget
+    if stored is None:
+        return None
+    ends = [
+        t.datetime_complete.timestamp()
+        for rec in stages.values()
+        for t in rec.trials
+        if t.datetime_complete is not None
+    ]
+    used = max(ends) - float(stored["started"]) if ends and "started" in stored else None
+    final = stages[Stage.FINAL].attrs
+    return {
+        "budget": stored.get("spec_budget"),
+        "budget_s": stored.get("budget_s"),
+        "epoch_s": stored.get("epoch_s"),
+        "timings": stored.get("timings"),
+        "plan": stored.get("plan"),
+        "replans": stored.get("replans", {}),
+        "final_epochs": final.epochs,
+        "rule": coarse.budget_rule,
+        "used_s": used,
+    }
+
+
+def _target(spec: Spec, stage: str, attrs: StudyAttrs | None = None) -> int:
+    if attrs is not None and attrs.target is not None:
+        return int(attrs.target)
     if stage in (Stage.COARSE, Stage.FINE):
         return int(getattr(spec, stage).trials)
     if stage == Stage.OVERFIT:
@@ -265,7 +297,7 @@ def progress(
         total += wall or 0.0
         out[stage] = {
             "finished": counts(rec.trials)["finished"],
-            "target": _target(spec, stage),
+            "target": _target(spec, stage, rec.attrs),
             "wall_seconds": wall,
             "busy_seconds": busy,
             "running": [

@@ -20,6 +20,7 @@ from babysit.schema import Stage
 from babysit.schema import counts_text
 from babysit.storage import Storage
 from babysit.terminal import epoch_tested
+from babysit.terminal import plural
 
 
 def statuses(storage: Storage, name: str | None = None) -> list[dict[str, Any]]:
@@ -46,12 +47,35 @@ def status_lines(s: dict[str, Any]) -> list[str]:
         f"run {s['name']}  ({s['dataset']}, {s['optimizer']}; "
         f"{s['epochs_spent']:.1f} epochs spent; {_secs(s['wall_seconds'])} in stages)"
     ]
+    budget = s.get("budget")
+    if budget:
+        lines.append("  " + budget_line(budget))
     for stage, v in s["stages"].items():
         lines.append(_stage_line(stage, v, s["progress"]["stages"][stage]))
     model = s["stages"][Stage.FINAL].get("model_path")
     if model:
         lines.append(f"  model    {model}")
     return lines
+
+
+def budget_line(b: dict[str, Any]) -> str:
+    """``budget 2m: coarse 9 trials x 3 epochs, fine 6 x 4, final 12 epochs; used 1m55s``."""
+    plan = dict(b.get("plan") or {})
+    for replan in (b.get("replans") or {}).values():
+        plan.update({k: v for k, v in replan.items() if isinstance(v, dict)})
+    if b.get("final_epochs") is not None:
+        plan[Stage.FINAL] = {**plan.get(Stage.FINAL, {}), "epochs": b["final_epochs"]}
+    parts = [
+        f"{stage} {plural(p['trials'], 'trial')} x {plural(p['epochs'], 'epoch')}"
+        if "trials" in p
+        else f"{stage} {plural(p['epochs'], 'epoch')}"
+        for stage, p in plan.items()
+    ]
+    used = b.get("used_s")
+    return (
+        f"budget {b.get('budget')} ({b.get('budget_s'):g} s): plan {', '.join(parts)}; "
+        f"epoch {b.get('epoch_s')} s; used {_secs(used)}"
+    )
 
 
 def _stage_line(stage: str, v: dict[str, Any], p: dict[str, Any]) -> str:

@@ -47,6 +47,7 @@ from babysit.spec.rules import SAMPLERS
 from babysit.spec.rules import Rule  # noqa: F401
 from babysit.spec.rules import _at_least
 from babysit.spec.rules import _choice
+from babysit.spec.rules import _duration
 from babysit.spec.rules import _f
 from babysit.spec.rules import _folds
 from babysit.spec.rules import _log_range
@@ -237,6 +238,11 @@ class Spec:
     batch_size: int = _f(0, _at_least(0))
     # SGD momentum (the reference reports used 0.9).
     momentum: float = _f(0.9, _number(0, 1))
+    # A wall-clock budget for the whole protocol ("10m", "1h30m", "90s", "600"); empty: the
+    # spec's trial and epoch counts hold. With one, the stages' trials and epochs are planned to fit it
+    # (babysit/stages/budget.py, BUDGET_RULE). Not part of the run's identity: a resumed run
+    # may be given another budget and re-plans what is left.
+    budget: str = _f("", _duration())
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     sanity: SanitySpec = field(default_factory=SanitySpec)
@@ -264,8 +270,11 @@ class Spec:
         return spec
 
     def identity(self) -> dict[str, Any]:
-        """The fields that define a run; two specs with equal identity are the same run."""
-        return self.to_dict()
+        """The fields that define a run; two specs with equal identity are the same run.
+        The budget is not one of them: it says how long to take, not what the run is."""
+        out = self.to_dict()
+        out.pop("budget", None)
+        return out
 
 
 def all_keys(spec: Spec | None = None) -> list[str]:

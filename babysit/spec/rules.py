@@ -210,6 +210,48 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+# ---------------------------------------------------------------------------- durations
+# `--budget`, TOML's `budget = "10m"`, `babysit.run(budget="10m")`: hours, minutes and
+# seconds in that order, each at most once ("1h30m", "10m", "90s", "1h"), or bare seconds
+# ("600"). At least BUDGET_MIN_S (a shorter budget fits no protocol) and at most a week.
+DURATION_FORMS = "like 10m, 1h30m, 90s or 600 (seconds)"
+BUDGET_MIN_S = 1.0
+BUDGET_MAX_S = 7 * 24 * 3600.0
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?")
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``text`` (DURATION_FORMS); a UsageError of one line when it is not one."""
+    shown = _show(text)
+    raw = text.strip().lower() if isinstance(text, str) else ""
+    seconds: float | None = None
+    if re.fullmatch(r"\d+(?:\.\d+)?", raw):
+        seconds = float(raw)
+    else:
+        m = _DURATION.fullmatch(raw)
+        if raw and m is not None and any(m.groups()):
+            h, mins, s = (float(g) if g else 0.0 for g in m.groups())
+            seconds = h * 3600 + mins * 60 + s
+    if seconds is None or not BUDGET_MIN_S <= seconds <= BUDGET_MAX_S:
+        raise UsageError(
+            f"budget {shown} is not a duration from 1s to 168h; give one {DURATION_FORMS}"
+        )
+    return seconds
+
+
+def _duration() -> Rule:
+    def ok(v: Any) -> bool:
+        if v == "":
+            return True
+        try:
+            parse_duration(v)
+        except UsageError:
+            return False
+        return True
+
+    return Rule(ok, f"empty (no budget) or a duration from 1s to 168h, {DURATION_FORMS}")
+
+
 _ZERO_OR_SIDE = Rule(
     lambda v: isinstance(v, int) and not isinstance(v, bool) and (v == 0 or 8 <= v <= 1024),
     "0 (keep) or a whole number from 8 to 1024",

@@ -22,6 +22,7 @@ from babysit.data.device import DeviceData
 from babysit.data.streaming import StreamingData
 from babysit.schema import STAGES
 from babysit.spec import Spec
+from babysit.stages.budget import Budget
 from babysit.storage import Storage
 from babysit.training.models import build_model
 from babysit.training.models import fit_head_to_data
@@ -53,6 +54,9 @@ class Context:
     data_info: dict[str, Any] = field(default_factory=dict)
     # Processes training the final data parallel (`--final-procs`; babysit.stages.final.launch).
     final_procs: int = 1
+    # `--budget`: what was measured before the first trial and the plan (owner only; a
+    # worker follows the plan stored on each study).
+    budget: Budget | None = None
 
     @property
     def device(self) -> torch.device:

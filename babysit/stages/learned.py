@@ -34,6 +34,7 @@ from babysit.schema import StudyKey
 from babysit.schema import best_of
 from babysit.spec import CoarseSpec
 from babysit.spec import Spec
+from babysit.stages.budget import room_for_a_trial
 from babysit.stages.context import Context
 from babysit.stages.context import StageResult
 from babysit.stages.divergence import below_ceiling
@@ -166,6 +167,14 @@ def extend_coarse(
         plan = _extension_plan(trials, best, ranges, spec, probed)
         if plan is None:
             return None
+        attrs = StudyAttrs.from_attrs(study.user_attrs)
+        if attrs.target is not None and plan["edges"]:
+            # Under a --budget the extra round is coarse's too: only in coarse's time left.
+            if not room_for_a_trial(attrs):
+                ctx.log("coarse: no extra round at the edge; coarse's time under --budget is up")
+                return None
+            plan["target"] = attrs.target + plan["extra_trials"]
+            study.set_user_attr(StudyKey.TARGET, plan["target"])
         study.set_user_attr(StudyKey.EXTENSION, plan)
     if not plan["edges"]:
         return None

@@ -7,6 +7,7 @@ how trials are claimed and counted across processes in babysit/parallel/coordina
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable
 from typing import Any
@@ -27,6 +28,7 @@ from babysit.schema import TrialKey
 from babysit.schema import best_of
 from babysit.schema import counts_text
 from babysit.spec import SearchSpec
+from babysit.stages.budget import stage_plan
 from babysit.stages.context import Context
 from babysit.stages.context import StageResult
 from babysit.stages.context import fresh_model
@@ -71,6 +73,11 @@ def search(
     untrained, so the stage ends with exactly its target of finished trials.
     """
     probe = open_stage(ctx, stage)
+    # Under a --budget the study holds the plan (babysit/stages/budget.py): its target and
+    # epochs per trial, the same for every process that fills the stage.
+    planned = stage_plan(StudyAttrs.from_attrs(probe.user_attrs))
+    if planned is not None:
+        search_spec = dataclasses.replace(search_spec, trials=planned[0], epochs=planned[1])
     # The sampler's seed counts the trials already there: a rerun draws new points.
     seed = seed_for(ctx.spec, stage, len(probe.get_trials(deepcopy=False)))
     study = open_stage(
@@ -84,7 +91,15 @@ def search(
         return _search_trial(ctx, trial, stage, search_spec, drawn, initial_loss)
 
     fill(study, search_spec.trials, objective, progress)
-    return _search_result(ctx, stage, study.get_trials(deepcopy=False), ranges)
+    result = _search_result(ctx, stage, study.get_trials(deepcopy=False), ranges)
+    up = StudyAttrs.from_attrs(study.user_attrs).time_up
+    if up is not None:
+        result.values["time_up"] = up
+        result.verdict += (
+            f"; {up['trials']} of the {up['planned']} planned trials ran: the stage's "
+            f"time under --budget was up ({up['why']})"
+        )
+    return result
 
 
 def _moved(

@@ -313,3 +313,37 @@ def memorise(
             if diverged(value) or acc >= 1.0:
                 return acc, curve, step
     return acc, curve, steps
+
+
+def time_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: DeviceData | StreamingData,
+    *,
+    batch_size: int,
+    loss: str,
+    generator: torch.Generator,
+    warm: int = 3,
+    timed: int = 5,
+    limit: int | None = None,
+) -> float:
+    """Seconds per training step as :func:`fit` takes it (the batch's preprocessing and
+    augmentation included): ``warm`` steps untimed, then the mean of ``timed``. ``limit``
+    cuts each batch to its first examples (the overfit stage's full-batch steps)."""
+    model.train()
+    done, t0 = 0, 0.0
+    last = torch.zeros((), device=data.device)
+    while done < warm + timed:
+        for xraw, yb in data.train_batches(batch_size, generator):
+            if done == warm:
+                float(last)  # a sync: the warm steps are over on the device too
+                t0 = time.perf_counter()
+            if limit is not None:
+                xraw, yb = xraw[:limit], yb[:limit]
+            xb = data.pre(xraw, train=True, generator=generator)
+            last, _ = train_step(model, optimizer, xb, yb, loss)
+            done += 1
+            if done == warm + timed:
+                break
+    float(last)
+    return (time.perf_counter() - t0) / timed
