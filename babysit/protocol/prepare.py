@@ -30,7 +30,7 @@ from babysit.stages.study import check_spec
 from babysit.stages.study import open_stage
 from babysit.storage import Storage
 from babysit.terminal import plural
-from babysit.training.models import build_model
+from babysit.training.models import check_model
 from babysit.training.models import input_size
 from babysit.training.step import configure_device
 from babysit.training.step import device_for
@@ -88,8 +88,12 @@ def prepare(
         pre.resize = 0
     # Build the network once now: a user's model that cannot be imported or gives the wrong
     # output shape is an input error before any trial is written.
-    build_model(
-        spec.model, splits.num_classes, splits.in_channels, pre.resize or splits.image_size
+    check_model(
+        spec.model,
+        splits.num_classes,
+        splits.in_channels,
+        pre.resize or splits.image_size,
+        dropout_searched=bool(spec.coarse.dropout),
     )
     data: DeviceData | StreamingData
     if isinstance(splits, DatasetSplits):

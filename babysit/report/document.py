@@ -38,6 +38,7 @@ from babysit.schema import Stage
 from babysit.schema import StudyAttrs
 from babysit.schema import trial_attrs
 from babysit.storage import Storage
+from babysit.terminal import shown_range
 
 _TOP_TRIALS = 10
 
@@ -50,8 +51,8 @@ def _narrowing_md(attr: dict[str, Any] | None) -> list[str]:
         return []
     narrowed = Narrowed.from_attrs(attr)
     lines = ["**Narrowed ranges** (searched here):", ""]
-    for name, (lo, hi) in narrowed.ranges.items():
-        lines.append(f"- `{name}`: [{lo:.3g}, {hi:.3g}]")
+    for name, values in narrowed.ranges.items():
+        lines.append(f"- `{name}`: {shown_range(values)}")
     lines += ["", f"Rule: {narrowed.rule}.", ""]
     for warning in narrowed.warnings:
         lines.append(f"- **warning**: {warning}")
@@ -261,7 +262,7 @@ def _stage_facts(
             )
         ranges = info.get("range")
         if ranges:
-            facts += [(f"{k} range", f"[{v[0]:.3g}, {v[1]:.3g}]") for k, v in ranges.items()]
+            facts += [(f"{k} range", shown_range(v)) for k, v in ranges.items()]
         attr = info.get("narrowing") if stage == Stage.FINE else None
         if attr:
             narrowed = Narrowed.from_attrs(attr)

@@ -41,11 +41,14 @@ from babysit.spec.rules import NAME_MAX  # noqa: F401
 from babysit.spec.rules import NAME_RULE  # noqa: F401
 from babysit.spec.rules import NORMALIZATIONS
 from babysit.spec.rules import OPTIMIZERS
+from babysit.spec.rules import OVERFIT_LRS_OF
 from babysit.spec.rules import PRUNERS
 from babysit.spec.rules import SAMPLERS
+from babysit.spec.rules import SCHEDULES
 from babysit.spec.rules import Rule  # noqa: F401
 from babysit.spec.rules import _at_least
 from babysit.spec.rules import _choice
+from babysit.spec.rules import _choices_of
 from babysit.spec.rules import _f
 from babysit.spec.rules import _folds
 from babysit.spec.rules import _log_range
@@ -54,6 +57,7 @@ from babysit.spec.rules import _number
 from babysit.spec.rules import _one_of
 from babysit.spec.rules import _run_name
 from babysit.spec.rules import _text
+from babysit.spec.rules import _unit_range
 from babysit.spec.rules import _whole
 from babysit.spec.rules import check_rules
 from babysit.spec.rules import check_run_name  # noqa: F401
@@ -188,6 +192,14 @@ class CoarseSpec(SearchSpec):
     # while it diverges (babysit/stages/learned.py, PROBE_RULE). Only for a range babysit chose
     # (the default or anchored one), never for a coarse.lr the user set.
     probe: bool = _f(True, _FLAG)
+    # Dropout searched uniformly in [low, high] (cs231n: "regularization strength (L2
+    # penalty, dropout strength)"); fine narrows it like lr. [] = not searched: every trial
+    # keeps model.dropout. babysit's AlexNet takes it on its classifier; a user's network
+    # must have Dropout layers (their p is set). Not searched by default: DEFAULT_REASONS.
+    dropout: list[float] = _f([], _unit_range())
+    # LR schedules drawn per trial (a categorical; fine keeps those of the best coarse
+    # trials). [] = not searched: every trial uses the spec's `schedule`.
+    schedule: list[str] = _f([], _choices_of(*SCHEDULES))
 
 
 @dataclass
@@ -233,8 +245,13 @@ class Spec:
     seed: int = _f(0, _at_least(0))
     # 0 = auto: 128 as in the seeds, halved (down to 8) until an epoch has >= 4 steps.
     batch_size: int = _f(0, _at_least(0))
-    # SGD momentum (the seeds used 0.9).
+    # SGD momentum (the seeds used 0.9), for sgd and nesterov.
     momentum: float = _f(0.9, _number(0, 1))
+    # LR decay over each trial's epochs, searches and final alike: "none", "step" (x0.1 at
+    # half and at three quarters of the epochs) or "cosine" (per epoch, to 0). "none" by
+    # default: measured on digits (docs/benchmarks.md, "LR schedules, dropout, AdamW"),
+    # see DEFAULT_REASONS.
+    schedule: str = _f("none", _choice(*SCHEDULES))
     model: ModelSpec = field(default_factory=ModelSpec)
     data: DataSpec = field(default_factory=DataSpec)
     sanity: SanitySpec = field(default_factory=SanitySpec)
@@ -320,8 +337,23 @@ def validate(spec: Spec) -> None:
                 f"data.{a}_folds and data.{b}_folds share fold(s) "
                 f"{shared}; a fold may feed one split only"
             )
-    if spec.optimizer not in spec.overfit.lrs:
+    if overfit_lrs(spec) is None:
         raise UsageError(
             f"overfit.lrs has no entry for optimizer '{spec.optimizer}'; "
             f"give overfit.lrs.{spec.optimizer} = [lr, ...]"
         )
+    if spec.optimizer == "nesterov" and spec.momentum == 0:
+        raise UsageError(
+            "optimizer nesterov needs momentum > 0 (Nesterov's step looks ahead along the "
+            "momentum); set momentum (e.g. 0.9) or use optimizer sgd"
+        )
+
+
+def overfit_lrs(spec: Spec) -> list[float] | None:
+    """The overfit check's learning rates for the spec's optimizer: its own entry of
+    overfit.lrs, or that of the optimizer it steps like (adamw: adam, nesterov: sgd)."""
+    lrs = spec.overfit.lrs
+    found = lrs.get(spec.optimizer)
+    if found is None and spec.optimizer in OVERFIT_LRS_OF:
+        found = lrs.get(OVERFIT_LRS_OF[spec.optimizer])
+    return found

@@ -18,6 +18,7 @@ import torch
 from babysit.record.artifacts import store_trial_data
 from babysit.record.stored import narrowing_warnings
 from babysit.report.publish import upload_filters
+from babysit.schema import Param
 from babysit.schema import Stage
 from babysit.schema import TrialKey
 from babysit.stages.context import Context
@@ -28,6 +29,7 @@ from babysit.stages.final.checkpoint import checkpoint_due
 from babysit.stages.final.checkpoint import copy_weights
 from babysit.stages.final.checkpoint import save_checkpoint
 from babysit.stages.final.checkpoint import save_model
+from babysit.terminal import shown_params
 from babysit.training.diagnostics import Monitor
 from babysit.training.diagnostics import record_diagnostics
 from babysit.training.step import EpochStats
@@ -275,7 +277,7 @@ class _Epochs:
 
 
 def _setup(
-    ctx: Context, lr: float, wd: float, rank: int, world: int
+    ctx: Context, lr: float, wd: float, rank: int, world: int, dropout: float | None = None
 ) -> tuple[
     torch.nn.Module,
     torch.nn.Module,
@@ -287,7 +289,7 @@ def _setup(
     generator, a rank's own augmentation generator or None) for the final's seed."""
     spec = ctx.spec
     seed = seed_for(spec, Stage.FINAL, 0)
-    model = fresh_model(ctx, seed)
+    model = fresh_model(ctx, seed, dropout)
     net: torch.nn.Module = model
     gen = generator_for(ctx, seed)  # the permutation: the same on every rank
     augment = None
@@ -313,6 +315,7 @@ def train_final(
     progress: Callable[[int, int], None] | None = None,
     rank: int = 0,
     world: int = 1,
+    knobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The final training of one process, or of one rank of ``world`` (DistributedDataParallel
     over an initialised process group; babysit/stages/final/launch.py launches it).
@@ -322,7 +325,8 @@ def train_final(
     """
     spec = ctx.spec
     main = rank == 0
-    model, net, opt, gen, augment = _setup(ctx, lr, wd, rank, world)
+    knobs = knobs or {}  # the searched dropout and schedule (stages.context.trial_knobs)
+    model, net, opt, gen, augment = _setup(ctx, lr, wd, rank, world, knobs.get(Param.DROPOUT))
     if ckpt is not None:
         _restore(ckpt, model, opt, gen, augment, rank, world)
     carried = _carried(ckpt, model, spec.final.epochs)
@@ -340,9 +344,9 @@ def train_final(
         if stop:
             raise _StopFinal
 
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"schedule": knobs.get(Param.SCHEDULE, spec.schedule)}
     if world > 1:
-        kwargs = {"shard": (rank, world), "augment_generator": augment}
+        kwargs.update(shard=(rank, world), augment_generator=augment)
     if progress is not None:
         progress(state.start, spec.final.epochs)  # the display starts at a resumed epoch
     monitor = state.monitor
@@ -381,7 +385,7 @@ def train_final(
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     return _test_and_store(
-        ctx, trial, model, state.best, state.epochs, state.stopped, lr, wd, world, per_rank
+        ctx, trial, model, state.best, state.epochs, state.stopped, lr, wd, world, per_rank, knobs
     )
 
 
@@ -396,6 +400,7 @@ def _test_and_store(
     wd: float,
     world: int,
     per_rank: int,
+    knobs: dict[str, Any],
 ) -> dict[str, Any]:
     """The best epoch's weights (loaded in ``model``) on the test split; the verdict, the
     model and its first-layer filters stored on the final trial."""
@@ -421,7 +426,8 @@ def _test_and_store(
         TrialKey.VERDICT,
         (
             f"test accuracy {test_acc:.3f} (loss {test_loss:.3f}), val {val_acc:.3f}; best epoch "
-            f"{best['epoch']} of {epochs_run}{stop}, lr {lr:.3g}, weight_decay {wd:.3g}"
+            f"{best['epoch']} of {epochs_run}{stop}, "
+            + shown_params({Param.LR: lr, Param.WEIGHT_DECAY: wd, **knobs})
             + (f"; {world} processes" if world > 1 else "")
         ),
     )
