@@ -55,7 +55,10 @@ def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
         "--download", action="store_true", help="download the dataset if missing (needs internet)"
     )
     p.add_argument("--model", help=f"{rules.either(rules.MODELS)} or module:callable")
-    p.add_argument("--optimizer", help=f"{rules.either(rules.OPTIMIZERS)} (sgd with momentum 0.9)")
+    p.add_argument(
+        "--optimizer",
+        help=f"{rules.either(rules.OPTIMIZERS)} (sgd and nesterov with momentum 0.9)",
+    )
     p.add_argument("--device", default="auto", choices=rules.DEVICES)
     p.add_argument("--seed", type=int)
     p.add_argument(

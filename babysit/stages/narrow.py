@@ -87,28 +87,7 @@ def narrow(
     top = [t for t, _ in sorted(good, key=lambda tv: (-tv[1], tv[0].number))[:top_k]]
     best = top[0]
     spans, ceiling = _spans(trials, top, coarse, pad, probed)
-    ranges: dict[str, list[Any]] = {}
-    warnings_: list[str] = []
-    for name in Param.ALL:
-        if name not in best.params:
-            continue
-        if name in Param.CHOICE:  # the choices the top trials used, in the coarse order
-            used = {t.params.get(name) for t in top}
-            ranges[name] = [c for c in getattr(coarse, name) if c in used] or sorted(used)
-            continue
-        if name in Param.LINEAR:
-            ranges[name] = list(spans[name])
-            continue
-        lo_c, hi_c = (math.log10(v) for v in getattr(coarse, name))
-        lo, hi = spans[name]
-        ranges[name] = [10**lo, 10**hi]
-        b = math.log10(best.params[name])
-        if b - lo_c <= edge or hi_c - b <= edge:
-            side = "lower" if b - lo_c <= edge else "upper"
-            warnings_.append(
-                f"best {name} {best.params[name]:.3g} sits at the {side} edge of the coarse "
-                f"range [{10**lo_c:.3g}, {10**hi_c:.3g}]: widen coarse.{name} and rerun"
-            )
+    ranges, warnings_ = _ranges(top, spans, coarse, edge)
     rule = NARROW_RULE.format(
         top=len(top),
         good=len(good),
@@ -134,6 +113,38 @@ def narrow(
             "rule": CEILING_RULE.format(margin=f"{10**-DIVERGE_MARGIN:.2g}", span=f"{2 * pad:g}"),
         },
     )
+
+
+def _ranges(
+    top: list[FrozenTrial], spans: dict[str, tuple[float, float]], coarse: CoarseSpec, edge: float
+) -> tuple[dict[str, list[Any]], list[str]]:
+    """The fine range of every dimension the ``top`` trials searched (``spans`` in log10
+    for lr and weight_decay, plain for dropout; a choice keeps the values they used), and a
+    warning for each best log value within ``edge`` decades of a coarse bound."""
+    best = top[0]
+    ranges: dict[str, list[Any]] = {}
+    warnings_: list[str] = []
+    for name in Param.ALL:
+        if name not in best.params:
+            continue
+        if name in Param.CHOICE:  # the choices the top trials used, in the coarse order
+            used = {t.params.get(name) for t in top}
+            ranges[name] = [c for c in getattr(coarse, name) if c in used] or sorted(used)
+            continue
+        if name in Param.LINEAR:
+            ranges[name] = list(spans[name])
+            continue
+        lo_c, hi_c = (math.log10(v) for v in getattr(coarse, name))
+        lo, hi = spans[name]
+        ranges[name] = [10**lo, 10**hi]
+        b = math.log10(best.params[name])
+        if b - lo_c <= edge or hi_c - b <= edge:
+            side = "lower" if b - lo_c <= edge else "upper"
+            warnings_.append(
+                f"best {name} {best.params[name]:.3g} sits at the {side} edge of the coarse "
+                f"range [{10**lo_c:.3g}, {10**hi_c:.3g}]: widen coarse.{name} and rerun"
+            )
+    return ranges, warnings_
 
 
 def _spans(

@@ -305,6 +305,17 @@ def _setup(
     return model, net, opt, gen, augment
 
 
+def _fit_options(
+    spec: Any, knobs: dict[str, Any], rank: int, world: int, augment: torch.Generator | None
+) -> dict[str, Any]:
+    """fit's options for the final: the schedule (the searched one, or the spec's), and a
+    rank's shard and augmentation stream under data parallel."""
+    options: dict[str, Any] = {"schedule": knobs.get(Param.SCHEDULE, spec.schedule)}
+    if world > 1:
+        options.update(shard=(rank, world), augment_generator=augment)
+    return options
+
+
 def train_final(
     ctx: Context,
     study: optuna.Study | None,
@@ -344,9 +355,7 @@ def train_final(
         if stop:
             raise _StopFinal
 
-    kwargs: dict[str, Any] = {"schedule": knobs.get(Param.SCHEDULE, spec.schedule)}
-    if world > 1:
-        kwargs.update(shard=(rank, world), augment_generator=augment)
+    kwargs = _fit_options(spec, knobs, rank, world, augment)
     if progress is not None:
         progress(state.start, spec.final.epochs)  # the display starts at a resumed epoch
     monitor = state.monitor
