@@ -85,7 +85,6 @@ def narrow(
             "new --name (`babysit report` shows every coarse trial)"
         )
     top = [t for t, _ in sorted(good, key=lambda tv: (-tv[1], tv[0].number))[:top_k]]
-    best = top[0]
     spans, ceiling = _spans(trials, top, coarse, pad, probed)
     ranges, warnings_ = _ranges(top, spans, coarse, edge)
     rule = NARROW_RULE.format(
