@@ -270,6 +270,12 @@ def check_model(
     freed for nothing: ~90 MB more peak memory), only its geometry checked."""
     if model.name == "alexnet":
         _check_geometry(model, image_size)
+        if dropout_searched and model.fc_layers == 1:
+            raise UsageError(
+                "coarse.dropout is set but the AlexNet with model.fc_layers=1 has no dropout "
+                "(it drops before hidden FC layers only); use model.fc_layers=2 or 3, or "
+                "remove coarse.dropout"
+            )
         return
     net = build_model(model, num_classes, in_channels, image_size)
     if dropout_searched and not dropout_layers(net):

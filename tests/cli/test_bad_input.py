@@ -159,6 +159,10 @@ SPEC_CASES = {
     "coarse-schedule-twice": (S('coarse.schedule=["cosine", "cosine"]'), ("distinct",)),
     "coarse-schedule-numbers": (S("coarse.schedule=[1, 2]"), ("coarse.schedule",)),
     "schedule-unknown": (S('schedule="linear"'), ("unknown schedule 'linear'",)),
+    "dropout-searched-on-a-head-without-dropout": (
+        S("model.fc_layers=1", "coarse.dropout=[0.1, 0.5]"),
+        ("model.fc_layers=1 has no dropout",),
+    ),
     "nesterov-without-momentum": (
         ("--optimizer", "nesterov", *S("momentum=0")),
         ("nesterov needs momentum > 0",),

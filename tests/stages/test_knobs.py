@@ -89,9 +89,7 @@ def test_narrowing_treats_dropout_linearly_and_keeps_the_schedules_used() -> Non
         top=3, good=3, threshold="0.500", chance="0.100", best="0.900", pad="0.5", share="0.1"
     )
     # Clipped to the coarse range like lr's.
-    edge = narrow(
-        [_trial(0, 0.9, 0.01, "none")], coarse, top_k=5, pad=0.5, edge=0.25, chance=0.1
-    )
+    edge = narrow([_trial(0, 0.9, 0.01, "none")], coarse, top_k=5, pad=0.5, edge=0.25, chance=0.1)
     assert edge.ranges["dropout"][0] == 0.0
     assert edge.ranges["schedule"] == ["none"]
 
@@ -130,3 +128,69 @@ def test_dropout_reaches_alexnet_and_a_users_layers() -> None:
     user = nn.Sequential(nn.Flatten(), nn.Dropout(0.5), nn.Linear(4, 2), nn.Dropout2d(0.1))
     set_dropout(user, 0.25)
     assert [m.p for m in dropout_layers(user)] == [0.25, 0.25]
+
+
+@pytest.mark.slow
+def test_a_run_searches_dropout_and_the_schedule_with_adamw(tmp_path) -> None:
+    """The whole protocol, tiny, with dropout, the schedule and AdamW: every coarse trial
+    draws both, fine searches their narrowed ranges, the final trains with the best trial's
+    values, and the report's tables and the summary carry them."""
+    import json
+
+    import optuna
+
+    from tests.conftest import CHEAP
+    from tests.conftest import TINY
+    from tests.conftest import babysit
+
+    summary = tmp_path / "s.json"
+    args = [
+        "run",
+        "--name",
+        "k",
+        *TINY,
+        *CHEAP[:6],  # the 3-conv AlexNet with one narrow FC layer: its lrs are Adam's
+        "--set",
+        "model.fc_layers=2",  # a hidden FC layer, so the classifier has a dropout layer
+        "--set",
+        "overfit.lrs={adamw=[1e-3]}",
+        "--optimizer",
+        "adamw",
+        "--set",
+        "coarse.dropout=[0.1, 0.6]",
+        "--set",
+        'coarse.schedule=["none", "cosine"]',
+        "--summary-json",
+        str(summary),
+    ]
+    proc = babysit(*args, cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    storage = f"sqlite:///{tmp_path / 'babysit.db'}"
+    coarse = optuna.load_study(study_name="k/coarse", storage=storage).get_trials()
+    assert len(coarse) == 4
+    for t in coarse:
+        assert 0.1 <= t.params["dropout"] <= 0.6
+        assert t.params["schedule"] in ("none", "cosine")
+    fine_study = optuna.load_study(study_name="k/fine", storage=storage)
+    ranges = fine_study.user_attrs["narrowed"]["ranges"]
+    assert 0.1 <= ranges["dropout"][0] < ranges["dropout"][1] <= 0.6
+    assert set(ranges["schedule"]) <= {"none", "cosine"} and ranges["schedule"]
+    for t in fine_study.get_trials():
+        assert ranges["dropout"][0] <= t.params["dropout"] <= ranges["dropout"][1]
+        assert t.params["schedule"] in ranges["schedule"]
+    final = json.loads(summary.read_text())["stages"]["final"]
+    assert set(final["params"]) == {"lr", "weight_decay", "dropout", "schedule"}
+    best = max(
+        (t for t in coarse + fine_study.get_trials() if t.value is not None),
+        key=lambda t: t.value,
+    )
+    assert final["params"]["dropout"] == pytest.approx(best.params["dropout"])
+    assert f"schedule={final['params']['schedule']}" in proc.stderr  # the "chosen:" line
+    report = babysit("report", "--name", "k", "--out", str(tmp_path / "r"), cwd=tmp_path)
+    assert report.returncode == 0, report.stderr
+    md = (tmp_path / "r" / "report.md").read_text()
+    assert "| # | lr | weight_decay | dropout | schedule | val accuracy |" in md
+    # A rerun with another dropout range is another run: refused, exit 2, one line.
+    other = [a if a != "coarse.dropout=[0.1, 0.6]" else "coarse.dropout=[0.2, 0.6]" for a in args]
+    again = babysit(*other, cwd=tmp_path)
+    assert again.returncode == 2 and "coarse.dropout" in again.stderr
