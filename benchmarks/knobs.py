@@ -53,7 +53,7 @@ def main() -> None:
         storage = open_storage(f"sqlite:///{tmp}/knobs.db")
         spec = build_spec(flags={"dataset": args.dataset, "name": "knobs"})
         ctx = prepare(spec, storage, device="cpu", quiet=True)
-        print(f"| configuration | seed | best val | last val | test (last epoch) | wall s |")
+        print("| configuration | seed | best val | last val | test (last epoch) | wall s |")
         print("|---|---:|---:|---:|---:|---:|")
         for i in chosen:
             label, optimizer, schedule, dropout = CONFIGS[i - 1]
