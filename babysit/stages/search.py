@@ -1,4 +1,5 @@
-"""The searches, coarse and fine: a log-uniform search over lr and weight_decay that several
+"""The searches, coarse and fine: a search over lr and weight_decay (log-uniform), and
+dropout and the LR schedule when the spec names them, that several
 processes can fill at once, each trial trained for a few epochs and pruned (median or
 successive halving) or stopped on divergence on the way, and the stage's verdict with its
 counts and best trial. How the fine ranges are narrowed from coarse is in babysit/stages/narrow.py;
@@ -150,8 +151,9 @@ def _search_trial(
     ranges: dict[str, list[float]],
     initial: float,
 ) -> float:
-    """One search trial: draw lr, weight_decay and any other searched knob, train ``search_spec.epochs`` epochs
-    (pruned or stopped on divergence on the way), return the last val accuracy."""
+    """One search trial: draw lr, weight_decay and any other searched knob (dropout, the
+    schedule), train ``search_spec.epochs`` epochs (pruned or stopped on divergence on the
+    way), return the last val accuracy."""
     spec = ctx.spec
     drawn = draw(trial, ranges)
     lr, wd = drawn[Param.LR], drawn[Param.WEIGHT_DECAY]
