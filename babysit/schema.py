@@ -83,6 +83,14 @@ class Param:
 
     LR = "lr"
     WEIGHT_DECAY = "weight_decay"
+    DROPOUT = "dropout"
+    SCHEDULE = "schedule"
+    # How each is drawn and narrowed: log-uniform, uniform, or one of a list of choices.
+    LOG = (LR, WEIGHT_DECAY)
+    LINEAR = (DROPOUT,)
+    CHOICE = (SCHEDULE,)
+    # Every searchable parameter, in the order tables and plots show them.
+    ALL = (LR, WEIGHT_DECAY, DROPOUT, SCHEDULE)
 
 
 class Reason:
@@ -264,7 +272,7 @@ class StudyAttrs(_Attrs):
     num_classes: int | None = None
     data: dict[str, Any] | None = None
     sizes: dict[str, int] | None = None
-    ranges: dict[str, list[float]] | None = None
+    ranges: dict[str, list[Any]] | None = None
     pruner: str | None = None
     sampler: str | None = None
     pruner_rule: str | None = None
@@ -353,7 +361,7 @@ class Narrowed(_Attrs):
     on fine's lr (``ceiling``: the lowest lr that diverged, fine's top lr and the rule; None
     when no coarse trial diverged in the good region, stored as such)."""
 
-    ranges: dict[str, list[float]] = field(default_factory=dict)
+    ranges: dict[str, list[Any]] = field(default_factory=dict)
     rule: str = ""
     top: list[int] = field(default_factory=list)
     threshold: float | None = None

@@ -51,6 +51,23 @@ def duration(seconds: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
+def shown_range(values: list[Any]) -> str:
+    """A searched range as words: ``[0.001, 0.1]`` for numbers, ``none or cosine`` for a
+    categorical's choices (the schedule)."""
+    if values and all(isinstance(v, str) for v in values):
+        return " or ".join(values)
+    return "[" + ", ".join(f"{v:.3g}" for v in values) + "]"
+
+
+def shown_params(params: dict[str, Any], sep: str = " ") -> str:
+    """A trial's params as the verdicts print them: ``lr 0.001, weight_decay 1e-05,
+    dropout 0.3, schedule cosine`` (``sep="="``: ``lr=0.001, ...``)."""
+    return ", ".join(
+        f"{k}{sep}{v:.3g}" if isinstance(v, (int, float)) else f"{k}{sep}{v}"
+        for k, v in params.items()
+    )
+
+
 def _one_line_warning(
     message: Warning | str,
     category: type[Warning],

@@ -76,5 +76,5 @@ def test_the_stored_narrowing_rule_is_the_template_filled_in() -> None:
     out = narrow(trials, CoarseSpec(), top_k=5, pad=0.5, edge=0.25, chance=0.1)
     # Half-way from 0.1 to 0.9 is 0.5: the 0.9 and 0.8 trials stay, 0.3 and 0.1 do not.
     assert out.rule == NARROW_RULE.format(
-        top=2, good=2, threshold="0.500", chance="0.100", best="0.900", pad="0.5"
+        top=2, good=2, threshold="0.500", chance="0.100", best="0.900", pad="0.5", share="0.1"
     )

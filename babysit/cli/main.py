@@ -20,6 +20,7 @@ from babysit.schema import Stage
 from babysit.terminal import epoch_tested
 from babysit.terminal import install_warning_format
 from babysit.terminal import plural
+from babysit.terminal import shown_params
 
 if TYPE_CHECKING:
     from babysit.spec import Spec
@@ -158,7 +159,7 @@ def _closing_lines(summary: dict[str, Any], storage: Any) -> None:
     final = summary["stages"][Stage.FINAL]
     out = sys.stderr
     if final["status"] == "passed":
-        params = ", ".join(f"{k}={v:.3g}" for k, v in final["params"].items())
+        params = shown_params(final["params"], "=")
         print(f"chosen: {params}", file=out)
         # The test accuracy is the run's result; validation (which chose the epoch) beside it.
         val = final.get("val_accuracy")

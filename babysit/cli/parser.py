@@ -84,7 +84,7 @@ def _spec_flags(p: argparse.ArgumentParser, force_help: str) -> None:
     )
     p.add_argument(
         "--optimizer",
-        help=f"{rules.either(rules.OPTIMIZERS)} (sgd with momentum 0.9; "
+        help=f"{rules.either(rules.OPTIMIZERS)} (sgd and nesterov with momentum 0.9; "
         f"default: {Spec().optimizer})",
     )
     p.add_argument("--device", default="auto", choices=rules.DEVICES, help=_DEVICE_HELP)

@@ -34,7 +34,7 @@ from babysit.stages.study import check_spec
 from babysit.stages.study import open_stage
 from babysit.storage import Storage
 from babysit.terminal import plural
-from babysit.training.models import build_model
+from babysit.training.models import check_model
 from babysit.training.models import input_size
 from babysit.training.step import configure_device
 from babysit.training.step import device_for
@@ -43,6 +43,20 @@ from babysit.training.step import device_for
 def _log(message: str) -> None:
     # Verdicts are for people: stderr, so --json and --summary-json output stays clean.
     print(message, file=sys.stderr, flush=True)
+
+
+def _device(device: str, final_procs: int) -> torch.device:
+    """The training device, checked against what was asked of it, and set up."""
+    dev = device_for(device)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError(
+            "--device cuda was asked for but no CUDA device is visible; use --device auto or cpu"
+        )
+    from babysit.stages.final.launch import check_procs
+
+    check_procs(final_procs, dev.type)
+    configure_device(dev)
+    return dev
 
 
 def prepare(
@@ -67,15 +81,7 @@ def prepare(
     if not spec.name:
         spec.name = default_run_name(spec.dataset)
     check_spec(storage, spec)
-    dev = device_for(device)
-    if device == "cuda" and not torch.cuda.is_available():
-        raise UsageError(
-            "--device cuda was asked for but no CUDA device is visible; use --device auto or cpu"
-        )
-    from babysit.stages.final.launch import check_procs
-
-    check_procs(final_procs, dev.type)
-    configure_device(dev)
+    dev = _device(device, final_procs)
     request = DataRequest(
         data_dir=Path(data_dir) if data_dir else default_data_dir(),
         seed=spec.seed,
@@ -95,8 +101,12 @@ def prepare(
         pre.resize = 0
     # Build the network once now: a user's model that cannot be imported or gives the wrong
     # output shape is an input error before any trial is written.
-    build_model(
-        spec.model, splits.num_classes, splits.in_channels, pre.resize or splits.image_size
+    check_model(
+        spec.model,
+        splits.num_classes,
+        splits.in_channels,
+        pre.resize or splits.image_size,
+        dropout_searched=bool(spec.coarse.dropout),
     )
     data: DeviceData | StreamingData
     if isinstance(splits, DatasetSplits):

@@ -28,6 +28,7 @@ from babysit.stages.overfit import overfit
 from babysit.stages.sanity import sanity
 from babysit.stages.search import search
 from babysit.terminal import Progress
+from babysit.terminal import shown_range
 
 
 def _said(result: StageResult) -> str:
@@ -132,7 +133,7 @@ def _searches_and_final(
 
     before_search(ctx, Stage.FINE, jobs)  # before narrowing: workers start fine after it
     narrowed = narrow_stage(ctx)
-    shown = ", ".join(f"{k} [{v[0]:.3g}, {v[1]:.3g}]" for k, v in narrowed.ranges.items())
+    shown = ", ".join(f"{k} {shown_range(v)}" for k, v in narrowed.ranges.items())
     ctx.log(f"narrowed: {shown} ({narrowed.rule})")
     for warning in narrowed.warnings:
         ctx.log(f"warning: {warning}")

@@ -30,6 +30,7 @@ from babysit.schema import examples
 from babysit.schema import timing
 from babysit.schema import trial_attrs
 from babysit.spec import Spec
+from babysit.spec import overfit_lrs
 from babysit.storage import Storage
 
 # ---------------------------------------------------------------------------- one stage
@@ -276,7 +277,7 @@ def _target(spec: Spec, stage: str, attrs: StudyAttrs | None = None) -> int:
     if stage in (Stage.COARSE, Stage.FINE):
         return int(getattr(spec, stage).trials)
     if stage == Stage.OVERFIT:
-        return len(spec.overfit.lrs.get(spec.optimizer, []))  # at most: it stops at a pass
+        return len(overfit_lrs(spec) or [])  # at most: it stops at a pass
     return 1
 
 

@@ -30,6 +30,7 @@ from babysit.report.render import pct
 from babysit.report.render import render_html
 from babysit.report.render import render_md
 from babysit.report.render import secs
+from babysit.report.render import trial_columns
 from babysit.schema import FINISHED
 from babysit.schema import STAGES
 from babysit.schema import Narrowed
@@ -39,6 +40,7 @@ from babysit.schema import StudyAttrs
 from babysit.schema import trial_attrs
 from babysit.storage import Storage
 from babysit.terminal import epoch_tested
+from babysit.terminal import shown_range
 
 _TOP_TRIALS = 10
 
@@ -51,8 +53,8 @@ def _narrowing_md(attr: dict[str, Any] | None) -> list[str]:
         return []
     narrowed = Narrowed.from_attrs(attr)
     lines = ["**Narrowed ranges** (searched here):", ""]
-    for name, (lo, hi) in narrowed.ranges.items():
-        lines.append(f"- `{name}`: [{lo:.3g}, {hi:.3g}]")
+    for name, values in narrowed.ranges.items():
+        lines.append(f"- `{name}`: {shown_range(values)}")
     lines += ["", f"Rule: {narrowed.rule}.", ""]
     for warning in narrowed.warnings:
         lines.append(f"- **warning**: {warning}")
@@ -97,11 +99,16 @@ def _top(trials: list[FrozenTrial], n: int) -> list[FrozenTrial]:
     return sorted(schema.real(trials), key=key)[:n]
 
 
-def _trial_row(t: FrozenTrial) -> list[str]:
+def searched(trials: list[FrozenTrial]) -> list[str]:
+    """The parameters the trials searched, in Param's order (lr and weight_decay always)."""
+    found = {name for t in trials for name in t.params}
+    return [n for n in Param.ALL if n in Param.LOG or n in found]
+
+
+def _trial_row(t: FrozenTrial, params: list[str] | None = None) -> list[str]:
     return [
         str(t.number),
-        num(t.params.get(Param.LR)),
-        num(t.params.get(Param.WEIGHT_DECAY)),
+        *(num(t.params.get(name)) for name in params or Param.LOG),
         acc(t.value),
         t.state.name,
         blank(trial_attrs(t).reason),
@@ -255,13 +262,15 @@ def _stage_facts(
             )
         ranges = info.get("range")
         if ranges:
-            facts += [(f"{k} range", f"[{v[0]:.3g}, {v[1]:.3g}]") for k, v in ranges.items()]
+            facts += [(f"{k} range", shown_range(v)) for k, v in ranges.items()]
         attr = info.get("narrowing") if stage == Stage.FINE else None
         if attr:
             narrowed = Narrowed.from_attrs(attr)
             facts.append(("narrowing rule", narrowed.rule))
             section.notes += [f"warning: {w}" for w in narrowed.warnings]
-        section.trials = [_trial_row(t) for t in _top(trials, _TOP_TRIALS)]
+        names = searched(trials)
+        section.columns = trial_columns(names)
+        section.trials = [_trial_row(t, names) for t in _top(trials, _TOP_TRIALS)]
         section.total_trials = len(trials)
     elif stage == Stage.FINAL and info.get("status") == "passed":
         facts += [(k, num(v)) for k, v in (info.get("params") or {}).items()]

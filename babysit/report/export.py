@@ -135,7 +135,7 @@ def trials_frame(storage: Storage, run: str) -> pd.DataFrame:
             rows.append(row)
     names = list(dict.fromkeys(k for row in rows for k in row))
     lead = [c for c in _LEAD if c in names]
-    params = [c for c in (schema.Param.LR, schema.Param.WEIGHT_DECAY) if c in names]
+    params = [c for c in schema.Param.ALL if c in names]
     rest = sorted(c for c in names if c not in lead and c not in params)
     return pd.DataFrame(
         {c: _column(c, [row.get(c) for row in rows]) for c in lead + params + rest}

@@ -95,10 +95,18 @@ def search_scatter(
 ) -> Figure:
     """lr against weight_decay on log axes: completed trials coloured by validation accuracy,
     diverged ones as red crosses, pruned and failed ones grey; ``box`` is the narrowed range."""
-    fig = Figure(figsize=_SQUARE, dpi=_DPI, layout=_LAYOUT)
-    ax = fig.subplots()
     lr, wd = Param.LR, Param.WEIGHT_DECAY
     real = [t for t in schema.real(trials) if lr in t.params and wd in t.params]
+    # Every other searched dimension (dropout, the schedule) gets a panel of its own: val
+    # accuracy against its value, the narrowed part shaded.
+    others = [n for n in Param.ALL if n not in Param.LOG and any(n in t.params for t in real)]
+    fig = Figure(figsize=(_SQUARE[0] + 3.0 * len(others), _SQUARE[1]), dpi=_DPI, layout=_LAYOUT)
+    axes = fig.subplots(
+        1, 1 + len(others), width_ratios=[2.0] + [1.0] * len(others), squeeze=False
+    )[0]
+    ax = axes[0]
+    for name, panel in zip(others, axes[1:], strict=True):
+        _dimension_panel(panel, real, name, (box or {}).get(name), (bounds or {}).get(name))
 
     def xy(ts: list[FrozenTrial]) -> tuple[list[float], list[float]]:
         return [t.params[lr] for t in ts], [t.params[wd] for t in ts]
@@ -159,6 +167,55 @@ def search_scatter(
     if real or box is not None:
         ax.legend(loc="best", fontsize="small", framealpha=0.8)
     return fig
+
+
+def _dimension_panel(
+    ax: Any,
+    trials: list[FrozenTrial],
+    name: str,
+    narrowed: list[Any] | None,
+    bound: list[Any] | None,
+) -> None:
+    """Val accuracy against one searched dimension: complete trials as dots, diverged ones
+    as red crosses at chance, the narrowed range (or the choices fine kept) shaded."""
+    done = [t for t in trials if name in t.params and t.value is not None]
+    choices: list[Any] = []
+    if name in Param.CHOICE:
+        for v in list(bound or []) + [t.params[name] for t in done]:
+            if v not in choices:
+                choices.append(v)
+
+    def x(t: FrozenTrial) -> float:
+        v = t.params[name]
+        return float(choices.index(v)) if choices else float(v)
+
+    for diverged in (False, True):
+        group = [t for t in done if schema.diverged(t) == diverged]
+        if group:
+            ax.scatter(
+                [x(t) for t in group],
+                [t.value for t in group],
+                s=48 if diverged else 36,
+                marker="x" if diverged else "o",
+                c="tab:red" if diverged else "tab:blue",
+                label="diverged" if diverged else "trials",
+                zorder=3,
+            )
+    if narrowed:
+        if choices:
+            for v in narrowed:
+                if v in choices:
+                    i = choices.index(v)
+                    ax.axvspan(i - 0.3, i + 0.3, alpha=0.15, color="tab:green")
+        else:
+            ax.axvspan(narrowed[0], narrowed[1], alpha=0.15, color="tab:green", label="narrowed")
+    if choices:
+        ax.set_xticks(range(len(choices)), [str(c) for c in choices])
+        ax.set_xlim(-0.5, len(choices) - 0.5)
+    elif bound:
+        ax.set_xlim(bound[0] - 0.02, bound[1] + 0.02)
+    ax.set_xlabel(name)
+    ax.set_ylabel("val accuracy")
 
 
 def _narrowed_box(ax: Any, x: list[float], y: list[float]) -> None:

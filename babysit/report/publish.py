@@ -26,13 +26,14 @@ from babysit.report.document import _fallback_verdict
 from babysit.report.document import _narrowing_md
 from babysit.report.document import _top
 from babysit.report.document import _trial_row
+from babysit.report.document import searched
 from babysit.report.render import TITLES
-from babysit.report.render import TRIAL_COLUMNS
 from babysit.report.render import acc
 from babysit.report.render import blank
 from babysit.report.render import md_table
 from babysit.report.render import num
 from babysit.report.render import pct
+from babysit.report.render import trial_columns
 from babysit.schema import FINISHED
 from babysit.schema import Param
 from babysit.schema import Stage
@@ -186,18 +187,19 @@ def _note(storage: Storage, run: str, stage: str, study: optuna.Study) -> str:
         if stage == Stage.FINE:
             lines += _narrowing_md(StudyAttrs.from_attrs(study.user_attrs).narrowed)
         lines += [f"Top trials by validation accuracy (of {len(trials)}):", ""]
-        lines += md_table(TRIAL_COLUMNS, [_trial_row(t) for t in _top(trials, 5)])
+        names = searched(trials)
+        lines += md_table(trial_columns(names), [_trial_row(t, names) for t in _top(trials, 5)])
     elif stage == Stage.FINAL:
         done = [t for t in trials if t.state == TrialState.COMPLETE]
         if done:
             t = done[0]
             a = trial_attrs(t)
+            names = searched([t])
             lines += md_table(
-                ["lr", "weight_decay", "epochs", "val accuracy", "test accuracy", "test loss"],
+                [*names, "epochs", "val accuracy", "test accuracy", "test loss"],
                 [
                     [
-                        num(t.params.get(Param.LR)),
-                        num(t.params.get(Param.WEIGHT_DECAY)),
+                        *(num(t.params.get(name)) for name in names),
                         blank(a.epochs_run),
                         acc(a.val_accuracy),
                         acc(a.test_accuracy),

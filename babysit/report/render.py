@@ -25,6 +25,11 @@ TITLES = {
 TRIAL_COLUMNS = ["#", "lr", "weight_decay", "val accuracy", "state", "reason"]
 
 
+def trial_columns(params: list[str]) -> list[str]:
+    """The trial table's columns: the number, every searched parameter, the result."""
+    return ["#", *params, "val accuracy", "state", "reason"]
+
+
 # ---------------------------------------------------------------------------- formatting
 
 
@@ -95,6 +100,8 @@ class Section:
     facts: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     trials: list[list[str]] = field(default_factory=list)
+    # The trial table's header: TRIAL_COLUMNS, or more where dropout or a schedule was searched.
+    columns: list[str] = field(default_factory=lambda: list(TRIAL_COLUMNS))
     total_trials: int = 0
     figure: str | None = None
 
@@ -189,7 +196,10 @@ def render_html(r: Report) -> str:
                 f"<p>Top {len(s.trials)} trials"
                 f"{f' ({more} more in babysit export)' if more > 0 else ''}:</p>"
             )
-            parts.append(_html_table(TRIAL_COLUMNS, s.trials, {0, 1, 2, 3}))
+            numeric = {
+                i for i, c in enumerate(s.columns) if c not in ("state", "reason", "schedule")
+            }
+            parts.append(_html_table(s.columns, s.trials, numeric))
     parts.append("<details><summary>The run's spec</summary>")
     parts.append(_html_table(["key", "value"], [[k, v] for k, v in r.spec], set()))
     parts.append("</details></body></html>")
@@ -233,7 +243,7 @@ def render_md(r: Report) -> str:
                 f"{f' ({more} more in `babysit export`)' if more > 0 else ''}:",
                 "",
             ]
-            lines += md_table(TRIAL_COLUMNS, s.trials)
+            lines += md_table(s.columns, s.trials)
     lines += ["## The run's spec", "", "```"]
     lines += [f"{k} = {v}" for k, v in r.spec]
     lines += ["```", ""]

@@ -15,6 +15,7 @@ from babysit.spec.fields import SearchSpec
 from babysit.spec.fields import Spec
 from babysit.spec.fields import all_keys
 from babysit.spec.fields import build_spec
+from babysit.spec.fields import overfit_lrs
 from babysit.spec.fields import validate
 from babysit.spec.parse import load_toml
 from babysit.spec.rules import NAME_MAX
@@ -37,5 +38,6 @@ __all__ = [
     "check_run_name",
     "default_run_name",
     "load_toml",
+    "overfit_lrs",
     "validate",
 ]

@@ -38,6 +38,14 @@ def _coerce(key: str, value: Any, current: Any) -> Any:
         if isinstance(value, str):
             return value
     elif isinstance(current, list):
+        # A list of choices (coarse.schedule): strings, checked against the field's rule.
+        if (
+            isinstance(value, list)
+            and all(isinstance(v, str) for v in current)
+            and all(isinstance(v, str) for v in value)
+            and (value or current)
+        ):
+            return list(value)
         if isinstance(value, list) and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
         ):

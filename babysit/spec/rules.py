@@ -21,7 +21,14 @@ from babysit.errors import UsageError
 # ---------------------------------------------------------------------------- choices
 # The spec's closed sets. The first of each is not necessarily its default: the defaults
 # and the reasons for them stand beside the fields in babysit/spec/fields.py.
-OPTIMIZERS = ("sgd", "adam")
+# "nesterov" is SGD with Nesterov momentum (``momentum`` as for sgd): one name on the
+# command line like the others, not a flag that would mean nothing to adam and adamw.
+OPTIMIZERS = ("sgd", "adam", "adamw", "nesterov")
+# The optimizer whose overfit.lrs list an optimizer uses when the table has no entry of its
+# own: AdamW steps like Adam, Nesterov like SGD (so stored specs keep their two entries).
+OVERFIT_LRS_OF = {"adamw": "adam", "nesterov": "sgd"}
+# LR decay over a trial's epochs (babysit/training/step.py, lr_factor).
+SCHEDULES = ("none", "step", "cosine")
 LOSSES = ("ce", "bce")
 SAMPLERS = ("random", "tpe")
 PRUNERS = ("median", "halving", "none")
@@ -114,6 +121,29 @@ def _log_range() -> Rule:
             isinstance(v, list) and len(v) == 2 and all(_real(x) for x in v) and 0 < v[0] < v[1]
         ),
         "[low, high], two finite numbers with 0 < low < high",
+    )
+
+
+def _unit_range() -> Rule:
+    return Rule(
+        lambda v: (
+            isinstance(v, list)
+            and (
+                len(v) == 0 or (len(v) == 2 and all(_real(x) for x in v) and 0 <= v[0] < v[1] < 1)
+            )
+        ),
+        "[] (not searched) or [low, high] with 0 <= low < high < 1",
+    )
+
+
+def _choices_of(*choices: str) -> Rule:
+    return Rule(
+        lambda v: (
+            isinstance(v, list)
+            and all(isinstance(x, str) and x in choices for x in v)
+            and len(set(v)) == len(v)
+        ),
+        f"[] (not searched) or a list of distinct values from {', '.join(choices)}",
     )
 
 

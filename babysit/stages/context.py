@@ -9,6 +9,7 @@ sanity stage's ``initial_loss``, which the searches measure divergence against).
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,11 +22,13 @@ import torch
 from babysit.data.device import DeviceData
 from babysit.data.streaming import StreamingData
 from babysit.schema import STAGES
+from babysit.schema import Param
 from babysit.spec import Spec
 from babysit.stages.budget import Budget
 from babysit.storage import Storage
 from babysit.training.models import build_model
 from babysit.training.models import fit_head_to_data
+from babysit.training.models import set_dropout
 from babysit.training.step import channels_last_pays
 
 
@@ -110,16 +113,20 @@ def seed_for(spec: Spec, stage: str, number: int) -> int:
     return (spec.seed * 1_000_003 + STAGES.index(stage) * 10_007 + number) % (2**31)
 
 
-def fresh_model(ctx: Context, seed: int) -> torch.nn.Module:
-    """The run's network, initialised from ``seed``, on the device, as every trial starts."""
+def fresh_model(ctx: Context, seed: int, dropout: float | None = None) -> torch.nn.Module:
+    """The run's network, initialised from ``seed``, on the device, as every trial starts.
+    ``dropout``: a searched dropout strength, AlexNet's classifier dropout or the p of every
+    dropout layer of a user's network (None: the network as the spec builds it)."""
     torch.manual_seed(seed)
     data = ctx.data
+    knobs = ctx.spec.model
+    if dropout is not None and knobs.name == "alexnet":
+        knobs = dataclasses.replace(knobs, dropout=dropout)
     model = build_model(
-        ctx.spec.model,
-        data.num_classes,
-        data.in_channels,
-        data.pre.resize or data.image_size,
+        knobs, data.num_classes, data.in_channels, data.pre.resize or data.image_size
     )
+    if dropout is not None and knobs.name != "alexnet":
+        set_dropout(model, dropout)
     model = model.to(ctx.device)
     # babysit's own network only: a user's model is diagnosed by sanity, never re-initialised.
     fit_head_to_data(model, ctx.spec.model.name, data, ctx.spec.loss)
@@ -128,6 +135,12 @@ def fresh_model(ctx: Context, seed: int) -> torch.nn.Module:
     if ctx.compile:
         model.compile()  # in place: state_dict keys stay those of the plain module
     return model
+
+
+def trial_knobs(params: dict[str, Any]) -> dict[str, Any]:
+    """The searched knobs besides lr and weight_decay in a trial's params: ``dropout`` and
+    ``schedule`` where the search drew them (fresh_model's and fit's arguments)."""
+    return {k: params[k] for k in (Param.DROPOUT, Param.SCHEDULE) if k in params}
 
 
 def generator_for(ctx: Context, seed: int) -> torch.Generator:

@@ -44,6 +44,7 @@ from babysit.stages.divergence import probe_ceiling
 from babysit.stages.search import search
 from babysit.stages.study import open_stage
 from babysit.terminal import plural
+from babysit.terminal import shown_range
 
 # Decades below and above the LR that memorised. Asymmetric because the overfit check
 # stops at the first LR of its list that memorises 20 examples in up to 200 full-batch
@@ -132,6 +133,8 @@ def edges(
     search already saw where training explodes, and looks no higher."""
     out: dict[str, str] = {}
     for name, (lo, hi) in ranges.items():
+        if name not in Param.LOG:  # dropout's range is all there is; a schedule has no edge
+            continue
         b = math.log10(best["params"][name])
         if math.log10(hi) - b <= edge:
             if name == Param.LR and ceiling is not None:
@@ -186,7 +189,7 @@ def extend_coarse(
     )
     ctx.log(
         f"coarse: best {shown}; {plan['extra_trials']} extra trials in "
-        + ", ".join(f"{k} [{a:.3g}, {b:.3g}]" for k, (a, b) in plan["strip"].items())
+        + ", ".join(f"{k} {shown_range(v)}" for k, v in plan["strip"].items())
     )
     bigger = dataclasses.replace(spec.coarse, trials=spec.coarse.trials + plan["extra_trials"])
     result = search(
@@ -209,12 +212,26 @@ def extend_coarse(
     return result
 
 
+def searched_ranges(spec: Spec) -> dict[str, list[Any]]:
+    """The spec's coarse ranges of every searched dimension: lr and weight_decay always,
+    dropout and the schedule when coarse.dropout / coarse.schedule name any."""
+    ranges: dict[str, list[Any]] = {
+        Param.LR: list(spec.coarse.lr),
+        Param.WEIGHT_DECAY: list(spec.coarse.weight_decay),
+    }
+    if spec.coarse.dropout:
+        ranges[Param.DROPOUT] = list(spec.coarse.dropout)
+    if spec.coarse.schedule:
+        ranges[Param.SCHEDULE] = list(spec.coarse.schedule)
+    return ranges
+
+
 def _coarse_ranges(ctx: Context, initial_loss: float) -> dict[str, list[float]]:
     """The spec's coarse ranges, the lr range the LR range test proposes, or the lr range
     anchored on the overfit LR (and probed at its top, PROBE_RULE); read back from the
     coarse study once a search stored them, so every worker and every rerun uses the same."""
     spec = ctx.spec
-    ranges = {Param.LR: list(spec.coarse.lr), Param.WEIGHT_DECAY: list(spec.coarse.weight_decay)}
+    ranges = searched_ranges(spec)
     study = open_stage(ctx, Stage.COARSE)
     stored = StudyAttrs.from_attrs(study.user_attrs).ranges
     if stored is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any
 
 import torch
 from optuna.trial import FrozenTrial
@@ -30,9 +31,16 @@ from babysit.stages.study import open_stage
 # word for word (tests/test_readme.py), so the two cannot drift apart.
 NARROW_RULE = (
     "top {top} of the {good} complete coarse trials with val accuracy >= "
-    "{threshold} (half-way from chance {chance} to the best {best}); log10 span of "
-    "each parameter padded by {pad} decades, clipped to the coarse range"
+    "{threshold} (half-way from chance {chance} to the best {best}); for every searched "
+    "number, the span of their values on its search scale (log10 for lr and weight_decay, "
+    "linear for dropout) padded on each side by {pad} decades on a log scale or {share} of "
+    "the coarse range on a linear one, clipped to the coarse range; for every searched "
+    "choice (schedule), the values they used"
 )
+# A linear dimension's pad as a share of its coarse range, per decade of ``narrow.pad``: the
+# default 0.5 decades is a tenth of the default 5-decade lr range, and so a tenth of the
+# dropout range.
+LINEAR_PAD_SHARE = 0.2
 
 
 def narrow(
@@ -48,8 +56,10 @@ def narrow(
 
     Keep the COMPLETE coarse trials that got at least half of the best trial's gain over
     chance (a trial at chance level says nothing about where the good region is), take
-    the top k of them by validation accuracy; for each parameter take the log10 span of
-    their values, pad it by ``pad`` decades on both sides and clip it to the coarse range.
+    the top k of them by validation accuracy; for each searched number take the span of
+    their values on its search scale (log10 for lr and weight_decay, linear for dropout),
+    pad it by ``pad`` decades (linear: ``pad`` x LINEAR_PAD_SHARE of the coarse range) on
+    both sides and clip it to the coarse range; a searched choice keeps the values used.
     Warn when the best value lies within ``edge`` decades of a coarse bound: the optimum
     may lie outside the range searched. lr stays below a divergence (``_spans``).
     """
@@ -75,21 +85,8 @@ def narrow(
             "new --name (`babysit report` shows every coarse trial)"
         )
     top = [t for t, _ in sorted(good, key=lambda tv: (-tv[1], tv[0].number))[:top_k]]
-    best = top[0]
     spans, ceiling = _spans(trials, top, coarse, pad, probed)
-    ranges: dict[str, list[float]] = {}
-    warnings_: list[str] = []
-    for name in (Param.LR, Param.WEIGHT_DECAY):
-        lo_c, hi_c = (math.log10(v) for v in getattr(coarse, name))
-        lo, hi = spans[name]
-        ranges[name] = [10**lo, 10**hi]
-        b = math.log10(best.params[name])
-        if b - lo_c <= edge or hi_c - b <= edge:
-            side = "lower" if b - lo_c <= edge else "upper"
-            warnings_.append(
-                f"best {name} {best.params[name]:.3g} sits at the {side} edge of the coarse "
-                f"range [{10**lo_c:.3g}, {10**hi_c:.3g}]: widen coarse.{name} and rerun"
-            )
+    ranges, warnings_ = _ranges(top, spans, coarse, edge)
     rule = NARROW_RULE.format(
         top=len(top),
         good=len(good),
@@ -97,6 +94,7 @@ def narrow(
         chance=f"{chance:.3f}",
         best=f"{best_value:.3f}",
         pad=f"{pad:g}",
+        share=f"{pad * LINEAR_PAD_SHARE:g}",
     )
     return Narrowed(
         ranges=ranges,
@@ -116,6 +114,38 @@ def narrow(
     )
 
 
+def _ranges(
+    top: list[FrozenTrial], spans: dict[str, tuple[float, float]], coarse: CoarseSpec, edge: float
+) -> tuple[dict[str, list[Any]], list[str]]:
+    """The fine range of every dimension the ``top`` trials searched (``spans`` in log10
+    for lr and weight_decay, plain for dropout; a choice keeps the values they used), and a
+    warning for each best log value within ``edge`` decades of a coarse bound."""
+    best = top[0]
+    ranges: dict[str, list[Any]] = {}
+    warnings_: list[str] = []
+    for name in Param.ALL:
+        if name not in best.params:
+            continue
+        if name in Param.CHOICE:  # the choices the top trials used, in the coarse order
+            used = {t.params.get(name) for t in top}
+            ranges[name] = [c for c in getattr(coarse, name) if c in used] or sorted(used)
+            continue
+        if name in Param.LINEAR:
+            ranges[name] = list(spans[name])
+            continue
+        lo_c, hi_c = (math.log10(v) for v in getattr(coarse, name))
+        lo, hi = spans[name]
+        ranges[name] = [10**lo, 10**hi]
+        b = math.log10(best.params[name])
+        if b - lo_c <= edge or hi_c - b <= edge:
+            side = "lower" if b - lo_c <= edge else "upper"
+            warnings_.append(
+                f"best {name} {best.params[name]:.3g} sits at the {side} edge of the coarse "
+                f"range [{10**lo_c:.3g}, {10**hi_c:.3g}]: widen coarse.{name} and rerun"
+            )
+    return ranges, warnings_
+
+
 def _spans(
     trials: list[FrozenTrial],
     top: list[FrozenTrial],
@@ -126,10 +156,17 @@ def _spans(
     """The log10 span of each parameter over the ``top`` trials, padded and clipped to the
     coarse range, lr's capped below a divergence; and that divergence's lr (or None)."""
     spans: dict[str, tuple[float, float]] = {}
-    for name in (Param.LR, Param.WEIGHT_DECAY):
+    for name in Param.LOG:
         lo_c, hi_c = (math.log10(v) for v in getattr(coarse, name))
         logs = [math.log10(t.params[name]) for t in top]
         spans[name] = (max(lo_c, min(logs) - pad), min(hi_c, max(logs) + pad))
+    for name in Param.LINEAR:
+        if name not in top[0].params:
+            continue
+        lo_c, hi_c = getattr(coarse, name)
+        values = [float(t.params[name]) for t in top]
+        margin = pad * LINEAR_PAD_SHARE * (hi_c - lo_c)
+        spans[name] = (max(lo_c, min(values) - margin), min(hi_c, max(values) + margin))
     # Divergence is evidence (babysit/stages/divergence.py, CEILING_RULE): fine's lr stays
     # below where coarse trials of the good weight-decay region (or the probe of the top)
     # diverged. An lr that diverged for one trial is no place to search, even below a good

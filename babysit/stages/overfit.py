@@ -18,6 +18,7 @@ from babysit.schema import Param
 from babysit.schema import Stage
 from babysit.schema import StudyKey
 from babysit.schema import TrialKey
+from babysit.spec import overfit_lrs
 from babysit.stages.context import Context
 from babysit.stages.context import StageResult
 from babysit.stages.context import fresh_model
@@ -36,7 +37,7 @@ def overfit(ctx: Context) -> StageResult:
     data = ctx.data
     n = min(spec.overfit.samples, data.train_size)
     x, y = data.head(n)
-    lrs = spec.overfit.lrs[spec.optimizer]
+    lrs = overfit_lrs(spec) or []
     tried: list[FrozenTrial] = []
     for i, lr in enumerate(lrs):
 

@@ -1,4 +1,5 @@
-"""The searches, coarse and fine: a log-uniform search over lr and weight_decay that several
+"""The searches, coarse and fine: a search over lr and weight_decay (log-uniform), and
+dropout and the LR schedule when the spec names them, that several
 processes can fill at once, each trial trained for a few epochs and pruned (median or
 successive halving) or stopped on divergence on the way, and the stage's verdict with its
 counts and best trial. How the fine ranges are narrowed from coarse is in babysit/stages/narrow.py;
@@ -46,6 +47,7 @@ from babysit.stages.samplers import pruner_for
 from babysit.stages.samplers import sampler_for
 from babysit.stages.study import open_stage
 from babysit.terminal import plural
+from babysit.terminal import shown_params
 from babysit.training.diagnostics import Monitor
 from babysit.training.diagnostics import record_diagnostics
 from babysit.training.step import EpochStats
@@ -165,13 +167,14 @@ def _search_trial(
     ranges: dict[str, list[float]],
     initial: float,
 ) -> float:
-    """One search trial: draw lr and weight_decay, train ``search_spec.epochs`` epochs
-    (pruned or stopped on divergence on the way), return the last val accuracy."""
+    """One search trial: draw lr, weight_decay and any other searched knob (dropout, the
+    schedule), train ``search_spec.epochs`` epochs (pruned or stopped on divergence on the
+    way), return the last val accuracy."""
     spec = ctx.spec
-    lr = trial.suggest_float(Param.LR, *ranges[Param.LR], log=True)
-    wd = trial.suggest_float(Param.WEIGHT_DECAY, *ranges[Param.WEIGHT_DECAY], log=True)
+    drawn = draw(trial, ranges)
+    lr, wd = drawn[Param.LR], drawn[Param.WEIGHT_DECAY]
     seed = seed_for(spec, stage, trial.number)
-    model = fresh_model(ctx, seed)
+    model = fresh_model(ctx, seed, drawn.get(Param.DROPOUT))
     opt = make_optimizer(spec.optimizer, model.parameters(), lr, wd, spec.momentum)
     curves: dict[str, list[float]] = {
         k: [] for k in ("train_loss", "train_acc", "val_loss", "val_acc")
@@ -220,6 +223,7 @@ def _search_trial(
         check_every=ctx.check_every,
         on_epoch=on_epoch,
         monitor=monitor,
+        schedule=drawn.get(Param.SCHEDULE, spec.schedule),
     )
     diag.update(record_diagnostics(monitor, curves))  # a diverged trial's last epoch
     store_trial_data(ctx.storage, trial, **{TrialKey.CURVES: curves}, **diag)
@@ -227,6 +231,20 @@ def _search_trial(
     trial.set_user_attr(TrialKey.EXAMPLES, history.examples)
     trial.set_user_attr(TrialKey.STEPS, history.steps)
     return _ended(ctx, trial, search_spec, history, initial, curves)
+
+
+def draw(trial: optuna.Trial, ranges: dict[str, list[Any]]) -> dict[str, Any]:
+    """One value of every searched dimension in ``ranges``: lr and weight_decay
+    log-uniform, dropout uniform, the schedule one of its choices (Param's scales)."""
+    drawn: dict[str, Any] = {}
+    for name in Param.ALL:
+        if name not in ranges:
+            continue
+        if name in Param.CHOICE:
+            drawn[name] = trial.suggest_categorical(name, list(ranges[name]))
+        else:
+            drawn[name] = trial.suggest_float(name, *ranges[name], log=name in Param.LOG)
+    return drawn
 
 
 def _ended(
@@ -309,9 +327,7 @@ def _search_result(
         # A careful person keeps a good coarse result when the fine round went badly.
         recovery = (
             f"recovered: the final takes the best coarse trial {coarse_best['number']} "
-            f"(val accuracy {coarse_best['value']:.3f} at lr "
-            f"{coarse_best['params']['lr']:.3g}, weight_decay "
-            f"{coarse_best['params']['weight_decay']:.3g})"
+            f"(val accuracy {coarse_best['value']:.3f} at {shown_params(coarse_best['params'])})"
         )
         study = open_stage(ctx, stage)
         if study.user_attrs.get(StudyKey.RECOVERY) != recovery:
@@ -320,8 +336,7 @@ def _search_result(
         return StageResult(stage, "recovered", f"{verdict}; {recovery}", values)
     verdict = (
         f"{stage}: {plural(counts['trials'], 'trial')} ({counts_text(counts)}); best val accuracy "
-        f"{best['value']:.3f} at lr {best['params']['lr']:.3g}, "
-        f"weight_decay {best['params']['weight_decay']:.3g}"
+        f"{best['value']:.3f} at {shown_params(best['params'])}"
     )
     if stage == Stage.FINE:
         coarse_best = best_of(open_stage(ctx, Stage.COARSE).get_trials(deepcopy=False))

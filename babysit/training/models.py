@@ -226,16 +226,20 @@ def fit_head_to_data(model: nn.Module, name: str, data: Any, loss: str = "ce") -
     calibrate_head(model, data.pre(x, train=False), loss)
 
 
+def _check_geometry(model: Any, image_size: int) -> None:
+    if model.geometry == "alexnet227" and image_size < _MIN_SIDE_227:
+        raise UsageError(
+            f"model.geometry alexnet227 needs inputs of at least {_MIN_SIDE_227} px, got "
+            f"{image_size}; set data.resize=227 (or 0 for automatic) or use cifar32"
+        )
+
+
 def build_model(model: Any, num_classes: int, in_channels: int, image_size: int) -> nn.Module:
     """The spec's ``model`` table built: ``alexnet`` with its knobs, or the user's
     ``module:callable`` named by ``model.name``."""
     name = model.name
     if name == "alexnet":
-        if model.geometry == "alexnet227" and image_size < _MIN_SIDE_227:
-            raise UsageError(
-                f"model.geometry alexnet227 needs inputs of at least {_MIN_SIDE_227} px, got "
-                f"{image_size}; set data.resize=227 (or 0 for automatic) or use cifar32"
-            )
+        _check_geometry(model, image_size)
         return AlexNet(
             num_classes,
             in_channels=in_channels,
@@ -255,6 +259,41 @@ def build_model(model: Any, num_classes: int, in_channels: int, image_size: int)
     raise UsageError(
         f"unknown model '{name}'; use {either(tuple(repr(m) for m in MODELS))} or module:callable"
     )
+
+
+def check_model(
+    model: Any, num_classes: int, in_channels: int, image_size: int, dropout_searched: bool
+) -> None:
+    """The spec's network checked before any trial: a user's is built once (it must import
+    and give one logit per class) and, when dropout is searched, must have Dropout layers
+    for the search to set. babysit's own AlexNet is not built (23M weights allocated and
+    freed for nothing: ~90 MB more peak memory), only its geometry checked."""
+    if model.name == "alexnet":
+        _check_geometry(model, image_size)
+        if dropout_searched and model.fc_layers == 1:
+            raise UsageError(
+                "coarse.dropout is set but the AlexNet with model.fc_layers=1 has no dropout "
+                "(it drops before hidden FC layers only); use model.fc_layers=2 or 3, or "
+                "remove coarse.dropout"
+            )
+        return
+    net = build_model(model, num_classes, in_channels, image_size)
+    if dropout_searched and not dropout_layers(net):
+        raise UsageError(
+            f"coarse.dropout is set but model '{model.name}' has no Dropout layers for it to "
+            "set; add nn.Dropout where the network should drop units, or remove coarse.dropout"
+        )
+
+
+def dropout_layers(net: nn.Module) -> list[nn.modules.dropout._DropoutNd]:
+    """The network's dropout layers (nn.Dropout, Dropout1d/2d/3d, AlphaDropout, ...)."""
+    return [m for m in net.modules() if isinstance(m, nn.modules.dropout._DropoutNd)]
+
+
+def set_dropout(net: nn.Module, p: float) -> None:
+    """A user's network with every dropout layer's p set to ``p`` (the searched value)."""
+    for layer in dropout_layers(net):
+        layer.p = p
 
 
 def input_size(model: Any, image_size: int, resize: int) -> int:

@@ -94,19 +94,43 @@ def make_optimizer(
     weight_decay: float,
     momentum: float = 0.9,  # noqa: ANN001
 ) -> torch.optim.Optimizer:
-    # Fused kernels: one pass over all parameters instead of a loop of small ops. On the CPU
-    # an Adam step over AlexNet's 23M weights drops from 145 ms to 15 ms (SGD: 52 to 12).
+    """adam, adamw (decoupled weight decay), sgd or nesterov (SGD with Nesterov momentum).
+
+    Fused kernels: one pass over all parameters instead of a loop of small ops. On the CPU
+    an Adam step over AlexNet's 23M weights drops from 145 ms to 15 ms (SGD: 52 to 12)."""
     params = list(params)
+    kinds = {
+        "adam": (torch.optim.Adam, {}),
+        "adamw": (torch.optim.AdamW, {}),
+        "sgd": (torch.optim.SGD, {"momentum": momentum}),
+        "nesterov": (torch.optim.SGD, {"momentum": momentum, "nesterov": True}),
+    }
+    kind, extra = kinds[name]
     try:
-        if name == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=True)
-        return torch.optim.SGD(
-            params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=True
-        )
+        return kind(params, lr=lr, weight_decay=weight_decay, fused=True, **extra)
     except (RuntimeError, ValueError):  # a device or dtype without fused kernels
-        if name == "adam":
-            return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return kind(params, lr=lr, weight_decay=weight_decay, **extra)
+
+
+def lr_factor(schedule: str, epoch: int, epochs: int) -> float:
+    """The share of the initial lr that epoch ``epoch`` (0-based) of ``epochs`` trains at:
+    "none" 1; "step" x0.1 from half the epochs on and x0.01 from three quarters on;
+    "cosine" 0.5 (1 + cos(pi epoch / epochs)), from 1 at the first epoch towards 0."""
+    if schedule == "step":
+        return 0.1 ** sum(
+            epoch >= math.ceil(epochs * share) for share in (0.5, 0.75) if epochs > 1
+        )
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * epoch / max(1, epochs)))
+    return 1.0
+
+
+def set_epoch_lr(optimizer: torch.optim.Optimizer, schedule: str, epoch: int, epochs: int) -> None:
+    """Each group's lr for ``epoch``: its initial lr (kept in the group, so a checkpoint
+    resumes the schedule where it was) times :func:`lr_factor`."""
+    for group in optimizer.param_groups:
+        base = group.setdefault("initial_lr", group["lr"])
+        group["lr"] = base * lr_factor(schedule, epoch, epochs)
 
 
 def loss_fn(kind: str, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -219,6 +243,8 @@ def fit(
     # which must stay the same on every rank).
     shard: tuple[int, int] = (0, 1),
     augment_generator: torch.Generator | None = None,
+    # LR decay over ``epochs`` (lr_factor); "none" leaves the optimiser's lr alone.
+    schedule: str = "none",
 ) -> History:
     """Train for ``epochs`` epochs; stop on the step the loss diverges.
 
@@ -233,6 +259,8 @@ def fit(
     model.train()
     for epoch in range(start_epoch, epochs):
         t0 = time.perf_counter()
+        if schedule != "none":
+            set_epoch_lr(optimizer, schedule, epoch, epochs)
         run_loss = torch.zeros((), device=dev)
         run_correct = torch.zeros((), device=dev, dtype=torch.long)
         seen = 0

@@ -147,6 +147,26 @@ SPEC_CASES = {
     "dataset-with-newline": (("--dataset", "dig\nits"), ("dataset", "\\n")),
     "model-empty": (("--model", ""), ()),
     "jobs-0": (("--jobs", "0"), ("--jobs must be at least 1",)),
+    # Issue 22's knobs: dropout and the schedule searched, the new optimizers.
+    "coarse-dropout-reversed": (S("coarse.dropout=[0.5, 0.1]"), ("coarse.dropout", "low < high")),
+    "coarse-dropout-1": (S("coarse.dropout=[0.1, 1.0]"), ("coarse.dropout", "< 1")),
+    "coarse-dropout-one-bound": (S("coarse.dropout=[0.3]"), ("coarse.dropout", "[low, high]")),
+    "coarse-dropout-words": (S('coarse.dropout=["a", "b"]'), ("coarse.dropout",)),
+    "coarse-schedule-unknown": (
+        S('coarse.schedule=["none", "linear"]'),
+        ("coarse.schedule", "none, step, cosine"),
+    ),
+    "coarse-schedule-twice": (S('coarse.schedule=["cosine", "cosine"]'), ("distinct",)),
+    "coarse-schedule-numbers": (S("coarse.schedule=[1, 2]"), ("coarse.schedule",)),
+    "schedule-unknown": (S('schedule="linear"'), ("unknown schedule 'linear'",)),
+    "dropout-searched-on-a-head-without-dropout": (
+        S("model.fc_layers=1", "coarse.dropout=[0.1, 0.5]"),
+        ("model.fc_layers=1 has no dropout",),
+    ),
+    "nesterov-without-momentum": (
+        ("--optimizer", "nesterov", *S("momentum=0")),
+        ("nesterov needs momentum > 0",),
+    ),
     "heartbeat-0": (("--heartbeat", "0"), ("heartbeat_interval", "positive")),
 }
 
@@ -261,6 +281,11 @@ USER_CODE = {
         "    def forward(self, x):\n        return x.flatten(1)[:, : self.n]\n\n\n"
         "def build(num_classes, in_channels, image_size):\n    return Pick(num_classes)\n"
     ),
+    "nodropout.py": (
+        "from torch import nn\n\n\ndef build(num_classes, in_channels, image_size):\n"
+        "    return nn.Sequential(nn.Flatten(), nn.Linear(in_channels * image_size**2, "
+        "num_classes))\n"
+    ),
     "frozen.py": (
         "from torch import nn\n\n\ndef build(num_classes, in_channels, image_size):\n"
         "    net = nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))\n"
@@ -289,6 +314,10 @@ MODEL_CASES = {
         ("no trainable parameters",),
     ),
     "model-with-frozen-parameters": (("--model", "frozen:build"), ("no trainable parameters",)),
+    "dropout-searched-without-dropout-layers": (
+        ("--model", "nodropout:build", "--set", "coarse.dropout=[0.1, 0.5]"),
+        ("coarse.dropout is set but model 'nodropout:build' has no Dropout layers",),
+    ),
 }
 
 

@@ -55,7 +55,10 @@ def _constants(cls: type) -> set[str]:
 def test_key_constants_are_the_dataclass_fields() -> None:
     assert _constants(StudyKey) == set(StudyAttrs.keys())
     assert _constants(TrialKey) == set(TrialAttrs.keys())
-    assert _constants(Param) == {"lr", "weight_decay"}
+    names = {v for v in _constants(Param) if isinstance(v, str)}
+    assert names == {"lr", "weight_decay", "dropout", "schedule"} == set(Param.ALL)
+    # Each searched name has one scale: log-uniform, uniform or a choice.
+    assert sorted(Param.LOG + Param.LINEAR + Param.CHOICE) == sorted(Param.ALL)
 
 
 def test_trial_attrs_round_trip_and_unknown_keys_are_kept() -> None:

@@ -68,6 +68,8 @@ class _Job:
     trial_id: int
     lr: float
     weight_decay: float
+    # The searched dropout and schedule of the final (stages.context.trial_knobs).
+    knobs: dict[str, Any]
     checkpoint: str | None
     splits: dict[str, torch.Tensor]
     pre: Any
@@ -81,7 +83,13 @@ class _Job:
 
 
 def _job(
-    ctx: Context, study: optuna.Study, trial: optuna.Trial, lr: float, wd: float, path: str | None
+    ctx: Context,
+    study: optuna.Study,
+    trial: optuna.Trial,
+    lr: float,
+    wd: float,
+    path: str | None,
+    knobs: dict[str, Any] | None = None,
 ) -> _Job:
     """What every rank needs: the spec, where the storage is, the trial, the splits on the
     CPU, the checkpoint file (``path``) to resume from."""
@@ -99,6 +107,7 @@ def _job(
         trial_id=trial_id(trial),
         lr=lr,
         weight_decay=wd,
+        knobs=dict(knobs or {}),
         checkpoint=path,
         splits={
             k: getattr(data, k).to(cpu)
@@ -135,7 +144,12 @@ def _launch_config(procs: int) -> Any:
 
 
 def launch_final(
-    ctx: Context, study: optuna.Study, trial: optuna.Trial, lr: float, wd: float
+    ctx: Context,
+    study: optuna.Study,
+    trial: optuna.Trial,
+    lr: float,
+    wd: float,
+    knobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Train the final on ``ctx.final_procs`` processes; rank 0's result."""
     from torch.distributed.launcher.api import elastic_launch
@@ -153,7 +167,7 @@ def launch_final(
         from babysit.stages.final.train import train_final
 
         one = dataclasses.replace(ctx, final_procs=1)
-        return train_final(one, study, trial, lr, wd, load_checkpoint(one, study))
+        return train_final(one, study, trial, lr, wd, load_checkpoint(one, study), knobs=knobs)
     with tempfile.TemporaryDirectory(prefix="babysit-ddp-") as tmp:
         path = None
         # The launcher reads the checkpoint once from the artifact store; the ranks load it
@@ -164,7 +178,7 @@ def launch_final(
             torch.save(ckpt, path)
             ctx.log(f"final: resuming from the checkpoint of epoch {int(ckpt['epoch'])}")
             del ckpt
-        job = _job(ctx, study, trial, lr, wd, path)
+        job = _job(ctx, study, trial, lr, wd, path, knobs)
         config = _launch_config(procs)
         ctx.log(
             f"final: {procs} processes, DistributedDataParallel over "
@@ -248,7 +262,9 @@ def _rank_main(job: _Job) -> dict[str, Any]:
         ckpt = None
         if job.checkpoint:
             ckpt = torch.load(job.checkpoint, map_location=device, weights_only=True)
-        return train_final(ctx, study, trial, job.lr, job.weight_decay, ckpt, None, rank, world)
+        return train_final(
+            ctx, study, trial, job.lr, job.weight_decay, ckpt, None, rank, world, job.knobs
+        )
     finally:
         dist.destroy_process_group()
 

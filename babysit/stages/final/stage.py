@@ -18,20 +18,23 @@ from optuna.trial import TrialState
 from babysit.errors import ProtocolError
 from babysit.parallel.coordination import fixed_trial
 from babysit.parallel.coordination import holders
+from babysit.schema import Param
 from babysit.schema import Stage
 from babysit.schema import TrialKey
 from babysit.schema import best_of
 from babysit.stages.context import Context
 from babysit.stages.context import StageResult
+from babysit.stages.context import trial_knobs
 from babysit.stages.final.checkpoint import delete_checkpoint
 from babysit.stages.final.checkpoint import load_checkpoint
 from babysit.stages.final.train import train_final
+from babysit.stages.search import draw
 from babysit.stages.study import open_stage
 
 # ---------------------------------------------------------------------------- final
 
 
-def best_params(ctx: Context) -> dict[str, float]:
+def best_params(ctx: Context) -> dict[str, Any]:
     # The best trial of coarse and fine together, by validation accuracy (a fine trial
     # first on a tie: it trained longer). A fine stage that did worse than coarse does not
     # hand the final its worse parameters.
@@ -53,7 +56,7 @@ def best_params(ctx: Context) -> dict[str, float]:
 def final(
     ctx: Context,
     progress: Callable[[int, int], None] | None = None,
-    params: dict[str, float] | None = None,
+    params: dict[str, Any] | None = None,
     launch: Callable[..., dict[str, Any]] | None = None,
 ) -> StageResult:
     """Train with the best parameters for the long budget, then evaluate on the test split.
@@ -67,22 +70,23 @@ def final(
     params = params if params is not None else best_params(ctx)
 
     def objective(trial: optuna.Trial) -> float:
-        lr = trial.suggest_float("lr", params["lr"], params["lr"], log=True)
-        wd = trial.suggest_float(
-            "weight_decay", params["weight_decay"], params["weight_decay"], log=True
-        )
+        # Every searched value as a fixed param of the final trial (one value each).
+        fixed = {k: [params[k]] if k in Param.CHOICE else [params[k]] * 2 for k in params}
+        drawn = draw(trial, fixed)
+        lr, wd = drawn[Param.LR], drawn[Param.WEIGHT_DECAY]
+        knobs = trial_knobs(drawn)
         if ctx.final_procs > 1:
             if launch is None:
                 raise ProtocolError(
                     f"final.procs {ctx.final_procs} needs a launcher: call "
                     "final() with launch=babysit.stages.final.launch.launch_final"
                 )
-            result = launch(ctx, study, trial, lr, wd)
+            result = launch(ctx, study, trial, lr, wd, knobs)
         else:
             ckpt = load_checkpoint(ctx, study)
             if ckpt is not None:
                 ctx.log(f"final: resuming from the checkpoint of epoch {int(ckpt['epoch'])}")
-            result = train_final(ctx, study, trial, lr, wd, ckpt, progress)
+            result = train_final(ctx, study, trial, lr, wd, ckpt, progress, knobs=knobs)
         if result["diverged"]:
             raise ProtocolError(
                 "the final training diverged: loss NaN/inf with the chosen "

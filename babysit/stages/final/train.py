@@ -15,6 +15,7 @@ from typing import Any
 import optuna
 import torch
 
+from babysit.memory import release
 from babysit.record.artifacts import store_trial_data
 from babysit.record.stored import narrowing_warnings
 from babysit.report.publish import upload_filters
@@ -29,6 +30,7 @@ from babysit.stages.final.checkpoint import checkpoint_due
 from babysit.stages.final.checkpoint import copy_weights
 from babysit.stages.final.checkpoint import save_checkpoint
 from babysit.stages.final.checkpoint import save_model
+from babysit.terminal import shown_params
 from babysit.training.diagnostics import Monitor
 from babysit.training.diagnostics import record_diagnostics
 from babysit.training.step import EpochStats
@@ -265,7 +267,12 @@ class _Epochs:
 
     def store(self, t0: float) -> None:
         """Rank 0, after the last epoch: curves, diagnostics, counts and the seconds since
-        ``t0`` on the trial."""
+        ``t0`` on the trial. The optimiser's state and the gradients go first: the test and
+        the model's upload need the weights only (Adam's state of the digits AlexNet is
+        186 MB, its gradients 93 MB, all resident while the model is written)."""
+        self.opt.state.clear()
+        self.model.zero_grad(set_to_none=True)
+        release()
         trial, ctx = self.trial, self.ctx
         assert trial is not None and self.monitor is not None
         self.diag.update(record_diagnostics(self.monitor, self.curves, warnings=self.edge))
@@ -276,7 +283,7 @@ class _Epochs:
 
 
 def _setup(
-    ctx: Context, lr: float, wd: float, rank: int, world: int
+    ctx: Context, lr: float, wd: float, rank: int, world: int, dropout: float | None = None
 ) -> tuple[
     torch.nn.Module,
     torch.nn.Module,
@@ -288,7 +295,7 @@ def _setup(
     generator, a rank's own augmentation generator or None) for the final's seed."""
     spec = ctx.spec
     seed = seed_for(spec, Stage.FINAL, 0)
-    model = fresh_model(ctx, seed)
+    model = fresh_model(ctx, seed, dropout)
     net: torch.nn.Module = model
     gen = generator_for(ctx, seed)  # the permutation: the same on every rank
     augment = None
@@ -304,6 +311,17 @@ def _setup(
     return model, net, opt, gen, augment
 
 
+def _fit_options(
+    spec: Any, knobs: dict[str, Any], rank: int, world: int, augment: torch.Generator | None
+) -> dict[str, Any]:
+    """fit's options for the final: the schedule (the searched one, or the spec's), and a
+    rank's shard and augmentation stream under data parallel."""
+    options: dict[str, Any] = {"schedule": knobs.get(Param.SCHEDULE, spec.schedule)}
+    if world > 1:
+        options.update(shard=(rank, world), augment_generator=augment)
+    return options
+
+
 def train_final(
     ctx: Context,
     study: optuna.Study | None,
@@ -314,6 +332,7 @@ def train_final(
     progress: Callable[[int, int], None] | None = None,
     rank: int = 0,
     world: int = 1,
+    knobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The final training of one process, or of one rank of ``world`` (DistributedDataParallel
     over an initialised process group; babysit/stages/final/launch.py launches it).
@@ -323,7 +342,8 @@ def train_final(
     """
     spec = ctx.spec
     main = rank == 0
-    model, net, opt, gen, augment = _setup(ctx, lr, wd, rank, world)
+    knobs = knobs or {}  # the searched dropout and schedule (stages.context.trial_knobs)
+    model, net, opt, gen, augment = _setup(ctx, lr, wd, rank, world, knobs.get(Param.DROPOUT))
     if ckpt is not None:
         _restore(ckpt, model, opt, gen, augment, rank, world)
     carried = _carried(ckpt, model, spec.final.epochs)
@@ -341,9 +361,7 @@ def train_final(
         if stop:
             raise _StopFinal
 
-    kwargs: dict[str, Any] = {}
-    if world > 1:
-        kwargs = {"shard": (rank, world), "augment_generator": augment}
+    kwargs = _fit_options(spec, knobs, rank, world, augment)
     if progress is not None:
         progress(state.start, spec.final.epochs)  # the display starts at a resumed epoch
     monitor = state.monitor
@@ -382,7 +400,7 @@ def train_final(
     if state.best_state is not None:
         model.load_state_dict(state.best_state)
     return _test_and_store(
-        ctx, trial, model, state.best, state.epochs, state.stopped, lr, wd, world, per_rank
+        ctx, trial, model, state.best, state.epochs, state.stopped, lr, wd, world, per_rank, knobs
     )
 
 
@@ -397,6 +415,7 @@ def _test_and_store(
     wd: float,
     world: int,
     per_rank: int,
+    knobs: dict[str, Any],
 ) -> dict[str, Any]:
     """The best epoch's weights (loaded in ``model``) on the test split; the verdict, the
     model and its first-layer filters stored on the final trial."""
@@ -423,7 +442,8 @@ def _test_and_store(
         TrialKey.VERDICT,
         (
             f"test accuracy {test_acc:.3f} at epoch {best['epoch']} of {epochs_run}{stop} "
-            f"(loss {test_loss:.3f}), val {val_acc:.3f}; lr {lr:.3g}, weight_decay {wd:.3g}"
+            f"(loss {test_loss:.3f}), val {val_acc:.3f}; "
+            + shown_params({Param.LR: lr, Param.WEIGHT_DECAY: wd, **knobs})
             + (f"; {world} processes" if world > 1 else "")
         ),
     )
