@@ -19,6 +19,7 @@ from babysit.errors import UsageError
 from babysit.record.model_file import MODEL_FILE
 from babysit.record.model_file import MODEL_INFO_FILE
 from babysit.record.model_file import model_info_id
+from babysit.record.runs import no_such_run
 from babysit.record.runs import run_names
 from babysit.record.stored import load_stage
 from babysit.schema import Stage
@@ -41,11 +42,8 @@ def model_artifacts(storage: Storage, run: str) -> tuple[str, str]:
     """The artifact ids of run ``run``'s trained weights and their card; a one-line
     UsageError when the run is unknown, has no passed final, or predates the card."""
     rec = load_stage(storage, run, Stage.FINAL)
-    if rec.study is None:
-        names = run_names(storage)
-        if run not in names:
-            held = f"its runs: {', '.join(names)}" if names else "it holds no runs"
-            raise UsageError(f"no run named '{run}' in {storage.shown} ({held}); pass --name RUN")
+    if rec.study is None and run not in run_names(storage):
+        raise no_such_run(storage, run)  # the line every verb gives, listing the runs there
     complete = rec.complete
     if not complete:
         raise UsageError(

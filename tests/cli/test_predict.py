@@ -263,7 +263,7 @@ def test_bad_input_is_one_line_and_exit_2(
     # ...and the rest through main(), in this process: each subprocess costs seconds.
     in_main = {
         "in colour (RGB) but the model was trained on grey images": [str(colour)],
-        f"no run named 'nosuch' in {finished_run.url} (its runs: {finished_run.name})": [
+        f"no run named 'nosuch' in storage {finished_run.url}; runs there: {finished_run.name}": [
             "--name", "nosuch", image
         ],
         "does not exist": [str(tmp_path / "nosuch.png")],
