@@ -202,6 +202,7 @@ def _cmdline(pid: int) -> list[str]:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # three job processes and a requeue on 2 cores
 def test_submit_through_the_local_executor_runs_the_protocol_and_requeues_a_preempted_worker(
     tmp_path: Path,
 ) -> None:

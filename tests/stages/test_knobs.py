@@ -131,6 +131,7 @@ def test_dropout_reaches_alexnet_and_a_users_layers() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1200)  # a whole protocol and a report; past 600 s on a busy 2-core machine
 def test_a_run_searches_dropout_and_the_schedule_with_adamw(tmp_path) -> None:
     """The whole protocol, tiny, with dropout, the schedule and AdamW: every coarse trial
     draws both, fine searches their narrowed ranges, the final trains with the best trial's
