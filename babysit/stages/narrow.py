@@ -31,11 +31,10 @@ from babysit.stages.study import open_stage
 # word for word (tests/test_readme.py), so the two cannot drift apart.
 NARROW_RULE = (
     "top {top} of the {good} complete coarse trials with val accuracy >= "
-    "{threshold} (half-way from chance {chance} to the best {best}); for every searched "
-    "number, the span of their values on its search scale (log10 for lr and weight_decay, "
-    "linear for dropout) padded on each side by {pad} decades on a log scale or {share} of "
-    "the coarse range on a linear one, clipped to the coarse range; for every searched "
-    "choice (schedule), the values they used"
+    "{threshold} (half-way from chance {chance} to the best {best}); each searched number: "
+    "their span (log10 for lr and weight_decay, linear for dropout) padded by {pad} decades "
+    "or {share} of the coarse range, clipped to it; each searched choice: the values they "
+    "used"
 )
 # A linear dimension's pad as a share of its coarse range, per decade of ``narrow.pad``: the
 # default 0.5 decades is a tenth of the default 5-decade lr range, and so a tenth of the
