@@ -271,6 +271,10 @@ def test_submit_through_the_local_executor_runs_the_protocol_and_requeues_a_pree
                 owner = t.user_attrs.get("worker", "")
                 if t.state != TrialState.RUNNING or not owner:
                     continue
+                if stage == "coarse" and t.intermediate_values:
+                    # In its second (last) epoch: it could end before the stop reaches it.
+                    # In its first, a whole epoch is left, longer than the signal's path.
+                    continue
                 pid = int(owner.rpartition(":")[2])
                 try:
                     if "worker" in _cmdline(pid):  # a worker job's `babysit worker`
@@ -304,11 +308,20 @@ def test_submit_through_the_local_executor_runs_the_protocol_and_requeues_a_pree
     final = trials("final")
     assert len([t for t in final if t.state == TrialState.COMPLETE]) == 1
     assert len(live(final)) == 1
-    hit = trials(stage)
-    killed = hit[victim.number]
+    # The trial the stop reached: the one seen running, or (a fine trial ending just as the
+    # signal came) the job's next one; stored as interrupted, and redone by someone.
+    stopped = [
+        (name, t)
+        for name in ("coarse", "fine")
+        for t in trials(name)
+        if t.user_attrs.get("reason") == "interrupted"
+    ]
+    assert len(stopped) == 1, stopped
+    name, killed = stopped[0]
     assert killed.state == TrialState.FAIL
-    assert killed.user_attrs["reason"] == "interrupted"
-    assert any(t.number > victim.number and t.state in FINISHED for t in live(hit))  # redone
+    assert (name, killed.number) == (stage, victim.number) or stage == "fine"
+    hit = trials(name)
+    assert any(t.number > killed.number and t.state in FINISHED for t in live(hit))  # redone
 
     # The preempted job was requeued: its log shows the stop, then the command again.
     log = "".join(p.read_text() for p in folder.glob(f"{job_id}_*_log.err"))
