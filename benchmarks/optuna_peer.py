@@ -8,7 +8,11 @@ The model is seed 003's AlexNet for 32x32 inputs, verbatim in shape. The splits 
 70/15/15 permutation with seed 0. Compare babysit's default run with this script given
 the same number of epochs (search epochs = babysit's epochs_spent - 20, final 20):
 test accuracy and wall time, one after the other on the same machine.
+With --timeout T it gets a wall-clock budget instead: the search is
+`study.optimize(timeout=0.7 T)` and the final trains epoch after epoch until T is spent.
 usage: python optuna_peer.py --dataset digits|faces --search-epochs 49 --final-epochs 20 --json out.json
+`--dataset cifar-shaped` reads benchmarks/synthetic_cifar.py's set (the same images babysit
+is given as `synthetic_cifar:load`); `--seed` seeds the sampler and the weights.
 """
 
 import argparse
@@ -62,6 +66,12 @@ def tensors(name):
 
         d = load_digits()
         imgs, labels = (d.images / 16.0).astype(np.float32), d.target
+    elif name == "cifar-shaped":
+        from synthetic_cifar import load  # beside this script
+
+        s = load()
+        imgs = torch.cat([s.train_x, s.val_x, s.test_x]).float().numpy() / 255.0
+        labels = torch.cat([s.train_y, s.val_y, s.test_y]).numpy()
     else:
         from skimage.data import lfw_subset
 
@@ -69,7 +79,9 @@ def tensors(name):
     order = np.random.default_rng(0).permutation(len(imgs))  # the same splits as seed_protocol.py
     n = len(imgs)
     a, b = int(0.7 * n), int(0.85 * n)
-    x = torch.tensor(imgs)[:, None].repeat(1, 3, 1, 1)
+    x = torch.tensor(imgs)
+    if x.dim() == 3:  # greyscale: three equal channels
+        x = x[:, None].repeat(1, 3, 1, 1)
     x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
     y = torch.tensor(labels, dtype=torch.long)
     tr, va, te = order[:a], order[a:b], order[b:]
@@ -85,7 +97,7 @@ def accuracy(model, split):
     return (out.argmax(1) == split[1]).float().mean().item()
 
 
-def train(split, classes, lr, wd, epochs, counter, trial=None, val=None):
+def train(split, classes, lr, wd, epochs, counter, trial=None, val=None, deadline=None):
     torch.manual_seed(0)
     model = AlexNet(classes)
     opt = torch.optim.Adam(model.parameters(), lr=lr, weight_decay=wd)
@@ -102,6 +114,10 @@ def train(split, classes, lr, wd, epochs, counter, trial=None, val=None):
             loss.backward()
             opt.step()
         counter["epochs"] += 1
+        if deadline is not None and time.perf_counter() >= deadline:
+            if val is not None:
+                acc = accuracy(model, val)
+            break
         if val is not None:
             acc = accuracy(model, val)
             if trial is not None:
@@ -117,16 +133,19 @@ def main():
     p.add_argument("--search-epochs", type=int, default=49)
     p.add_argument("--trial-epochs", type=int, default=5)
     p.add_argument("--final-epochs", type=int, default=20)
+    p.add_argument("--timeout", type=float, help="wall-clock budget in seconds for search + final")
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json")
     a = p.parse_args()
     torch.set_num_threads(2)
+    torch.manual_seed(a.seed)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     train_s, val_s, test_s, classes = tensors(a.dataset)
     counter = {"epochs": 0}
     t0 = time.perf_counter()
     study = optuna.create_study(
         direction="maximize",
-        sampler=optuna.samplers.TPESampler(seed=0),
+        sampler=optuna.samplers.TPESampler(seed=a.seed),
         pruner=optuna.pruners.HyperbandPruner(min_resource=1, max_resource=a.trial_epochs),
     )
 
@@ -139,11 +158,26 @@ def main():
         if counter["epochs"] >= a.search_epochs:
             study.stop()
 
-    study.optimize(objective, n_trials=1000, callbacks=[budget])
+    if a.timeout:
+        study.optimize(objective, n_trials=1000, timeout=0.7 * a.timeout)
+    else:
+        study.optimize(objective, n_trials=1000, callbacks=[budget])
     best = study.best_params
-    model, val_acc = train(
-        train_s, classes, best["lr"], best["weight_decay"], a.final_epochs, counter, val=val_s
-    )
+    if a.timeout:
+        model, val_acc = train(
+            train_s,
+            classes,
+            best["lr"],
+            best["weight_decay"],
+            10_000,
+            counter,
+            val=val_s,
+            deadline=t0 + a.timeout,
+        )
+    else:
+        model, val_acc = train(
+            train_s, classes, best["lr"], best["weight_decay"], a.final_epochs, counter, val=val_s
+        )
     out = {
         "protocol": "optuna-peer",
         "dataset": a.dataset,
