@@ -7,11 +7,12 @@ import json
 import os
 import signal
 import sys
-from pathlib import Path
 from typing import TYPE_CHECKING
 from typing import Any
 
+from babysit.cli import records
 from babysit.cli.parser import build_parser
+from babysit.cli.records import open_from
 from babysit.cli.rejected import nothing_left_if_rejected
 from babysit.errors import INTERRUPTED
 from babysit.errors import BabysitError
@@ -19,25 +20,10 @@ from babysit.errors import UsageError
 from babysit.schema import Stage
 from babysit.terminal import epoch_tested
 from babysit.terminal import install_warning_format
-from babysit.terminal import plural
 from babysit.terminal import shown_params
 
 if TYPE_CHECKING:
     from babysit.spec import Spec
-
-
-def _open(args: argparse.Namespace, create: bool = True):  # noqa: ANN202
-    from babysit.storage import open_storage
-
-    # Read-only verbs have no heartbeat flags, `runs` no artifact flags (babysit/cli/parser.py).
-    return open_storage(
-        args.storage,
-        getattr(args, "artifact_dir", None),
-        heartbeat=getattr(args, "heartbeat", None),
-        grace=getattr(args, "grace", None),
-        create=create,
-        artifact_store=getattr(args, "artifact_store", None),
-    )
 
 
 def _spec_of(args: argparse.Namespace) -> tuple[dict[str, Any], Spec]:
@@ -61,7 +47,7 @@ def _prepare(args: argparse.Namespace, spec: Spec, **extra: Any) -> Any:
 
     return prepare(
         spec,
-        _open(args),
+        open_from(args),
         device=args.device,
         data_dir=args.data_dir,
         download=True if args.download else None,
@@ -188,7 +174,7 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     from babysit.protocol.run import run_protocol
     from babysit.record.stored import stored_spec
 
-    storage = _open(args, create=False)
+    storage = open_from(args, create=False)
     spec = stored_spec(storage, args.name)
     ctx = prepare(
         spec,
@@ -208,127 +194,10 @@ def _cmd_worker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_status(args: argparse.Namespace) -> int:
-    # babysit.report.status reads storage without torch: it answers in well under a second.
-    from babysit.report.status import status_lines
-    from babysit.report.status import statuses
-
-    storage = _open(args, create=False)
-    summaries = statuses(storage, args.name)
-    if args.json:
-        print(json.dumps(summaries[0] if args.name else summaries, indent=2))
-        return 0
-    if not summaries:
-        print(f"no runs in {storage.shown}; start one with `babysit run`")
-        return 0
-    for s in summaries:
-        print("\n".join(status_lines(s)))
-    return 0
-
-
-def _cmd_runs(args: argparse.Namespace) -> int:
-    from babysit.report.status import run_rows
-    from babysit.report.status import runs_lines
-
-    storage = _open(args, create=False)
-    rows = run_rows(storage)
-    if args.json:
-        print(json.dumps(rows, indent=2))
-    elif not rows:
-        print(f"no runs in {storage.shown}; start one with `babysit run`")
-    else:
-        print("\n".join(runs_lines(rows)))
-    return 0
-
-
-def _cmd_delete(args: argparse.Namespace) -> int:
-    from babysit.record.remove import delete_run
-    from babysit.record.remove import doomed
-
-    storage = _open(args, create=False)
-    what = doomed(storage, args.name)
-    said = (
-        f"run {args.name} in {storage.shown}: {plural(len(what.studies), 'study', 'studies')}, "
-        f"{plural(what.trials, 'trial')}, {plural(len(what.artifacts), 'artifact')} in "
-        f"{storage.artifact_where}"
-    )
-    if what.running:
-        said += (
-            f", {plural(what.running, 'trial')} still RUNNING (stop the run and its "
-            "workers first, or they fail on a missing study)"
-        )
-    if not args.yes:
-        if not (sys.stdin.isatty() and sys.stderr.isatty()):
-            raise UsageError(
-                f"not deleting {said} without --yes (no terminal to ask on); "
-                "add --yes to delete it"
-            )
-        print(f"delete {said}? [y/N] ", end="", file=sys.stderr, flush=True)
-        answer = sys.stdin.readline().strip().lower()
-        if answer not in ("y", "yes"):
-            print("babysit: nothing deleted", file=sys.stderr)
-            return 1
-    removed = delete_run(storage, what)
-    print(
-        f"deleted run {args.name}: {plural(len(what.studies), 'study', 'studies')}, "
-        f"{plural(what.trials, 'trial')}, {plural(removed, 'artifact')} from {storage.shown}",
-        file=sys.stderr,
-    )
-    return 0
-
-
-def _cmd_datasets(args: argparse.Namespace) -> int:
-    from babysit.data import default_data_dir
-    from babysit.data import describe_dataset
-    from babysit.data import registered
-
-    data_dir = Path(args.data_dir) if args.data_dir else default_data_dir()
-    # The sizes are those a run with the default spec stores: each dataset is loaded as a
-    # run loads it (see describe_dataset).
-    rows = [describe_dataset(name, data_dir) for name in sorted(registered())]
-    if args.json:
-        print(json.dumps(rows, indent=2, default=str))
-        return 0
-    for r in rows:
-        if r["sizes"] is None:
-            print(f"{r['name']:<12} {r['missing']}")
-        else:
-            split = "/".join(str(r["sizes"][k]) for k in ("train", "val", "test"))
-            print(f"{r['name']:<12} present  {r['image']:<9} train/val/test {split}")
-        print(f"{'':<12} {r['summary']}; looks in {r.get('where')}")
-    return 0
-
-
 def _cmd_dashboard(args: argparse.Namespace) -> int:
     from babysit.cli.dashboard import serve
 
-    return serve(_open(args, create=False), host=args.host, port=args.port, quiet=args.quiet)
-
-
-def _cmd_report(args: argparse.Namespace) -> int:
-    from babysit.report.document import write_report
-
-    out = args.out or Path(f"report-{args.name.replace('/', '-')}")
-    html, md = write_report(_open(args, create=False), args.name, out)
-    print(f"report: {html} (and {md.name})", file=sys.stderr)
-    return 0
-
-
-def _cmd_export(args: argparse.Namespace) -> int:
-    # babysit.report.export, not babysit.report: no torch, no matplotlib, pandas only here.
-    from babysit.report.export import export_trials
-
-    out = args.out or Path(f"{args.name.replace('/', '-')}-trials.{args.format}")
-    curves = args.curves
-    if curves is True:
-        curves = out.with_name(f"{out.stem.removesuffix('-trials')}-curves{out.suffix}")
-    path, rows = export_trials(
-        _open(args, create=False), args.name, args.format, out, curves=curves
-    )
-    print(f"exported {plural(rows, 'trial')} to {path}", file=sys.stderr)
-    if curves is not None:
-        print(f"exported the curves to {curves}", file=sys.stderr)
-    return 0
+    return serve(open_from(args, create=False), host=args.host, port=args.port, quiet=args.quiet)
 
 
 def _cmd_predict(args: argparse.Namespace) -> int:
@@ -336,7 +205,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from babysit.cli.predict import predict
 
     return predict(
-        _open(args, create=False),
+        open_from(args, create=False),
         args.name,
         args.paths,
         top=args.top,
@@ -344,38 +213,6 @@ def _cmd_predict(args: argparse.Namespace) -> int:
         device=args.device,
         batch_size=args.batch_size,
     )
-
-
-def _cmd_copy(args: argparse.Namespace) -> int:
-    from babysit.record.transfer import copy_run
-    from babysit.storage import open_storage
-
-    src = open_storage(args.src, args.from_artifact_dir, create=False)
-    with nothing_left_if_rejected(args.dst):  # a missing run leaves no empty target behind
-        dst = open_storage(args.dst, args.to_artifact_dir)
-        copied = copy_run(src, dst, args.name)
-    print(
-        f"copied run {args.name}: {plural(copied['studies'], 'study', 'studies')}, "
-        f"{plural(copied['trials'], 'trial')}, {plural(copied['artifacts'], 'artifact')} "
-        f"from {src.shown} to {dst.shown}",
-        file=sys.stderr,
-    )
-    if copied["interrupted"]:
-        print(
-            f"warning: {plural(copied['interrupted'], 'trial')} "
-            f"{'was' if copied['interrupted'] == 1 else 'were'} RUNNING at the source: FAIL "
-            "in the copy, and the stages will be topped up",
-            file=sys.stderr,
-        )
-    if copied["missing"]:
-        print(
-            f"warning: {plural(len(copied['missing']), 'artifact')} "
-            f"{'was' if len(copied['missing']) == 1 else 'were'} not found in "
-            f"{src.artifact_dir} (pass --from-artifact-dir); without the final checkpoint "
-            "the final training starts over",
-            file=sys.stderr,
-        )
-    return 0
 
 
 def _cmd_submit(args: argparse.Namespace) -> int:
@@ -401,24 +238,12 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     plan.folder.mkdir(parents=True, exist_ok=True)
     try:
         with nothing_left_if_rejected(plan.storage):
-            _open_url(args, plan.storage)
+            open_from(args, url=plan.storage)
     except UsageError:
         if made and not any(plan.folder.iterdir()):
             plan.folder.rmdir()
         raise
     return submit.submit(plan, wait=args.wait)
-
-
-def _open_url(args: argparse.Namespace, url: str) -> Any:
-    from babysit.storage import open_storage
-
-    return open_storage(
-        url,
-        args.artifact_dir,
-        heartbeat=args.heartbeat,
-        grace=args.grace,
-        artifact_store=args.artifact_store,
-    )
 
 
 def _cmd_storage_proxy(args: argparse.Namespace) -> int:
@@ -451,7 +276,7 @@ def _cmd_ablate(args: argparse.Namespace) -> int:
     with nothing_left_if_rejected(args.storage):
         return run_ablation(
             args.config,
-            _open(args),
+            open_from(args),
             sets=args.sets,
             device=args.device,
             data_dir=args.data_dir,
@@ -464,15 +289,15 @@ COMMANDS = {
     "run": _cmd_run,
     "check": _cmd_check,
     "worker": _cmd_worker,
-    "status": _cmd_status,
-    "runs": _cmd_runs,
-    "delete": _cmd_delete,
-    "datasets": _cmd_datasets,
+    "status": records.cmd_status,
+    "runs": records.cmd_runs,
+    "delete": records.cmd_delete,
+    "datasets": records.cmd_datasets,
     "dashboard": _cmd_dashboard,
-    "report": _cmd_report,
-    "export": _cmd_export,
+    "report": records.cmd_report,
+    "export": records.cmd_export,
     "predict": _cmd_predict,
-    "copy": _cmd_copy,
+    "copy": records.cmd_copy,
     "ablate": _cmd_ablate,
     "storage-proxy": _cmd_storage_proxy,
     "submit": _cmd_submit,
