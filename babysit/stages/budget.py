@@ -55,7 +55,8 @@ BUDGET_RULE = (
     "at most final.epochs, and what it does not use goes to the searches; a search keeps "
     "its spec's epochs per trial and runs as many trials as its share pays for (at least "
     "{min_coarse} coarse and {min_fine} fine, at most {factor}x its spec's trials), with "
-    "fewer epochs per trial when the least count does not fit; a coarse trial under "
+    "fewer epochs per trial when the least count does not fit and more (at most "
+    "final.epochs) when the most count leaves time over; a coarse trial under "
     "successive halving is counted at the epochs it runs on average, every other at all "
     "its epochs; before fine and before the final the plan is made again from the cost "
     "of the trials that finished and the time really left; a trial starts only when all "
@@ -116,15 +117,28 @@ def expected_epochs(epochs: int, pruner: str, trials: int) -> float:
 
 
 def _search(
-    seconds: float, t: Timings, epochs: int, pruner: str, cap: int, least: int, procs: int
+    seconds: float,
+    t: Timings,
+    epochs: int,
+    pruner: str,
+    trials: tuple[int, int],
+    longest: int,
+    procs: int,
 ) -> dict[str, Any]:
-    """The most trials (at most ``cap``) that ``procs`` processes finish in ``seconds``, at
-    the spec's epochs per trial or fewer when fewer than ``least`` trials fit."""
+    """The most trials (``trials``: at least, at most) that ``procs`` processes finish in
+    ``seconds``, at the spec's epochs per trial, or fewer when the least count does not
+    fit, or more (at most ``longest``) when the most count leaves time over."""
+    least, cap = trials
+    paid = seconds * procs
     for e in range(epochs, 0, -1):
         n = least
-        while n < cap and _cost(n + 1, e, pruner, t) <= seconds * procs:
+        while n < cap and _cost(n + 1, e, pruner, t) <= paid:
             n += 1
-        if _cost(n, e, pruner, t) <= seconds * procs or e == 1:
+        if _cost(n, e, pruner, t) <= paid or e == 1:
+            # Every trial the cap allows fits with time over: longer trials rank the
+            # points better than more draws in the same box would.
+            while n == cap and e < longest and _cost(n, e + 1, pruner, t) <= paid:
+                e += 1
             return {"trials": n, "epochs": e, "seconds": round(seconds, 1)}
     raise AssertionError("unreachable")  # pragma: no cover
 
@@ -162,8 +176,8 @@ def plan(
             t,
             epochs,
             pruner,
-            max(MIN_TRIALS[stage], MAX_TRIALS_FACTOR * trials),
-            MIN_TRIALS[stage],
+            (MIN_TRIALS[stage], max(MIN_TRIALS[stage], MAX_TRIALS_FACTOR * trials)),
+            max(epochs, shape.final_epochs),
             max(1, procs),
         )
     return {s: out[s] for s in stages}

@@ -81,10 +81,10 @@ def _cost(p: dict, stage: str, shape: Shape = SHAPE) -> float:
 
 
 def test_a_plan_fits_its_time_and_shares_it_by_the_rule() -> None:
-    left = 600.0
+    left = 300.0
     p = plan(left, T, SHAPE, ALL)
     final = p[Stage.FINAL]["epochs"]
-    # The final's 40 % (240 s) pays for 119 epochs: capped at final.epochs, the rest to the
+    # The final's 40 % (120 s) pays for 59 epochs: capped at final.epochs, the rest to the
     # searches, which share it 35:25 and keep their spec's epochs per trial.
     assert final == 20
     final_s = final * T.epoch_s + T.trial_s + T.test_s
@@ -103,10 +103,27 @@ def test_a_short_budget_lowers_epochs_per_trial_before_the_least_trial_counts() 
     assert p[Stage.FINE]["epochs"] < 4 and p[Stage.FINAL]["epochs"] >= 1
 
 
-def test_a_long_budget_plans_at_most_four_times_the_specs_trials() -> None:
+def test_a_long_budget_plans_at_most_four_times_the_specs_trials_of_final_epochs() -> None:
     p = plan(10**6, T, SHAPE, ALL)
     assert p[Stage.COARSE]["trials"] == MAX_TRIALS_FACTOR * 12
     assert p[Stage.FINE]["trials"] == MAX_TRIALS_FACTOR * 8
+    assert p[Stage.COARSE]["epochs"] == p[Stage.FINE]["epochs"] == SHAPE.final_epochs
+
+
+def test_a_search_at_its_most_trials_runs_longer_trials_in_the_time_over() -> None:
+    left = 600.0
+    p = plan(left, T, SHAPE, ALL)
+    final_s = p[Stage.FINAL]["epochs"] * T.epoch_s + T.trial_s + T.test_s
+    share = (left - final_s) * 35 / 60
+    # 48 coarse trials of 3 epochs cost 184 s of the coarse share's 326 s: the time over
+    # pays for longer trials, as many epochs as still fit, never past the share.
+    assert p[Stage.COARSE]["trials"] == MAX_TRIALS_FACTOR * 12
+    assert 3 < p[Stage.COARSE]["epochs"] < SHAPE.final_epochs
+    assert _cost(p, Stage.COARSE) <= share
+    longer = {Stage.COARSE: {**p[Stage.COARSE], "epochs": p[Stage.COARSE]["epochs"] + 1}}
+    assert _cost(longer, Stage.COARSE) > share
+    # The fine stage's share did not reach its most trials: it keeps its spec's epochs.
+    assert p[Stage.FINE]["trials"] < MAX_TRIALS_FACTOR * 8 and p[Stage.FINE]["epochs"] == 4
 
 
 def test_workers_share_a_stage_so_it_plans_more_trials() -> None:
