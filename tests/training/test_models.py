@@ -134,7 +134,7 @@ def test_he_init_draws_from_kaiming_and_keeps_the_last_layer_small() -> None:
     assert conv2.weight.std().item() == pytest.approx(math.sqrt(2 / (64 * 9)), rel=0.05)
     assert he.classifier[-1].weight.std().item() == pytest.approx(0.01, rel=0.1)
     assert all(
-        float(m.bias.abs().max()) == 0.0
+        float(m.bias.detach().abs().max()) == 0.0
         for m in he.modules()
         if isinstance(m, (nn.Conv2d, nn.Linear))
     )
